@@ -1,0 +1,83 @@
+"""Backend choice for every op, in one place.
+
+CUDA tensors with Triton installed and a kernel for the op → ``"triton"``; otherwise the
+PyTorch path ``"torch"`` (:mod:`vitpatch.chunked`). ``VITPATCH_BACKEND=triton|torch|reference``
+forces one; ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``. The reason for each choice
+is logged at debug level on the ``vitpatch`` logger.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from . import _env
+
+log = logging.getLogger("vitpatch")
+
+# op name -> module under vitpatch.kernels that implements it (a function of the same name)
+KERNEL_MODULES = {
+    "window_attention": "window_attention",
+    "winft_attention": "winft_attention",
+    "cluster_pool": "cluster_attention",
+    "cluster_attention": "cluster_attention",
+}
+
+
+def kernel(op: str) -> Optional[Callable]:
+    """The Triton implementation of ``op``, or ``None`` when Triton or that kernel is missing."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    name = f"vitpatch.kernels.{KERNEL_MODULES[op]}"
+    try:
+        if importlib.util.find_spec(name) is None:
+            return None
+    except ModuleNotFoundError:
+        return None
+    return getattr(importlib.import_module(name), op, None)
+
+
+def _unsupported(op: str, args: tuple) -> Optional[str]:
+    """A kernel module may define ``<op>_unsupported(*args)`` returning why it cannot run these inputs."""
+    module = importlib.import_module(f"vitpatch.kernels.{KERNEL_MODULES[op]}")
+    check = getattr(module, f"{op}_unsupported", None)
+    return None if check is None else check(*args)
+
+
+def choose(op: str, *tensors: torch.Tensor, args: tuple = ()) -> Tuple[str, Optional[Callable]]:
+    """Pick ``"triton"``, ``"torch"`` or ``"reference"`` for ``op`` on ``tensors``.
+
+    Returns ``(backend, kernel_fn)``; ``kernel_fn`` is set only for ``"triton"``. ``args`` is
+    handed to the kernel module's ``<op>_unsupported`` check, if it has one.
+    """
+    forced = _env.backend_override()
+    if forced in ("torch", "reference"):
+        log.debug("%s: backend %s forced by VITPATCH_BACKEND", op, forced)
+        return forced, None
+    fn = kernel(op)
+    on_cuda = all(t.is_cuda for t in tensors)
+    if forced == "triton":
+        if fn is None:
+            raise RuntimeError(f"VITPATCH_BACKEND=triton but no Triton kernel for {op} is available "
+                               "(is triton installed?)")
+        if not on_cuda and not _env.triton_interpret():
+            raise RuntimeError(f"VITPATCH_BACKEND=triton with CPU tensors needs TRITON_INTERPRET=1 "
+                               f"(set before vitpatch.kernels is imported) for {op}")
+        reason = _unsupported(op, args)
+        if reason:
+            raise RuntimeError(f"VITPATCH_BACKEND=triton but the {op} kernel cannot run these inputs: {reason}")
+        log.debug("%s: backend triton forced by VITPATCH_BACKEND", op)
+        return "triton", fn
+    if fn is not None and on_cuda:
+        reason = _unsupported(op, args)
+        if reason is None:
+            log.debug("%s: backend triton (CUDA tensors, kernel available)", op)
+            return "triton", fn
+        log.debug("%s: backend torch, the kernel cannot run these inputs: %s", op, reason)
+        return "torch", None
+    log.debug("%s: backend torch (%s)", op, "no Triton kernel" if fn is None else "CPU tensors")
+    return "torch", None
+

@@ -1,0 +1,307 @@
+"""The PyTorch path of the attention ops: query chunks, restricted key sets, recompute in backward.
+
+This is what ``vitpatch.functional`` runs off-GPU (``VITPATCH_BACKEND=torch``). It is not the
+eager oracle: it never allocates the ``(B, h, N, N)`` logits. Queries are processed in chunks
+whose logits fit a fixed budget (``VITPATCH_CHUNK_MB``); a chunk of window attention only
+looks at the keys inside the bounding box of its windows (the CPU analogue of the kernel's
+tile skipping); the backward pass recomputes each chunk's probabilities from the saved
+log-sum-exp, as FlashAttention does, so peak memory is ``O(B h N d)`` plus one chunk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from . import _env
+from .masks import WindowMask
+
+__all__ = ["window_attention", "winft_attention", "cluster_pool", "cluster_attention"]
+
+Keys = Union[None, slice, torch.Tensor]
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _chunk_rows(B: int, h: int, K: int, n_rows: int) -> int:
+    """Query rows per chunk so that three ``(B, h, rows, K)`` float32 buffers fit the budget."""
+    per_row = max(1, B * h * K * 4 * 3)
+    return max(1, min(n_rows, _env.chunk_budget_bytes() // per_row))
+
+
+def _take(t: torch.Tensor, keys: Keys) -> torch.Tensor:
+    if keys is None:
+        return t
+    if isinstance(keys, slice):
+        return t[:, :, keys]
+    return t.index_select(2, keys)
+
+
+def _put(acc: torch.Tensor, keys: Keys, value: torch.Tensor) -> None:
+    if keys is None:
+        acc += value
+    elif isinstance(keys, slice):
+        acc[:, :, keys] += value
+    else:
+        acc.index_add_(2, keys, value)
+
+
+# --------------------------------------------------------------------------- one chunk, fwd/bwd
+def _probs(qs, kc, allowed, gate):
+    """Softmax probabilities ``(B, h, Q, K)`` of one chunk; ``qs`` is already scaled.
+
+    ``allowed (B, Q, K)`` removes keys (a row with none gives zeros); ``gate (B, Q, K)``
+    multiplies the logits (WinfT's ``W``, held constant).
+    """
+    s = qs @ kc.transpose(-2, -1)
+    if gate is not None:
+        s.mul_(gate[:, None])
+    empty = None
+    if allowed is not None:
+        s.masked_fill_(~allowed[:, None], float("-inf"))
+        empty = ~allowed.any(-1)
+        if bool(empty.any()):
+            s.masked_fill_(empty[:, None, :, None], 0.0)
+        else:
+            empty = None
+    p = torch.softmax(s, dim=-1)
+    if empty is not None:
+        p.masked_fill_(empty[:, None, :, None], 0.0)
+    return p
+
+
+def _chunk_backward(qs, kc, vc, p, doc, scale, gate):
+    """``(dq, dk, dv)`` of one chunk from its probabilities ``p`` (saved or recomputed)."""
+    dv = p.transpose(-2, -1) @ doc
+    dp = doc @ vc.transpose(-2, -1)
+    ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)  # p * (dp - sum(p * dp))
+    if gate is not None:
+        ds.mul_(gate[:, None])  # W is held constant (SPEC §6)
+    return (ds @ kc) * scale, ds.transpose(-2, -1) @ qs, dv
+
+
+class _Saver:
+    """Keeps per-chunk tensors for backward while they fit the chunk budget; later ones are recomputed."""
+
+    def __init__(self):
+        self.budget, self.items = _env.chunk_budget_bytes(), {}
+
+    def offer(self, key, *tensors):
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if size <= self.budget:
+            self.budget -= size
+            self.items[key] = tensors
+
+    def get(self, key):
+        return self.items.get(key)
+
+
+@dataclass
+class _Chunk:
+    start: int
+    end: int
+    keys: Keys
+
+
+# --------------------------------------------------------------------------- window attention
+def _window_chunks(mask: WindowMask, B: int, h: int) -> List[_Chunk]:
+    """Query chunks of window attention with the keys each may reach.
+
+    Prefix queries see every key; a chunk of patch queries sees the prefix keys and the patches
+    inside the bounding box of the chunk's windows over the batch (one host copy of the windows).
+    """
+    P, (gh, gw), N = mask.num_prefix_tokens, mask.grid, mask.seq_len
+    chunks: List[_Chunk] = []
+    if P:
+        rows = _chunk_rows(B, h, N, P)
+        chunks += [_Chunk(s, min(s + rows, P), None) for s in range(0, P, rows)]
+    w = mask.windows.cpu().long()
+    if w.dim() == 2:
+        w = w.unsqueeze(0)
+    n = gh * gw
+    # chunk size from a typical window's reach; whole grid rows when a chunk spans several
+    reach = int(((w[..., 3] - w[..., 1] + 1).float().mean() + 1) * gw) + P
+    rows = _chunk_rows(B, h, min(N, reach), n)
+    if rows >= gw:
+        rows -= rows % gw
+    dev = mask.device
+    prefix = torch.arange(P, device=dev)
+    for s in range(0, n, rows):
+        e = min(s + rows, n)
+        part = w[:, s:e]
+        x0, y0 = int(part[..., 0].min()), int(part[..., 1].min())
+        x1, y1 = int(part[..., 2].max()), int(part[..., 3].max())
+        if x0 == 0 and y0 == 0 and x1 == gw - 1 and y1 == gh - 1:
+            keys: Keys = None
+        elif x0 == 0 and x1 == gw - 1 and P == 0:
+            keys = slice(y0 * gw, (y1 + 1) * gw)
+        else:
+            ys = torch.arange(y0, y1 + 1, device=dev)
+            xs = torch.arange(x0, x1 + 1, device=dev)
+            keys = torch.cat([prefix, P + (ys[:, None] * gw + xs[None, :]).reshape(-1)])
+        chunks.append(_Chunk(P + s, P + e, keys))
+    return chunks
+
+
+def _key_index(keys: Keys, N: int, device) -> Optional[torch.Tensor]:
+    if keys is None:
+        return None
+    if isinstance(keys, slice):
+        return torch.arange(N, device=device)[keys]
+    return keys
+
+
+class _WindowAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask: WindowMask, scale: float):
+        B, h, N, d = q.shape
+        acc = _acc_dtype(q)
+        chunks = _window_chunks(mask, B, h)
+        out = torch.empty(B, h, N, v.shape[-1], dtype=q.dtype, device=q.device)
+        saver = _Saver()
+        for c in chunks:
+            allowed = mask.rows(c.start, c.end, B, _key_index(c.keys, N, q.device))
+            p = _probs(q[:, :, c.start:c.end].to(acc) * scale, _take(k, c.keys).to(acc), allowed, None)
+            out[:, :, c.start:c.end] = (p @ _take(v, c.keys).to(acc)).to(q.dtype)
+            saver.offer(c.start, p)
+        ctx.save_for_backward(q, k, v)
+        ctx.mask, ctx.scale, ctx.chunks, ctx.saver = mask, scale, chunks, saver
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        q, k, v = ctx.saved_tensors
+        B, h, N, d = q.shape
+        acc = _acc_dtype(q)
+        dq = torch.empty(q.shape, dtype=acc, device=q.device)
+        dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+        for c in ctx.chunks:
+            sl = slice(c.start, c.end)
+            qs, kc = q[:, :, sl].to(acc) * ctx.scale, _take(k, c.keys).to(acc)
+            saved = ctx.saver.get(c.start)
+            if saved is None:
+                allowed = ctx.mask.rows(c.start, c.end, B, _key_index(c.keys, N, q.device))
+                p = _probs(qs, kc, allowed, None)
+            else:
+                (p,) = saved
+            gq, gk, gv = _chunk_backward(qs, kc, _take(v, c.keys).to(acc), p, dout[:, :, sl].to(acc), ctx.scale, None)
+            dq[:, :, sl] = gq
+            _put(dk, c.keys, gk)
+            _put(dv, c.keys, gv)
+        ctx.saver = None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def window_attention(q, k, v, mask: WindowMask, scale: float) -> torch.Tensor:
+    """Window-masked attention (SPEC §1) on validated inputs, memory ``O(B h N d)`` + one chunk."""
+    return _WindowAttention.apply(q, k, v, mask, scale)
+
+
+# --------------------------------------------------------------------------- WinfT
+def _heads_merged(t: torch.Tensor, acc) -> torch.Tensor:
+    B, h, N, d = t.shape
+    return t.to(acc).transpose(1, 2).reshape(B, N, h * d)
+
+
+def _winft_gate(g, start, mode):
+    """``W = [sigmoid(g) > mean_j sigmoid(g)]`` of one chunk and what attention needs: ``(W, allowed, gate)``."""
+    w = torch.sigmoid(g)
+    W = w > w.mean(-1, keepdim=True)
+    if mode == "multiply":
+        return W, None, W.to(g.dtype)
+    idx = torch.arange(g.shape[1], device=g.device)
+    W[:, idx, idx + start] = True  # the diagonal is kept in mask mode
+    return W, W, None
+
+
+class _WinfTAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, mode: str, target: Optional[WindowMask]):
+        B, h, N, d = q.shape
+        acc = _acc_dtype(q)
+        qm, km = _heads_merged(q, acc), _heads_merged(k, acc)
+        kf, vf = k.to(acc), v.to(acc)
+        rows = _chunk_rows(B, h + 1, N, N)
+        out = torch.empty(B, h, N, v.shape[-1], dtype=q.dtype, device=q.device)
+        gate_sum = torch.zeros(B, dtype=acc, device=q.device)
+        bce = torch.zeros((), dtype=acc, device=q.device)
+        saver = _Saver()
+        for s in range(0, N, rows):
+            e = min(s + rows, N)
+            g = (qm[:, s:e] @ km.transpose(-2, -1)) / h  # gate logits, paper 000 eq. 8
+            W, allowed, gate = _winft_gate(g, s, mode)
+            p = _probs(q[:, :, s:e].to(acc) * scale, kf, allowed, gate)
+            out[:, :, s:e] = (p @ vf).to(q.dtype)
+            gate_sum += W.sum((1, 2))
+            if target is not None:
+                bce += (F.softplus(g) - target.rows(s, e, B).to(acc) * g).sum()
+            saver.offer(s, p, g)
+        ctx.save_for_backward(q, k, v)
+        ctx.scale, ctx.mode, ctx.target, ctx.rows, ctx.saver = scale, mode, target, rows, saver
+        loss = (bce / (B * N * N)).to(q.dtype)
+        gate_sum = gate_sum.float()
+        ctx.mark_non_differentiable(gate_sum)
+        return out, loss, gate_sum
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dloss, _dgate_sum):
+        q, k, v = ctx.saved_tensors
+        B, h, N, d = q.shape
+        acc = _acc_dtype(q)
+        qm, km = _heads_merged(q, acc), _heads_merged(k, acc)
+        qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+        with_loss = ctx.target is not None and dloss is not None
+        for s in range(0, N, ctx.rows):
+            e = min(s + ctx.rows, N)
+            qs = qf[:, :, s:e] * ctx.scale
+            saved = ctx.saver.get(s)
+            g = (qm[:, s:e] @ km.transpose(-2, -1)) / h if saved is None else saved[1]
+            _, allowed, gate = _winft_gate(g, s, ctx.mode)
+            p = _probs(qs, kf, allowed, gate) if saved is None else saved[0]
+            if dout is not None:
+                gq, gk, gv = _chunk_backward(qs, kf, vf, p, dout[:, :, s:e].to(acc), ctx.scale, gate)
+                dq[:, :, s:e] += gq
+                dk += gk
+                dv += gv
+            if with_loss:
+                # d/dg of mean BCE = (sigmoid(g) - T) / (B N N); g = sum_h q_h . k_h / h
+                T = ctx.target.rows(s, e, B).to(acc)
+                dg = (torch.sigmoid(g) - T) * (dloss.to(acc) / (B * N * N * h))
+                dq[:, :, s:e] += torch.einsum("bij,bhjd->bhid", dg, kf)
+                dk += torch.einsum("bij,bhid->bhjd", dg, qf[:, :, s:e])
+        ctx.saver = None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def winft_attention(q, k, v, scale: float, mode: str, target: Optional[WindowMask]):
+    """WinfT gated attention (SPEC §6) on validated inputs: ``(out, loss, gate_sum)``.
+
+    One pass over query chunks computes, per chunk, the gate logits ``g`` over all ``N`` keys
+    (so the row threshold is exact), ``W``, the attention with ``W`` held constant, the BCE sum
+    against the target's rows and ``sum W``; backward recomputes the same chunk quantities.
+    """
+    return _WinfTAttention.apply(q, k, v, scale, mode, target)
+
+
+# --------------------------------------------------------------------------- PaCa
+def cluster_pool(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``softmax_over_tokens(logits)^T x`` (paper 004 eq. 7–8): ``(B, M, C)``, computed in float32."""
+    acc = _acc_dtype(logits)
+    a = torch.softmax(logits.to(acc), dim=1)
+    return torch.bmm(a.transpose(1, 2), x.to(acc)).to(x.dtype)
+
+
+def cluster_attention(q, k, v, scale: float) -> torch.Tensor:
+    """Attention of N queries over the M cluster keys: PyTorch's fused SDPA (``N x M`` is small)."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
