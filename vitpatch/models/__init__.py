@@ -1,0 +1,1 @@
+"""PaCa-ViT models registered with timm (SPEC §7)."""
