@@ -115,3 +115,18 @@ def test_to_device_is_cached():
     m = WindowMask.full((2, 2))
     assert m.to("cpu") is m
     assert "grid=(2, 2)" in repr(m)
+
+
+@pytest.mark.parametrize("grid,density", [((14, 14), 0.23), ((24, 24), 0.1), ((5, 9), 0.5)])
+def test_synthetic_awd_windows(grid, density):
+    from vitpatch.masks import synthetic_awd_windows
+
+    w = synthetic_awd_windows(grid, batch_size=3, density=density, seed=1)
+    m = WindowMask(w, grid, 1)  # validates: inside the grid, ordered corners
+    n = grid[0] * grid[1]
+    assert abs(m.effective_operations() / n ** 2 - density) < 0.03
+    p = torch.arange(n)
+    assert ((w[..., 0] <= p % grid[1]) & (p % grid[1] <= w[..., 2])).all()  # each window holds its patch
+    assert torch.equal(w, synthetic_awd_windows(grid, batch_size=3, density=density, seed=1))
+    with pytest.raises(ValueError, match="density"):
+        synthetic_awd_windows(grid, density=0)

@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-__all__ = ["WindowMask", "effective_operations", "check_grid"]
+__all__ = ["WindowMask", "effective_operations", "check_grid", "synthetic_awd_windows"]
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -282,3 +282,51 @@ class WindowMask:
         """Effective operations (paper 000 eq. 5, SPEC §1): patch-to-patch pairs, averaged over images."""
         keep = None if self.key_keep is None else self.key_keep[:, self.num_prefix_tokens:]
         return effective_operations(self.windows, self.grid, keep)
+
+
+def synthetic_awd_windows(grid, batch_size: int = 1, density: float = 0.23, seed: int = 0) -> torch.Tensor:
+    """Random windows shaped like AWD's, for benchmarks and tests: ``(B, n, 4)`` int64.
+
+    AWD windows (paper 000 eq. 4) are bounding boxes of each patch and its high-``U`` partners:
+    many patches keep small windows near themselves, some reach far (towards a few "hot",
+    informative patches of the image). This draws, per patch, a geometric number of partners,
+    each either near the patch (Gaussian offset) or one of the image's hot patches, and takes
+    the bounding box; a scale on the partner count and spread is bisected so that the mean
+    patch-to-patch density ``EO / n^2`` is ``density`` (the paper's best, alpha = 0.1, is about
+    0.23). Not a substitute for windows from :mod:`vitpatch.analysis` on a trained model.
+    """
+    gh, gw = check_grid(grid)
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    n = gh * gw
+    rng = np.random.default_rng(seed)
+    px, py = np.arange(n) % gw, np.arange(n) // gw
+    hot = rng.integers(0, n, size=(batch_size, max(1, n // 40)))
+    base_count = rng.geometric(0.5, size=(batch_size, n, 1))
+    u = rng.random((batch_size, n, 64))
+    pick = rng.integers(0, hot.shape[1], size=(batch_size, n, 64))
+    gauss = rng.standard_normal((batch_size, n, 64, 2))
+
+    def draw(scale: float) -> np.ndarray:
+        count = np.minimum(np.ceil(base_count * scale), 64)
+        use = np.arange(64)[None, None, :] < count
+        far = u < 0.25
+        hp = np.take_along_axis(hot[:, None, :].repeat(n, 1), pick, 2)
+        sigma = max(gh, gw) * 0.08 * (1 + scale)
+        qx = np.where(far, hp % gw, np.clip(np.rint(px[None, :, None] + gauss[..., 0] * sigma), 0, gw - 1))
+        qy = np.where(far, hp // gw, np.clip(np.rint(py[None, :, None] + gauss[..., 1] * sigma), 0, gh - 1))
+        qx = np.where(use, qx, px[None, :, None])
+        qy = np.where(use, qy, py[None, :, None])
+        return np.stack([np.minimum(qx.min(2), px), np.minimum(qy.min(2), py),
+                         np.maximum(qx.max(2), px), np.maximum(qy.max(2), py)], -1).astype(np.int64)
+
+    def dens(w: np.ndarray) -> float:
+        return float(((w[..., 2] - w[..., 0] + 1) * (w[..., 3] - w[..., 1] + 1)).sum(1).mean()) / n ** 2
+
+    lo, hi = 0.0, 64.0
+    if dens(draw(hi)) < density:
+        return torch.from_numpy(draw(hi))
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if dens(draw(mid)) < density else (lo, mid)
+    return torch.from_numpy(draw(hi))
