@@ -1,1 +1,58 @@
-"""Patch-interaction analysis: attention maps, uncertainty U, adaptive windows, DIP, responsive fields (SPEC §2-5)."""
+"""Patch-interaction analysis (paper 000 §3.2–4.3; SPEC §2–5).
+
+Pipeline for one batch of images::
+
+    from vitpatch import analysis
+    U = analysis.uncertainty(analysis.attention_maps(model, images), model.num_prefix_tokens)  # eq. 2-3
+    windows = analysis.adaptive_windows(U, alpha=0.1, grid=(14, 14))                           # eq. 4
+    keep = analysis.indiscriminative_patches(U, beta=0.2)                                      # §4.2
+    size, tendency = analysis.responsive_field(windows, keep, grid=(14, 14))                   # eq. 6-7
+    eo = analysis.effective_operations(windows, (14, 14), keep)                                # eq. 5
+
+For a dataset, :func:`run_windows` (the ``vitpatch windows`` command) writes windows and keep
+masks to memory-mapped ``.npy`` files and :class:`WindowDataset` feeds them to training. The
+figures of the paper live in :mod:`vitpatch.analysis.plots`.
+
+Submodules load on first use: importing this package does no work.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "attention_maps": "maps",
+    "AttentionMaps": "maps",
+    "attention_modules": "maps",
+    "model_layout": "maps",
+    "uncertainty": "uncertainty",
+    "LayerVariance": "uncertainty",
+    "adaptive_windows": "windows",
+    "indiscriminative_patches": "windows",
+    "column_variance": "windows",
+    "responsive_field": "windows",
+    "effective_operations": "windows",
+    "round_half_up": "windows",
+    "load_model": "pipeline",
+    "ImageFiles": "pipeline",
+    "eval_transform": "pipeline",
+    "compute_windows": "pipeline",
+    "run_windows": "pipeline",
+    "WindowDataset": "pipeline",
+    "WindowCollate": "pipeline",
+    "read_windows": "pipeline",
+}
+_SUBMODULES = ("maps", "uncertainty", "windows", "pipeline", "plots")
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'vitpatch.analysis' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
