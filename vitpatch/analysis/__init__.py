@@ -24,8 +24,8 @@ _EXPORTS = {
     "AttentionMaps": "maps",
     "attention_modules": "maps",
     "model_layout": "maps",
-    "uncertainty": "uncertainty",
-    "LayerVariance": "uncertainty",
+    "uncertainty": "interactions",
+    "LayerVariance": "interactions",
     "adaptive_windows": "windows",
     "indiscriminative_patches": "windows",
     "column_variance": "windows",
@@ -41,7 +41,7 @@ _EXPORTS = {
     "WindowCollate": "pipeline",
     "read_windows": "pipeline",
 }
-_SUBMODULES = ("maps", "uncertainty", "windows", "pipeline", "plots")
+_SUBMODULES = ("maps", "interactions", "windows", "pipeline", "plots")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from ..masks import WindowMask, check_grid
 from .maps import attention_maps, model_layout
-from .uncertainty import uncertainty
+from .interactions import uncertainty
 from .windows import _check_fraction, adaptive_windows, indiscriminative_patches, num_dropped, num_selected
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFiles", "load_model", "eval_transform", "compute_windows", "run_windows",

@@ -118,7 +118,7 @@ def indiscriminative_patches(U: torch.Tensor, beta: float) -> torch.Tensor:
     beta = _check_fraction(beta, "beta", False, True)
     B, n, _ = U3.shape
     D = num_dropped(beta, n)
-    v = U3.var(dim=1, unbiased=False) if n else U3.sum(1)
+    v = _column_variance(U3)
     drop = torch.sort(v, dim=1, stable=True).indices[:, :D]
     keep = torch.ones(B, n, dtype=torch.bool, device=U3.device).scatter_(1, drop, False)
     return keep if batched else keep[0]
@@ -127,8 +127,17 @@ def indiscriminative_patches(U: torch.Tensor, beta: float) -> torch.Tensor:
 def column_variance(U: torch.Tensor) -> torch.Tensor:
     """``v_p = var_i U[i, p]`` (population), ``(B, n)``: the DIP score of paper 000 §4.2 (Fig. 5 b)."""
     U3, batched = _check_u(U)
-    v = U3.var(dim=1, unbiased=False)
+    v = _column_variance(U3)
     return v if batched else v[0]
+
+
+def _column_variance(U3: torch.Tensor) -> torch.Tensor:
+    """Two-pass population variance of each column of ``(B, n, n)``: ``mean_i (U[i, p] - mean_i U[i, p])^2``.
+
+    Written out (rather than ``torch.var``) so equal columns, and columns whose values make the
+    arithmetic exact, get bit-equal variances: ties are then broken by index as documented.
+    """
+    return (U3 - U3.mean(1, keepdim=True)).square().mean(1)
 
 
 def responsive_field(windows, keep, grid, *, return_raw: bool = False):
