@@ -171,8 +171,9 @@ def _run_windows(args) -> int:
                               progress=not args.no_progress, meta=meta)
         if summary["rank"] == 0:
             state = "complete" if summary["complete"] else "incomplete (rerun the same command to resume)"
-            print(f"{len(dataset)} images, {summary['batches_done']} batches computed, "
-                  f"{summary['batches_skipped']} already done: {state}; files in {args.out}")
+            who = f" by rank 0 of {summary['world_size']}" if summary["world_size"] > 1 else ""
+            print(f"{len(dataset)} images in {summary['batches_total']} batches: {summary['batches_done']} computed"
+                  f"{who}, {summary['batches_skipped']} already done: {state}; files in {args.out}")
     finally:
         if own_group:
             import torch.distributed as dist
