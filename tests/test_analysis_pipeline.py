@@ -230,3 +230,29 @@ def test_window_dataset_checks(setup, tmp_path):
         WindowDataset(other, setup["reference"])
     with pytest.raises(ValueError, match="no vitpatch windows run"):
         WindowDataset(other, str(tmp_path))
+
+
+def test_load_model_from_local_checkpoints(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    src = timm.create_model("test_vit", img_size=64, num_classes=7)
+    torch.save({"model": src.state_dict()}, tmp_path / "w.pth")
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    for f in ("w.pth", "w.safetensors"):
+        model, weights = pipeline.load_model("test_vit", tmp_path / f, img_size=64)
+        assert weights.startswith(f"checkpoint {f} (sha256 ") and not model.training
+        assert model.head.out_features == 7  # read from the checkpoint's head
+        for k, v in src.state_dict().items():
+            assert torch.equal(model.state_dict()[k], v), k
+    # another input size: the position embedding is resampled to the new grid
+    model, _ = pipeline.load_model("test_vit", tmp_path / "w.pth", img_size=32)
+    assert model.patch_embed.grid_size == (2, 2) and model.pos_embed.shape[1] == 1 + 4
+    with pytest.warns(UserWarning, match="random weights"):
+        pipeline.load_model("test_vit", img_size=32)
+    with pytest.raises(ValueError, match="does not fit"):
+        pipeline.load_model("test_vit2", tmp_path / "w.pth", img_size=64)
+    with pytest.raises(ValueError, match="model"):
+        pipeline.load_model("no_such_vit")
+    with pytest.raises(ValueError, match="img_size"):
+        pipeline.load_model("test_vit", img_size=0)

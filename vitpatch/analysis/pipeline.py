@@ -110,10 +110,15 @@ def load_model(name: str, checkpoint=None, img_size: Optional[int] = None, devic
     classes is taken from the checkpoint's ``head.weight``. Loading is strict. Without a
     checkpoint a ``UserWarning`` says the weights are random.
 
-    Returns ``(model, weights)``, ``weights`` a short description of where the weights came from.
+    Returns ``(model, weights)``, ``weights`` a short description of where the weights came from
+    (the checkpoint's file name and the start of its SHA-256, so a resumed run cannot silently mix
+    two checkpoints of the same name).
     """
+    import importlib
+
     import timm
 
+    importlib.import_module("vitpatch.models")  # registers vitpatch's own models (PaCa-ViT) with timm
     if not isinstance(name, str) or not timm.is_model(name):
         raise ValueError(f"model {name!r} is not a timm model name (see timm.list_models())")
     kwargs = {}
@@ -146,12 +151,22 @@ def load_model(name: str, checkpoint=None, img_size: Optional[int] = None, devic
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:  # shape mismatches
             raise ValueError(f"checkpoint {checkpoint!r} does not fit model {name!r}: {exc}") from None
-        weights = f"checkpoint {os.path.basename(checkpoint)}"
+        weights = f"checkpoint {os.path.basename(checkpoint)} (sha256 {_sha256(checkpoint)[:16]})"
     else:
         warnings.warn(f"no checkpoint given: {name} has random weights; its windows are meaningless "
                       f"(pass a local checkpoint, e.g. --checkpoint FILE)", UserWarning, stacklevel=2)
         weights = "random (no checkpoint)"
     return model.eval().to(device), weights
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _key_mismatch(model: nn.Module, state: dict):
