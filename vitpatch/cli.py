@@ -259,6 +259,42 @@ def _run_analyze(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- demo
+@command("demo", help="the whole pipeline end to end on scikit-learn's digits: ViT, analysis, AWD-ViT, "
+                      "WinfT, PaCa (minutes on a CPU)")
+def _demo_parser(p: argparse.ArgumentParser) -> None:
+    from .demo import DemoConfig
+
+    d = DemoConfig()
+    p.epilog = ("Writes summary.json (accuracy, EO, train time and attention backend per model) and figures "
+                "(U matrix, windows, responsive field, cluster heatmaps, accuracy vs EO) to --out.")
+    p.add_argument("--out", default=d.out, metavar="DIR", help="output folder")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs per model")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of data split, initialisation and batches")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="AWD window fraction alpha (eq. 4)")
+    p.add_argument("--beta", type=float, default=d.beta, help="DIP fraction beta of dropped patches")
+    p.add_argument("--clusters", type=int, default=d.num_clusters, help="PaCa clusters M")
+    p.add_argument("--max-steps", type=int, default=None, help="cap optimizer steps per model (quick checks)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from .analysis.windows import _check_fraction
+    from .demo import DemoConfig, run_demo
+
+    _check_fraction(args.alpha, "alpha", True, False)
+    _check_fraction(args.beta, "beta", False, True)
+    if args.clusters < 1:
+        raise ValueError(f"--clusters must be >= 1, got {args.clusters}")
+    cfg = DemoConfig(out=args.out, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
+                     alpha=args.alpha, beta=args.beta, num_clusters=args.clusters, max_steps=args.max_steps,
+                     device=_default_device(args.device))
+    run_demo(cfg)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- main
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the ``vitpatch`` command; returns the exit status (2 for bad arguments)."""

@@ -9,6 +9,7 @@ rendered by Agg); :func:`save_figure` writes and closes it.
 - :func:`plot_windows`           Fig. 4 (c): adaptive windows of a few patches, window areas.
 - :func:`plot_field_size`        Fig. 12: responsive-field size ``|S_p|`` (eq. 6) per patch.
 - :func:`plot_field_tendency`    Fig. 11: tendency ``R_p / |R_p|`` (eq. 7) as arrows and flow colours.
+- :func:`plot_cluster_heatmaps`  PaCa (paper 004 Fig. 1): each cluster's assignment over the image.
 
 The image is ``(H, W, 3)`` floats in ``[0, 1]`` (or ``(3, H, W)``, or uint8), already resized
 to the model's input so that the patch grid ``(gh, gw)`` tiles it; :func:`display_image`
@@ -22,7 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 __all__ = ["display_image", "default_patches", "plot_uncertainty_rows", "plot_uncertainty_matrix",
-           "plot_windows", "plot_field_size", "plot_field_tendency", "save_figure"]
+           "plot_windows", "plot_field_size", "plot_field_tendency", "plot_cluster_heatmaps", "save_figure"]
 
 
 def _np(a) -> np.ndarray:
@@ -308,6 +309,33 @@ def plot_field_tendency(image, tendency, grid, keep=None):
     inset.imshow(wheel)
     inset.set_axis_off()
     fig.suptitle("Responsive field tendency (paper 000 eq. 7)")
+    return fig
+
+
+def plot_cluster_heatmaps(image, assignment, grid, clusters: Optional[Sequence[int]] = None):
+    """PaCa cluster assignments (paper 004 eq. 7) as heatmaps: column ``m`` of ``A (n, M)`` over the image.
+
+    ``assignment`` is the softmax over the ``n`` tokens of one image (each column sums to 1);
+    ``clusters`` picks which to show (default: the 8 with the most peaked assignment).
+    """
+    A = _np(assignment)
+    if A.ndim != 2:
+        raise ValueError(f"assignment must have shape (n, M), got {A.shape}")
+    n, M = A.shape
+    gh, gw = _grid(grid, n)
+    img = _image(image)
+    if clusters is None:
+        clusters = list(np.argsort(-A.max(0))[: min(8, M)])
+    clusters = _check_patches(clusters, M)
+    ncols = min(4, len(clusters))
+    nrows = -(-len(clusters) // ncols)
+    fig, axes = _figure(nrows, ncols, 2.6, 2.6)
+    for ax in axes.ravel()[len(clusters):]:
+        ax.axis("off")
+    for ax, m in zip(axes.ravel(), clusters):
+        _overlay(ax, img, A[:, m].reshape(gh, gw), f"cluster {m} (max {A[:, m].max():.2f})", cmap="magma",
+                 colorbar=False)
+    fig.suptitle("PaCa cluster assignments: softmax over tokens per cluster", fontsize=10)
     return fig
 
 
