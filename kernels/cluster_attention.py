@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vitpatch import _env
+
 __all__ = ["cluster_pool", "cluster_attention", "cluster_pool_unsupported", "cluster_attention_unsupported",
            "MAX_CLUSTERS", "MAX_HEAD_DIM"]
 
@@ -63,7 +65,6 @@ _INTERP = {"pool_block_n": 16, "pool_block_m": 32, "pool_block_c": 16, "pool_spl
 # cluster pooling kernels
 # ---------------------------------------------------------------------------------------------
 
-@triton.jit
 def _pool_fwd_kernel(L, X, Z, STATS, PACC, PMAX, PSUM,
                      n, M, C, tokens_per_split, num_splits, plane,
                      s_lb, s_ln, s_lm, s_xb, s_xn, s_xc,
@@ -124,7 +125,6 @@ def _pool_fwd_kernel(L, X, Z, STATS, PACC, PMAX, PSUM,
             tl.store(PSUM + row, run_sum, mask=mask_m)
 
 
-@triton.jit
 def _pool_combine_kernel(Z, STATS, PACC, PMAX, PSUM, M, C, num_splits, plane,
                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merge the partial online-softmax states of the ``num_splits`` token ranges."""
@@ -160,7 +160,6 @@ def _pool_combine_kernel(Z, STATS, PACC, PMAX, PSUM, M, C, num_splits, plane,
         tl.store(st + plane, tl.log(total), mask=mask_m)
 
 
-@triton.jit
 def _pool_bwd_dlogits_kernel(L, X, Z, DZ, STATS, DL, n, M, C, plane,
                              s_lb, s_ln, s_lm, s_xb, s_xn, s_xc, s_dzb, s_dzm, s_dzc,
                              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -203,7 +202,6 @@ def _pool_bwd_dlogits_kernel(L, X, Z, DZ, STATS, DL, n, M, C, plane,
              mask=mask_nm)
 
 
-@triton.jit
 def _pool_bwd_dx_kernel(L, DZ, STATS, DX, n, M, C, plane,
                         s_lb, s_ln, s_lm, s_dzb, s_dzm, s_dzc,
                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -240,30 +238,6 @@ def _pool_bwd_dx_kernel(L, DZ, STATS, DX, n, M, C, plane,
 # attention over the cluster keys
 # ---------------------------------------------------------------------------------------------
 
-@triton.jit
-def _load_kv(K, V, b, hh, s_kb, s_kh, s_km, s_kd, s_vb, s_vh, s_vm, s_vd, M, D,
-             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """All ``M`` keys and values of head ``(b, hh)`` as one zero-padded ``(BLOCK_M, BLOCK_D)`` tile each."""
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (offs_m < M)[:, None] & (offs_d < D)[None, :]
-    k = tl.load(K + b.to(tl.int64) * s_kb + hh.to(tl.int64) * s_kh + offs_m[:, None] * s_km + offs_d[None, :] * s_kd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * s_vb + hh.to(tl.int64) * s_vh + offs_m[:, None] * s_vm + offs_d[None, :] * s_vd,
-                mask=kv_mask, other=0.0)
-    return k, v
-
-
-@triton.jit
-def _row_softmax(q, k, scale, M, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
-    """``softmax_m(scale q_i . k_m)`` for a tile of queries against all keys (float32, padding keys 0)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-    s = tl.where((tl.arange(0, BLOCK_M) < M)[None, :], s, float("-inf"))
-    p = tl.exp(s - tl.max(s, axis=1)[:, None])
-    return p * (1.0 / tl.sum(p, axis=1))[:, None]
-
-
-@triton.jit
 def _attn_fwd_kernel(Q, K, V, O, scale, H, N, M, D,
                      s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_km, s_kd, s_vb, s_vh, s_vm, s_vd,
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -276,17 +250,27 @@ def _attn_fwd_kernel(Q, K, V, O, scale, H, N, M, D,
     hh = bh % H
     offs_n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
     mask_nd = (offs_n < N)[:, None] & (offs_d < D)[None, :]
-    k, v = _load_kv(K, V, b, hh, s_kb, s_kh, s_km, s_kd, s_vb, s_vh, s_vm, s_vd, M, D, BLOCK_M, BLOCK_D)
+    # all M keys and values of the head, zero-padded to one (BLOCK_M, BLOCK_D) tile each
+    kv_mask = mask_m[:, None] & (offs_d < D)[None, :]
+    k = tl.load(K + b.to(tl.int64) * s_kb + hh.to(tl.int64) * s_kh + offs_m[:, None] * s_km + offs_d[None, :] * s_kd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * s_vb + hh.to(tl.int64) * s_vh + offs_m[:, None] * s_vm + offs_d[None, :] * s_vd,
+                mask=kv_mask, other=0.0)
     q = tl.load(Q + b.to(tl.int64) * s_qb + hh.to(tl.int64) * s_qh + offs_n[:, None] * s_qn + offs_d[None, :] * s_qd,
                 mask=mask_nd, other=0.0)
-    p = _row_softmax(q, k, scale, M, BLOCK_M, PREC)
+    # softmax_m(scale q_i . k_m) over the whole row at once (padding keys get probability 0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    s = tl.where(mask_m[None, :], s, float("-inf"))
+    p = tl.exp(s - tl.max(s, axis=1)[:, None])
+    p = p * (1.0 / tl.sum(p, axis=1))[:, None]
     o = tl.dot(p.to(v.dtype), v, input_precision=PREC)
     rows = bh.to(tl.int64) * N + offs_n
     tl.store(O + rows[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=mask_nd)
 
 
-@triton.jit
 def _attn_bwd_kernel(Q, K, V, DO, DQ, PDK, PDV, scale, H, N, M, D, rows_per_split, num_splits,
                      s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_km, s_kd, s_vb, s_vh, s_vm, s_vd,
                      s_dob, s_doh, s_don, s_dod,
@@ -304,8 +288,13 @@ def _attn_bwd_kernel(Q, K, V, DO, DQ, PDK, PDV, scale, H, N, M, D, rows_per_spli
     hh = bh % H
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < M
     mask_d = offs_d < D
-    k, v = _load_kv(K, V, b, hh, s_kb, s_kh, s_km, s_kd, s_vb, s_vh, s_vm, s_vd, M, D, BLOCK_M, BLOCK_D)
+    kv_mask = mask_m[:, None] & mask_d[None, :]
+    k = tl.load(K + b.to(tl.int64) * s_kb + hh.to(tl.int64) * s_kh + offs_m[:, None] * s_km + offs_d[None, :] * s_kd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * s_vb + hh.to(tl.int64) * s_vh + offs_m[:, None] * s_vm + offs_d[None, :] * s_vd,
+                mask=kv_mask, other=0.0)
     q_base = Q + b.to(tl.int64) * s_qb + hh.to(tl.int64) * s_qh
     do_base = DO + b.to(tl.int64) * s_dob + hh.to(tl.int64) * s_doh
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -318,7 +307,11 @@ def _attn_bwd_kernel(Q, K, V, DO, DQ, PDK, PDV, scale, H, N, M, D, rows_per_spli
         mask_nd = mask_n[:, None] & mask_d[None, :]
         q = tl.load(q_base + offs_n[:, None] * s_qn + offs_d[None, :] * s_qd, mask=mask_nd, other=0.0)
         do = tl.load(do_base + offs_n[:, None] * s_don + offs_d[None, :] * s_dod, mask=mask_nd, other=0.0)
-        p = tl.where(mask_n[:, None], _row_softmax(q, k, scale, M, BLOCK_M, PREC), 0.0)
+        # the same row softmax as the forward, recomputed whole; rows past the range get p = 0
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s = tl.where(mask_m[None, :], s, float("-inf"))
+        p = tl.exp(s - tl.max(s, axis=1)[:, None])
+        p = tl.where(mask_n[:, None], p * (1.0 / tl.sum(p, axis=1))[:, None], 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v.to(do.dtype)), input_precision=PREC)
         ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
@@ -327,7 +320,6 @@ def _attn_bwd_kernel(Q, K, V, DO, DQ, PDK, PDV, scale, H, N, M, D, rows_per_spli
         tl.store(DQ + rows[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mask_nd)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     part = (pid.to(tl.int64) * M + offs_m[:, None]) * D + offs_d[None, :]
-    kv_mask = (offs_m < M)[:, None] & mask_d[None, :]
     tl.store(PDK + part, dk * scale, mask=kv_mask)
     tl.store(PDV + part, dv, mask=kv_mask)
 
@@ -336,19 +328,30 @@ def _attn_bwd_kernel(Q, K, V, DO, DQ, PDK, PDV, scale, H, N, M, D, rows_per_spli
 # launch helpers: interpreter detection, pinned / autotuned configurations, split sizes
 # ---------------------------------------------------------------------------------------------
 
+# The kernel bodies above are plain functions; they become Triton kernels on first use, in the
+# mode TRITON_INTERPRET selects at that moment (not at import), so importing this module under
+# one setting and running it under another (as the test suite does) builds the right kind.
+_KERNELS = {"pool_fwd": _pool_fwd_kernel, "pool_combine": _pool_combine_kernel,
+            "pool_dlogits": _pool_bwd_dlogits_kernel, "pool_dx": _pool_bwd_dx_kernel,
+            "attn_fwd": _attn_fwd_kernel, "attn_bwd": _attn_bwd_kernel}
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(name: str, interpret: bool):
+    """Kernel ``name`` as ``triton.jit`` builds it with ``TRITON_INTERPRET`` = ``interpret`` (the cache key)."""
+    return triton.jit(_KERNELS[name])
+
+
 def _interpreted(kernel) -> bool:
-    """Whether ``kernel`` was built for Triton's interpreter (``TRITON_INTERPRET=1`` at import)."""
+    """Whether ``kernel`` runs in Triton's interpreter (CPU tensors, numpy emulation)."""
     from triton.runtime.interpreter import InterpretedFunction
     return isinstance(kernel, InterpretedFunction)
 
 
-def _check_device(t: torch.Tensor, kernel) -> bool:
-    """True under the interpreter; raise for CPU tensors when the kernels were compiled for a GPU."""
-    interp = _interpreted(kernel)
-    if not interp and not t.is_cuda:
-        raise RuntimeError("the cluster_attention Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set "
-                           "before vitpatch.kernels is imported to run them on CPU tensors")
-    return interp
+def _require_cuda(t: torch.Tensor) -> None:
+    if not t.is_cuda:
+        raise RuntimeError("the cluster_attention Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 "
+                           "to run them on CPU tensors in Triton's interpreter")
 
 
 def _pow2(x: int, lo: int = 16) -> int:
@@ -362,8 +365,12 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
+def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _split_size(total: int, programs: int, t: torch.Tensor, interp: bool, key: str,
@@ -374,8 +381,7 @@ def _split_size(total: int, programs: int, t: torch.Tensor, interp: bool, key: s
     elif interp:
         size = _INTERP[key]
     else:
-        want = triton.cdiv(2 * _num_sms(t.device.index if t.device.index is not None else torch.cuda.current_device()),
-                           max(1, programs))
+        want = triton.cdiv(2 * _num_sms(t.device), max(1, programs))
         splits = max(1, min(want, triton.cdiv(total, 256)))  # at least 256 rows of work per program
         size = triton.cdiv(triton.cdiv(total, splits), 128) * 128  # whole tiles for every tuned block size
     size = min(size, total)
@@ -393,30 +399,35 @@ def _prune_attn(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
+_TUNING = {  # kernel -> (BLOCK_N choices, num_warps, num_stages, autotune key)
+    "pool_fwd": ((32, 64, 128), (4, 8), (2, 3), ["n", "M", "C", "tokens_per_split"]),
+    "pool_dlogits": ((32, 64, 128), (4, 8), (2, 3), ["n", "M", "C"]),
+    "pool_dx": ((32, 64, 128), (4, 8), (2, 3), ["n", "M", "C"]),
+    "attn_fwd": ((32, 64, 128), (4, 8), (1,), ["N", "M", "D"]),
+    "attn_bwd": ((16, 32, 64), (4, 8), (1, 2), ["N", "M", "D", "rows_per_split"]),
+}
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned(name: str):
     """The autotuned GPU variant of a kernel (built on first use, never under the interpreter)."""
-    if name == "pool_fwd":
-        return triton.autotune(_configs((32, 64, 128), (4, 8), (2, 3)), key=["n", "M", "C", "tokens_per_split"])(
-            _pool_fwd_kernel)
-    if name == "pool_dlogits":
-        return triton.autotune(_configs((32, 64, 128), (4, 8), (2, 3)), key=["n", "M", "C"])(_pool_bwd_dlogits_kernel)
-    if name == "pool_dx":
-        return triton.autotune(_configs((32, 64, 128), (4, 8), (2, 3)), key=["n", "M", "C"])(_pool_bwd_dx_kernel)
-    if name == "attn_fwd":
-        return triton.autotune(_configs((32, 64, 128), (4, 8), (1,)), key=["N", "M", "D"],
-                               prune_configs_by={"early_config_prune": _prune_attn})(_attn_fwd_kernel)
-    if name == "attn_bwd":
-        return triton.autotune(_configs((16, 32, 64), (4, 8), (1, 2)), key=["N", "M", "D", "rows_per_split"],
-                               prune_configs_by={"early_config_prune": _prune_attn})(_attn_bwd_kernel)
-    raise KeyError(name)
+    block_ns, warps, stages, key = _TUNING[name]
+    prune = {"early_config_prune": _prune_attn} if name.startswith("attn") else None
+    return triton.autotune(_configs(block_ns, warps, stages), key=key, prune_configs_by=prune)(
+        _jitted(name, False))
 
 
-def _launcher(name: str, kernel, interp: bool, block_n: int):
-    """``(callable, extra kwargs)``: the plain kernel with the pinned block under the interpreter, else the tuned one."""
-    if interp:
-        return kernel, {"BLOCK_N": block_n}
-    return _tuned(name), {}
+def _kernel(name: str, t: torch.Tensor, block_n: Optional[int] = None):
+    """``(launchable, extra kwargs, interpreted)``: under the interpreter the plain kernel with the
+    pinned ``BLOCK_N``; on a GPU the autotuned kernel (or the plain one when ``block_n`` is None:
+    kernels with nothing to tune)."""
+    kernel = _jitted(name, _env.triton_interpret())
+    if _interpreted(kernel):
+        return kernel, ({} if block_n is None else {"BLOCK_N": block_n}), True
+    _require_cuda(t)
+    if block_n is None:
+        return kernel, {}, False
+    return _tuned(name), {}, False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,10 +450,10 @@ def _pool_forward(logits: torch.Tensor, x: torch.Tensor, *, tokens_per_split: Op
     B, n, M = logits.shape
     C = x.shape[2]
     z = torch.empty((B, M, C), dtype=x.dtype, device=x.device)
-    stats = torch.zeros((2, B, M), dtype=torch.float32, device=x.device)
+    stats = torch.empty((2, B, M), dtype=torch.float32, device=x.device)
     if B == 0 or C == 0:  # nothing to pool (backward of an empty z gives zero gradients)
-        return z, stats
-    interp = _check_device(x, _pool_fwd_kernel)
+        return z, stats.zero_()
+    fn, extra, interp = _kernel("pool_fwd", x, _INTERP["pool_block_n"])
     bm, bc = _pool_tiles(M, C, interp)
     m_tiles, c_tiles = triton.cdiv(M, bm), triton.cdiv(C, bc)
     tps, splits = _split_size(n, B * m_tiles * c_tiles, x, interp, "pool_split", tokens_per_split)
@@ -453,14 +464,13 @@ def _pool_forward(logits: torch.Tensor, x: torch.Tensor, *, tokens_per_split: Op
         pacc = torch.empty((B, splits, M, C), dtype=torch.float32, device=x.device)
         pmax = torch.empty((B, splits, M), dtype=torch.float32, device=x.device)
         psum = torch.empty((B, splits, M), dtype=torch.float32, device=x.device)
-    fn, extra = _launcher("pool_fwd", _pool_fwd_kernel, interp, _INTERP["pool_block_n"])
     fn[(B * m_tiles, splits, c_tiles)](
         logits, x, z, stats, pacc, pmax, psum, n, M, C, tps, splits, B * M,
         *logits.stride(), *x.stride(),
         BLOCK_M=bm, BLOCK_C=bc, SINGLE=single, PREC=_precision(x.dtype), **extra)
     if not single:
-        _pool_combine_kernel[(B * m_tiles, c_tiles)](z, stats, pacc, pmax, psum, M, C, splits, B * M,
-                                                     BLOCK_M=bm, BLOCK_C=bc)
+        combine, _, _ = _kernel("pool_combine", x)
+        combine[(B * m_tiles, c_tiles)](z, stats, pacc, pmax, psum, M, C, splits, B * M, BLOCK_M=bm, BLOCK_C=bc)
     return z, stats
 
 
@@ -476,15 +486,14 @@ def _pool_backward(dz, logits, x, z, stats):
         return dlogits, dx
     if C == 0:  # z is empty, so nothing depends on the logits
         return dlogits.zero_(), dx
-    interp = _check_device(x, _pool_fwd_kernel)
+    fn, extra, interp = _kernel("pool_dlogits", x, _INTERP["pool_block_n"])
     bm, bc = _pool_tiles(M, C, interp)
     prec = _precision(x.dtype)
     m_tiles, c_tiles = triton.cdiv(M, bm), triton.cdiv(C, bc)
-    fn, extra = _launcher("pool_dlogits", _pool_bwd_dlogits_kernel, interp, _INTERP["pool_block_n"])
     fn[lambda meta: (B * m_tiles, triton.cdiv(n, meta["BLOCK_N"]))](
         logits, x, z, dz, stats, dlogits, n, M, C, B * M, *logits.stride(), *x.stride(), *dz.stride(),
         BLOCK_M=bm, BLOCK_C=bc, PREC=prec, **extra)
-    fn, extra = _launcher("pool_dx", _pool_bwd_dx_kernel, interp, _INTERP["pool_block_n"])
+    fn, extra, _ = _kernel("pool_dx", x, _INTERP["pool_block_n"])
     fn[lambda meta: (B * triton.cdiv(n, meta["BLOCK_N"]), c_tiles)](
         logits, dz, stats, dx, n, M, C, B * M, *logits.stride(), *dz.stride(),
         BLOCK_M=bm, BLOCK_C=bc, PREC=prec, **extra)
@@ -498,8 +507,7 @@ def _attn_forward(q, k, v, scale: float):
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     if B * H * N == 0:
         return out
-    interp = _check_device(q, _attn_fwd_kernel)
-    fn, extra = _launcher("attn_fwd", _attn_fwd_kernel, interp, _INTERP["attn_block_n"])
+    fn, extra, _ = _kernel("attn_fwd", q, _INTERP["attn_block_n"])
     fn[lambda meta: (B * H * triton.cdiv(N, meta["BLOCK_N"]),)](
         q, k, v, out, scale, H, N, M, D, *q.stride(), *k.stride(), *v.stride(),
         BLOCK_M=_pow2(M), BLOCK_D=_pow2(D), PREC=_precision(q.dtype), **extra)
@@ -515,11 +523,10 @@ def _attn_backward(do, q, k, v, scale: float, *, rows_per_split: Optional[int] =
     if B * H == 0 or N == 0:
         return dq, torch.zeros((B, H, M, D), dtype=k.dtype, device=k.device), \
             torch.zeros((B, H, M, D), dtype=v.dtype, device=v.device)
-    interp = _check_device(q, _attn_bwd_kernel)
+    fn, extra, interp = _kernel("attn_bwd", q, _INTERP["attn_block_n"])
     rps, splits = _split_size(N, B * H, q, interp, "attn_split", rows_per_split)
     pdk = torch.empty((B * H, splits, M, D), dtype=torch.float32, device=q.device)
     pdv = torch.empty((B * H, splits, M, D), dtype=torch.float32, device=q.device)
-    fn, extra = _launcher("attn_bwd", _attn_bwd_kernel, interp, _INTERP["attn_block_n"])
     fn[(B * H * splits,)](
         q, k, v, do, dq, pdk, pdv, scale, H, N, M, D, rps, splits,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(),

@@ -27,15 +27,17 @@ def K(monkeypatch):
 
 
 def _interpreted(K):
-    return K._interpreted(K._pool_fwd_kernel)
+    from vitpatch import _env
+
+    return _env.triton_interpret()
 
 
 # ------------------------------------------------------------------------------------ pooling
 
-@pytest.mark.parametrize("tokens_per_split", [1, 7, 16, 24, 36, 37])
+@pytest.mark.parametrize("tokens_per_split", [1, 7, 16, 36, 37])
 def test_pool_forward_every_split_size(K, tokens_per_split):
     """The combine step merges any number of token ranges, aligned to the token block or not."""
-    B, n, M, C = 2, 37, 49, 24
+    B, n, M, C = 1, 37, 49, 24
     logits = rand(B, M, n).transpose(1, 2)  # non-contiguous, as handed over by a transposed view
     x = rand(B, n, C)
     z, stats = K._pool_forward(logits, x, tokens_per_split=tokens_per_split)
@@ -56,7 +58,13 @@ def test_pool_op_runs_the_combine_step(K, monkeypatch):
             launched.append(grid)
             return self.kernel[grid]
 
-    monkeypatch.setattr(K, "_pool_combine_kernel", Spy(K._pool_combine_kernel))
+    kernel = K._kernel
+
+    def spying_kernel(name, t, block_n=None):
+        fn, extra, interp = kernel(name, t, block_n)
+        return (Spy(fn) if name == "pool_combine" else fn), extra, interp
+
+    monkeypatch.setattr(K, "_kernel", spying_kernel)
     check_against_reference(functional.cluster_pool, reference.cluster_pool, [rand(2, 50, 64), rand(2, 50, 32)])
     assert launched, "the pooling forward never ran its combine kernel"
     if _interpreted(K):  # pinned: 24 tokens per split, so every test with n > 24 combines
@@ -179,14 +187,24 @@ def test_declined_inputs_use_the_torch_path_by_default(K, monkeypatch):
 # ------------------------------------------------------------- torch.library, torch.compile, module
 
 def test_opcheck(K):
-    """Schema, fake (meta) implementations and autograd registration of the custom ops."""
+    """Schema, fake (meta) implementations, autograd registration and AOT dispatch of the custom ops."""
     logits = rand(2, 30, 5).requires_grad_()
     x = rand(2, 30, 16).requires_grad_()
-    torch.library.opcheck(torch.ops.vitpatch.cluster_pool_fwd.default, (logits, x),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.vitpatch.cluster_pool_fwd.default, (logits, x))
     q, k, v = (t.requires_grad_() for t in qkv(1, 2, 20, 16, Nk=7))
-    torch.library.opcheck(torch.ops.vitpatch.cluster_attention_fwd.default, (q, k, v, 0.25),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.vitpatch.cluster_attention_fwd.default, (q, k, v, 0.25))
+
+
+def test_expanded_output_gradients(K):
+    """``out.sum().backward()`` hands the kernels a stride-0 (expanded) output gradient."""
+    for fn, ref, inputs in ((functional.cluster_pool, reference.cluster_pool, [rand(2, 30, 5), rand(2, 30, 16)]),
+                            (functional.cluster_attention, reference.cluster_attention, list(qkv(1, 2, 20, 16, Nk=7)))):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        leaves64 = [t.double().requires_grad_() for t in inputs]
+        fn(*leaves).sum().backward()
+        ref(*leaves64).sum().backward()
+        for i, (a, b) in enumerate(zip(leaves, leaves64)):
+            assert_close(a.grad, b.grad, F32, f"{fn.__name__}: gradient of input {i}")
 
 
 def _paca_core(K, h):
@@ -253,3 +271,55 @@ def test_paca_attention_module_end_to_end(K, monkeypatch):
     assert_close(x32.grad, x64.grad, F32, "grad x")
     for (name, p), p64 in zip(attn.named_parameters(), attn64.parameters()):
         assert_close(p.grad, p64.grad, F32, f"grad {name}")
+
+
+# ------------------------------------------------- the GPU configurations, run by the interpreter
+
+def _check_pool_and_attention():
+    check_against_reference(functional.cluster_pool, reference.cluster_pool,
+                            [rand(2, 49, 300).transpose(1, 2), rand(2, 300, 160)])
+    check_against_reference(lambda q, k, v: functional.cluster_attention(q, k, v),
+                            lambda q, k, v: reference.cluster_attention(q, k, v), list(qkv(1, 2, 300, 64, Nk=101)))
+
+
+@pytest.mark.parametrize("block_n", [16, 128])
+def test_gpu_tile_sizes(K, monkeypatch, block_n):
+    """The tiles the GPU autotuner chooses from (token/query blocks 16..128, 64 clusters and 128
+    channels per tile, 256-row splits) give the same results, checked in the interpreter."""
+    if not _interpreted(K):
+        pytest.skip("on a GPU the autotuned configurations run in every other test")
+    for key, value in {"pool_block_n": block_n, "pool_block_m": 64, "pool_block_c": 128, "pool_split": 256,
+                       "attn_block_n": block_n, "attn_split": 256}.items():
+        monkeypatch.setitem(K._INTERP, key, value)
+    _check_pool_and_attention()
+
+
+def test_autotune_wiring(K, monkeypatch):
+    """The GPU launch path (autotuner keys, config pruning, grids from the tuned block, split
+    policy from the SM count) run end to end in the interpreter with a stand-in benchmark."""
+    if not _interpreted(K):
+        pytest.skip("on a GPU the autotuned path runs in every other test")
+    benched = []
+
+    def bench(kernel_call, quantiles=None, **kwargs):
+        kernel_call()
+        benched.append(1)
+        return [float(len(benched) % 5 + 1)] * 3
+
+    monkeypatch.setattr(K, "_interpreted", lambda kernel: False)  # take the GPU branch ...
+    monkeypatch.setattr(K, "_require_cuda", lambda t: None)  # ... with CPU tensors, still interpreted
+    monkeypatch.setattr(K, "_num_sms", lambda device: 132)
+    K._tuned.cache_clear()
+    K._jitted.cache_clear()
+    try:
+        names = ("pool_fwd", "pool_dlogits", "pool_dx", "attn_fwd", "attn_bwd")
+        for name in names:  # fresh autotuners (dropped again below), so no monkeypatch is needed
+            K._tuned(name).do_bench = bench
+        check_against_reference(functional.cluster_pool, reference.cluster_pool, [rand(1, 40, 5), rand(1, 40, 16)])
+        check_against_reference(lambda q, k, v: functional.cluster_attention(q, k, v),
+                                lambda q, k, v: reference.cluster_attention(q, k, v), list(qkv(1, 1, 40, 16, Nk=7)))
+        assert all(K._tuned(name).cache for name in names), "a kernel did not go through its autotuner"
+        assert len(benched) >= 40
+    finally:  # drop the autotuners and the kernels built for the "GPU" branch
+        K._tuned.cache_clear()
+        K._jitted.cache_clear()
