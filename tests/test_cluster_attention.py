@@ -24,7 +24,7 @@ def test_attention_reference_matches_sdpa():
     assert torch.allclose(reference.cluster_attention(q, k, v, scale=0.3), expected, atol=1e-12)
 
 
-@pytest.mark.parametrize("B,n,M,C", [(2, 49, 1, 16), (1, 37, 49, 24), (2, 50, 64, 32), (1, 1, 5, 8)])
+@pytest.mark.parametrize("B,n,M,C", [(2, 49, 1, 16), (1, 37, 49, 24), (2, 50, 64, 32), (1, 50, 101, 16), (1, 1, 5, 8)])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_pool_matches_reference(backend, B, n, M, C, transposed):
     require_kernel("cluster_pool", backend)

@@ -1,0 +1,662 @@
+"""Triton kernels for patch-to-cluster attention (PaCa; paper 004 §3.3 eq. 6–8, SPEC §7).
+
+Two operations, each a ``torch.library`` custom op with a fake (meta) implementation and a
+registered autograd formula, so ``torch.compile`` keeps them in one graph:
+
+``cluster_pool(logits, x) -> z`` (eq. 7–8 before the LayerNorm)
+    ``a[b, :, m] = softmax_i(logits[b, i, m])`` over the ``n`` tokens, ``z[b, m] = sum_i a[b, i, m] x[b, i]``.
+    Forward is one pass of online softmax over the tokens, split-K style: the token axis is cut
+    into ``S`` ranges handled by different programs, each keeping a running max ``mx``, a running
+    sum ``l`` and an unnormalised accumulator ``acc`` for its range and its tile of clusters and
+    channels; a combine kernel merges the ``S`` partial states
+    (``z = sum_s e^(mx_s - mx) acc_s / sum_s e^(mx_s - mx) l_s``, ``mx = max_s mx_s``) and
+    writes the per-cluster softmax statistics ``(mx_m, log l_m)`` (their sum is the log-sum-exp;
+    kept apart, a large ``mx_m`` does not cost backward the float32 rounding of ``lse_m``). With
+    one range the first kernel finishes the job itself. The ``(B, n, M)`` probabilities are never
+    stored: backward recomputes ``a_im = exp((logits_im - mx_m) - log l_m)`` and forms
+    ``dx_i = sum_m a_im dz_m`` and ``dlogits_im = a_im (dz_m . x_i - dz_m . z_m)``.
+
+``cluster_attention(q, k, v, scale) -> out`` (attention of the queries over the cluster tokens)
+    ``out_i = sum_m softmax_m(scale q_i . k_m) v_m`` with all ``M <= 256`` keys of a head in one
+    tile, so each query row's softmax is exact in one step (no online rescaling); queries are
+    streamed in tiles. Because a whole row of scores sits in one tile, backward needs no saved
+    statistics: it recomputes the row's softmax ``p_im`` whole (max and sum included; the same
+    cancellation at the row maximum as eager, so recomputed scores that round differently from
+    the forward's cost nothing) and, with ``delta_i = sum_m p_im dp_im`` (``= do_i . o_i``, so
+    ``out`` is neither saved nor read; ``dp_im = do_i . v_m``),
+    ``ds_im = p_im (do_i . v_m - delta_i)``, ``dq_i = scale sum_m ds_im k_m``,
+    ``dk_m = scale sum_i ds_im q_i``, ``dv_m = sum_i p_im do_i``.
+    One backward kernel does all three: each program owns a (batch, head) and a contiguous range
+    of query tiles, writes ``dq`` for its rows directly (no other program touches them) and
+    accumulates ``dk``/``dv`` in registers over its query tiles; the per-range partial sums go
+    to a float32 buffer ``(B*h, S, M, d)`` that is summed over ``S`` afterwards. That is
+    deterministic (no atomics), reads ``q`` and ``do`` once, and the range count ``S`` is
+    chosen so that ``B * h * S`` programs fill the GPU even when ``B * h`` is small.
+
+Accumulation is float32 for float32, float16 and bfloat16 inputs (float32 products use
+``tf32x3`` on tensor cores, about float32 accuracy). Inputs may be non-contiguous: every
+kernel takes strides. On a GPU the block sizes are autotuned; under ``TRITON_INTERPRET=1``
+(CPU tensors) exactly one small pinned configuration runs.
+
+Kernels and launchers only; validation and the backend choice live in ``vitpatch.functional``.
+"""
+import functools
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from vitpatch import _env
+
+__all__ = ["cluster_pool", "cluster_attention", "cluster_pool_unsupported", "cluster_attention_unsupported",
+           "MAX_CLUSTERS", "MAX_HEAD_DIM"]
+
+MAX_CLUSTERS = 256  # keys of one head held in one tile by the attention kernels
+MAX_HEAD_DIM = 128  # widest head the attention kernels accept (padded to a power of two >= 16)
+
+# Pinned configuration under the interpreter: small tiles, and split sizes that are not a
+# multiple of the token/query block, so the split boundaries and the combine step are exercised.
+_INTERP = {"pool_block_n": 16, "pool_block_m": 32, "pool_block_c": 16, "pool_split": 24,
+           "attn_block_n": 16, "attn_split": 24}
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster pooling kernels
+# ---------------------------------------------------------------------------------------------
+
+def _pool_fwd_kernel(L, X, Z, STATS, PACC, PMAX, PSUM,
+                     n, M, C, tokens_per_split, num_splits, plane,
+                     s_lb, s_ln, s_lm, s_xb, s_xn, s_xc,
+                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                     SINGLE: tl.constexpr, PREC: tl.constexpr):
+    """One token range x one tile of clusters x one tile of channels: online softmax over the tokens.
+
+    ``SINGLE``: the range is all ``n`` tokens, so write ``z`` and the stats directly; otherwise write
+    the partial state (``acc``, running max, running sum) for the combine kernel.
+    """
+    pid_bm = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    b = pid_bm // m_tiles
+    offs_m = (pid_bm % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_m = offs_m < M
+    mask_c = offs_c < C
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, n)
+    l_base = L + b.to(tl.int64) * s_lb
+    x_base = X + b.to(tl.int64) * s_xb
+
+    run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+    for t0 in range(start, end, BLOCK_N):
+        offs_n = t0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        lg = tl.load(l_base + offs_n[:, None] * s_ln + offs_m[None, :] * s_lm,
+                     mask=mask_n[:, None] & mask_m[None, :], other=0.0).to(tl.float32)
+        lg = tl.where(mask_n[:, None], lg, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(lg, axis=0))
+        # a cluster whose logits so far are all -inf keeps a zero state instead of NaN
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        alpha = tl.exp(run_max - shift)
+        p = tl.exp(lg - shift[None, :])
+        run_sum = run_sum * alpha + tl.sum(p, axis=0)
+        xt = tl.load(x_base + offs_n[:, None] * s_xn + offs_c[None, :] * s_xc,
+                     mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(tl.trans(p.to(xt.dtype)), xt, input_precision=PREC)
+        run_max = new_max
+
+    if SINGLE:
+        z = acc / run_sum[:, None]
+        z_ptr = Z + (b.to(tl.int64) * M + offs_m[:, None]) * C + offs_c[None, :]
+        tl.store(z_ptr, z.to(Z.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
+        if pid_c == 0:
+            st = STATS + b.to(tl.int64) * M + offs_m
+            tl.store(st, run_max, mask=mask_m)
+            tl.store(st + plane, tl.log(run_sum), mask=mask_m)
+    else:
+        row = (b.to(tl.int64) * num_splits + split) * M + offs_m
+        tl.store(PACC + row[:, None] * C + offs_c[None, :], acc, mask=mask_m[:, None] & mask_c[None, :])
+        if pid_c == 0:
+            tl.store(PMAX + row, run_max, mask=mask_m)
+            tl.store(PSUM + row, run_sum, mask=mask_m)
+
+
+def _pool_combine_kernel(Z, STATS, PACC, PMAX, PSUM, M, C, num_splits, plane,
+                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Merge the partial online-softmax states of the ``num_splits`` token ranges."""
+    pid_bm = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    b = pid_bm // m_tiles
+    offs_m = (pid_bm % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_m = offs_m < M
+    mask_c = offs_c < C
+    row0 = b.to(tl.int64) * num_splits * M + offs_m
+
+    g_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(0, num_splits):
+        g_max = tl.maximum(g_max, tl.load(PMAX + row0 + s * M, mask=mask_m, other=0.0))
+    shift = tl.where(g_max == float("-inf"), 0.0, g_max)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+    for s in range(0, num_splits):
+        row = row0 + s * M
+        w = tl.exp(tl.load(PMAX + row, mask=mask_m, other=0.0) - shift)
+        total += w * tl.load(PSUM + row, mask=mask_m, other=0.0)
+        part = tl.load(PACC + row[:, None] * C + offs_c[None, :], mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        acc += w[:, None] * part
+    total = tl.where(mask_m, total, 1.0)  # padding clusters: keep them finite
+    z = acc / total[:, None]
+    tl.store(Z + (b.to(tl.int64) * M + offs_m[:, None]) * C + offs_c[None, :], z.to(Z.dtype.element_ty),
+             mask=mask_m[:, None] & mask_c[None, :])
+    if pid_c == 0:
+        st = STATS + b.to(tl.int64) * M + offs_m
+        tl.store(st, g_max, mask=mask_m)
+        tl.store(st + plane, tl.log(total), mask=mask_m)
+
+
+def _pool_bwd_dlogits_kernel(L, X, Z, DZ, STATS, DL, n, M, C, plane,
+                             s_lb, s_ln, s_lm, s_xb, s_xn, s_xc, s_dzb, s_dzm, s_dzc,
+                             BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                             PREC: tl.constexpr):
+    """``dlogits_im = a_im (dz_m . x_i - dz_m . z_m)`` for a tile of tokens x a tile of clusters (loop over C)."""
+    pid_bm = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    b = pid_bm // m_tiles
+    offs_m = (pid_bm % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < n
+    mask_nm = mask_n[:, None] & mask_m[None, :]
+
+    st = STATS + b.to(tl.int64) * M + offs_m
+    mx = tl.load(st, mask=mask_m, other=0.0)
+    log_sum = tl.load(st + plane, mask=mask_m, other=0.0)
+    lg = tl.load(L + b.to(tl.int64) * s_lb + offs_n[:, None] * s_ln + offs_m[None, :] * s_lm,
+                 mask=mask_nm, other=0.0).to(tl.float32)
+    a = tl.where(mask_nm, tl.exp((lg - mx[None, :]) - log_sum[None, :]), 0.0)
+
+    x_base = X + b.to(tl.int64) * s_xb
+    dz_base = DZ + b.to(tl.int64) * s_dzb
+    z_base = Z + b.to(tl.int64) * M * C
+    xdz = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    zdz = tl.zeros([BLOCK_M], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        xt = tl.load(x_base + offs_n[:, None] * s_xn + offs_c[None, :] * s_xc,
+                     mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+        mask_mc = mask_m[:, None] & mask_c[None, :]
+        dzt = tl.load(dz_base + offs_m[:, None] * s_dzm + offs_c[None, :] * s_dzc, mask=mask_mc, other=0.0)
+        zt = tl.load(z_base + offs_m[:, None] * C + offs_c[None, :], mask=mask_mc, other=0.0)
+        xdz += tl.dot(xt, tl.trans(dzt.to(xt.dtype)), input_precision=PREC)
+        zdz += tl.sum(dzt.to(tl.float32) * zt.to(tl.float32), axis=1)
+    dl = a * (xdz - zdz[None, :])
+    tl.store(DL + (b.to(tl.int64) * n + offs_n[:, None]) * M + offs_m[None, :], dl.to(DL.dtype.element_ty),
+             mask=mask_nm)
+
+
+def _pool_bwd_dx_kernel(L, DZ, STATS, DX, n, M, C, plane,
+                        s_lb, s_ln, s_lm, s_dzb, s_dzm, s_dzc,
+                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                        PREC: tl.constexpr):
+    """``dx_i = sum_m a_im dz_m`` for a tile of tokens x a tile of channels (loop over the clusters)."""
+    pid_bn = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n_tiles = tl.cdiv(n, BLOCK_N)
+    b = pid_bn // n_tiles
+    offs_n = (pid_bn % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_n = offs_n < n
+    mask_c = offs_c < C
+    l_base = L + b.to(tl.int64) * s_lb
+    dz_base = DZ + b.to(tl.int64) * s_dzb
+    acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        mask_nm = mask_n[:, None] & mask_m[None, :]
+        st = STATS + b.to(tl.int64) * M + offs_m
+        mx = tl.load(st, mask=mask_m, other=0.0)
+        log_sum = tl.load(st + plane, mask=mask_m, other=0.0)
+        lg = tl.load(l_base + offs_n[:, None] * s_ln + offs_m[None, :] * s_lm, mask=mask_nm, other=0.0)
+        a = tl.where(mask_nm, tl.exp((lg.to(tl.float32) - mx[None, :]) - log_sum[None, :]), 0.0)
+        dzt = tl.load(dz_base + offs_m[:, None] * s_dzm + offs_c[None, :] * s_dzc,
+                      mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        acc += tl.dot(a.to(dzt.dtype), dzt, input_precision=PREC)
+    tl.store(DX + (b.to(tl.int64) * n + offs_n[:, None]) * C + offs_c[None, :], acc.to(DX.dtype.element_ty),
+             mask=mask_n[:, None] & mask_c[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# attention over the cluster keys
+# ---------------------------------------------------------------------------------------------
+
+def _attn_fwd_kernel(Q, K, V, O, scale, H, N, M, D,
+                     s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_km, s_kd, s_vb, s_vh, s_vm, s_vd,
+                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PREC: tl.constexpr):
+    """A tile of queries against all ``M`` keys of its head: exact softmax in one tile."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    bh = pid // n_tiles
+    b = bh // H
+    hh = bh % H
+    offs_n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    mask_nd = (offs_n < N)[:, None] & (offs_d < D)[None, :]
+    # all M keys and values of the head, zero-padded to one (BLOCK_M, BLOCK_D) tile each
+    kv_mask = mask_m[:, None] & (offs_d < D)[None, :]
+    k = tl.load(K + b.to(tl.int64) * s_kb + hh.to(tl.int64) * s_kh + offs_m[:, None] * s_km + offs_d[None, :] * s_kd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * s_vb + hh.to(tl.int64) * s_vh + offs_m[:, None] * s_vm + offs_d[None, :] * s_vd,
+                mask=kv_mask, other=0.0)
+    q = tl.load(Q + b.to(tl.int64) * s_qb + hh.to(tl.int64) * s_qh + offs_n[:, None] * s_qn + offs_d[None, :] * s_qd,
+                mask=mask_nd, other=0.0)
+    # softmax_m(scale q_i . k_m) over the whole row at once (padding keys get probability 0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    s = tl.where(mask_m[None, :], s, float("-inf"))
+    p = tl.exp(s - tl.max(s, axis=1)[:, None])
+    p = p * (1.0 / tl.sum(p, axis=1))[:, None]
+    o = tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    rows = bh.to(tl.int64) * N + offs_n
+    tl.store(O + rows[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=mask_nd)
+
+
+def _attn_bwd_kernel(Q, K, V, DO, DQ, PDK, PDV, scale, H, N, M, D, rows_per_split, num_splits,
+                     s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_km, s_kd, s_vb, s_vh, s_vm, s_vd,
+                     s_dob, s_doh, s_don, s_dod,
+                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PREC: tl.constexpr):
+    """One (batch, head) x one range of query rows: dq for those rows, partial dk and dv over them.
+
+    Every key is in the tile, so each row's softmax is recomputed whole (max and sum included)
+    and ``delta_i = sum_m p_im dp_im`` (``= do_i . o_i``) comes from the same tile.
+    """
+    pid = tl.program_id(0)
+    bh = pid // num_splits
+    split = pid % num_splits
+    b = bh // H
+    hh = bh % H
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < M
+    mask_d = offs_d < D
+    kv_mask = mask_m[:, None] & mask_d[None, :]
+    k = tl.load(K + b.to(tl.int64) * s_kb + hh.to(tl.int64) * s_kh + offs_m[:, None] * s_km + offs_d[None, :] * s_kd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * s_vb + hh.to(tl.int64) * s_vh + offs_m[:, None] * s_vm + offs_d[None, :] * s_vd,
+                mask=kv_mask, other=0.0)
+    q_base = Q + b.to(tl.int64) * s_qb + hh.to(tl.int64) * s_qh
+    do_base = DO + b.to(tl.int64) * s_dob + hh.to(tl.int64) * s_doh
+    dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    start = split * rows_per_split
+    end = tl.minimum(start + rows_per_split, N)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        q = tl.load(q_base + offs_n[:, None] * s_qn + offs_d[None, :] * s_qd, mask=mask_nd, other=0.0)
+        do = tl.load(do_base + offs_n[:, None] * s_don + offs_d[None, :] * s_dod, mask=mask_nd, other=0.0)
+        # the same row softmax as the forward, recomputed whole; rows past the range get p = 0
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s = tl.where(mask_m[None, :], s, float("-inf"))
+        p = tl.exp(s - tl.max(s, axis=1)[:, None])
+        p = tl.where(mask_n[:, None], p * (1.0 / tl.sum(p, axis=1))[:, None], 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v.to(do.dtype)), input_precision=PREC)
+        ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale
+        rows = bh.to(tl.int64) * N + offs_n
+        tl.store(DQ + rows[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mask_nd)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    part = (pid.to(tl.int64) * M + offs_m[:, None]) * D + offs_d[None, :]
+    tl.store(PDK + part, dk * scale, mask=kv_mask)
+    tl.store(PDV + part, dv, mask=kv_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch helpers: interpreter detection, pinned / autotuned configurations, split sizes
+# ---------------------------------------------------------------------------------------------
+
+# The kernel bodies above are plain functions; they become Triton kernels on first use, in the
+# mode TRITON_INTERPRET selects at that moment (not at import), so importing this module under
+# one setting and running it under another (as the test suite does) builds the right kind.
+_KERNELS = {"pool_fwd": _pool_fwd_kernel, "pool_combine": _pool_combine_kernel,
+            "pool_dlogits": _pool_bwd_dlogits_kernel, "pool_dx": _pool_bwd_dx_kernel,
+            "attn_fwd": _attn_fwd_kernel, "attn_bwd": _attn_bwd_kernel}
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(name: str, interpret: bool):
+    """Kernel ``name`` as ``triton.jit`` builds it with ``TRITON_INTERPRET`` = ``interpret`` (the cache key)."""
+    return triton.jit(_KERNELS[name])
+
+
+def _interpreted(kernel) -> bool:
+    """Whether ``kernel`` runs in Triton's interpreter (CPU tensors, numpy emulation)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(kernel, InterpretedFunction)
+
+
+def _require_cuda(t: torch.Tensor) -> None:
+    if not t.is_cuda:
+        raise RuntimeError("the cluster_attention Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 "
+                           "to run them on CPU tensors in Triton's interpreter")
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(x))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 through tensor cores with three TF32 products (about float32 accuracy);
+    # ignored for float16 / bfloat16 inputs.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _split_size(total: int, programs: int, t: torch.Tensor, interp: bool, key: str,
+                override: Optional[int]) -> Tuple[int, int]:
+    """Rows (tokens or queries) per split and the number of splits, so ``programs * splits`` fills the GPU."""
+    if override is not None:
+        size = max(1, int(override))
+    elif interp:
+        size = _INTERP[key]
+    else:
+        want = triton.cdiv(2 * _num_sms(t.device), max(1, programs))
+        splits = max(1, min(want, triton.cdiv(total, 256)))  # at least 256 rows of work per program
+        size = triton.cdiv(triton.cdiv(total, splits), 128) * 128  # whole tiles for every tuned block size
+    size = min(size, total)
+    return size, triton.cdiv(total, size)
+
+
+def _configs(block_ns, warps, stages):
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn in block_ns for w in warps for s in stages]
+
+
+def _prune_attn(configs, named_args, **kwargs):
+    """Drop query tiles whose score tile (BLOCK_N x BLOCK_M) or operand tiles would not fit in registers."""
+    bm, bd = named_args.get("BLOCK_M", kwargs.get("BLOCK_M")), named_args.get("BLOCK_D", kwargs.get("BLOCK_D"))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] * max(bm, bd) <= 128 * 128]
+    return kept or configs[:1]
+
+
+_TUNING = {  # kernel -> (BLOCK_N choices, num_warps, num_stages, autotune key)
+    "pool_fwd": ((32, 64, 128), (4, 8), (2, 3), ["n", "M", "C", "tokens_per_split"]),
+    "pool_dlogits": ((32, 64, 128), (4, 8), (2, 3), ["n", "M", "C"]),
+    "pool_dx": ((32, 64, 128), (4, 8), (2, 3), ["n", "M", "C"]),
+    "attn_fwd": ((32, 64, 128), (4, 8), (1,), ["N", "M", "D"]),
+    "attn_bwd": ((16, 32, 64), (4, 8), (1, 2), ["N", "M", "D", "rows_per_split"]),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(name: str):
+    """The autotuned GPU variant of a kernel (built on first use, never under the interpreter)."""
+    block_ns, warps, stages, key = _TUNING[name]
+    prune = {"early_config_prune": _prune_attn} if name.startswith("attn") else None
+    return triton.autotune(_configs(block_ns, warps, stages), key=key, prune_configs_by=prune)(
+        _jitted(name, False))
+
+
+def _kernel(name: str, t: torch.Tensor, block_n: Optional[int] = None):
+    """``(launchable, extra kwargs, interpreted)``: under the interpreter the plain kernel with the
+    pinned ``BLOCK_N``; on a GPU the autotuned kernel (or the plain one when ``block_n`` is None:
+    kernels with nothing to tune)."""
+    kernel = _jitted(name, _env.triton_interpret())
+    if _interpreted(kernel):
+        return kernel, ({} if block_n is None else {"BLOCK_N": block_n}), True
+    _require_cuda(t)
+    if block_n is None:
+        return kernel, {}, False
+    return _tuned(name), {}, False
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers (tensors in, tensors out)
+# ---------------------------------------------------------------------------------------------
+
+def _pool_tiles(M: int, C: int, interp: bool) -> Tuple[int, int]:
+    if interp:
+        return min(_INTERP["pool_block_m"], _pow2(M)), min(_INTERP["pool_block_c"], _pow2(C))
+    return min(64, _pow2(M)), min(128, _pow2(C))
+
+
+def _pool_forward(logits: torch.Tensor, x: torch.Tensor, *, tokens_per_split: Optional[int] = None):
+    """``(z (B, M, C) in x's dtype, stats (2, B, M) float32)``; ``tokens_per_split`` overrides the split size.
+
+    ``stats[0]`` is each cluster's largest logit ``mx_m``, ``stats[1]`` is ``log sum_i exp(logits_im - mx_m)``,
+    so ``lse_m = stats[0] + stats[1]``. Keeping the two apart lets backward form
+    ``(logits_im - mx_m) - stats[1]`` without the rounding of a large ``lse_m`` to float32.
+    """
+    B, n, M = logits.shape
+    C = x.shape[2]
+    z = torch.empty((B, M, C), dtype=x.dtype, device=x.device)
+    stats = torch.empty((2, B, M), dtype=torch.float32, device=x.device)
+    if B == 0 or C == 0:  # nothing to pool (backward of an empty z gives zero gradients)
+        return z, stats.zero_()
+    fn, extra, interp = _kernel("pool_fwd", x, _INTERP["pool_block_n"])
+    bm, bc = _pool_tiles(M, C, interp)
+    m_tiles, c_tiles = triton.cdiv(M, bm), triton.cdiv(C, bc)
+    tps, splits = _split_size(n, B * m_tiles * c_tiles, x, interp, "pool_split", tokens_per_split)
+    single = splits == 1
+    if single:
+        pacc = pmax = psum = z  # unused
+    else:
+        pacc = torch.empty((B, splits, M, C), dtype=torch.float32, device=x.device)
+        pmax = torch.empty((B, splits, M), dtype=torch.float32, device=x.device)
+        psum = torch.empty((B, splits, M), dtype=torch.float32, device=x.device)
+    fn[(B * m_tiles, splits, c_tiles)](
+        logits, x, z, stats, pacc, pmax, psum, n, M, C, tps, splits, B * M,
+        *logits.stride(), *x.stride(),
+        BLOCK_M=bm, BLOCK_C=bc, SINGLE=single, PREC=_precision(x.dtype), **extra)
+    if not single:
+        combine, _, _ = _kernel("pool_combine", x)
+        combine[(B * m_tiles, c_tiles)](z, stats, pacc, pmax, psum, M, C, splits, B * M, BLOCK_M=bm, BLOCK_C=bc)
+    return z, stats
+
+
+def _pool_backward(dz, logits, x, z, stats):
+    """``(dlogits, dx)`` from the saved per-cluster softmax statistics; probabilities recomputed on the fly."""
+    B, n, M = logits.shape
+    C = x.shape[2]
+    dz = dz.to(x.dtype)
+    z, stats = z.contiguous(), stats.contiguous()  # written by the forward (contiguous): no copy
+    dlogits = torch.empty((B, n, M), dtype=logits.dtype, device=logits.device)
+    dx = torch.empty((B, n, C), dtype=x.dtype, device=x.device)
+    if B == 0:
+        return dlogits, dx
+    if C == 0:  # z is empty, so nothing depends on the logits
+        return dlogits.zero_(), dx
+    fn, extra, interp = _kernel("pool_dlogits", x, _INTERP["pool_block_n"])
+    bm, bc = _pool_tiles(M, C, interp)
+    prec = _precision(x.dtype)
+    m_tiles, c_tiles = triton.cdiv(M, bm), triton.cdiv(C, bc)
+    fn[lambda meta: (B * m_tiles, triton.cdiv(n, meta["BLOCK_N"]))](
+        logits, x, z, dz, stats, dlogits, n, M, C, B * M, *logits.stride(), *x.stride(), *dz.stride(),
+        BLOCK_M=bm, BLOCK_C=bc, PREC=prec, **extra)
+    fn, extra, _ = _kernel("pool_dx", x, _INTERP["pool_block_n"])
+    fn[lambda meta: (B * triton.cdiv(n, meta["BLOCK_N"]), c_tiles)](
+        logits, dz, stats, dx, n, M, C, B * M, *logits.stride(), *dz.stride(),
+        BLOCK_M=bm, BLOCK_C=bc, PREC=prec, **extra)
+    return dlogits, dx
+
+
+def _attn_forward(q, k, v, scale: float):
+    """``out (B, h, N, d)`` in q's dtype."""
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    if B * H * N == 0:
+        return out
+    fn, extra, _ = _kernel("attn_fwd", q, _INTERP["attn_block_n"])
+    fn[lambda meta: (B * H * triton.cdiv(N, meta["BLOCK_N"]),)](
+        q, k, v, out, scale, H, N, M, D, *q.stride(), *k.stride(), *v.stride(),
+        BLOCK_M=_pow2(M), BLOCK_D=_pow2(D), PREC=_precision(q.dtype), **extra)
+    return out
+
+
+def _attn_backward(do, q, k, v, scale: float, *, rows_per_split: Optional[int] = None):
+    """``(dq, dk, dv)``: dq per query tile, dk and dv summed over query ranges (see the module docstring)."""
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    do = do.to(q.dtype)
+    dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    if B * H == 0 or N == 0:
+        return dq, torch.zeros((B, H, M, D), dtype=k.dtype, device=k.device), \
+            torch.zeros((B, H, M, D), dtype=v.dtype, device=v.device)
+    fn, extra, interp = _kernel("attn_bwd", q, _INTERP["attn_block_n"])
+    rps, splits = _split_size(N, B * H, q, interp, "attn_split", rows_per_split)
+    pdk = torch.empty((B * H, splits, M, D), dtype=torch.float32, device=q.device)
+    pdv = torch.empty((B * H, splits, M, D), dtype=torch.float32, device=q.device)
+    fn[(B * H * splits,)](
+        q, k, v, do, dq, pdk, pdv, scale, H, N, M, D, rps, splits,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+        BLOCK_M=_pow2(M), BLOCK_D=_pow2(D), PREC=_precision(q.dtype), **extra)
+    dk = pdk.sum(1).view(B, H, M, D).to(k.dtype)
+    dv = pdv.sum(1).view(B, H, M, D).to(v.dtype)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library custom ops: fake implementations and autograd
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("vitpatch::cluster_pool_fwd", mutates_args=())
+def _pool_fwd_op(logits: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _pool_forward(logits, x)
+
+
+@_pool_fwd_op.register_fake
+def _(logits, x):
+    B, n, M = logits.shape
+    return x.new_empty((B, M, x.shape[2])), x.new_empty((2, B, M), dtype=torch.float32)
+
+
+@torch.library.custom_op("vitpatch::cluster_pool_bwd", mutates_args=())
+def _pool_bwd_op(dz: torch.Tensor, logits: torch.Tensor, x: torch.Tensor, z: torch.Tensor,
+                 stats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _pool_backward(dz, logits, x, z, stats)
+
+
+@_pool_bwd_op.register_fake
+def _(dz, logits, x, z, stats):
+    return logits.new_empty(logits.shape), x.new_empty(x.shape)
+
+
+def _pool_setup_context(ctx, inputs, output):
+    logits, x = inputs
+    z, stats = output
+    ctx.save_for_backward(logits, x, z, stats)
+    ctx.mark_non_differentiable(stats)
+
+
+def _pool_grad(ctx, dz, _dstats):
+    logits, x, z, stats = ctx.saved_tensors
+    return tuple(torch.ops.vitpatch.cluster_pool_bwd(dz, logits, x, z, stats))
+
+
+_pool_fwd_op.register_autograd(_pool_grad, setup_context=_pool_setup_context)
+
+
+@torch.library.custom_op("vitpatch::cluster_attention_fwd", mutates_args=())
+def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    return _attn_forward(q, k, v, scale)
+
+
+@_attn_fwd_op.register_fake
+def _(q, k, v, scale):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("vitpatch::cluster_attention_bwd", mutates_args=())
+def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attn_backward(do, q, k, v, scale)
+
+
+@_attn_bwd_op.register_fake
+def _(do, q, k, v, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attn_setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.scale = scale
+
+
+def _attn_grad(ctx, do):
+    q, k, v = ctx.saved_tensors
+    dq, dk, dv = torch.ops.vitpatch.cluster_attention_bwd(do, q, k, v, ctx.scale)
+    return dq, dk, dv, None
+
+
+_attn_fwd_op.register_autograd(_attn_grad, setup_context=_attn_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# the interface vitpatch._backend calls
+# ---------------------------------------------------------------------------------------------
+
+def cluster_pool(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Cluster pooling ``z[b, m] = sum_i softmax_i(logits[b, :, m])_i x[b, i]`` (paper 004 eq. 7–8, SPEC §7).
+
+    ``logits (B, n, M)``, ``x (B, n, C)`` (same dtype: float32, float16 or bfloat16; any strides)
+    → ``(B, M, C)`` in x's dtype. Differentiable in ``logits`` and ``x``; the softmax over the
+    tokens is never materialised (split-K online softmax forward, recomputed in backward).
+    """
+    return torch.ops.vitpatch.cluster_pool_fwd(logits, x)[0]
+
+
+def cluster_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``out_i = sum_m softmax_m(scale q_i . k_m) v_m`` over the ``M`` cluster tokens (paper 004 §3.3, SPEC §7).
+
+    ``q (B, h, N, d)``, ``k, v (B, h, M, d)`` with ``M <= 256`` and ``d <= 128`` → ``(B, h, N, d)``
+    in q's dtype. Differentiable in ``q``, ``k`` and ``v``.
+    """
+    return torch.ops.vitpatch.cluster_attention_fwd(q, k, v, float(scale))
+
+
+def _dtype_reason(t: torch.Tensor, name: str) -> Optional[str]:
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"{name} has dtype {t.dtype}; the kernels take float32, float16 or bfloat16"
+    return None
+
+
+def cluster_pool_unsupported(logits: torch.Tensor, x: torch.Tensor) -> Optional[str]:
+    """Why the pooling kernels cannot run these (validated) inputs, or ``None`` when they can."""
+    return _dtype_reason(x, "x")
+
+
+def cluster_attention_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Optional[str]:
+    """Why the attention kernels cannot run these (validated) inputs, or ``None`` when they can.
+
+    They hold all keys of a head in one tile: ``M <= 256``; head width ``d <= 128``.
+    """
+    reason = _dtype_reason(q, "q")
+    if reason:
+        return reason
+    if k.shape[2] > MAX_CLUSTERS:
+        return f"{k.shape[2]} keys > {MAX_CLUSTERS} (all keys of a head must fit in one tile)"
+    if q.shape[3] > MAX_HEAD_DIM:
+        return f"head width {q.shape[3]} > {MAX_HEAD_DIM}"
+    return None
