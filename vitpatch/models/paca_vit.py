@@ -70,6 +70,12 @@ Loading the authors' weights: :func:`load_official_checkpoint` (or timm's
 layers become one ``qkv`` (q rows, then k, then v), ``stage{i}.{j}`` becomes
 ``stages.{i-1}.blocks.{j}``, and so on (see :func:`checkpoint_filter_fn`). No weights are
 downloaded: the pretrained configs have no URL.
+
+Not implemented: the C100 stem ``(3, 1, 1)`` and stride-1 stage-4 transition of Table 1 (only
+its stage-3 MHSA, through ``num_clusters``); the release's MLP clustering (``p2cmlp``), its
+clustering teacher (``convmixer``), and its off-by-default layer scale, post-norm, cluster and
+block position embeddings (their checkpoints are refused with a ``ValueError``); ``device`` /
+``dtype`` construction keywords.
 """
 from __future__ import annotations
 
