@@ -262,24 +262,31 @@ class PaCaAttention(_Configurable, _TimmAttention):
         cluster_reduction: ``r`` of the paper variant (default 4).
         num_prefix_tokens, grid: the token layout; inferred when not given (the smallest
             ``P <= 16`` that leaves a square grid), or set from a timm model by :func:`set_token_layout`.
+        shared_clustering: ``True`` builds no ``clustering`` module: the layer reuses logits
+            computed elsewhere, passed as ``forward(..., cluster_logits=...)`` (the authors'
+            stage-wise setting, where the first block of a stage clusters for the whole stage).
 
-    ``forward(x, attn_mask=None, is_causal=False, *, grid=None, return_assignment=False)``;
-    with ``return_assignment`` it returns ``(out, A)``, ``A (B, n, M)`` the softmax over tokens
-    (each column a heatmap over the grid). ``store_assignment = True`` keeps it in
-    ``last_assignment`` instead, for models built by timm.
+    ``forward(x, attn_mask=None, is_causal=False, *, grid=None, return_assignment=False,
+    cluster_logits=None)``; with ``return_assignment`` it returns ``(out, A)``, ``A (B, n, M)``
+    the softmax over tokens (each column a heatmap over the grid). ``store_assignment = True``
+    keeps it in ``last_assignment`` instead, for models built by timm. ``cluster_logits``
+    ``(B, n, M)`` replaces ``clustering(x)`` (eq. 6) when given.
     """
 
     _defaults = {"num_clusters": 49, "clustering": "paper", "cluster_reduction": 4,
-                 "num_prefix_tokens": None, "grid": None}
+                 "num_prefix_tokens": None, "grid": None, "shared_clustering": False}
 
     def __init__(self, dim: int, num_heads: int = 8, *args, num_clusters: Optional[int] = None,
                  clustering: Optional[str] = None, cluster_reduction: Optional[int] = None,
-                 num_prefix_tokens: Optional[int] = None, grid=None, **kwargs):
+                 num_prefix_tokens: Optional[int] = None, grid=None, shared_clustering: Optional[bool] = None,
+                 **kwargs):
         super().__init__(dim, num_heads, *args, **kwargs)
         self.num_clusters = self._option("num_clusters", num_clusters)
         variant = self._option("clustering", clustering)
-        self.clustering = PaCaClustering(dim, self.num_clusters, variant, self._option("cluster_reduction",
-                                                                                      cluster_reduction))
+        clustering_module = PaCaClustering(dim, self.num_clusters, variant,
+                                           self._option("cluster_reduction", cluster_reduction))
+        self.shared_clustering = bool(self._option("shared_clustering", shared_clustering))
+        self.clustering = None if self.shared_clustering else clustering_module
         self.cluster_norm = nn.LayerNorm(dim)
         self.num_prefix_tokens = self._option("num_prefix_tokens", num_prefix_tokens)
         grid = self._option("grid", grid)
@@ -297,16 +304,27 @@ class PaCaAttention(_Configurable, _TimmAttention):
             check_grid(options["grid"])
 
     def extra_repr(self) -> str:
-        return f"num_clusters={self.num_clusters}, clustering={self.clustering.variant!r}"
+        variant = "shared" if self.clustering is None else self.clustering.variant
+        return f"num_clusters={self.num_clusters}, clustering={variant!r}"
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False, *, grid=None,
-                return_assignment: bool = False):
+                return_assignment: bool = False, cluster_logits: Optional[torch.Tensor] = None):
         if attn_mask is not None or is_causal:
             raise ValueError("PaCaAttention takes no attention mask and no is_causal: its keys are cluster tokens")
         B, N, C = x.shape
         P, grid = _infer_layout(N, self.num_prefix_tokens, grid if grid is not None else self.grid)
         patches = x[:, P:]
-        logits = self.clustering(patches, grid)  # (B, n, M), eq. 6
+        if cluster_logits is not None:
+            if not isinstance(cluster_logits, torch.Tensor):
+                raise TypeError(f"cluster_logits must be a tensor, got {type(cluster_logits).__name__}")
+            if tuple(cluster_logits.shape) != (B, N - P, self.num_clusters):
+                raise ValueError(f"cluster_logits must have shape {(B, N - P, self.num_clusters)} (B, n, M), "
+                                 f"got {tuple(cluster_logits.shape)}")
+            logits = cluster_logits
+        elif self.clustering is None:
+            raise ValueError("this PaCaAttention was built with shared_clustering=True: pass cluster_logits=")
+        else:
+            logits = self.clustering(patches, grid)  # (B, n, M), eq. 6
         z = self.cluster_norm(functional.cluster_pool(logits.to(patches.dtype), patches))  # eq. 7-8
         kv_in = torch.cat([z, x[:, :P]], 1) if P else z
         D = self.num_heads * self.head_dim
