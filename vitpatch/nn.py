@@ -283,10 +283,11 @@ class PaCaAttention(_Configurable, _TimmAttention):
         super().__init__(dim, num_heads, *args, **kwargs)
         self.num_clusters = self._option("num_clusters", num_clusters)
         variant = self._option("clustering", clustering)
-        clustering_module = PaCaClustering(dim, self.num_clusters, variant,
-                                           self._option("cluster_reduction", cluster_reduction))
+        if variant not in CLUSTERING_VARIANTS:
+            raise ValueError(f"clustering must be one of {CLUSTERING_VARIANTS}, got {variant!r}")
         self.shared_clustering = bool(self._option("shared_clustering", shared_clustering))
-        self.clustering = None if self.shared_clustering else clustering_module
+        self.clustering = None if self.shared_clustering else PaCaClustering(
+            dim, self.num_clusters, variant, self._option("cluster_reduction", cluster_reduction))
         self.cluster_norm = nn.LayerNorm(dim)
         self.num_prefix_tokens = self._option("num_prefix_tokens", num_prefix_tokens)
         grid = self._option("grid", grid)
