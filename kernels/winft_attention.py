@@ -423,6 +423,7 @@ def _bce_grad_kernel(A, B_, s_ab, s_ah, s_an, s_ad, s_bb, s_bh, s_bn, s_bd,
             part = tl.dot(dg.to(bh.dtype), bh, input_precision=PREC)
             ptr = grad_base + hh * N * D + out_off
             tl.store(ptr, tl.load(ptr, mask=out_mask, other=0.0) + part * c, mask=out_mask)
+            tl.debug_barrier()  # the next key tile's load of these rows may run on other threads of the CTA
 
 
 # =============================================================================== launchers
@@ -606,6 +607,8 @@ def winft_attention_unsupported(q, k, v, scale, mode, target) -> Optional[str]:
         return f"dtype {q.dtype} (the kernel takes float16, bfloat16 and float32)"
     if q.shape[-1] > _MAX_HEAD_DIM:
         return f"head width {q.shape[-1]} > {_MAX_HEAD_DIM}"
+    if q.numel() == 0:
+        return f"empty input of shape {tuple(q.shape)}"
     return None
 
 
