@@ -26,8 +26,9 @@ Kernels (nothing ``N x N`` in floating point is ever stored; the target is never
    online softmax with the ``W`` tile read from the bits; saves the log-sum-exp.
 4. Backward: ``_delta_kernel`` (``rowsum(dO * O)``), ``_attn_dkdv_kernel`` (one program per key
    block, loops over query tiles) and ``_attn_dq_kernel`` (per query block, loops over key
-   tiles), with ``W`` read from the same bits (held constant). With a target, ``_bce_dq_kernel``
-   and ``_bce_dk_kernel`` recompute ``g`` tile by tile and add
+   tiles), with ``W`` read from the same bits (held constant). With a target, ``_bce_grad_kernel``
+   runs twice (per query block for ``dq``, per key block on ``g^T`` tiles for ``dk``), recomputes
+   ``g`` tile by tile and adds
    ``dL/dq_h = c (sigmoid(g) - T) k_h / h`` and ``dL/dk_h = c (sigmoid(g) - T)^T q_h / h``
    (``c = dL_out / (B N^2)``) into float32 buffers that the attention kernels fold in.
 
@@ -38,8 +39,9 @@ for all heads in one program (pass 2a, a plain GEMM with K = C) costs as much as
 attention then runs as ordinary per-head flash attention with large tiles, and the backward
 reuses the bits instead of recomputing ``g`` per head. Counted in head-dot products of one
 (query tile, key tile) pair: forward ``h`` (pass 1) + ``h`` (pass 2a) + ``2h`` (attention)
-= ``4h``, twice dense flash attention's ``2h``; backward ``5h`` (attention) plus ``6h`` with a
-target (``g`` twice, ``dq``, ``dk``). A single all-heads attention program that reuses its
+= ``4h``, twice dense flash attention's ``2h``; backward ``7h`` (``s, dv, dp, dk`` in the
+key-block kernel, ``s, dp, dq`` in the query-block kernel, as in Triton's fused-attention
+tutorial) plus ``4h`` with a target (``g`` twice, ``dq``, ``dk``). A single all-heads attention program that reuses its
 per-head logits for ``g`` would save the ``h`` of pass 2a but needs ``(h, BM, d)`` accumulators
 in registers (and ``h`` padded to a power of two), which forces small query tiles; without a
 GPU to measure on, the bits design was chosen as the one whose every kernel is a standard
@@ -460,7 +462,8 @@ def _target_args(windows: Optional[torch.Tensor], key_keep: Optional[torch.Tenso
     win = (windows, s_wb, windows.stride(-2), windows.stride(-1))
     if key_keep is None:
         return win + (fallback, 0), True, False
-    keep = key_keep.view(torch.uint8) if key_keep.dtype == torch.bool else key_keep
+    keep = key_keep.contiguous()
+    keep = keep.view(torch.uint8) if keep.dtype == torch.bool else keep
     s_keep = keep.stride(0) if keep.shape[0] > 1 else 0
     return win + (keep, s_keep), True, True
 

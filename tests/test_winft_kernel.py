@@ -55,6 +55,19 @@ def test_tiled_shapes_match_reference(kern, case, mode):
 
 
 @pytest.mark.parametrize("mode", ["multiply", "mask"])
+def test_float16(kern, mode):
+    """Half-precision operands (float32 accumulation) at the float16 tolerance. The interpreter runs
+    float16 dots faithfully; its bfloat16 ``tl.dot`` does not, so bfloat16 is left to GPU runs."""
+    B, h, grid, P, d = 2, 2, (4, 5), 1, 16
+    target = WindowMask.square(grid, 1, P, key_keep=torch.rand(B, P + 20) > 0.2).to(DEVICE)
+    q, k, v = qkv(B, h, P + 20, d, dtype=torch.float16)
+    q = q * 0.5  # keep the gate away from its threshold so float16 decides W like float64
+    check_against_reference(lambda q, k, v: functional.winft_attention(q, k, v, mode=mode, target=target),
+                            lambda q, k, v: reference.winft_attention(q, k, v, mode=mode, target=target),
+                            [q, k, v], noncontig=True)
+
+
+@pytest.mark.parametrize("mode", ["multiply", "mask"])
 def test_gate_bits_and_threshold(kern, mode):
     """The packed W (pass 2a, from the pass-1 threshold) is exactly the reference's, bit for bit."""
     B, h, N, d = 2, 2, 45, 16
