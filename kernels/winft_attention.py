@@ -30,7 +30,8 @@ Kernels (nothing ``N x N`` in floating point is ever stored; the target is never
    runs twice (per query block for ``dq``, per key block on ``g^T`` tiles for ``dk``), recomputes
    ``g`` tile by tile and adds
    ``dL/dq_h = c (sigmoid(g) - T) k_h / h`` and ``dL/dk_h = c (sigmoid(g) - T)^T q_h / h``
-   (``c = dL_out / (B N^2)``) into float32 buffers that the attention kernels fold in.
+   (``c = dL_out / (B N^2)``) into one float32 buffer that the attention kernels fold in (used
+   for ``dq``, then reused for ``dk``).
 
 Why ``W`` is recomputed once into bits instead of inside every head's program: ``g`` needs all
 ``h`` heads, so a per-head attention program that recomputed it would do ``h`` extra head-dots
@@ -390,8 +391,9 @@ def _bce_grad_kernel(A, B_, s_ab, s_ah, s_an, s_ad, s_bb, s_bh, s_bn, s_bd,
 
     With ``A = q``, ``B_ = k`` (``A_IS_QUERY``): ``dq_h[i] += c sum_j (sigmoid(g_ij) - T_ij) k_h[j] / H``;
     with ``A = k``, ``B_ = q``: ``dk_h[j] += c sum_i (sigmoid(g_ij) - T_ij) q_h[i] / H``, on ``g^T``
-    tiles. ``c = dL_out / (B N^2)``. ``GRAD`` is a zeroed float32 ``(B, H, N, D)`` buffer; this
-    program owns its rows, so the per-tile read-modify-write needs no atomics.
+    tiles. ``c = dL_out / (B N^2)``. ``GRAD`` is a float32 ``(B, H, N, D)`` buffer (its old content
+    is ignored: the first key tile initialises it); this program owns its rows, so the per-tile
+    read-modify-write needs no atomics.
     """
     pid_a = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -424,7 +426,8 @@ def _bce_grad_kernel(A, B_, s_ab, s_ah, s_an, s_ad, s_bb, s_bh, s_bn, s_bd,
             bh = tl.load(b_base + hh * s_bh + b_off, mask=b_mask, other=0.0)
             part = tl.dot(dg.to(bh.dtype), bh, input_precision=PREC)
             ptr = grad_base + hh * N * D + out_off
-            tl.store(ptr, tl.load(ptr, mask=out_mask, other=0.0) + part * c, mask=out_mask)
+            prev = tl.load(ptr, mask=out_mask & (start_b > 0), other=0.0)  # the first tile initialises
+            tl.store(ptr, prev + part * c, mask=out_mask)
             tl.debug_barrier()  # the next key tile's load of these rows may run on other threads of the CTA
 
 
@@ -514,23 +517,25 @@ def _backward(dout, dloss, q, k, v, out, lse, bits, windows, key_keep, scale: fl
     mask_mode = mode == "mask"
     opts = dict(num_warps=t["warps"], num_stages=t["stages"])
     with_bce = windows is not None and dloss is not None
-    dq_extra = dk_extra = None
-    if with_bce:
+    # one float32 buffer holds the BCE part of dq, then (after dq is final) that of dk
+    extra = torch.empty(B, H, N, D, dtype=torch.float32, device=dev) if with_bce else None
+
+    def bce_grad(rows, cols, is_query):
         tgt, _, has_keep = _target_args(windows, key_keep, lse)
-        dloss = dloss.reshape(1)
         gm, gn = t["gate"]
-        dq_extra = torch.zeros(B, H, N, D, dtype=torch.float32, device=dev)
-        dk_extra = torch.zeros(B, H, N, D, dtype=torch.float32, device=dev)
-        for rows, cols, grad, is_q in ((q, k, dq_extra, True), (k, q, dk_extra, False)):
-            _bce_grad_kernel[(triton.cdiv(N, gm), B)](
-                rows, cols, *_s4(rows), *_s4(cols), *tgt, dloss, grad, N, H, D, num_prefix, max(grid_w, 1),
-                1.0 / H, 1.0 / (B * N * N), A_IS_QUERY=is_q, HAS_KEEP=has_keep,
-                BLOCK_A=gm, BLOCK_B=gn, BLOCK_D=BD, PREC=prec, **opts)
+        _bce_grad_kernel[(triton.cdiv(N, gm), B)](
+            rows, cols, *_s4(rows), *_s4(cols), *tgt, dloss.reshape(1), extra, N, H, D, num_prefix,
+            max(grid_w, 1), 1.0 / H, 1.0 / (B * N * N), A_IS_QUERY=is_query, HAS_KEEP=has_keep,
+            BLOCK_A=gm, BLOCK_B=gn, BLOCK_D=BD, PREC=prec, **opts)
+
     if dout is None:  # only the loss is used: the attention contributes nothing
         zeros = torch.zeros(B, H, N, D, dtype=q.dtype, device=dev)
-        if with_bce:
-            return dq_extra.to(q.dtype), dk_extra.to(k.dtype), zeros
-        return zeros, zeros.clone(), zeros.clone()
+        if not with_bce:
+            return zeros, zeros.clone(), zeros.clone()
+        bce_grad(q, k, True)
+        dq = extra.to(q.dtype, copy=True)  # extra is reused for dk
+        bce_grad(k, q, False)
+        return dq, extra.to(k.dtype), zeros
     dq = torch.empty(B, H, N, D, dtype=q.dtype, device=dev)
     dk = torch.empty(B, H, N, D, dtype=k.dtype, device=dev)
     dv = torch.empty(B, H, N, D, dtype=v.dtype, device=dev)
@@ -538,16 +543,20 @@ def _backward(dout, dloss, q, k, v, out, lse, bits, windows, key_keep, scale: fl
     fm = t["fwd"][0]
     _delta_kernel[(triton.cdiv(N, fm), B * H)](out, dout, *_s4(dout), delta, N, H, D,
                                               BLOCK_M=fm, BLOCK_D=BD, **opts)
-    km, kn = t["dkdv"]
-    _attn_dkdv_kernel[(triton.cdiv(N, kn), B * H)](
-        q, k, v, *_s4(q), *_s4(k), *_s4(v), dout, *_s4(dout), lse, delta, bits,
-        dk_extra if with_bce else delta, dk, dv, N, NW, H, D, scale,
-        MASK_MODE=mask_mode, HAS_EXTRA=with_bce, BLOCK_M=km, BLOCK_N=kn, BLOCK_D=BD, PREC=prec, **opts)
+    if with_bce:
+        bce_grad(q, k, True)
     qm, qn = t["dq"]
     _attn_dq_kernel[(triton.cdiv(N, qm), B * H)](
         q, k, v, *_s4(q), *_s4(k), *_s4(v), dout, *_s4(dout), lse, delta, bits,
-        dq_extra if with_bce else delta, dq, N, NW, H, D, scale,
+        extra if with_bce else delta, dq, N, NW, H, D, scale,
         MASK_MODE=mask_mode, HAS_EXTRA=with_bce, BLOCK_M=qm, BLOCK_N=qn, BLOCK_D=BD, PREC=prec, **opts)
+    if with_bce:
+        bce_grad(k, q, False)
+    km, kn = t["dkdv"]
+    _attn_dkdv_kernel[(triton.cdiv(N, kn), B * H)](
+        q, k, v, *_s4(q), *_s4(k), *_s4(v), dout, *_s4(dout), lse, delta, bits,
+        extra if with_bce else delta, dk, dv, N, NW, H, D, scale,
+        MASK_MODE=mask_mode, HAS_EXTRA=with_bce, BLOCK_M=km, BLOCK_N=kn, BLOCK_D=BD, PREC=prec, **opts)
     return dq, dk, dv
 
 
