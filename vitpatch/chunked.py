@@ -214,6 +214,7 @@ def _winft_gate(g, start, mode):
     """``W = [sigmoid(g) > mean_j sigmoid(g)]`` of one chunk and what attention needs: ``(W, allowed, gate)``."""
     w = torch.sigmoid(g)
     W = w > w.mean(-1, keepdim=True)
+    del w
     if mode == "multiply":
         return W, None, W.to(g.dtype)
     idx = torch.arange(g.shape[1], device=g.device)
@@ -221,29 +222,78 @@ def _winft_gate(g, start, mode):
     return W, W, None
 
 
+def _winft_rows(B: int, h: int, N: int) -> int:
+    """Query rows per WinfT chunk: one ``(B, h, rows, N)`` float32 buffer is at most 1/8 of the budget.
+
+    The backward's working set is two such buffers (probabilities and their gradient) plus a few
+    ``(B, rows, N)`` gate buffers; small buffers also keep the allocator's slack small, which is
+    what bounds the peak resident memory on CPU (tests/measure_winft_memory.py).
+    """
+    return max(1, min(N, _env.chunk_budget_bytes() // (8 * 4 * B * h * N)))
+
+
+_EXP_FLOOR = -80.0  # exp(-80) = 1.8e-35: far below float32 resolution of a softmax row sum (>= 1)
+
+
+def _winft_probs(qs, kf, allowed, gate):
+    """Gated softmax probabilities ``(B, h, Q, N)`` of one chunk, in one buffer (in-place softmax).
+
+    ``gate`` multiplies the logits (multiply mode, eq. 9: a gated-off pair keeps logit 0);
+    ``allowed`` removes keys (mask mode; never an empty row since the diagonal is kept): their
+    logits get ``-inf`` for the row maximum and their probabilities are then set to exactly 0.
+    ``s - max`` is floored at ``-80`` before ``exp``, which changes a probability by at most
+    ``1.8e-35`` and keeps CPU ``exp`` off its slow underflow / ``-inf`` path.
+    """
+    p = qs @ kf.transpose(-2, -1)
+    if gate is not None:
+        p.mul_(gate[:, None])
+    else:
+        bias = torch.zeros(allowed.shape, dtype=p.dtype, device=p.device).masked_fill_(~allowed, float("-inf"))
+        p.add_(bias[:, None])
+        del bias
+    p.sub_(p.amax(-1, keepdim=True)).clamp_(min=_EXP_FLOOR).exp_()
+    if gate is None:
+        p.mul_(allowed[:, None].to(p.dtype))
+    return p.div_(p.sum(-1, keepdim=True))
+
+
 class _WinfTAttention(torch.autograd.Function):
+    """Query chunks of ``rows`` queries; per chunk one ``(B, h, rows, N)`` buffer in forward, two in backward.
+
+    Only the gate logits ``g`` of a chunk are kept for backward (while they fit the chunk budget):
+    they cost as much to recompute as all heads' logits at ``1/h`` of their size; the
+    probabilities are recomputed.
+
+    The gradient of the attention part is that of ``softmax(s)`` with ``W`` held constant:
+    ``ds = p * (dp - rowsum(p * dp))`` with ``rowsum(p * dp) = dO . O`` (times ``W`` in multiply
+    mode). The BCE gradient is ``dg = (sigmoid(g) - T) dL / (B N^2)``, ``dq = dg K_m / h`` and
+    ``dk = dg^T Q_m / h`` on the head-merged ``(B, N, h d)`` views.
+    """
+
     @staticmethod
     def forward(ctx, q, k, v, scale: float, mode: str, target: Optional[WindowMask]):
         B, h, N, d = q.shape
         acc = _acc_dtype(q)
         qm, km = _heads_merged(q, acc), _heads_merged(k, acc)
         kf, vf = k.to(acc), v.to(acc)
-        rows = _chunk_rows(B, h + 1, N, N)
+        rows = _winft_rows(B, h, N)
         out = torch.empty(B, h, N, v.shape[-1], dtype=q.dtype, device=q.device)
         gate_sum = torch.zeros(B, dtype=acc, device=q.device)
         bce = torch.zeros((), dtype=acc, device=q.device)
         saver = _Saver()
         for s in range(0, N, rows):
             e = min(s + rows, N)
-            g = (qm[:, s:e] @ km.transpose(-2, -1)) / h  # gate logits, paper 000 eq. 8
+            g = (qm[:, s:e] @ km.transpose(-2, -1)).div_(h)  # gate logits, paper 000 eq. 8
             W, allowed, gate = _winft_gate(g, s, mode)
-            p = _probs(q[:, :, s:e].to(acc) * scale, kf, allowed, gate)
+            p = _winft_probs(q[:, :, s:e].to(acc) * scale, kf, allowed, gate)
             out[:, :, s:e] = (p @ vf).to(q.dtype)
             gate_sum += W.sum((1, 2))
-            if target is not None:
-                bce += (F.softplus(g) - target.rows(s, e, B).to(acc) * g).sum()
-            saver.offer(s, p, g)
-        ctx.save_for_backward(q, k, v)
+            del W, allowed, gate
+            if target is not None:  # eq. 11 in log-sigmoid form: softplus(g) - T g
+                bce += F.softplus(g).sum() - g[target.rows(s, e, B)].sum()
+            saver.offer(s, g)  # g costs as much to recompute as all heads' logits, at 1/h of their size
+            del p, g
+        ctx.save_for_backward(q, k, v, out)
         ctx.scale, ctx.mode, ctx.target, ctx.rows, ctx.saver = scale, mode, target, rows, saver
         loss = (bce / (B * N * N)).to(q.dtype)
         gate_sum = gate_sum.float()
@@ -253,7 +303,7 @@ class _WinfTAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dloss, _dgate_sum):
-        q, k, v = ctx.saved_tensors
+        q, k, v, out = ctx.saved_tensors
         B, h, N, d = q.shape
         acc = _acc_dtype(q)
         qm, km = _heads_merged(q, acc), _heads_merged(k, acc)
@@ -261,25 +311,38 @@ class _WinfTAttention(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc, device=q.device)
         dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+        dq_m = dq.transpose(1, 2)  # (B, N, h, d) views of the accumulators, for the head-merged BCE terms
+        dk_m = dk.transpose(1, 2)
         with_loss = ctx.target is not None and dloss is not None
+        exact_out = out.dtype == acc
         for s in range(0, N, ctx.rows):
             e = min(s + ctx.rows, N)
             qs = qf[:, :, s:e] * ctx.scale
             saved = ctx.saver.get(s)
-            g = (qm[:, s:e] @ km.transpose(-2, -1)) / h if saved is None else saved[1]
-            _, allowed, gate = _winft_gate(g, s, ctx.mode)
-            p = _probs(qs, kf, allowed, gate) if saved is None else saved[0]
+            g = (qm[:, s:e] @ km.transpose(-2, -1)).div_(h) if saved is None else saved[0]
             if dout is not None:
-                gq, gk, gv = _chunk_backward(qs, kf, vf, p, dout[:, :, s:e].to(acc), ctx.scale, gate)
-                dq[:, :, s:e] += gq
-                dk += gk
-                dv += gv
+                _, allowed, gate = _winft_gate(g, s, ctx.mode)
+                p = _winft_probs(qs, kf, allowed, gate)
+                doc = dout[:, :, s:e].to(acc)
+                dv += p.transpose(-2, -1) @ doc
+                o = out[:, :, s:e] if exact_out else p @ vf
+                delta = (doc * o).sum(-1, keepdim=True)  # = rowsum(p * dp)
+                ds = doc @ vf.transpose(-2, -1)
+                ds.sub_(delta).mul_(p)
+                del p, o
+                if gate is not None:
+                    ds.mul_(gate[:, None])  # W is held constant (SPEC §6)
+                dq[:, :, s:e] += (ds @ kf) * ctx.scale
+                dk += ds.transpose(-2, -1) @ qs
+                del ds, allowed, gate
             if with_loss:
                 # d/dg of mean BCE = (sigmoid(g) - T) / (B N N); g = sum_h q_h . k_h / h
-                T = ctx.target.rows(s, e, B).to(acc)
-                dg = (torch.sigmoid(g) - T) * (dloss.to(acc) / (B * N * N * h))
-                dq[:, :, s:e] += torch.einsum("bij,bhjd->bhid", dg, kf)
-                dk += torch.einsum("bij,bhid->bhjd", dg, qf[:, :, s:e])
+                dg = torch.sigmoid(g)
+                dg.sub_(ctx.target.rows(s, e, B).to(acc)).mul_(dloss.to(acc) / (B * N * N * h))
+                dq_m[:, s:e] += (dg @ km).view(B, e - s, h, d)
+                dk_m += (dg.transpose(-2, -1) @ qm[:, s:e]).view(B, N, h, d)
+                del dg
+            del g
         ctx.saver = None
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
