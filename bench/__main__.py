@@ -41,7 +41,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="CPU: exactly this many timed calls per case")
     p.add_argument("--warmup", type=int, default=None, help="CPU: warm-up calls per case")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's own choice; recorded in every row)")
+                   help="torch CPU threads, recorded in every row (default: 1 for --quick on CPU, where a "
+                        "shared machine makes multi-threaded timings erratic; torch's own choice otherwise)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-check", action="store_true", help="skip the max_abs_err check against the reference")
     p.add_argument("--limit", type=int, default=None, help="at most this many cases per module (smoke runs)")
@@ -71,8 +72,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
-    if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
+    threads = args.threads
+    if threads is None and args.quick and args.device == "cpu":
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(max(1, threads))
+    if not args.no_memory and not args.list:
+        harness.start_memory_worker()  # its imports overlap with the first cases
     dtypes = args.dtype or (["float16"] if args.device == "cuda" else ["float32"])
     start = time.monotonic()
     deadline = None if args.time_limit is None else start + args.time_limit
@@ -86,7 +92,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for dtype in dtypes:
         cfg = harness.Config(device=args.device, dtype=dtype, quick=args.quick, repeats=args.repeats,
                              warmup=args.warmup, memory=not args.no_memory, check=not args.no_check,
-                             limit=args.limit, deadline=deadline, threads=args.threads)
+                             limit=args.limit, deadline=deadline, threads=threads)
         for name, keep in _selection(args.ops).items():
             module = importlib.import_module(MODULES[name])
             cases = module.cases(cfg)

@@ -659,15 +659,22 @@ class MemoryWorker:
 _WORKER: Optional[MemoryWorker] = None
 
 
-def peak_memory_child(case: Case, timeout_s: float = 300.0,
-                      threads: Optional[int] = None) -> Tuple[Optional[float], Optional[str], Optional[str]]:
-    """Peak CPU memory of one step of ``case`` in a fresh forked child: ``(MiB, method, error)``."""
+def start_memory_worker() -> MemoryWorker:
+    """Start (once) the CPU memory server; measurements then reuse it."""
     global _WORKER
     if _WORKER is None:
         import atexit
         _WORKER = MemoryWorker()
         atexit.register(_WORKER.close)
-    res = _WORKER.measure(case, timeout_s, threads)
+    if _WORKER.proc is None or _WORKER.proc.poll() is not None:
+        _WORKER._start()
+    return _WORKER
+
+
+def peak_memory_child(case: Case, timeout_s: float = 300.0,
+                      threads: Optional[int] = None) -> Tuple[Optional[float], Optional[str], Optional[str]]:
+    """Peak CPU memory of one step of ``case`` in a fresh forked child: ``(MiB, method, error)``."""
+    res = start_memory_worker().measure(case, timeout_s, threads)
     if res.get("status") != "ok":
         return None, None, "memory: " + str(res.get("error"))
     return float(res["mb"]), res["method"], None
