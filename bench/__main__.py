@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 import time
 from typing import List, Optional
@@ -45,6 +46,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "shared machine makes multi-threaded timings erratic; torch's own choice otherwise)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-check", action="store_true", help="skip the max_abs_err check against the reference")
+    p.add_argument("--filter", default=None, metavar="REGEX",
+                   help="run only cases whose description matches, e.g. 'N=(197|577) ' or 'impl|vitpatch/'")
     p.add_argument("--limit", type=int, default=None, help="at most this many cases per module (smoke runs)")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="start no new case after this many seconds (rows written so far are kept)")
@@ -89,8 +92,8 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{'quick' if args.quick else 'full'}")
     all_rows = []
     skipped = 0
-    for dtype in dtypes:
-        cfg = harness.Config(device=args.device, dtype=dtype, quick=args.quick, repeats=args.repeats,
+    for j, dtype in enumerate(dtypes):
+        cfg = harness.Config(extra_cpu_rows=(j == 0), device=args.device, dtype=dtype, quick=args.quick, repeats=args.repeats,
                              warmup=args.warmup, memory=not args.no_memory, check=not args.no_check,
                              limit=args.limit, deadline=deadline, threads=threads)
         for name, keep in _selection(args.ops).items():
@@ -98,6 +101,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             cases = module.cases(cfg)
             if keep is not None:
                 cases = [c for c in cases if c.op in keep]
+            if args.filter:
+                pattern = re.compile(args.filter)
+                cases = [c for c in cases if pattern.search(c.describe())]
             if args.limit is not None:
                 cases = cases[:args.limit]
             if args.list:

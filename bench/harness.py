@@ -109,6 +109,7 @@ class Config:
     deadline: Optional[float] = None    # time.monotonic() after which no new case starts
     child_timeout_s: float = 300.0
     threads: Optional[int] = None       # torch CPU threads (None: torch's default)
+    extra_cpu_rows: bool = True         # modules may add CPU-only rows (WinfT memory at N = 2048) once per run
 
     def cpu_timing(self) -> Tuple[int, int, int, float]:
         """``(warmup, min_reps, max_reps, budget_s)`` of the CPU wall-clock timer."""
@@ -445,6 +446,8 @@ def time_cuda(prep: Prepared, warmup_ms: int, rep_ms: int) -> Timing:
         if record is not None:
             record.append((start, end))
 
+    one(None)  # first call: compilation and autotuning stay out of the estimate
+    torch.cuda.synchronize()
     probe: list = []
     for _ in range(3):
         one(probe)
@@ -854,11 +857,13 @@ def _table(header: List[str], lines: List[List[str]]) -> str:
 
 
 def format_tables(rows: Sequence[Dict[str, Any]], pairs: Optional[Dict[str, List[Tuple[str, str]]]] = None) -> str:
-    """Readable tables of a run's rows: one per (device, op, mode, dtype).
+    """Readable tables of a run's rows: for each (device, op, mode, dtype) a time table and a
+    peak-memory table.
 
-    Each line is a problem shape; columns are the impls' median times (ms) and peak memory
-    (MiB), then the ratios ``subject / anchor`` of :data:`RATIO_PAIRS` taken in the same run.
-    Statuses other than ok print as their name (``unsupported``, ``error``, ``oom``).
+    Each line is a problem shape (shape entries common to the whole table are printed once,
+    above it); columns are the impls' median times (ms) or peak memory (MiB), then the ratios
+    ``subject / anchor`` of :data:`RATIO_PAIRS`, taken in the same run. Cases that did not run
+    print their status (``unsupported``, ``error``, ``oom``).
     """
     pairs = RATIO_PAIRS if pairs is None else pairs
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
@@ -874,28 +879,37 @@ def format_tables(rows: Sequence[Dict[str, Any]], pairs: Optional[Dict[str, List
             s = _shape_items(r["shape"])
             if not any(s < _shape_items(o["shape"]) for o in grp) and r["shape"] not in shapes:
                 shapes.append(r["shape"])
+        common = dict(set.intersection(*(set(_shape_items(sh)) for sh in shapes))) if len(shapes) > 1 else {}
+        common = {k: v for k, v in shapes[0].items() if k in common} if common else {}
         op_pairs = [(s, a) for s, a in pairs.get(op, []) if s in impls and a in impls]
-        header = ["shape", "density"] + [f"{i} ms" for i in impls] + [f"{s}/{a}" for s, a in op_pairs] \
-            + [f"{i} MiB" for i in impls] + [f"mem {s}/{a}" for s, a in op_pairs]
-        lines = []
+        found_by_shape = []
         for shape in shapes:
             probe = {"run_id": key[0], "device": device, "op": op, "mode": mode, "dtype": dtype, "shape": shape}
-            found = {i: find_anchor(probe, grp, i) for i in impls}
-            dens = next((r.get("density") for r in found.values() if r and r.get("density") is not None), None)
-            cells = [shape_label(shape), "-" if dens is None else f"{dens:.3f}"]
-            for i in impls:
-                r = found[i]
-                cells.append("" if r is None else (_fmt_ms(r["median_ms"]) if r["status"] == "ok" else r["status"]))
-            for s, a in op_pairs:
-                cells.append(_fmt_ratio(ratio(found[s], found[a])))
-            for i in impls:
-                r = found[i]
-                cells.append("" if r is None or r["status"] != "ok" else _fmt_ms(r.get("peak_mem_mb")))
-            for s, a in op_pairs:
-                cells.append(_fmt_ratio(ratio(found[s], found[a], "peak_mem_mb")))
-            lines.append(cells)
-        blocks.append(f"== {op} | {mode} | {dtype} | {device}   (median ms; MiB = peak memory; "
-                      f"ratio = subject/anchor, same run)\n" + _table(header, lines))
+            found_by_shape.append({i: find_anchor(probe, grp, i) for i in impls})
+        tables = []
+        for metric, unit in (("median_ms", "ms"), ("peak_mem_mb", "MiB")):
+            header = ["shape", "density"] + [f"{i} {unit}" for i in impls] + [f"{s}/{a}" for s, a in op_pairs]
+            lines = []
+            for shape, found in zip(shapes, found_by_shape):
+                dens = next((r.get("density") for r in found.values() if r and r.get("density") is not None), None)
+                label = shape_label({k: v for k, v in shape.items() if k not in common}) or "-"
+                cells = [label, "-" if dens is None else f"{dens:.3f}"]
+                for i in impls:
+                    r = found[i]
+                    if r is None:
+                        cells.append("")
+                    elif r["status"] != "ok":
+                        cells.append(r["status"])
+                    else:
+                        cells.append(_fmt_ms(r.get(metric)))
+                cells += [_fmt_ratio(ratio(found[s], found[a], metric)) for s, a in op_pairs]
+                lines.append(cells)
+            what = "median time, ms" if metric == "median_ms" else "peak memory, MiB"
+            tables.append(f"-- {what}\n" + _table(header, lines))
+        title = (f"== {op} | {mode} | {dtype} | {device}"
+                 + (f" | {shape_label(common)}" if common else "")
+                 + "   (ratio = subject / anchor, same run)")
+        blocks.append(title + "\n" + "\n".join(tables))
     return "\n\n".join(blocks)
 
 

@@ -53,7 +53,7 @@ def cases(cfg: Config) -> List[Case]:
             for impl in ("vitpatch", "reference"):
                 out.append(Case(MODULE, OP, impl, mode, shape, cfg.device, cfg.dtype))
     # CPU memory rows at N = 2048: few repeats, they are about memory (float32, whatever the run's dtype)
-    if cfg.dtype == "float32" or cfg.device != "cpu":
+    if cfg.extra_cpu_rows and (cfg.dtype == "float32" or cfg.device != "cpu"):
         opts = {"repeats": 1, "warmup": 0} if cfg.quick else {}
         for mode in ("fwd", "fwd+bwd"):
             shape = _shape(CPU_MEMORY_SIZE, mode != "fwd")
