@@ -1,7 +1,7 @@
 """``python -m bench.plot DIR``: PNG plots from the JSON rows in ``DIR`` (it measures nothing).
 
-For each device file's latest run (or ``--run RUN_ID``, or ``--all-runs``) it draws, from
-rows with ``status == "ok"``:
+From the newest row of each measured case (or one run with ``--run RUN_ID``, or every row
+with ``--all-runs``), rows with ``status == "ok"`` only, it draws per device:
 
 * ``time_vs_n__<op>__<mode>.png``: median time (20-80% band) against the sequence length,
   one line per impl; window attention gets one panel per window kind.
@@ -15,10 +15,11 @@ Files go to ``--out`` (default ``DIR/plots``), prefixed with the device slug.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from . import harness
 
@@ -210,16 +211,33 @@ def plot_rows(rows: List[dict], out_dir) -> List[Path]:
     return written
 
 
+def case_key(row) -> tuple:
+    """What identifies a measurement across runs: device, op, impl, mode, dtype and shape."""
+    return (row.get("device"), row.get("op"), row.get("impl"), row.get("mode"), row.get("dtype"),
+            tuple(sorted((k, json.dumps(v)) for k, v in row.get("shape", {}).items())))
+
+
 def select_rows(rows: List[dict], run: Optional[str] = None, all_runs: bool = False) -> List[dict]:
-    """The rows to plot: one run (``run``), every run, or the latest run of each device."""
+    """The rows to plot.
+
+    Default: the newest row of each case (:func:`case_key`), so a full run split over several
+    calls (e.g. by ``--filter`` on ``N``) plots whole; on a device with full-run rows, rows of
+    ``--quick`` runs are left out. ``run``: that run only. ``all_runs``: everything.
+    """
     if run is not None:
         return [r for r in rows if r.get("run_id") == run]
     if all_runs:
         return rows
-    by_device = defaultdict(list)
+    full_devices = {r.get("device") for r in rows if not r.get("quick", False)}
+    newest: Dict[tuple, dict] = {}
     for r in rows:
-        by_device[r.get("device")].append(r)
-    return [r for rs in by_device.values() for r in harness.latest_run(rs)]
+        if r.get("quick", False) and r.get("device") in full_devices:
+            continue
+        k = case_key(r)
+        if k not in newest or (r.get("date", ""), r.get("run_id", "")) >= (newest[k].get("date", ""),
+                                                                           newest[k].get("run_id", "")):
+            newest[k] = r
+    return list(newest.values())
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -228,7 +246,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("dir", help="directory of <device-slug>.jsonl row files (or one .jsonl file)")
     p.add_argument("--out", default=None, help="where the PNGs go (default DIR/plots)")
     p.add_argument("--run", default=None, help="plot this run id only")
-    p.add_argument("--all-runs", action="store_true", help="plot every run (later rows may overlap earlier ones)")
+    p.add_argument("--all-runs", action="store_true", help="plot every row of every run (repeated cases overlap)")
     args = p.parse_args(argv)
     src = Path(args.dir)
     rows = harness.read_rows(src)

@@ -209,3 +209,18 @@ def test_smoke_run_one_op_smallest_shape(tmp_path, capsys):
     assert row["max_abs_err"] is not None
     printed = capsys.readouterr().out
     assert "== cluster_pool | fwd | float32" in printed and "1 rows appended" in printed
+
+
+def test_plot_selects_the_newest_row_of_each_case():
+    from bench import plot
+    old = synthetic_row("vitpatch", 5.0, run="run-a")
+    new = synthetic_row("vitpatch", 4.0, run="run-b")
+    new["date"] = "2026-01-02T00:00:00+00:00"
+    other_n = synthetic_row("vitpatch", 9.0, run="run-a", shape={"B": 2, "h": 4, "N": 197, "d": 32, "window": "r1"})
+    full = synthetic_row("reference", 7.0, run="run-c", device="GPU X")
+    full["quick"] = False
+    quick = synthetic_row("reference", 1.0, run="run-d", device="GPU X", shape={"B": 1, "h": 1, "N": 17, "d": 8})
+    chosen = plot.select_rows([old, new, other_n, full, quick])
+    assert new in chosen and other_n in chosen and full in chosen
+    assert old not in chosen and quick not in chosen  # superseded; quick rows beside full ones
+    assert plot.select_rows([old, new], run="run-a") == [old]
