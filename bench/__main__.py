@@ -51,6 +51,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="at most this many cases per module (smoke runs)")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="start no new case after this many seconds (rows written so far are kept)")
+    p.add_argument("--git-commit", default=None, metavar="SHA",
+                   help="commit to record when the tree has no .git (a copy on another machine)")
     p.add_argument("--list", action="store_true", help="print the cases and exit")
     return p.parse_args(argv)
 
@@ -85,7 +87,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     dtypes = args.dtype or (["float16"] if args.device == "cuda" else ["float32"])
     start = time.monotonic()
     deadline = None if args.time_limit is None else start + args.time_limit
-    meta = harness.run_metadata(args.quick)
+    meta = harness.run_metadata(args.quick, args.git_commit)
     print(f"vitpatch bench run {meta['run_id']}: device {harness.device_name(args.device)}, torch {meta['torch']}, "
           f"triton {meta['triton']}, commit {(meta['git_commit'] or '?')[:10]}"
           f"{' (dirty)' if meta['git_dirty'] else ''}, threads {torch.get_num_threads()}, "

@@ -243,8 +243,12 @@ def _git(*args: str) -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def run_metadata(quick: bool) -> Dict[str, Any]:
-    """Fields shared by every row of one run: run id, date, versions, git commit."""
+def run_metadata(quick: bool, git_commit: Optional[str] = None) -> Dict[str, Any]:
+    """Fields shared by every row of one run: run id, date, versions, git commit.
+
+    ``git_commit`` is for copies of the tree without ``.git`` (e.g. a GPU machine's copy):
+    it is recorded as given, with ``git_dirty`` unknown.
+    """
     torch = _torch()
     try:
         import triton
@@ -257,7 +261,9 @@ def run_metadata(quick: bool) -> Dict[str, Any]:
     except ImportError:
         timm_version = None
     commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    if git_commit:
+        commit, status = git_commit, (status if commit == git_commit else None)
     now = datetime.datetime.now(datetime.timezone.utc)
     return {
         "schema": SCHEMA_VERSION,
@@ -280,8 +286,16 @@ def make_row(meta: Dict[str, Any], case: Case, *, timing: Optional[Timing] = Non
     """One JSON row: the run's metadata, the case, its timing and memory, and what ran."""
     info = dict(info or {})
 
-    def num(x):
-        return None if x is None else float(x)
+    non_finite = {}
+
+    def num(x, key=None):
+        if x is None:
+            return None
+        x = float(x)
+        if not math.isfinite(x):  # JSON has no NaN: keep the fact, not the value
+            non_finite[key or "value"] = str(x)
+            return None
+        return x
 
     row = dict(meta)
     row.update({
@@ -289,22 +303,24 @@ def make_row(meta: Dict[str, Any], case: Case, *, timing: Optional[Timing] = Non
         "device": device if device is not None else device_name(case.device),
         "device_type": case.device, "dtype": case.dtype,
         "shape": dict(case.shape),
-        "density": num(info.pop("density", None)),
-        "visited_tile_fraction": num(info.pop("visited_tile_fraction", None)),
-        "median_ms": num(timing.median_ms) if timing else None,
-        "p20_ms": num(timing.p20_ms) if timing else None,
-        "p80_ms": num(timing.p80_ms) if timing else None,
+        "density": num(info.pop("density", None), "density"),
+        "visited_tile_fraction": num(info.pop("visited_tile_fraction", None), "visited_tile_fraction"),
+        "median_ms": num(timing.median_ms, "median_ms") if timing else None,
+        "p20_ms": num(timing.p20_ms, "p20_ms") if timing else None,
+        "p80_ms": num(timing.p80_ms, "p80_ms") if timing else None,
         "n_repeats": int(timing.n_repeats) if timing else 0,
         "timer": timing.timer if timing else None,
-        "peak_mem_mb": num(peak_mem_mb),
+        "peak_mem_mb": num(peak_mem_mb, "peak_mem_mb"),
         "mem_method": mem_method,
         "backend": info.pop("backend", None),
-        "max_abs_err": num(info.pop("max_abs_err", None)),
+        "max_abs_err": num(info.pop("max_abs_err", None), "max_abs_err"),
         "status": status, "note": note,
         "extra": dict(info.pop("extra", {}) or {}),
         "threads": int(_torch().get_num_threads()),
     })
     row["extra"].update(info)  # anything else a builder reported
+    if non_finite:
+        row["extra"]["non_finite"] = non_finite
     if items_per_step and timing and timing.median_ms > 0:
         row["img_per_s"] = items_per_step / (timing.median_ms / 1000.0)
     return row

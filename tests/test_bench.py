@@ -224,3 +224,12 @@ def test_plot_selects_the_newest_row_of_each_case():
     assert new in chosen and other_n in chosen and full in chosen
     assert old not in chosen and quick not in chosen  # superseded; quick rows beside full ones
     assert plot.select_rows([old, new], run="run-a") == [old]
+
+
+def test_non_finite_values_become_null_and_are_reported():
+    case = harness.Case("bench.window_attention", "window_attention", "vitpatch", "fwd", {"N": 5}, "cpu", "float32")
+    row = harness.make_row(META, case, timing=harness.Timing(1.0, 1.0, 1.0, 1, "t"),
+                           info={"max_abs_err": float("nan")}, device="Test CPU")
+    assert row["max_abs_err"] is None and row["extra"]["non_finite"] == {"max_abs_err": "nan"}
+    assert harness.validate_row(row) == []
+    json.dumps(row, allow_nan=False)
