@@ -840,12 +840,12 @@ def ratio(subject: Optional[Dict[str, Any]], anchor: Optional[Dict[str, Any]], m
     return float(a) / float(b)
 
 
-def ratio_rows(rows: Sequence[Dict[str, Any]], subject: str, anchor: str,
-               metric: str = "median_ms") -> List[Tuple[Dict[str, Any], Dict[str, Any], Optional[float]]]:
-    """For each ``subject`` row, its anchor row in the same run and the ratio of ``metric``."""
+def ratio_rows(rows: Sequence[Dict[str, Any]], subject: str, anchor: str, metric: str = "median_ms",
+               op: Optional[str] = None) -> List[Tuple[Dict[str, Any], Dict[str, Any], Optional[float]]]:
+    """For each ``subject`` row (of ``op``, if given), its anchor row in the same run and the ratio of ``metric``."""
     out = []
     for r in rows:
-        if r.get("impl") != subject:
+        if r.get("impl") != subject or (op is not None and r.get("op") != op):
             continue
         a = find_anchor(r, rows, anchor)
         if a is not None:

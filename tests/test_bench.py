@@ -91,6 +91,7 @@ def test_ratio_arithmetic_within_one_run():
     assert harness.find_anchor(vp, rows, "flex") is None
     pairs = harness.ratio_rows(rows, "vitpatch", "reference")
     assert len(pairs) == 1 and pairs[0][2] == pytest.approx(0.25)
+    assert harness.ratio_rows(rows, "vitpatch", "reference", op="winft_attention") == []
     # a subject of the other run finds only that run's anchor
     other = synthetic_row("vitpatch", 3.0, shape=windowed, run="run-b")
     assert harness.ratio(other, harness.find_anchor(other, rows + [other], "sdpa_dense")) == pytest.approx(3.0)
