@@ -1,0 +1,291 @@
+"""Window-masked attention (AWD-ViT, SPEC §1) against its anchors.
+
+Impls (row ``impl``):
+  ``vitpatch``    :func:`vitpatch.functional.window_attention` (the row's ``backend`` says which ran)
+  ``reference``   :func:`vitpatch.reference.window_attention` (dense mask, ``(B, h, N, N)`` logits)
+  ``sdpa_dense``  ``F.scaled_dot_product_attention`` with no mask: full attention, the speed to beat
+  ``sdpa_mask``   SDPA with the boolean mask from :meth:`WindowMask.dense` (built outside the timing)
+  ``flex``        ``torch.compile``-d FlexAttention with a block mask from the windows (built outside)
+  ``flex_build``  building that block mask alone (``create_block_mask``)
+  ``flex+build``  building the block mask and running FlexAttention: AWD windows change every
+                  batch, so this is what a model pays per batch
+
+Windows: square radii from self-only (``r0``) to ``full``, and AWD-like windows
+(:func:`vitpatch.masks.synthetic_awd_windows` at density 0.23). Shared (square) windows use a
+batch-1 mask (SDPA and Flex broadcast it); AWD windows are per image. One prefix token (CLS).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+from typing import Any, Dict, List, Optional, Tuple
+
+from .common import autograd_case, max_abs_err, randn
+from .harness import Case, Config, Prepared, Unsupported
+
+OP = "window_attention"
+MODULE = "bench.window_attention"
+AWD_DENSITY = 0.23
+PREFIX = 1
+WINDOWED_IMPLS = ("vitpatch", "reference", "sdpa_mask", "flex")
+
+
+def problem_sizes(cfg: Config) -> List[Tuple[int, int, int, int]]:
+    """``(B, h, grid side, d)`` per sequence length ``N = 1 + side^2``."""
+    if cfg.quick:
+        return [(2, 4, 8, 32), (2, 4, 14, 32)]                              # N = 65, 197
+    return [(64, 12, 14, 64), (16, 12, 24, 64), (8, 12, 32, 64), (2, 12, 64, 64)]  # N = 197, 577, 1025, 4097
+
+
+def window_kinds(side: int, quick: bool) -> List[str]:
+    """Square radii from self-only to full, then AWD-like windows."""
+    radii = [0, 2] if quick else [r for r in (0, 1, 2, 4, 8, 16, 32) if r < side - 1]
+    return [f"r{r}" for r in radii] + ["full", f"awd{AWD_DENSITY:g}"]
+
+
+def cases(cfg: Config) -> List[Case]:
+    out = []
+
+    def add(impl, mode, shape):
+        out.append(Case(MODULE, OP, impl, mode, shape, cfg.device, cfg.dtype))
+
+    for B, h, side, d in problem_sizes(cfg):
+        base = {"B": B, "h": h, "N": PREFIX + side * side, "d": d}
+        for mode in ("fwd", "bwd", "fwd+bwd"):
+            add("sdpa_dense", mode, dict(base))
+        for kind in window_kinds(side, cfg.quick):
+            shape = {**base, "grid": [side, side], "P": PREFIX, "window": kind}
+            with_flex = not cfg.quick or kind.startswith("awd")  # quick: Flex on the AWD windows only
+            for impl in WINDOWED_IMPLS:
+                if impl == "flex" and not with_flex:
+                    continue
+                for mode in ("fwd", "bwd", "fwd+bwd"):
+                    add(impl, mode, shape)
+            if with_flex:
+                add("flex_build", "fwd", shape)
+                add("flex+build", "fwd", shape)
+                add("flex+build", "fwd+bwd", shape)
+    return out
+
+
+# ------------------------------------------------------------------------------------ masks
+@functools.lru_cache(maxsize=8)
+def _awd_windows(side: int, batch: int, density: float):
+    from vitpatch.masks import synthetic_awd_windows
+    return synthetic_awd_windows((side, side), batch, density, seed=0)
+
+
+def make_mask(shape: Dict[str, Any], device):
+    """The :class:`vitpatch.WindowMask` of a case: shared square windows or per-image AWD windows."""
+    from vitpatch import WindowMask
+    side, kind, P = shape["grid"][0], shape["window"], shape["P"]
+    if kind == "full":
+        mask = WindowMask.full((side, side), P)
+    elif kind.startswith("r"):
+        mask = WindowMask.square((side, side), int(kind[1:]), P)
+    elif kind.startswith("awd"):
+        mask = WindowMask(_awd_windows(side, shape["B"], float(kind[3:])), (side, side), P)
+    else:
+        raise ValueError(f"unknown window kind {kind!r}")
+    return mask.to(device)
+
+
+def visited_tile_fraction(mask, batch: int) -> Tuple[Optional[float], Optional[str]]:
+    """Fraction of (query tile, key tile) pairs the Triton kernel visits for ``mask``, or ``None``.
+
+    Asks ``vitpatch.kernels.window_attention.tile_schedule`` when that module and function
+    exist (a colleague is adding it). Its signature is not settled yet: adapt the call and the
+    reading of its result here, and only here. Returns ``(fraction, note)``.
+    """
+    try:
+        module = importlib.import_module("vitpatch.kernels.window_attention")
+    except ImportError:
+        return None, None
+    schedule = getattr(module, "tile_schedule", None)
+    if schedule is None:
+        return None, None
+    try:
+        try:
+            result = schedule(mask)
+        except TypeError:
+            result = schedule(mask, batch)
+    except Exception as e:  # noqa: BLE001 - a failing helper must not lose the timing row
+        return None, f"tile_schedule failed: {type(e).__name__}: {e}"[:200]
+    for key in ("visited_fraction", "visited_tile_fraction", "fraction"):
+        if isinstance(result, dict) and key in result:
+            result = result[key]
+            break
+        if hasattr(result, key):
+            result = getattr(result, key)
+            break
+    if isinstance(result, (int, float)) and not isinstance(result, bool):
+        return float(result), None
+    if hasattr(result, "dtype") and hasattr(result, "float"):  # a tensor of visited flags or a 0-d fraction
+        return float(result.float().mean()), None
+    return None, f"tile_schedule returned {type(result).__name__}; adapt bench.window_attention.visited_tile_fraction"
+
+
+# ------------------------------------------------------------------------------------ flex
+_FLEX: Dict[str, Any] = {}
+
+
+def _flex_attention():
+    """``(compiled flex_attention, how it runs)``, compiled once per process."""
+    if "fn" not in _FLEX:
+        import torch
+        import torch._dynamo.config as dcfg
+        from torch.nn.attention.flex_attention import flex_attention
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                     "accumulated_cache_size_limit"):
+            if hasattr(dcfg, name):
+                setattr(dcfg, name, max(getattr(dcfg, name), 256))
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+        _FLEX["how"] = "torch.compile(flex_attention, dynamic=False, fullgraph=True)"
+    return _FLEX["fn"], _FLEX["how"]
+
+
+def _flex_eager():
+    import warnings
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def eager(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "called without torch.compile": we know
+            return flex_attention(*args, **kwargs)
+    return eager
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:200]
+
+
+def _flex_unsupported_reason(e: BaseException) -> str:
+    import re
+    m = re.search(r"NotImplementedError\('([^']*)'", str(e))
+    return f"NotImplementedError: {m.group(1)}" if m else _first_line(e)
+
+
+def _mask_mod(windows, P: int, gw: int):
+    """FlexAttention ``mask_mod`` of SPEC §1 from per-batch windows ``(Bm, n, 4)`` (int64).
+
+    Each coordinate is indexed as ``windows[b, q, c]``: with torch 2.15's CPU inductor, taking
+    ``windows[b, q]`` first and then its columns compiled to wrong results; the error check
+    (``max_abs_err`` against the reference) would show such a miscompile.
+    """
+    def mask_mod(b, h, q_idx, kv_idx):
+        qp = (q_idx - P).clamp(min=0)
+        kp = (kv_idx - P).clamp(min=0)
+        kx, ky = kp % gw, kp // gw
+        inside = ((kx >= windows[b, qp, 0]) & (kx <= windows[b, qp, 2])
+                  & (ky >= windows[b, qp, 1]) & (ky <= windows[b, qp, 3]))
+        return inside | (q_idx < P) | (kv_idx < P)
+    return mask_mod
+
+
+def _block_mask_builder(mask, batch: int, N: int, device):
+    """``(build() -> BlockMask, description)`` for the mask's windows."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    windows = mask.windows.long()
+    if windows.dim() == 2:
+        windows = windows.unsqueeze(0)
+    Bm = windows.shape[0]
+    mod = _mask_mod(windows, mask.num_prefix_tokens, mask.grid[1])
+    compile_build = device.type == "cuda"
+
+    def build():
+        return create_block_mask(mod, Bm, None, N, N, device=device, _compile=compile_build)
+
+    return build, f"create_block_mask(B={Bm}, H=None, _compile={compile_build})"
+
+
+# ------------------------------------------------------------------------------------ build
+def build(case: Case, check: bool = True) -> Prepared:
+    import torch
+    import torch.nn.functional as F
+    from vitpatch import functional, reference
+
+    s, impl = case.shape, case.impl
+    device = torch.device(case.device)
+    B, h, N, d = s["B"], s["h"], s["N"], s["d"]
+    grad = case.mode != "fwd"
+    q, k, v = (randn(B, h, N, d, device=device, dtype=case.dtype, grad=grad) for _ in range(3))
+    scale = d ** -0.5
+    info: Dict[str, Any] = {"extra": {}}
+
+    if impl == "sdpa_dense":
+        return autograd_case(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale), (q, k, v),
+                             case.mode, info=info)
+
+    mask = make_mask(s, device)
+    info["density"] = mask.density(B)
+    info["extra"]["windows"] = "per-image" if mask.per_image else "shared"
+    Bm = B if mask.per_image else 1
+    ref_out = None
+
+    def reference_out():
+        with torch.no_grad():
+            return reference.window_attention(q, k, v, mask, scale=scale, upcast=True)
+
+    if impl == "vitpatch":
+        info["backend"] = functional.backend_for(OP, q, k, v, args=(q, k, v, mask, scale))
+        frac, note = visited_tile_fraction(mask, B)
+        info["visited_tile_fraction"] = frac
+        if note:
+            info["extra"]["visited_tile_note"] = note
+
+        def fwd():
+            return functional.window_attention(q, k, v, mask, scale=scale)
+    elif impl == "reference":
+        def fwd():
+            return reference.window_attention(q, k, v, mask, scale=scale)
+    elif impl == "sdpa_mask":
+        dense = mask.dense(Bm)[:, None]  # (Bm, 1, N, N) bool; built once, outside the timing
+        info["extra"]["mask_build"] = "WindowMask.dense outside the timed call"
+
+        def fwd():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=scale)
+    elif impl in ("flex", "flex_build", "flex+build"):
+        try:
+            make_block_mask, how_build = _block_mask_builder(mask, B, N, device)
+        except ImportError as e:
+            raise Unsupported(f"torch.nn.attention.flex_attention is not importable: {e}") from None
+        info["extra"]["flex_build"] = how_build
+        block_mask = make_block_mask()
+        info["extra"]["flex_block_sparsity_pct"] = float(block_mask.sparsity())
+        if impl == "flex_build":
+            return Prepared(step=make_block_mask, info=info)
+        flex, how = _flex_attention()
+        # the first call compiles (untimed), under the grad mode the steps use; on CPU, flex
+        # refuses inputs that need a backward: an "unsupported" row, whether or not compiled
+        grad_mode = torch.no_grad() if case.mode == "fwd" else contextlib.nullcontext()
+        try:
+            with grad_mode:
+                trial = flex(q, k, v, block_mask=block_mask, scale=scale)
+        except Exception as e:  # noqa: BLE001
+            if isinstance(e, NotImplementedError) or "NotImplementedError" in str(e):
+                raise Unsupported(_flex_unsupported_reason(e)) from None
+            # compilation failed for this case: run eager Flex and say so in the row
+            flex = _flex_eager()
+            how = f"eager flex_attention (unfused: materialises the scores); torch.compile failed: {_first_line(e)}"
+            with grad_mode:
+                trial = flex(q, k, v, block_mask=block_mask, scale=scale)
+        info["extra"]["flex"] = how
+        if check:
+            ref_out = reference_out()
+            info["max_abs_err"] = max_abs_err(trial, ref_out)
+        del trial
+        if impl == "flex":
+            def fwd():
+                return flex(q, k, v, block_mask=block_mask, scale=scale)
+        else:
+            def fwd():
+                return flex(q, k, v, block_mask=make_block_mask(), scale=scale)
+    else:
+        raise ValueError(f"unknown impl {impl!r} for {OP}")
+
+    if check and case.mode == "fwd" and impl in ("vitpatch", "sdpa_mask"):
+        with torch.no_grad():
+            info["max_abs_err"] = max_abs_err(fwd(), reference_out())
+    return autograd_case(fwd, (q, k, v), case.mode, info=info)
