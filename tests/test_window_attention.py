@@ -197,3 +197,14 @@ def test_bad_input():
         f(q, k, v, mask, scale=-1.0)
     with pytest.raises(ValueError, match="batch"):
         f(q, k, v, WindowMask(mask.windows.expand(3, -1, -1), grid, P))
+
+
+def test_torch_path_backward_twice_with_retain_graph(monkeypatch):
+    """The saved probabilities survive a first backward with retain_graph=True."""
+    monkeypatch.setenv("VITPATCH_BACKEND", "torch")
+    mask = WindowMask.square((3, 3), 1, 1)
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 10, 8, device="cpu"))
+    out = functional.window_attention(q, k, v, mask)
+    g1 = torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
+    g2 = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))

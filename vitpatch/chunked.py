@@ -195,7 +195,6 @@ class _WindowAttention(torch.autograd.Function):
             dq[:, :, sl] = gq
             _put(dk, c.keys, gk)
             _put(dv, c.keys, gv)
-        ctx.saver = None
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
@@ -343,7 +342,6 @@ class _WinfTAttention(torch.autograd.Function):
                 dk_m += (dg.transpose(-2, -1) @ qm[:, s:e]).view(B, N, h, d)
                 del dg
             del g
-        ctx.saver = None
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
