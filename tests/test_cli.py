@@ -45,7 +45,9 @@ def test_help(argv, capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: vitpatch") and "--help" in out
     if not argv:
-        assert all(name in out for name in ("windows", "analyze"))
+        assert all(name in out for name in ("windows", "analyze", "demo"))
+    elif argv[0] == "demo":
+        assert "--out" in out and "--epochs" in out and "--seed" in out
     else:
         assert "--model" in out and "--checkpoint" in out and "--out" in out
 
