@@ -1,0 +1,937 @@
+"""Window-masked attention (AWD-ViT, paper 000 §4.1 eq. 4; SPEC §1) as Triton kernels.
+
+Query ``i`` attends to key ``j`` iff ``key_keep[b, j]`` and (``i < P`` or ``j < P`` or patch
+``j - P`` lies inside ``windows[b, i - P]``)::
+
+    out_i = sum_j softmax_j(scale * q_i . k_j over allowed j) v_j
+
+FlashAttention-style: one program per (query tile, head, image) keeps a running max ``m``,
+normaliser ``l`` and fp32 accumulator (online softmax, in base 2) and visits key tiles one at
+a time; the backward pass recomputes the probabilities from the saved log-sum-exp
+``lse_i = m_i + log2 l_i`` (``+inf`` for a query with no allowed key, so its probabilities,
+output and gradients are exactly zero, never NaN).
+
+The mask is never stored, neither dense nor per tile element: it is evaluated inside the
+kernels from the ``O(n)`` windows. What makes the kernel fast is tile skipping:
+
+* **Token layout.** Patch tokens are visited in *slot* order. ``ROW_MAJOR`` keeps the token
+  order; ``TILED`` (the default, see ``bench/window_tile_order.py``) groups the patch grid into
+  ``TH x TW`` squares of ``unit`` slots (8 x 8 for a 64-token tile), so a tile is a compact
+  square of patches instead of a strip of rows, which a rectangular window covers far more
+  often entirely or not at all. The permutation is index arithmetic inside the kernels
+  (slots past the grid's edge are padding): nothing is copied, outputs land in token order.
+* **Prefix tokens** are handled apart from the patch tiles: every patch-query tile visits
+  the ``P`` prefix keys in one narrow block (``PB`` = 16 to 64 wide), and the prefix queries
+  get their own narrow query block that visits every key tile.
+* **Schedule.** One cheap launch (``_schedule_kernel``, one program per query tile and image)
+  classifies every (query tile, key tile) pair from the windows alone, using the key tile's
+  footprint on the grid (one rectangle for a ``TILED`` tile, at most three for a row-major
+  run): ``0`` skip (no window of the query tile reaches the tile, or all its keys are
+  dropped), ``1`` masked (the element mask is evaluated), ``2`` full (the tile lies inside
+  every window of the query tile, has no padding slot and no dropped key: no element mask at
+  all). It writes a ``(Bs, TQ, TK)`` int8 code table and, per query tile, the compacted list
+  of tiles to visit (masked ones first, full ones at the end of the row). The backward pass
+  compacts the columns of the same table (``_transpose_kernel``) so that each key tile visits
+  only the query tiles that reach it. ``Bs = 1`` for shared windows without ``key_keep``
+  (batch stride 0, nothing per image), ``B`` otherwise.
+
+Public helpers for tests and benchmarks: :func:`tile_schedule` (the visited tiles, from the
+launcher's own code path), :func:`tile_codes`, :func:`visited_fraction`, :func:`slot_tokens`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from vitpatch import _env
+from vitpatch.masks import WindowMask
+
+__all__ = ["window_attention", "window_attention_unsupported", "tile_schedule", "tile_codes", "visited_fraction",
+           "slot_tokens", "Config", "ROW_MAJOR", "TILED", "SUPPORTED_HEAD_DIMS"]
+
+ROW_MAJOR, TILED = 0, 1
+ORDERS = {"row_major": ROW_MAJOR, "tiled": TILED}
+SUPPORTED_HEAD_DIMS = (16, 128)
+_LOG2E = 1.4426950408889634
+
+
+# ================================================================================ configuration
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration: tile sizes, token layout, and (GPU only) warps and stages.
+
+    ``block_m`` query slots per tile, ``block_n`` key slots per tile (powers of two, >= 16);
+    ``order`` ``ROW_MAJOR`` or ``TILED``; ``unit`` the slots of one ``TILED`` square (a power
+    of two; ``TH x TW`` with ``TW = 2^ceil(log2(unit) / 2)``, 8 x 8 for 64).
+    """
+
+    block_m: int
+    block_n: int
+    order: int = TILED
+    unit: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "unit"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a positive power of two, got {value!r}")
+        for name in ("block_m", "block_n"):
+            if getattr(self, name) < 16:
+                raise ValueError(f"{name} must be at least 16 (tl.dot), got {getattr(self, name)}")
+        if self.order not in (ROW_MAJOR, TILED):
+            raise ValueError(f"order must be ROW_MAJOR (0) or TILED (1), got {self.order!r}")
+        if self.order == TILED and self.unit < 4:
+            raise ValueError(f"unit must be at least 4 for the TILED order, got {self.unit}")
+
+
+# The interpreter (CPU) runs exactly this config: small tiles, 4 x 4 squares.
+INTERPRET_CONFIG = Config(16, 16, TILED, 16, 1, 1)
+# Autotuned on GPU, per (N, d, dtype); the squares stay 8 x 8 (bench/window_tile_order.py).
+FWD_CONFIGS = [Config(64, 64, TILED, 64, 4, 3), Config(128, 64, TILED, 64, 8, 3),
+               Config(64, 32, TILED, 64, 4, 3), Config(128, 32, TILED, 64, 4, 3)]
+BWD_CONFIGS = [Config(64, 64, TILED, 64, 4, 2), Config(32, 64, TILED, 64, 4, 2), Config(64, 32, TILED, 64, 4, 2)]
+
+
+def _unit_shape(unit: int) -> Tuple[int, int]:
+    """``(TW, TH)`` of a ``TILED`` square of ``unit`` slots: ``TW = 2^ceil(log2(unit) / 2)``."""
+    tw = 1 << ((unit.bit_length() - 1 + 1) // 2)
+    return tw, unit // tw
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Slot order of the patch tokens: ``slots`` slots, ``nbx x nby`` squares of ``tw x th``."""
+
+    order: int
+    unit: int
+    tw: int
+    th: int
+    nbx: int
+    nby: int
+    slots: int
+
+
+def _layout(grid: Tuple[int, int], cfg: Config) -> _Layout:
+    gh, gw = grid
+    if cfg.order == ROW_MAJOR:
+        return _Layout(ROW_MAJOR, cfg.unit, 1, 1, 1, 1, gh * gw)
+    tw, th = _unit_shape(cfg.unit)
+    for name in ("block_m", "block_n"):
+        b = getattr(cfg, name)
+        if b < cfg.unit and b % tw:
+            raise ValueError(f"{name} = {b} must be a multiple of the square width {tw} (unit {cfg.unit})")
+    nbx, nby = triton.cdiv(gw, tw), triton.cdiv(gh, th)
+    slots = nbx * nby * cfg.unit
+    return _Layout(TILED, cfg.unit, tw, th, nbx, nby, slots)
+
+
+def slot_tokens(grid, num_prefix_tokens: int = 0, order: int = TILED, unit: int = 64) -> torch.Tensor:
+    """The token index held by each patch slot (``-1`` for a padding slot), int64 ``(slots,)``.
+
+    The host-side statement of the layout the kernels compute by index arithmetic
+    (``_slot_patch``): ``ROW_MAJOR`` is the patch order itself; ``TILED`` walks ``TH x TW``
+    squares in row-major order of squares, row-major inside each square.
+    """
+    gh, gw = grid
+    lay = _layout((gh, gw), Config(16, 16, order, unit))
+    s = torch.arange(lay.slots)
+    if order == ROW_MAJOR:
+        return s + num_prefix_tokens
+    blk, loc = s // unit, s % unit
+    x = (blk % lay.nbx) * lay.tw + loc % lay.tw
+    y = (blk // lay.nbx) * lay.th + loc // lay.tw
+    valid = (x < gw) & (y < gh)
+    return torch.where(valid, num_prefix_tokens + y * gw + x, torch.full_like(s, -1))
+
+
+def _prefix_block(P: int) -> int:
+    """Width of the narrow block that holds prefix tokens: a power of two in [16, 64]."""
+    return min(64, max(16, triton.next_power_of_2(max(P, 1))))
+
+
+# ================================================================================ kernels
+def _device_fn(fn):
+    """``@triton.jit`` for a device helper; in the interpreter, the plain function.
+
+    Triton's interpreter re-patches ``triton.language`` on every call of a jitted helper
+    (about half a millisecond), which dominated the CPU test time; a plain function called from
+    an interpreted kernel runs the same source in the already patched language. On GPU this is
+    exactly ``triton.jit``.
+    """
+    jitted = triton.jit(fn)
+    return fn if type(jitted).__name__ == "InterpretedFunction" else jitted
+
+
+@_device_fn
+def _slot_patch(slot, GH, GW, NBX, ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr):
+    """Patch index, column, row and validity of patch slots (the in-kernel ``slot_tokens``)."""
+    if ORDER == 0:
+        valid = slot < GH * GW
+        p = tl.where(valid, slot, 0)
+        x = p % GW
+        y = p // GW
+    else:
+        blk = slot // (TW * TH)
+        loc = slot % (TW * TH)
+        x = (blk % NBX) * TW + loc % TW
+        y = (blk // NBX) * TH + loc // TW
+        valid = (x < GW) & (y < GH)
+        p = tl.where(valid, y * GW + x, 0)
+    return p, x, y, valid
+
+
+@_device_fn
+def _ktile_rect(kt, r: tl.constexpr, GH, GW, NBX, BN: tl.constexpr, ORDER: tl.constexpr, TW: tl.constexpr,
+                TH: tl.constexpr):
+    """Rectangle ``r`` of the footprint of key tiles ``kt`` on the grid: ``(x0, y0, x1, y1)``, inclusive.
+
+    A row-major run of ``BN`` patches is at most three rectangles (partial first row, full
+    middle rows, partial last row); a ``TILED`` tile is one rectangle (part of a square) or
+    ``BN / unit`` whole squares. Empty rectangles have ``y0 > y1``.
+    """
+    zero = kt * 0
+    if ORDER == 0:
+        n = GH * GW
+        a = kt * BN
+        e = tl.minimum(a + BN, n) - 1
+        ya = a // GW
+        ye = e // GW
+        if r == 0:
+            x0 = a % GW
+            x1 = tl.where(ye > ya, GW - 1, e % GW)
+            y0 = ya
+            y1 = ya
+        elif r == 1:
+            x0 = zero
+            x1 = zero + GW - 1
+            y0 = ya + 1
+            y1 = ye - 1
+        else:
+            x0 = zero
+            x1 = e % GW
+            y0 = tl.where(ye > ya, ye, ye + 1)
+            y1 = ye
+        y1 = tl.where(a < n, y1, -1)
+    else:
+        if BN <= TW * TH:
+            start = kt * BN
+            blk = start // (TW * TH)
+            y_off = ((start % (TW * TH)) // BN) * (BN // TW)
+            rows = BN // TW
+        else:
+            blk = kt * (BN // (TW * TH)) + r
+            y_off = zero
+            rows = TH
+        x0 = (blk % NBX) * TW
+        x1 = tl.minimum(x0 + TW, GW) - 1
+        y0 = (blk // NBX) * TH + y_off
+        y1 = tl.minimum(y0 + rows, GH) - 1
+    return x0, y0, x1, y1
+
+
+@triton.jit
+def _schedule_kernel(WIN, KEEP, CODES, LIST, CNT, win_sb, keep_sb, P, GH, GW, NBX, TQ, TK,
+                     BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, R: tl.constexpr, ORDER: tl.constexpr,
+                     TW: tl.constexpr, TH: tl.constexpr, HAS_KEEP: tl.constexpr):
+    """Row ``qt`` of image ``b`` of the tile schedule: codes (0 skip, 1 masked, 2 full) and the visit list.
+
+    Cost ``O(BM * TK * R)`` integer tests per program: the windows against key-tile
+    rectangles, never against individual keys (except the ``key_keep`` bits of the tile).
+    """
+    qt = tl.program_id(0)
+    b = tl.program_id(1)
+    p, _, _, qv = _slot_patch(qt * BM + tl.arange(0, BM), GH, GW, NBX, ORDER, TW, TH)
+    wp = WIN + b * win_sb + p * 4
+    wx0 = tl.load(wp + 0, mask=qv, other=0)
+    wy0 = tl.load(wp + 1, mask=qv, other=0)
+    wx1 = tl.load(wp + 2, mask=qv, other=0)
+    wy1 = tl.load(wp + 3, mask=qv, other=0)
+    row = b * TQ + qt
+    n_m = 0
+    n_f = 0
+    for c in range(0, TK, KC):
+        kt = c + tl.arange(0, KC)
+        kin = kt < TK
+        kp, _, _, kv = _slot_patch(kt[:, None] * BN + tl.arange(0, BN)[None, :], GH, GW, NBX, ORDER, TW, TH)
+        kv = kv & kin[:, None]
+        if HAS_KEEP:
+            kok = kv & (tl.load(KEEP + b * keep_sb + P + kp, mask=kv, other=0) != 0)
+        else:
+            kok = kv
+        any_kept = tl.max(kok.to(tl.int32), 1) > 0
+        all_kept = tl.min(kok.to(tl.int32), 1) > 0
+        hit = tl.zeros([BM, KC], tl.int32)
+        outside = tl.zeros([BM, KC], tl.int32)
+        for r in tl.static_range(R):
+            x0, y0, x1, y1 = _ktile_rect(kt, r, GH, GW, NBX, BN, ORDER, TW, TH)
+            ne = ((x0 <= x1) & (y0 <= y1))[None, :]
+            meets = (x0[None, :] <= wx1[:, None]) & (x1[None, :] >= wx0[:, None]) & \
+                    (y0[None, :] <= wy1[:, None]) & (y1[None, :] >= wy0[:, None])
+            within = (x0[None, :] >= wx0[:, None]) & (x1[None, :] <= wx1[:, None]) & \
+                     (y0[None, :] >= wy0[:, None]) & (y1[None, :] <= wy1[:, None])
+            hit = hit | (ne & meets & qv[:, None]).to(tl.int32)
+            outside = outside | (ne & (within == 0) & qv[:, None]).to(tl.int32)
+        visit = (tl.max(hit, 0) > 0) & any_kept & kin
+        full = visit & all_kept & (tl.max(outside, 0) == 0)
+        masked = visit & (full == 0)
+        tl.store(CODES + row * TK + kt, (visit.to(tl.int32) + full.to(tl.int32)).to(tl.int8), mask=kin)
+        cm = tl.cumsum(masked.to(tl.int32), 0)
+        cf = tl.cumsum(full.to(tl.int32), 0)
+        tl.store(LIST + row * TK + n_m + cm - 1, kt, mask=masked)
+        tl.store(LIST + row * TK + TK - n_f - cf, kt, mask=full)
+        n_m += tl.sum(masked.to(tl.int32), 0)
+        n_f += tl.sum(full.to(tl.int32), 0)
+    tl.store(CNT + row * 2, n_m)
+    tl.store(CNT + row * 2 + 1, n_f)
+
+
+@triton.jit
+def _transpose_kernel(CODES, LIST_T, CNT_T, TQ, TK, QC: tl.constexpr):
+    """Column ``kt`` of the code table as a visit list of query tiles (masked first, full at the end)."""
+    kt = tl.program_id(0)
+    b = tl.program_id(1)
+    row = b * TK + kt
+    n_m = 0
+    n_f = 0
+    for c in range(0, TQ, QC):
+        qt = c + tl.arange(0, QC)
+        qin = qt < TQ
+        code = tl.load(CODES + (b * TQ + qt) * TK + kt, mask=qin, other=0).to(tl.int32)
+        masked = code == 1
+        full = code == 2
+        cm = tl.cumsum(masked.to(tl.int32), 0)
+        cf = tl.cumsum(full.to(tl.int32), 0)
+        tl.store(LIST_T + row * TQ + n_m + cm - 1, qt, mask=masked)
+        tl.store(LIST_T + row * TQ + TQ - n_f - cf, qt, mask=full)
+        n_m += tl.sum(masked.to(tl.int32), 0)
+        n_f += tl.sum(full.to(tl.int32), 0)
+    tl.store(CNT_T + row * 2, n_m)
+    tl.store(CNT_T + row * 2 + 1, n_f)
+
+
+@_device_fn
+def _load_rows(base, tok, valid, s_n, s_d, offs_d, HEAD_D: tl.constexpr):
+    """Rows ``tok`` of a ``(N, d)`` slice (zeros where not ``valid`` and past ``HEAD_D``)."""
+    return tl.load(base + tok[:, None] * s_n + offs_d[None, :] * s_d,
+                   mask=valid[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
+
+
+@_device_fn
+def _patch_keys(kt, keep_b, P, GH, GW, NBX, BN: tl.constexpr, ORDER: tl.constexpr, TW: tl.constexpr,
+                TH: tl.constexpr, HAS_KEEP: tl.constexpr):
+    """Token index, column, row, validity and allowed-ness (valid and kept) of key tile ``kt``."""
+    kp, kx, ky, kv = _slot_patch(kt * BN + tl.arange(0, BN), GH, GW, NBX, ORDER, TW, TH)
+    kok = kv
+    if HAS_KEEP:
+        kok = kv & (tl.load(keep_b + P + kp, mask=kv, other=0) != 0)
+    return P + kp, kx, ky, kv, kok
+
+
+@_device_fn
+def _prefix_keys(p0, keep_b, P, PB: tl.constexpr, HAS_KEEP: tl.constexpr):
+    tok = p0 + tl.arange(0, PB)
+    kv = tok < P
+    kok = kv
+    if HAS_KEEP:
+        kok = kv & (tl.load(keep_b + tok, mask=kv, other=0) != 0)
+    return tok, kv, kok
+
+
+@_device_fn
+def _inside(wx0, wy0, wx1, wy1, kx, ky):
+    """``[BM, BN]``: key patch ``(kx, ky)`` lies inside the query's window (SPEC §1)."""
+    return (kx[None, :] >= wx0[:, None]) & (kx[None, :] <= wx1[:, None]) & \
+           (ky[None, :] >= wy0[:, None]) & (ky[None, :] <= wy1[:, None])
+
+
+@_device_fn
+def _online_step(acc, m_i, l_i, s, v, DOT_PREC: tl.constexpr):
+    """One key tile of the online softmax (base 2; ``s`` already scaled, ``-inf`` where not allowed)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, WIN, KEEP, LIST, CNT, REC,
+                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son,
+                H, N, P, GH, GW, NBX, TQ, TK, win_sb, keep_sb, sched_sb, qk_scale,
+                HEAD_D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PB: tl.constexpr,
+                ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr, HAS_KEEP: tl.constexpr,
+                PREFIX_Q: tl.constexpr, RECORD: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Forward of one query tile (patch slots, or with ``PREFIX_Q`` the prefix queries) of one head."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_d = tl.arange(0, BD)
+    keep_b = KEEP + b * keep_sb
+    Kb = K + b * skb + h * skh
+    Vb = V + b * svb + h * svh
+    if PREFIX_Q:
+        tok_q = pid * BM + tl.arange(0, BM)
+        qv = tok_q < P
+    else:
+        pq, _, _, qv = _slot_patch(pid * BM + tl.arange(0, BM), GH, GW, NBX, ORDER, TW, TH)
+        tok_q = P + pq
+        wp = WIN + b * win_sb + pq * 4
+        wx0 = tl.load(wp + 0, mask=qv, other=0)
+        wy0 = tl.load(wp + 1, mask=qv, other=0)
+        wx1 = tl.load(wp + 2, mask=qv, other=0)
+        wy1 = tl.load(wp + 3, mask=qv, other=0)
+    q = _load_rows(Q + b * sqb + h * sqh, tok_q, qv, sqn, sqd, offs_d, HEAD_D)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BD], tl.float32)
+    # prefix keys: every query attends them (minus dropped ones)
+    for p0 in range(0, P, PB):
+        tok_k, kv, kok = _prefix_keys(p0, keep_b, P, PB, HAS_KEEP)
+        k = _load_rows(Kb, tok_k, kv, skn, skd, offs_d, HEAD_D)
+        v = _load_rows(Vb, tok_k, kv, svn, svd, offs_d, HEAD_D)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        s = tl.where(kok[None, :], s, float("-inf"))
+        acc, m_i, l_i = _online_step(acc, m_i, l_i, s, v, DOT_PREC)
+    if PREFIX_Q:
+        # prefix queries attend every patch key: all tiles, mask = valid and kept
+        for kt in range(0, TK):
+            tok_k, _, _, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
+            k = _load_rows(Kb, tok_k, kv, skn, skd, offs_d, HEAD_D)
+            v = _load_rows(Vb, tok_k, kv, svn, svd, offs_d, HEAD_D)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            s = tl.where(kok[None, :], s, float("-inf"))
+            acc, m_i, l_i = _online_step(acc, m_i, l_i, s, v, DOT_PREC)
+    else:
+        row = b * sched_sb * TQ + pid
+        n_m = tl.load(CNT + row * 2)
+        n_f = tl.load(CNT + row * 2 + 1)
+        rec = REC + ((b * H + h) * TQ + pid) * TK
+        # tiles that cut some window (or hold padding / dropped keys): element mask
+        for i in range(0, n_m):
+            kt = tl.load(LIST + row * TK + i)
+            tok_k, kx, ky, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
+            k = _load_rows(Kb, tok_k, kv, skn, skd, offs_d, HEAD_D)
+            v = _load_rows(Vb, tok_k, kv, svn, svd, offs_d, HEAD_D)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            s = tl.where(_inside(wx0, wy0, wx1, wy1, kx, ky) & kok[None, :], s, float("-inf"))
+            acc, m_i, l_i = _online_step(acc, m_i, l_i, s, v, DOT_PREC)
+            if RECORD:
+                tl.store(rec + kt, 1)
+        # tiles inside every window of the query tile: no element mask
+        for i in range(TK - n_f, TK):
+            kt = tl.load(LIST + row * TK + i)
+            tok_k, _, _, kv, _ = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, False)
+            k = _load_rows(Kb, tok_k, kv, skn, skd, offs_d, HEAD_D)
+            v = _load_rows(Vb, tok_k, kv, svn, svd, offs_d, HEAD_D)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            acc, m_i, l_i = _online_step(acc, m_i, l_i, s, v, DOT_PREC)
+            if RECORD:
+                tl.store(rec + kt, 2)
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has, m_i + tl.math.log2(l_safe), float("inf"))
+    ob = O + b * sob + h * soh
+    tl.store(ob + tok_q[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=qv[:, None] & (offs_d[None, :] < HEAD_D))
+    tl.store(LSE + (b * H + h) * N + tok_q, lse, mask=qv)
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H, N,
+                  HEAD_D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+    """``delta_i = sum_d out_i * dout_i`` (fp32): the row term of the softmax gradient."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_d = tl.arange(0, BD)
+    valid = rows < N
+    o = _load_rows(O + b * sob + h * soh, rows, valid, son, sod, offs_d, HEAD_D).to(tl.float32)
+    do = _load_rows(DO + b * sdb + h * sdh, rows, valid, sdn, sdd, offs_d, HEAD_D).to(tl.float32)
+    tl.store(DELTA + (b * H + h) * N + rows, tl.sum(o * do, 1), mask=valid)
+
+
+@_device_fn
+def _dq_step(dq, q, do, lse, delta, k, v, allowed, qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+        p = tl.where(allowed, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, WIN, KEEP, LIST, CNT, REC,
+                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd, sgb, sgh, sgn,
+                   H, N, P, GH, GW, NBX, TQ, TK, win_sb, keep_sb, sched_sb, qk_scale, sm_scale,
+                   HEAD_D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PB: tl.constexpr,
+                   ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr, HAS_KEEP: tl.constexpr,
+                   PREFIX_Q: tl.constexpr, RECORD: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``dq_i = scale * sum_j p_ij (dp_ij - delta_i) k_j`` over the key tiles query tile ``pid`` visits."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_d = tl.arange(0, BD)
+    keep_b = KEEP + b * keep_sb
+    Kb = K + b * skb + h * skh
+    Vb = V + b * svb + h * svh
+    if PREFIX_Q:
+        tok_q = pid * BM + tl.arange(0, BM)
+        qv = tok_q < P
+    else:
+        pq, _, _, qv = _slot_patch(pid * BM + tl.arange(0, BM), GH, GW, NBX, ORDER, TW, TH)
+        tok_q = P + pq
+        wp = WIN + b * win_sb + pq * 4
+        wx0 = tl.load(wp + 0, mask=qv, other=0)
+        wy0 = tl.load(wp + 1, mask=qv, other=0)
+        wx1 = tl.load(wp + 2, mask=qv, other=0)
+        wy1 = tl.load(wp + 3, mask=qv, other=0)
+    q = _load_rows(Q + b * sqb + h * sqh, tok_q, qv, sqn, sqd, offs_d, HEAD_D)
+    do = _load_rows(DO + b * sdb + h * sdh, tok_q, qv, sdn, sdd, offs_d, HEAD_D)
+    lse = tl.load(LSE + (b * H + h) * N + tok_q, mask=qv, other=float("inf"))
+    delta = tl.load(DELTA + (b * H + h) * N + tok_q, mask=qv, other=0.0)
+    dq = tl.zeros([BM, BD], tl.float32)
+    for p0 in range(0, P, PB):
+        tok_k, kv, kok = _prefix_keys(p0, keep_b, P, PB, HAS_KEEP)
+        k = _load_rows(Kb, tok_k, kv, skn, skd, offs_d, HEAD_D)
+        v = _load_rows(Vb, tok_k, kv, svn, svd, offs_d, HEAD_D)
+        dq = _dq_step(dq, q, do, lse, delta, k, v, kok[None, :], qk_scale, True, DOT_PREC)
+    if PREFIX_Q:
+        for kt in range(0, TK):
+            tok_k, _, _, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
+            k = _load_rows(Kb, tok_k, kv, skn, skd, offs_d, HEAD_D)
+            v = _load_rows(Vb, tok_k, kv, svn, svd, offs_d, HEAD_D)
+            dq = _dq_step(dq, q, do, lse, delta, k, v, kok[None, :], qk_scale, True, DOT_PREC)
+    else:
+        row = b * sched_sb * TQ + pid
+        n_m = tl.load(CNT + row * 2)
+        n_f = tl.load(CNT + row * 2 + 1)
+        rec = REC + ((b * H + h) * TQ + pid) * TK
+        for i in range(0, n_m):
+            kt = tl.load(LIST + row * TK + i)
+            tok_k, kx, ky, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
+            k = _load_rows(Kb, tok_k, kv, skn, skd, offs_d, HEAD_D)
+            v = _load_rows(Vb, tok_k, kv, svn, svd, offs_d, HEAD_D)
+            allowed = _inside(wx0, wy0, wx1, wy1, kx, ky) & kok[None, :]
+            dq = _dq_step(dq, q, do, lse, delta, k, v, allowed, qk_scale, True, DOT_PREC)
+            if RECORD:
+                tl.store(rec + kt, 1)
+        for i in range(TK - n_f, TK):
+            kt = tl.load(LIST + row * TK + i)
+            tok_k, _, _, kv, _ = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, False)
+            k = _load_rows(Kb, tok_k, kv, skn, skd, offs_d, HEAD_D)
+            v = _load_rows(Vb, tok_k, kv, svn, svd, offs_d, HEAD_D)
+            dq = _dq_step(dq, q, do, lse, delta, k, v, kv[None, :], qk_scale, False, DOT_PREC)
+            if RECORD:
+                tl.store(rec + kt, 2)
+    gb = DQ + b * sgb + h * sgh
+    tl.store(gb + tok_q[:, None] * sgn + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=qv[:, None] & (offs_d[None, :] < HEAD_D))
+
+
+@_device_fn
+def _dkdv_step(dk, dv, q, do, lse, delta, k, v, allowed, qk_scale, MASKED: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+        p = tl.where(allowed, p, 0.0)
+    dv = dv + tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    dk = dk + tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@_device_fn
+def _load_query_side(Qb, DOb, LSEb, DELTAb, tok_q, qv, sqn, sqd, sdn, sdd, offs_d, HEAD_D: tl.constexpr):
+    q = _load_rows(Qb, tok_q, qv, sqn, sqd, offs_d, HEAD_D)
+    do = _load_rows(DOb, tok_q, qv, sdn, sdd, offs_d, HEAD_D)
+    lse = tl.load(LSEb + tok_q, mask=qv, other=float("inf"))
+    delta = tl.load(DELTAb + tok_q, mask=qv, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, WIN, KEEP, LIST_T, CNT_T, REC,
+                     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+                     sgb, sgh, sgn, H, N, P, GH, GW, NBX, TQ, TK, win_sb, keep_sb, sched_sb, qk_scale, sm_scale,
+                     HEAD_D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PB: tl.constexpr,
+                     ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr, HAS_KEEP: tl.constexpr,
+                     PREFIX_K: tl.constexpr, RECORD: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``dv_j = sum_i p_ij dout_i``, ``dk_j = scale * sum_i p_ij (dp_ij - delta_i) q_i`` over the
+    query tiles that reach key tile ``pid`` (or, with ``PREFIX_K``, every query tile)."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_d = tl.arange(0, BD)
+    keep_b = KEEP + b * keep_sb
+    if PREFIX_K:
+        tok_k, kv, kok = _prefix_keys(pid * BN, keep_b, P, BN, HAS_KEEP)
+    else:
+        tok_k, kx, ky, kv, kok = _patch_keys(pid, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
+    k = _load_rows(K + b * skb + h * skh, tok_k, kv, skn, skd, offs_d, HEAD_D)
+    v = _load_rows(V + b * svb + h * svh, tok_k, kv, svn, svd, offs_d, HEAD_D)
+    Qb = Q + b * sqb + h * sqh
+    DOb = DO + b * sdb + h * sdh
+    LSEb = LSE + (b * H + h) * N
+    DELTAb = DELTA + (b * H + h) * N
+    dk = tl.zeros([BN, BD], tl.float32)
+    dv = tl.zeros([BN, BD], tl.float32)
+    # prefix queries attend every key
+    for p0 in range(0, P, PB):
+        tok_q = p0 + tl.arange(0, PB)
+        q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, tok_q, tok_q < P, sqn, sqd, sdn, sdd, offs_d,
+                                             HEAD_D)
+        dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, kok[None, :], qk_scale, True, DOT_PREC)
+    if PREFIX_K:
+        # every patch query attends the prefix keys
+        for qt in range(0, TQ):
+            pq, _, _, qv = _slot_patch(qt * BM + tl.arange(0, BM), GH, GW, NBX, ORDER, TW, TH)
+            q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sqd, sdn, sdd, offs_d,
+                                                 HEAD_D)
+            dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, kok[None, :], qk_scale, True, DOT_PREC)
+    else:
+        row = b * sched_sb * TK + pid
+        n_m = tl.load(CNT_T + row * 2)
+        n_f = tl.load(CNT_T + row * 2 + 1)
+        rec = REC + ((b * H + h) * TK + pid) * TQ
+        for i in range(0, n_m):
+            qt = tl.load(LIST_T + row * TQ + i)
+            pq, _, _, qv = _slot_patch(qt * BM + tl.arange(0, BM), GH, GW, NBX, ORDER, TW, TH)
+            q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sqd, sdn, sdd, offs_d,
+                                                 HEAD_D)
+            wp = WIN + b * win_sb + pq * 4
+            wx0 = tl.load(wp + 0, mask=qv, other=0)
+            wy0 = tl.load(wp + 1, mask=qv, other=0)
+            wx1 = tl.load(wp + 2, mask=qv, other=0)
+            wy1 = tl.load(wp + 3, mask=qv, other=0)
+            allowed = _inside(wx0, wy0, wx1, wy1, kx, ky) & kok[None, :]
+            dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, allowed, qk_scale, True, DOT_PREC)
+            if RECORD:
+                tl.store(rec + qt, 1)
+        for i in range(TQ - n_f, TQ):
+            qt = tl.load(LIST_T + row * TQ + i)
+            pq, _, _, qv = _slot_patch(qt * BM + tl.arange(0, BM), GH, GW, NBX, ORDER, TW, TH)
+            q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sqd, sdn, sdd, offs_d,
+                                                 HEAD_D)
+            dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, kok[None, :], qk_scale, False, DOT_PREC)
+            if RECORD:
+                tl.store(rec + qt, 2)
+    out_mask = kv[:, None] & (offs_d[None, :] < HEAD_D)
+    tl.store(DK + b * sgb + h * sgh + tok_k[:, None] * sgn + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=out_mask)
+    tl.store(DV + b * sgb + h * sgh + tok_k[:, None] * sgn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=out_mask)
+
+
+# ================================================================================ launchers
+@dataclass
+class _Schedule:
+    """The tile schedule of one (mask, batch, config): what every kernel launch reads."""
+
+    layout: _Layout
+    cfg: Config
+    tq: int
+    tk: int
+    per_image: bool
+    codes: torch.Tensor  # (Bs, TQ, TK) int8: 0 skip, 1 masked, 2 full
+    lst: torch.Tensor    # (Bs, TQ, TK) int32: visited key tiles, masked ones first, full ones last
+    cnt: torch.Tensor    # (Bs, TQ, 2) int32: number of masked and full key tiles per query tile
+
+    def transposed(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per key tile, the query tiles that visit it: ``(list (Bs, TK, TQ), counts (Bs, TK, 2))``."""
+        bs = self.codes.shape[0]
+        lst = torch.empty((bs, self.tk, self.tq), dtype=torch.int32, device=self.codes.device)
+        cnt = torch.empty((bs, self.tk, 2), dtype=torch.int32, device=self.codes.device)
+        qc = min(triton.next_power_of_2(self.tq), 16 if _interpreting(self.codes) else 128)
+        _transpose_kernel[(self.tk, bs)](self.codes, lst, cnt, self.tq, self.tk, QC=qc)
+        return lst, cnt
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return not t.is_cuda
+
+
+def _mask_batch_strides(windows: torch.Tensor, key_keep: Optional[torch.Tensor], n: int, N: int):
+    win_sb = n * 4 if windows.dim() == 3 else 0
+    keep_sb = N if key_keep is not None else 0
+    return win_sb, keep_sb
+
+
+def _keep_arg(key_keep: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """``key_keep`` as uint8 (a view), or a dummy pointer when there is none."""
+    if key_keep is None:
+        return torch.empty(1, dtype=torch.uint8, device=like.device)
+    return key_keep.contiguous().view(torch.uint8)
+
+
+def _build_schedule(windows: torch.Tensor, key_keep: Optional[torch.Tensor], grid: Tuple[int, int], P: int,
+                    batch_size: int, cfg: Config) -> _Schedule:
+    """One launch of ``_schedule_kernel``: the code table and per-query-tile visit lists."""
+    gh, gw = grid
+    n = gh * gw
+    lay = _layout(grid, cfg)
+    tq, tk = triton.cdiv(lay.slots, cfg.block_m), triton.cdiv(lay.slots, cfg.block_n)
+    per_image = windows.dim() == 3 or key_keep is not None
+    bs = batch_size if per_image else 1
+    dev = windows.device
+    codes = torch.empty((bs, tq, tk), dtype=torch.int8, device=dev)
+    lst = torch.empty((bs, tq, tk), dtype=torch.int32, device=dev)
+    cnt = torch.empty((bs, tq, 2), dtype=torch.int32, device=dev)
+    win = windows.contiguous()
+    win_sb, keep_sb = _mask_batch_strides(win, key_keep, n, P + n)
+    rects = 3 if lay.order == ROW_MAJOR else max(1, cfg.block_n // lay.unit)
+    kc = min(triton.next_power_of_2(tk), 16 if _interpreting(win) else 64)
+    _schedule_kernel[(tq, bs)](win, _keep_arg(key_keep, win), codes, lst, cnt, win_sb, keep_sb, P, gh, gw, lay.nbx,
+                               tq, tk, BM=cfg.block_m, BN=cfg.block_n, KC=kc, R=rects, ORDER=lay.order, TW=lay.tw,
+                               TH=lay.th, HAS_KEEP=key_keep is not None)
+    return _Schedule(lay, cfg, tq, tk, per_image, codes, lst, cnt)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs keep full precision (the tests hold fp32 to 1e-4); fp16/bf16 use tensor cores anyway
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _head_block(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _launch_options(cfg: Config, like: torch.Tensor) -> dict:
+    if _interpreting(like):
+        return {}
+    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def _forward(q, k, v, windows, key_keep, grid, P, scale, cfg: Config, record: bool = False):
+    """Launch the schedule and forward kernels: ``(out (B,h,N,d), lse (B,h,N) fp32 base 2, rec)``.
+
+    ``record`` also returns ``rec (B, h, TQ, TK)`` int8, the code of every key tile each query
+    tile's program actually visited (for tests); otherwise ``rec`` is ``None``.
+    """
+    B, H, N, d = q.shape
+    gh, gw = grid
+    n = gh * gw
+    sched = _build_schedule(windows, key_keep, grid, P, B, cfg)
+    lay = sched.layout
+    out = torch.empty((B, H, N, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    rec = torch.zeros((B, H, sched.tq, sched.tk) if record else (1,), dtype=torch.int8, device=q.device)
+    win = windows.contiguous()
+    keep = _keep_arg(key_keep, q)
+    win_sb, keep_sb = _mask_batch_strides(win, key_keep, n, N)
+    pb = _prefix_block(P)
+    common = dict(HEAD_D=d, BD=_head_block(d), PB=pb, ORDER=lay.order, TW=lay.tw, TH=lay.th,
+                  HAS_KEEP=key_keep is not None, RECORD=record, DOT_PREC=_dot_precision(q.dtype),
+                  **_launch_options(cfg, q))
+    args = (q, k, v, out, lse, win, keep, sched.lst, sched.cnt, rec, *q.stride(), *k.stride(), *v.stride(),
+            *out.stride()[:3], H, N, P, gh, gw, lay.nbx, sched.tq, sched.tk, win_sb, keep_sb, int(sched.per_image),
+            scale * _LOG2E)
+    _fwd_kernel[(sched.tq, H, B)](*args, BM=cfg.block_m, BN=cfg.block_n, PREFIX_Q=False, **common)
+    if P:
+        _fwd_kernel[(triton.cdiv(P, pb), H, B)](*args, BM=pb, BN=cfg.block_n, PREFIX_Q=True, **common)
+    return out, lse, (rec if record else None)
+
+
+def _backward(dout, q, k, v, out, lse, windows, key_keep, grid, P, scale, cfg: Config, record: bool = False):
+    """Launch the backward kernels: ``(dq, dk, dv, rec_q, rec_k)`` (``rec_*`` only with ``record``).
+
+    ``rec_q (B, h, TQ, TK)`` as in :func:`_forward`; ``rec_k (B, h, TK, TQ)`` the query tiles each
+    key tile's program visited.
+    """
+    B, H, N, d = q.shape
+    gh, gw = grid
+    n = gh * gw
+    sched = _build_schedule(windows, key_keep, grid, P, B, cfg)
+    lst_t, cnt_t = sched.transposed()
+    lay = sched.layout
+    dev = q.device
+    delta = torch.empty((B, H, N), dtype=torch.float32, device=dev)
+    br = 16 if _interpreting(q) else 64
+    _delta_kernel[(triton.cdiv(N, br), H, B)](out, dout, delta, *out.stride(), *dout.stride(), H, N,
+                                             HEAD_D=d, BD=_head_block(d), BR=br)
+    dq = torch.empty((B, H, N, d), dtype=q.dtype, device=dev)
+    dk = torch.empty((B, H, N, d), dtype=k.dtype, device=dev)
+    dv = torch.empty((B, H, N, d), dtype=v.dtype, device=dev)
+    rec_q = torch.zeros((B, H, sched.tq, sched.tk) if record else (1,), dtype=torch.int8, device=dev)
+    rec_k = torch.zeros((B, H, sched.tk, sched.tq) if record else (1,), dtype=torch.int8, device=dev)
+    win = windows.contiguous()
+    keep = _keep_arg(key_keep, q)
+    win_sb, keep_sb = _mask_batch_strides(win, key_keep, n, N)
+    pb = _prefix_block(P)
+    common = dict(HEAD_D=d, BD=_head_block(d), PB=pb, ORDER=lay.order, TW=lay.tw, TH=lay.th,
+                  HAS_KEEP=key_keep is not None, RECORD=record, DOT_PREC=_dot_precision(q.dtype),
+                  **_launch_options(cfg, q))
+    tail = (H, N, P, gh, gw, lay.nbx, sched.tq, sched.tk, win_sb, keep_sb, int(sched.per_image), scale * _LOG2E,
+            scale)
+    dq_args = (q, k, v, dout, lse, delta, dq, win, keep, sched.lst, sched.cnt, rec_q, *q.stride(), *k.stride(),
+               *v.stride(), *dout.stride(), *dq.stride()[:3], *tail)
+    _bwd_dq_kernel[(sched.tq, H, B)](*dq_args, BM=cfg.block_m, BN=cfg.block_n, PREFIX_Q=False, **common)
+    if P:
+        _bwd_dq_kernel[(triton.cdiv(P, pb), H, B)](*dq_args, BM=pb, BN=cfg.block_n, PREFIX_Q=True, **common)
+    kv_args = (q, k, v, dout, lse, delta, dk, dv, win, keep, lst_t, cnt_t, rec_k, *q.stride(), *k.stride(),
+               *v.stride(), *dout.stride(), *dk.stride()[:3], *tail)
+    _bwd_dkdv_kernel[(sched.tk, H, B)](*kv_args, BM=cfg.block_m, BN=cfg.block_n, PREFIX_K=False, **common)
+    if P:
+        _bwd_dkdv_kernel[(triton.cdiv(P, pb), H, B)](*kv_args, BM=cfg.block_m, BN=pb, PREFIX_K=True, **common)
+    return dq, dk, dv, (rec_q if record else None), (rec_k if record else None)
+
+
+# -------------------------------------------------------------------------------- autotuning
+_TUNED: dict = {}
+
+
+def _pick_config(kind: str, q: torch.Tensor, run) -> Config:
+    """The launch config for ``kind`` (``"fwd"``/``"bwd"``): pinned in the interpreter, else timed once per key.
+
+    On GPU every candidate runs on the call's own inputs (schedule build included) under
+    ``triton.testing.do_bench``; the fastest is kept per ``(kind, N, d, dtype, device)``.
+    """
+    if _interpreting(q):
+        return INTERPRET_CONFIG
+    B, H, N, d = q.shape
+    key = (kind, N, d, q.dtype, q.device.index)
+    cfg = _TUNED.get(key)
+    if cfg is None:
+        best = None
+        for cand in (FWD_CONFIGS if kind == "fwd" else BWD_CONFIGS):
+            try:
+                t = triton.testing.do_bench(lambda: run(cand), warmup=3, rep=10)
+            except triton.runtime.errors.OutOfResources:
+                continue
+            if best is None or t < best[0]:
+                best = (t, cand)
+        if best is None:
+            raise RuntimeError(f"no window_attention {kind} config fits this device for d = {d}")
+        cfg = _TUNED[key] = best[1]
+    return cfg
+
+
+# -------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("vitpatch::window_attention_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: torch.Tensor,
+                key_keep: Optional[torch.Tensor], grid_h: int, grid_w: int, num_prefix_tokens: int,
+                scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    grid, P = (grid_h, grid_w), num_prefix_tokens
+    cfg = _pick_config("fwd", q, lambda c: _forward(q, k, v, windows, key_keep, grid, P, scale, c))
+    out, lse, _ = _forward(q, k, v, windows, key_keep, grid, P, scale, cfg)
+    return out, lse
+
+
+@_forward_op.register_fake
+def _forward_fake(q, k, v, windows, key_keep, grid_h, grid_w, num_prefix_tokens, scale):
+    B, H, N, d = q.shape
+    return q.new_empty((B, H, N, d)), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("vitpatch::window_attention_backward", mutates_args=())
+def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, windows: torch.Tensor, key_keep: Optional[torch.Tensor], grid_h: int, grid_w: int,
+                 num_prefix_tokens: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grid, P = (grid_h, grid_w), num_prefix_tokens
+    args = (dout, q, k, v, out, lse, windows, key_keep, grid, P, scale)
+    cfg = _pick_config("bwd", q, lambda c: _backward(*args, c))
+    dq, dk, dv, _, _ = _backward(*args, cfg)
+    return dq, dk, dv
+
+
+@_backward_op.register_fake
+def _backward_fake(dout, q, k, v, out, lse, windows, key_keep, grid_h, grid_w, num_prefix_tokens, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        torch.empty_like(k, memory_format=torch.contiguous_format), \
+        torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, windows, key_keep, grid_h, grid_w, num_prefix_tokens, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, windows, key_keep)
+    ctx.layout = (grid_h, grid_w, num_prefix_tokens, scale)
+
+
+def _autograd_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, windows, key_keep = ctx.saved_tensors
+    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, windows, key_keep, *ctx.layout)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ================================================================================ public
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: WindowMask, scale: float) -> torch.Tensor:
+    """Window-masked attention (SPEC §1, paper 000 §4.1 eq. 4) on validated inputs, ``(B, h, N, d)``.
+
+    ``out_i = sum_j softmax_j(scale * q_i . k_j over allowed j) v_j`` with the allowed set of
+    SPEC §1; a query with no allowed key outputs zeros with zero gradient. Differentiable in
+    ``q, k, v`` through the ``vitpatch::window_attention_forward`` custom op (fake kernel and
+    autograd registered, so ``torch.compile`` traces it without a graph break).
+    """
+    out, _ = torch.ops.vitpatch.window_attention_forward(q, k, v, mask.windows, mask.key_keep, mask.grid[0],
+                                                         mask.grid[1], mask.num_prefix_tokens, float(scale))
+    return out
+
+
+def window_attention_unsupported(q, k, v, mask: WindowMask, scale: float) -> Optional[str]:
+    """Why the kernel cannot run these (validated) inputs, or ``None`` when it can."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} (the kernel takes float16, bfloat16 and float32)"
+    d = q.shape[-1]
+    lo, hi = SUPPORTED_HEAD_DIMS
+    if not lo <= d <= hi:
+        return f"head width {d} (the kernel takes {lo} to {hi})"
+    if not q.is_cuda:
+        if not _env.triton_interpret():
+            return "CPU tensors need TRITON_INTERPRET=1"
+        if q.dtype == torch.bfloat16:
+            return "bfloat16 in Triton's CPU interpreter (numpy has no bfloat16)"
+    return None
+
+
+def _resolve_config(block_m: int, block_n: int, order, unit) -> Config:
+    if isinstance(order, str):
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {sorted(ORDERS)}, got {order!r}")
+        order = ORDERS[order]
+    return Config(block_m, block_n, TILED if order is None else order, 64 if unit is None else unit)
+
+
+def tile_codes(mask: WindowMask, batch_size: Optional[int] = None, block_m: int = 64, block_n: int = 64, *,
+               order=None, unit: Optional[int] = None) -> torch.Tensor:
+    """The kernel's tile schedule over the patch tiles: int8 ``(B, TQ, TK)``, 0 skip / 1 masked / 2 full.
+
+    Built by the same launch the kernels use (``_build_schedule``). Prefix tokens are not part
+    of it: the kernels always visit the prefix keys (one narrow block) and the prefix queries
+    always visit every key tile. ``order`` ``"tiled"`` (default) or ``"row_major"``; ``unit``
+    the square size of the tiled order (default 64, 8 x 8).
+    """
+    if not isinstance(mask, WindowMask):
+        raise TypeError(f"mask must be a vitpatch.WindowMask, got {type(mask).__name__}")
+    B = mask._batch(batch_size)
+    cfg = _resolve_config(block_m, block_n, order, unit)
+    sched = _build_schedule(mask.windows, mask.key_keep, mask.grid, mask.num_prefix_tokens, B, cfg)
+    return sched.codes.expand(B, -1, -1)
+
+
+def tile_schedule(mask: WindowMask, batch_size: Optional[int] = None, block_m: int = 64, block_n: int = 64, *,
+                  order=None, unit: Optional[int] = None) -> torch.Tensor:
+    """Which (query tile, key tile) pairs of patch slots the kernel visits: bool ``(B, TQ, TK)``."""
+    return tile_codes(mask, batch_size, block_m, block_n, order=order, unit=unit) > 0
+
+
+def visited_fraction(mask: WindowMask, batch_size: Optional[int] = None, block_m: int = 64, block_n: int = 64, *,
+                     order=None, unit: Optional[int] = None) -> float:
+    """Fraction of the patch tile pairs the kernel visits, averaged over images."""
+    return float(tile_schedule(mask, batch_size, block_m, block_n, order=order, unit=unit).double().mean())
