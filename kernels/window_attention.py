@@ -6,43 +6,48 @@ Query ``i`` attends to key ``j`` iff ``key_keep[b, j]`` and (``i < P`` or ``j < 
     out_i = sum_j softmax_j(scale * q_i . k_j over allowed j) v_j
 
 FlashAttention-style: one program per (query tile, head, image) keeps a running max ``m``,
-normaliser ``l`` and fp32 accumulator (online softmax, in base 2) and visits key tiles one at
-a time; the backward pass recomputes the probabilities from the saved log-sum-exp
+normaliser ``l`` and an fp32 accumulator (online softmax, base 2) and visits key tiles one at a
+time; the backward pass recomputes the probabilities from the saved log-sum-exp
 ``lse_i = m_i + log2 l_i`` (``+inf`` for a query with no allowed key, so its probabilities,
-output and gradients are exactly zero, never NaN).
+output and gradients are exactly zero, never NaN). Separate kernels give ``dq`` (per query
+tile) and ``dk, dv`` (per key tile), so no atomics are needed.
 
-The mask is never stored, neither dense nor per tile element: it is evaluated inside the
-kernels from the ``O(n)`` windows. What makes the kernel fast is tile skipping:
+The mask is never stored, neither dense nor per tile element: the kernels evaluate it from the
+``O(n)`` windows. What makes the kernel fast is tile skipping:
 
-* **Token layout.** Patch tokens are visited in *slot* order. ``ROW_MAJOR`` keeps the token
-  order; ``TILED`` (the default, see ``bench/window_tile_order.py``) groups the patch grid into
-  ``TH x TW`` squares of ``unit`` slots (8 x 8 for a 64-token tile), so a tile is a compact
-  square of patches instead of a strip of rows, which a rectangular window covers far more
-  often entirely or not at all. The permutation is index arithmetic inside the kernels
-  (slots past the grid's edge are padding): nothing is copied, outputs land in token order.
-* **Prefix tokens** are handled apart from the patch tiles: every patch-query tile visits
-  the ``P`` prefix keys in one narrow block (``PB`` = 16 to 64 wide), and the prefix queries
-  get their own narrow query block that visits every key tile.
-* **Schedule.** One cheap launch (``_schedule_kernel``, one program per query tile and image)
-  classifies every (query tile, key tile) pair from the windows alone, using the key tile's
-  footprint on the grid (one rectangle for a ``TILED`` tile, at most three for a row-major
-  run): ``0`` skip (no window of the query tile reaches the tile, or all its keys are
-  dropped), ``1`` masked (the element mask is evaluated), ``2`` full (the tile lies inside
-  every window of the query tile, has no padding slot and no dropped key: no element mask at
-  all). It writes a ``(Bs, TQ, TK)`` int8 code table and, per query tile, the compacted list
-  of tiles to visit (masked ones first, full ones at the end of the row). The backward pass
-  compacts the columns of the same table (``_transpose_kernel``) so that each key tile visits
-  only the query tiles that reach it. ``Bs = 1`` for shared windows without ``key_keep``
-  (batch stride 0, nothing per image), ``B`` otherwise.
+* **Key tiles** are compact pieces of the patch grid: patches are laid out in *slots*,
+  ``TILED`` (default) grouping the grid into ``TH x TW`` squares of ``unit`` slots (8 x 8 for
+  64) and ``ROW_MAJOR`` keeping the token order. A key tile is then one rectangle of the grid
+  (at most three for a row-major run), which a rectangular window covers entirely or misses
+  far more often than a strip of rows. Slots past the grid's edge are padding. The layout is
+  index arithmetic in the kernels (``_slot_patch``): nothing is copied, results land in token
+  order.
+* **Query tiles** are ``spatial`` (the same squares) or ``sorted``: the patch queries ordered
+  by a 4-D Morton code of their windows ``(x_left, y_top, x_right, y_bottom)``, so a tile holds
+  queries with similar windows and the union of its windows stays small. AWD windows (a patch
+  plus far-away partners) defeat spatial query tiles, large square windows favour them
+  (``bench/window_tile_order.py``), so by default (``auto``) both schedules are built and each
+  image uses the one with fewer visited tiles, decided on the device (no host sync).
+* **Prefix tokens** stay out of the tiles: every patch-query tile visits the ``P`` prefix keys
+  in one narrow block (16 to 64 wide), and the prefix queries have their own narrow block that
+  visits every key tile.
+* **Schedule.** One launch (``_schedule_kernel``, a program per query tile, image and query
+  order) classifies every (query tile, key tile) pair by testing the tile's windows against
+  the key tile's rectangles: ``0`` skip (no window reaches it, or all its keys are dropped),
+  ``1`` masked (the element mask is evaluated), ``2`` full (the key tile lies inside every
+  window of the query tile and has no padding and no dropped key: no element mask at all). It
+  writes the ``(V, Bs, TQ, TK)`` int8 code table and, per query tile, the compacted list of key
+  tiles (masked first, full at the end of the row). The backward pass compacts the columns
+  (``_transpose_kernel``), so a key tile visits only the query tiles that reach it. ``Bs = 1``
+  for shared windows without ``key_keep``: one schedule for the batch (batch stride 0).
 
-Public helpers for tests and benchmarks: :func:`tile_schedule` (the visited tiles, from the
-launcher's own code path), :func:`tile_codes`, :func:`visited_fraction`, :func:`slot_tokens`.
+Helpers for tests and benchmarks, built by the launcher's own code path: :func:`tile_codes`,
+:func:`tile_schedule`, :func:`visited_fraction`, :func:`query_tokens`, :func:`slot_tokens`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -51,36 +56,45 @@ import triton.language as tl
 from vitpatch import _env
 from vitpatch.masks import WindowMask
 
-__all__ = ["window_attention", "window_attention_unsupported", "tile_schedule", "tile_codes", "visited_fraction",
-           "slot_tokens", "Config", "ROW_MAJOR", "TILED", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["window_attention", "window_attention_unsupported", "tile_codes", "tile_schedule", "visited_fraction",
+           "query_tokens", "slot_tokens", "Config", "ROW_MAJOR", "TILED", "QUERY_ORDERS", "SUPPORTED_HEAD_DIMS"]
 
 ROW_MAJOR, TILED = 0, 1
 ORDERS = {"row_major": ROW_MAJOR, "tiled": TILED}
+QUERY_ORDERS = ("spatial", "sorted", "auto")
 SUPPORTED_HEAD_DIMS = (16, 128)
 _LOG2E = 1.4426950408889634
 
 
 # ================================================================================ configuration
+def _unit_shape(unit: int) -> Tuple[int, int]:
+    """``(TW, TH)`` of a ``TILED`` square of ``unit`` slots: ``TW = 2^ceil(log2(unit) / 2)``."""
+    tw = 1 << ((unit.bit_length() - 1 + 1) // 2)
+    return tw, unit // tw
+
+
 @dataclass(frozen=True)
 class Config:
-    """One launch configuration: tile sizes, token layout, and (GPU only) warps and stages.
+    """One launch configuration.
 
-    ``block_m`` query slots per tile, ``block_n`` key slots per tile (powers of two, >= 16);
-    ``order`` ``ROW_MAJOR`` or ``TILED``; ``unit`` the slots of one ``TILED`` square (a power
-    of two; ``TH x TW`` with ``TW = 2^ceil(log2(unit) / 2)``, 8 x 8 for 64).
+    ``block_m`` query slots and ``block_n`` key slots per tile (powers of two, >= 16);
+    ``order`` the key layout, ``ROW_MAJOR`` or ``TILED``; ``unit`` the slots of one ``TILED``
+    square (``TH x TW``, ``TW = 2^ceil(log2(unit) / 2)``: 8 x 8 for 64); ``query_order``
+    ``"spatial"``, ``"sorted"`` or ``"auto"``; ``num_warps``, ``num_stages`` (GPU only).
     """
 
     block_m: int
     block_n: int
     order: int = TILED
     unit: int = 64
+    query_order: str = "auto"
     num_warps: int = 4
     num_stages: int = 2
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "unit"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1 or value & (value - 1):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a positive power of two, got {value!r}")
         for name in ("block_m", "block_n"):
             if getattr(self, name) < 16:
@@ -89,25 +103,29 @@ class Config:
             raise ValueError(f"order must be ROW_MAJOR (0) or TILED (1), got {self.order!r}")
         if self.order == TILED and self.unit < 4:
             raise ValueError(f"unit must be at least 4 for the TILED order, got {self.unit}")
+        if self.query_order not in QUERY_ORDERS:
+            raise ValueError(f"query_order must be one of {QUERY_ORDERS}, got {self.query_order!r}")
+        if self.order == TILED:
+            tw = _unit_shape(self.unit)[0]
+            for name in ("block_m", "block_n"):
+                b = getattr(self, name)
+                if b < self.unit and b % tw:
+                    raise ValueError(f"{name} = {b} must be a multiple of the square width {tw} (unit {self.unit})")
 
 
 # The interpreter (CPU) runs exactly this config: small tiles, 4 x 4 squares.
-INTERPRET_CONFIG = Config(16, 16, TILED, 16, 1, 1)
-# Autotuned on GPU, per (N, d, dtype); the squares stay 8 x 8 (bench/window_tile_order.py).
-FWD_CONFIGS = [Config(64, 64, TILED, 64, 4, 3), Config(128, 64, TILED, 64, 8, 3),
-               Config(64, 32, TILED, 64, 4, 3), Config(128, 32, TILED, 64, 4, 3)]
-BWD_CONFIGS = [Config(64, 64, TILED, 64, 4, 2), Config(32, 64, TILED, 64, 4, 2), Config(64, 32, TILED, 64, 4, 2)]
-
-
-def _unit_shape(unit: int) -> Tuple[int, int]:
-    """``(TW, TH)`` of a ``TILED`` square of ``unit`` slots: ``TW = 2^ceil(log2(unit) / 2)``."""
-    tw = 1 << ((unit.bit_length() - 1 + 1) // 2)
-    return tw, unit // tw
+INTERPRET_CONFIG = Config(16, 16, TILED, 16, "auto", 1, 1)
+# Timed on GPU per (N, d, dtype); 8 x 8 squares throughout (bench/window_tile_order.py).
+FWD_CONFIGS = [Config(64, 64, TILED, 64, "auto", 4, 3), Config(128, 64, TILED, 64, "auto", 8, 3),
+               Config(64, 32, TILED, 64, "auto", 4, 3), Config(32, 64, TILED, 64, "auto", 4, 3),
+               Config(32, 32, TILED, 64, "auto", 2, 3)]
+BWD_CONFIGS = [Config(64, 64, TILED, 64, "auto", 4, 2), Config(32, 64, TILED, 64, "auto", 4, 2),
+               Config(64, 32, TILED, 64, "auto", 4, 2), Config(32, 32, TILED, 64, "auto", 2, 2)]
 
 
 @dataclass(frozen=True)
 class _Layout:
-    """Slot order of the patch tokens: ``slots`` slots, ``nbx x nby`` squares of ``tw x th``."""
+    """Slot layout of the patch keys: ``slots`` slots in ``nbx x nby`` squares of ``tw x th``."""
 
     order: int
     unit: int
@@ -123,17 +141,12 @@ def _layout(grid: Tuple[int, int], cfg: Config) -> _Layout:
     if cfg.order == ROW_MAJOR:
         return _Layout(ROW_MAJOR, cfg.unit, 1, 1, 1, 1, gh * gw)
     tw, th = _unit_shape(cfg.unit)
-    for name in ("block_m", "block_n"):
-        b = getattr(cfg, name)
-        if b < cfg.unit and b % tw:
-            raise ValueError(f"{name} = {b} must be a multiple of the square width {tw} (unit {cfg.unit})")
     nbx, nby = triton.cdiv(gw, tw), triton.cdiv(gh, th)
-    slots = nbx * nby * cfg.unit
-    return _Layout(TILED, cfg.unit, tw, th, nbx, nby, slots)
+    return _Layout(TILED, cfg.unit, tw, th, nbx, nby, nbx * nby * cfg.unit)
 
 
 def slot_tokens(grid, num_prefix_tokens: int = 0, order: int = TILED, unit: int = 64) -> torch.Tensor:
-    """The token index held by each patch slot (``-1`` for a padding slot), int64 ``(slots,)``.
+    """The token index held by each key slot (``-1`` for a padding slot), int64 ``(slots,)``.
 
     The host-side statement of the layout the kernels compute by index arithmetic
     (``_slot_patch``): ``ROW_MAJOR`` is the patch order itself; ``TILED`` walks ``TH x TW``
@@ -158,12 +171,12 @@ def _prefix_block(P: int) -> int:
 
 # ================================================================================ kernels
 def _device_fn(fn):
-    """``@triton.jit`` for a device helper; in the interpreter, the plain function.
+    """``@triton.jit`` for a device helper; under the interpreter, the plain function.
 
-    Triton's interpreter re-patches ``triton.language`` on every call of a jitted helper
-    (about half a millisecond), which dominated the CPU test time; a plain function called from
-    an interpreted kernel runs the same source in the already patched language. On GPU this is
-    exactly ``triton.jit``.
+    Triton's interpreter re-patches ``triton.language`` on every call of a jitted helper (about
+    half a millisecond each), a large share of the CPU test time; a plain function called from
+    an interpreted kernel runs the same source in the language the kernel already patched. On
+    GPU this is exactly ``triton.jit``.
     """
     jitted = triton.jit(fn)
     return fn if type(jitted).__name__ == "InterpretedFunction" else jitted
@@ -171,7 +184,7 @@ def _device_fn(fn):
 
 @_device_fn
 def _slot_patch(slot, GH, GW, NBX, ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr):
-    """Patch index, column, row and validity of patch slots (the in-kernel ``slot_tokens``)."""
+    """Patch index, column, row and validity of key-layout slots (the in-kernel ``slot_tokens``)."""
     if ORDER == 0:
         valid = slot < GH * GW
         p = tl.where(valid, slot, 0)
@@ -188,12 +201,35 @@ def _slot_patch(slot, GH, GW, NBX, ORDER: tl.constexpr, TW: tl.constexpr, TH: tl
 
 
 @_device_fn
+def _query_patch(slot, PERM, n, GH, GW, NBX, use_sorted, ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr,
+                 QMODE: tl.constexpr):
+    """Patch index and validity of query slots: ``QMODE`` 0 spatial (the key layout), 1 sorted
+    (``PERM``, this image's queries by window code), 2 per image (``use_sorted`` picks)."""
+    if QMODE != 1:
+        ps, _, _, vs = _slot_patch(slot, GH, GW, NBX, ORDER, TW, TH)
+    if QMODE != 0:
+        pw = tl.load(PERM + slot, mask=slot < n, other=-1).to(tl.int32)
+        vw = pw >= 0
+        pw = tl.where(vw, pw, 0)
+    if QMODE == 0:
+        pq = ps
+        qv = vs
+    elif QMODE == 1:
+        pq = pw
+        qv = vw
+    else:
+        pq = tl.where(use_sorted, pw, ps)
+        qv = tl.where(use_sorted, vw, vs)
+    return pq, qv
+
+
+@_device_fn
 def _ktile_rect(kt, r: tl.constexpr, GH, GW, NBX, BN: tl.constexpr, ORDER: tl.constexpr, TW: tl.constexpr,
                 TH: tl.constexpr):
     """Rectangle ``r`` of the footprint of key tiles ``kt`` on the grid: ``(x0, y0, x1, y1)``, inclusive.
 
     A row-major run of ``BN`` patches is at most three rectangles (partial first row, full
-    middle rows, partial last row); a ``TILED`` tile is one rectangle (part of a square) or
+    middle rows, partial last row); a ``TILED`` tile is one rectangle (rows of a square) or
     ``BN / unit`` whole squares. Empty rectangles have ``y0 > y1``.
     """
     zero = kt * 0
@@ -237,23 +273,37 @@ def _ktile_rect(kt, r: tl.constexpr, GH, GW, NBX, BN: tl.constexpr, ORDER: tl.co
 
 
 @triton.jit
-def _schedule_kernel(WIN, KEEP, CODES, LIST, CNT, win_sb, keep_sb, P, GH, GW, NBX, TQ, TK,
-                     BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, R: tl.constexpr, ORDER: tl.constexpr,
-                     TW: tl.constexpr, TH: tl.constexpr, HAS_KEEP: tl.constexpr):
-    """Row ``qt`` of image ``b`` of the tile schedule: codes (0 skip, 1 masked, 2 full) and the visit list.
+def _window_code_kernel(WIN, CODE, n, win_sb, BITS: tl.constexpr, BR: tl.constexpr):
+    """4-D Morton code of each window ``(x_left, y_top, x_right, y_bottom)`` (bits interleaved), int64."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    b = tl.program_id(1)
+    valid = rows < n
+    code = tl.zeros([BR], tl.int64)
+    for c in tl.static_range(4):
+        coord = tl.load(WIN + b * win_sb + rows * 4 + c, mask=valid, other=0).to(tl.int64)
+        for bit in tl.static_range(BITS):
+            code = code | (((coord >> bit) & 1) << (4 * bit + c))
+    tl.store(CODE + b * n + rows, code, mask=valid)
 
-    Cost ``O(BM * TK * R)`` integer tests per program: the windows against key-tile
-    rectangles, never against individual keys (except the ``key_keep`` bits of the tile).
-    """
+
+@triton.jit
+def _schedule_kernel(WIN, KEEP, PERM, CODES, LIST, CNT, win_sb, keep_sb, perm_sb, P, GH, GW, NBX, TQ, TK, BS,
+                     BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, R: tl.constexpr, ORDER: tl.constexpr,
+                     TW: tl.constexpr, TH: tl.constexpr, HAS_KEEP: tl.constexpr, QMODE: tl.constexpr):
+    """Row ``qt`` of image ``b`` (query order ``v``) of the schedule: codes (0 skip, 1 masked,
+    2 full) and the visit list. ``O(BM * TK * R)`` integer tests: windows against key-tile
+    rectangles, never against individual keys (apart from the tile's ``key_keep`` bits)."""
     qt = tl.program_id(0)
     b = tl.program_id(1)
-    p, _, _, qv = _slot_patch(qt * BM + tl.arange(0, BM), GH, GW, NBX, ORDER, TW, TH)
-    wp = WIN + b * win_sb + p * 4
+    v = tl.program_id(2)
+    pq, qv = _query_patch(qt * BM + tl.arange(0, BM), PERM + b * perm_sb, GH * GW, GH, GW, NBX, v == 1, ORDER, TW,
+                          TH, QMODE)
+    wp = WIN + b * win_sb + pq * 4
     wx0 = tl.load(wp + 0, mask=qv, other=0)
     wy0 = tl.load(wp + 1, mask=qv, other=0)
     wx1 = tl.load(wp + 2, mask=qv, other=0)
     wy1 = tl.load(wp + 3, mask=qv, other=0)
-    row = b * TQ + qt
+    row = (v * BS + b) * TQ + qt
     n_m = 0
     n_f = 0
     for c in range(0, TK, KC):
@@ -271,13 +321,13 @@ def _schedule_kernel(WIN, KEEP, CODES, LIST, CNT, win_sb, keep_sb, P, GH, GW, NB
         outside = tl.zeros([BM, KC], tl.int32)
         for r in tl.static_range(R):
             x0, y0, x1, y1 = _ktile_rect(kt, r, GH, GW, NBX, BN, ORDER, TW, TH)
-            ne = ((x0 <= x1) & (y0 <= y1))[None, :]
+            ne = ((x0 <= x1) & (y0 <= y1))[None, :] & qv[:, None]
             meets = (x0[None, :] <= wx1[:, None]) & (x1[None, :] >= wx0[:, None]) & \
                     (y0[None, :] <= wy1[:, None]) & (y1[None, :] >= wy0[:, None])
             within = (x0[None, :] >= wx0[:, None]) & (x1[None, :] <= wx1[:, None]) & \
                      (y0[None, :] >= wy0[:, None]) & (y1[None, :] <= wy1[:, None])
-            hit = hit | (ne & meets & qv[:, None]).to(tl.int32)
-            outside = outside | (ne & (within == 0) & qv[:, None]).to(tl.int32)
+            hit = hit | (ne & meets).to(tl.int32)
+            outside = outside | (ne & (within == 0)).to(tl.int32)
         visit = (tl.max(hit, 0) > 0) & any_kept & kin
         full = visit & all_kept & (tl.max(outside, 0) == 0)
         masked = visit & (full == 0)
@@ -293,17 +343,35 @@ def _schedule_kernel(WIN, KEEP, CODES, LIST, CNT, win_sb, keep_sb, P, GH, GW, NB
 
 
 @triton.jit
-def _transpose_kernel(CODES, LIST_T, CNT_T, TQ, TK, QC: tl.constexpr):
-    """Column ``kt`` of the code table as a visit list of query tiles (masked first, full at the end)."""
+def _choice_kernel(CNT, CHOICE, BS, TQ, C: tl.constexpr):
+    """Per image: 1 if the sorted query order visits fewer tiles than the spatial one, else 0."""
+    b = tl.program_id(0)
+    tot0 = 0
+    tot1 = 0
+    for c in range(0, TQ * 2, C):
+        i = c + tl.arange(0, C)
+        m = i < TQ * 2
+        tot0 += tl.sum(tl.load(CNT + b * TQ * 2 + i, mask=m, other=0), 0)
+        tot1 += tl.sum(tl.load(CNT + (BS + b) * TQ * 2 + i, mask=m, other=0), 0)
+    tl.store(CHOICE + b, (tot1 < tot0).to(tl.int32))
+
+
+@triton.jit
+def _transpose_kernel(CODES, CHOICE, LIST_T, CNT_T, TQ, TK, BS, QC: tl.constexpr, QMODE: tl.constexpr):
+    """Column ``kt`` of the code table of the image's query order as a list of query tiles
+    (masked first, full at the end)."""
     kt = tl.program_id(0)
     b = tl.program_id(1)
+    v = 0
+    if QMODE == 2:
+        v = tl.load(CHOICE + b)
     row = b * TK + kt
     n_m = 0
     n_f = 0
     for c in range(0, TQ, QC):
         qt = c + tl.arange(0, QC)
         qin = qt < TQ
-        code = tl.load(CODES + (b * TQ + qt) * TK + kt, mask=qin, other=0).to(tl.int32)
+        code = tl.load(CODES + ((v * BS + b) * TQ + qt) * TK + kt, mask=qin, other=0).to(tl.int32)
         masked = code == 1
         full = code == 2
         cm = tl.cumsum(masked.to(tl.int32), 0)
@@ -317,10 +385,9 @@ def _transpose_kernel(CODES, LIST_T, CNT_T, TQ, TK, QC: tl.constexpr):
 
 
 @_device_fn
-def _load_rows(base, tok, valid, s_n, s_d, offs_d, HEAD_D: tl.constexpr):
-    """Rows ``tok`` of a ``(N, d)`` slice (zeros where not ``valid`` and past ``HEAD_D``)."""
-    return tl.load(base + tok[:, None] * s_n + offs_d[None, :] * s_d,
-                   mask=valid[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
+def _load_rows(base, tok, valid, s_n, d_off, dmask):
+    """Rows ``tok`` of an ``(N, d)`` slice: zeros where not ``valid`` and past the head width."""
+    return tl.load(base + tok[:, None] * s_n + d_off[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
 
 
 @_device_fn
@@ -336,12 +403,20 @@ def _patch_keys(kt, keep_b, P, GH, GW, NBX, BN: tl.constexpr, ORDER: tl.constexp
 
 @_device_fn
 def _prefix_keys(p0, keep_b, P, PB: tl.constexpr, HAS_KEEP: tl.constexpr):
+    """Token index, validity and allowed-ness of the prefix block starting at ``p0``."""
     tok = p0 + tl.arange(0, PB)
     kv = tok < P
     kok = kv
     if HAS_KEEP:
         kok = kv & (tl.load(keep_b + tok, mask=kv, other=0) != 0)
     return tok, kv, kok
+
+
+@_device_fn
+def _load_window(WIN, win_b, pq, qv):
+    wp = WIN + win_b + pq * 4
+    return (tl.load(wp + 0, mask=qv, other=0), tl.load(wp + 1, mask=qv, other=0),
+            tl.load(wp + 2, mask=qv, other=0), tl.load(wp + 3, mask=qv, other=0))
 
 
 @_device_fn
@@ -364,40 +439,45 @@ def _online_step(acc, m_i, l_i, s, v, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, WIN, KEEP, LIST, CNT, REC,
-                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son,
-                H, N, P, GH, GW, NBX, TQ, TK, win_sb, keep_sb, sched_sb, qk_scale,
+def _fwd_kernel(Q, K, V, O, LSE, WIN, KEEP, PERM, CHOICE, LIST, CNT, REC,
+                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+                H, N, P, GH, GW, NBX, TQ, TK, BS, win_sb, keep_sb, perm_sb, sched_sb, qk_scale,
                 HEAD_D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PB: tl.constexpr,
                 ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr, HAS_KEEP: tl.constexpr,
-                PREFIX_Q: tl.constexpr, RECORD: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Forward of one query tile (patch slots, or with ``PREFIX_Q`` the prefix queries) of one head."""
+                QMODE: tl.constexpr, PREFIX_Q: tl.constexpr, RECORD: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Forward of one query tile (patch slots, or with ``PREFIX_Q`` a block of prefix queries) of one head."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
+    b64 = b.to(tl.int64)
     offs_d = tl.arange(0, BD)
+    dmask = offs_d < HEAD_D
+    kd = offs_d * skd
+    vd = offs_d * svd
     keep_b = KEEP + b * keep_sb
-    Kb = K + b * skb + h * skh
-    Vb = V + b * svb + h * svh
+    Kb = K + b64 * skb + h * skh
+    Vb = V + b64 * svb + h * svh
+    bsch = b * sched_sb
     if PREFIX_Q:
         tok_q = pid * BM + tl.arange(0, BM)
         qv = tok_q < P
     else:
-        pq, _, _, qv = _slot_patch(pid * BM + tl.arange(0, BM), GH, GW, NBX, ORDER, TW, TH)
+        vsel = 0
+        if QMODE == 2:
+            vsel = tl.load(CHOICE + bsch)
+        pq, qv = _query_patch(pid * BM + tl.arange(0, BM), PERM + b * perm_sb, GH * GW, GH, GW, NBX, vsel != 0,
+                              ORDER, TW, TH, QMODE)
         tok_q = P + pq
-        wp = WIN + b * win_sb + pq * 4
-        wx0 = tl.load(wp + 0, mask=qv, other=0)
-        wy0 = tl.load(wp + 1, mask=qv, other=0)
-        wx1 = tl.load(wp + 2, mask=qv, other=0)
-        wy1 = tl.load(wp + 3, mask=qv, other=0)
-    q = _load_rows(Q + b * sqb + h * sqh, tok_q, qv, sqn, sqd, offs_d, HEAD_D)
+        wx0, wy0, wx1, wy1 = _load_window(WIN, b * win_sb, pq, qv)
+    q = _load_rows(Q + b64 * sqb + h * sqh, tok_q, qv, sqn, offs_d * sqd, dmask)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
     # prefix keys: every query attends them (minus dropped ones)
     for p0 in range(0, P, PB):
         tok_k, kv, kok = _prefix_keys(p0, keep_b, P, PB, HAS_KEEP)
-        k = _load_rows(Kb, tok_k, kv, skn, skd, offs_d, HEAD_D)
-        v = _load_rows(Vb, tok_k, kv, svn, svd, offs_d, HEAD_D)
+        k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
+        v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         s = tl.where(kok[None, :], s, float("-inf"))
         acc, m_i, l_i = _online_step(acc, m_i, l_i, s, v, DOT_PREC)
@@ -405,33 +485,33 @@ def _fwd_kernel(Q, K, V, O, LSE, WIN, KEEP, LIST, CNT, REC,
         # prefix queries attend every patch key: all tiles, mask = valid and kept
         for kt in range(0, TK):
             tok_k, _, _, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
-            k = _load_rows(Kb, tok_k, kv, skn, skd, offs_d, HEAD_D)
-            v = _load_rows(Vb, tok_k, kv, svn, svd, offs_d, HEAD_D)
+            k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
+            v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
             s = tl.where(kok[None, :], s, float("-inf"))
             acc, m_i, l_i = _online_step(acc, m_i, l_i, s, v, DOT_PREC)
     else:
-        row = b * sched_sb * TQ + pid
+        row = (vsel * BS + bsch) * TQ + pid
         n_m = tl.load(CNT + row * 2)
         n_f = tl.load(CNT + row * 2 + 1)
         rec = REC + ((b * H + h) * TQ + pid) * TK
-        # tiles that cut some window (or hold padding / dropped keys): element mask
+        # key tiles that cut some window (or hold padding / dropped keys): element mask
         for i in range(0, n_m):
             kt = tl.load(LIST + row * TK + i)
             tok_k, kx, ky, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
-            k = _load_rows(Kb, tok_k, kv, skn, skd, offs_d, HEAD_D)
-            v = _load_rows(Vb, tok_k, kv, svn, svd, offs_d, HEAD_D)
+            k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
+            v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
             s = tl.where(_inside(wx0, wy0, wx1, wy1, kx, ky) & kok[None, :], s, float("-inf"))
             acc, m_i, l_i = _online_step(acc, m_i, l_i, s, v, DOT_PREC)
             if RECORD:
                 tl.store(rec + kt, 1)
-        # tiles inside every window of the query tile: no element mask
+        # key tiles inside every window of the query tile: no element mask
         for i in range(TK - n_f, TK):
             kt = tl.load(LIST + row * TK + i)
             tok_k, _, _, kv, _ = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, False)
-            k = _load_rows(Kb, tok_k, kv, skn, skd, offs_d, HEAD_D)
-            v = _load_rows(Vb, tok_k, kv, svn, svd, offs_d, HEAD_D)
+            k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
+            v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
             acc, m_i, l_i = _online_step(acc, m_i, l_i, s, v, DOT_PREC)
             if RECORD:
@@ -440,10 +520,10 @@ def _fwd_kernel(Q, K, V, O, LSE, WIN, KEEP, LIST, CNT, REC,
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(has, m_i + tl.math.log2(l_safe), float("inf"))
-    ob = O + b * sob + h * soh
-    tl.store(ob + tok_q[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=qv[:, None] & (offs_d[None, :] < HEAD_D))
-    tl.store(LSE + (b * H + h) * N + tok_q, lse, mask=qv)
+    ob = O + b64 * sob + h * soh
+    tl.store(ob + tok_q[:, None] * son + (offs_d * sod)[None, :], out.to(O.dtype.element_ty),
+             mask=qv[:, None] & dmask[None, :])
+    tl.store(LSE + (b64 * H + h) * N + tok_q, lse, mask=qv)
 
 
 @triton.jit
@@ -452,16 +532,18 @@ def _delta_kernel(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H, N,
     """``delta_i = sum_d out_i * dout_i`` (fp32): the row term of the softmax gradient."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     h = tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(2).to(tl.int64)
     offs_d = tl.arange(0, BD)
+    dmask = offs_d < HEAD_D
     valid = rows < N
-    o = _load_rows(O + b * sob + h * soh, rows, valid, son, sod, offs_d, HEAD_D).to(tl.float32)
-    do = _load_rows(DO + b * sdb + h * sdh, rows, valid, sdn, sdd, offs_d, HEAD_D).to(tl.float32)
+    o = _load_rows(O + b * sob + h * soh, rows, valid, son, offs_d * sod, dmask).to(tl.float32)
+    do = _load_rows(DO + b * sdb + h * sdh, rows, valid, sdn, offs_d * sdd, dmask).to(tl.float32)
     tl.store(DELTA + (b * H + h) * N + rows, tl.sum(o * do, 1), mask=valid)
 
 
 @_device_fn
 def _dq_step(dq, q, do, lse, delta, k, v, allowed, qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``dq += (p * (dout . v - delta)) k`` for one key tile (``p`` recomputed from ``lse``)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
@@ -472,57 +554,63 @@ def _dq_step(dq, q, do, lse, delta, k, v, allowed, qk_scale, MASKED: tl.constexp
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, WIN, KEEP, LIST, CNT, REC,
-                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd, sgb, sgh, sgn,
-                   H, N, P, GH, GW, NBX, TQ, TK, win_sb, keep_sb, sched_sb, qk_scale, sm_scale,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, WIN, KEEP, PERM, CHOICE, LIST, CNT, REC,
+                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+                   sgb, sgh, sgn, sgd, H, N, P, GH, GW, NBX, TQ, TK, BS, win_sb, keep_sb, perm_sb, sched_sb,
+                   qk_scale, sm_scale,
                    HEAD_D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PB: tl.constexpr,
                    ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr, HAS_KEEP: tl.constexpr,
-                   PREFIX_Q: tl.constexpr, RECORD: tl.constexpr, DOT_PREC: tl.constexpr):
+                   QMODE: tl.constexpr, PREFIX_Q: tl.constexpr, RECORD: tl.constexpr, DOT_PREC: tl.constexpr):
     """``dq_i = scale * sum_j p_ij (dp_ij - delta_i) k_j`` over the key tiles query tile ``pid`` visits."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
+    b64 = b.to(tl.int64)
     offs_d = tl.arange(0, BD)
+    dmask = offs_d < HEAD_D
+    kd = offs_d * skd
+    vd = offs_d * svd
     keep_b = KEEP + b * keep_sb
-    Kb = K + b * skb + h * skh
-    Vb = V + b * svb + h * svh
+    Kb = K + b64 * skb + h * skh
+    Vb = V + b64 * svb + h * svh
+    bsch = b * sched_sb
     if PREFIX_Q:
         tok_q = pid * BM + tl.arange(0, BM)
         qv = tok_q < P
     else:
-        pq, _, _, qv = _slot_patch(pid * BM + tl.arange(0, BM), GH, GW, NBX, ORDER, TW, TH)
+        vsel = 0
+        if QMODE == 2:
+            vsel = tl.load(CHOICE + bsch)
+        pq, qv = _query_patch(pid * BM + tl.arange(0, BM), PERM + b * perm_sb, GH * GW, GH, GW, NBX, vsel != 0,
+                              ORDER, TW, TH, QMODE)
         tok_q = P + pq
-        wp = WIN + b * win_sb + pq * 4
-        wx0 = tl.load(wp + 0, mask=qv, other=0)
-        wy0 = tl.load(wp + 1, mask=qv, other=0)
-        wx1 = tl.load(wp + 2, mask=qv, other=0)
-        wy1 = tl.load(wp + 3, mask=qv, other=0)
-    q = _load_rows(Q + b * sqb + h * sqh, tok_q, qv, sqn, sqd, offs_d, HEAD_D)
-    do = _load_rows(DO + b * sdb + h * sdh, tok_q, qv, sdn, sdd, offs_d, HEAD_D)
-    lse = tl.load(LSE + (b * H + h) * N + tok_q, mask=qv, other=float("inf"))
-    delta = tl.load(DELTA + (b * H + h) * N + tok_q, mask=qv, other=0.0)
+        wx0, wy0, wx1, wy1 = _load_window(WIN, b * win_sb, pq, qv)
+    q = _load_rows(Q + b64 * sqb + h * sqh, tok_q, qv, sqn, offs_d * sqd, dmask)
+    do = _load_rows(DO + b64 * sdb + h * sdh, tok_q, qv, sdn, offs_d * sdd, dmask)
+    lse = tl.load(LSE + (b64 * H + h) * N + tok_q, mask=qv, other=float("inf"))
+    delta = tl.load(DELTA + (b64 * H + h) * N + tok_q, mask=qv, other=0.0)
     dq = tl.zeros([BM, BD], tl.float32)
     for p0 in range(0, P, PB):
         tok_k, kv, kok = _prefix_keys(p0, keep_b, P, PB, HAS_KEEP)
-        k = _load_rows(Kb, tok_k, kv, skn, skd, offs_d, HEAD_D)
-        v = _load_rows(Vb, tok_k, kv, svn, svd, offs_d, HEAD_D)
+        k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
+        v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
         dq = _dq_step(dq, q, do, lse, delta, k, v, kok[None, :], qk_scale, True, DOT_PREC)
     if PREFIX_Q:
         for kt in range(0, TK):
             tok_k, _, _, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
-            k = _load_rows(Kb, tok_k, kv, skn, skd, offs_d, HEAD_D)
-            v = _load_rows(Vb, tok_k, kv, svn, svd, offs_d, HEAD_D)
+            k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
+            v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
             dq = _dq_step(dq, q, do, lse, delta, k, v, kok[None, :], qk_scale, True, DOT_PREC)
     else:
-        row = b * sched_sb * TQ + pid
+        row = (vsel * BS + bsch) * TQ + pid
         n_m = tl.load(CNT + row * 2)
         n_f = tl.load(CNT + row * 2 + 1)
         rec = REC + ((b * H + h) * TQ + pid) * TK
         for i in range(0, n_m):
             kt = tl.load(LIST + row * TK + i)
             tok_k, kx, ky, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
-            k = _load_rows(Kb, tok_k, kv, skn, skd, offs_d, HEAD_D)
-            v = _load_rows(Vb, tok_k, kv, svn, svd, offs_d, HEAD_D)
+            k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
+            v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
             allowed = _inside(wx0, wy0, wx1, wy1, kx, ky) & kok[None, :]
             dq = _dq_step(dq, q, do, lse, delta, k, v, allowed, qk_scale, True, DOT_PREC)
             if RECORD:
@@ -530,19 +618,19 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, WIN, KEEP, LIST, CNT, REC,
         for i in range(TK - n_f, TK):
             kt = tl.load(LIST + row * TK + i)
             tok_k, _, _, kv, _ = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, False)
-            k = _load_rows(Kb, tok_k, kv, skn, skd, offs_d, HEAD_D)
-            v = _load_rows(Vb, tok_k, kv, svn, svd, offs_d, HEAD_D)
+            k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
+            v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
             dq = _dq_step(dq, q, do, lse, delta, k, v, kv[None, :], qk_scale, False, DOT_PREC)
             if RECORD:
                 tl.store(rec + kt, 2)
-    gb = DQ + b * sgb + h * sgh
-    tl.store(gb + tok_q[:, None] * sgn + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=qv[:, None] & (offs_d[None, :] < HEAD_D))
+    gb = DQ + b64 * sgb + h * sgh
+    tl.store(gb + tok_q[:, None] * sgn + (offs_d * sgd)[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=qv[:, None] & dmask[None, :])
 
 
 @_device_fn
-def _dkdv_step(dk, dv, q, do, lse, delta, k, v, allowed, qk_scale, MASKED: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+def _dkdv_step(dk, dv, q, do, lse, delta, k, v, allowed, qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``dv += p^T dout`` and ``dk += (p * (dout . v - delta))^T q`` for one query tile."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
@@ -555,119 +643,94 @@ def _dkdv_step(dk, dv, q, do, lse, delta, k, v, allowed, qk_scale, MASKED: tl.co
 
 
 @_device_fn
-def _load_query_side(Qb, DOb, LSEb, DELTAb, tok_q, qv, sqn, sqd, sdn, sdd, offs_d, HEAD_D: tl.constexpr):
-    q = _load_rows(Qb, tok_q, qv, sqn, sqd, offs_d, HEAD_D)
-    do = _load_rows(DOb, tok_q, qv, sdn, sdd, offs_d, HEAD_D)
+def _load_query_side(Qb, DOb, LSEb, DELTAb, tok_q, qv, sqn, sdn, qd, dd, dmask):
+    q = _load_rows(Qb, tok_q, qv, sqn, qd, dmask)
+    do = _load_rows(DOb, tok_q, qv, sdn, dd, dmask)
     lse = tl.load(LSEb + tok_q, mask=qv, other=float("inf"))
     delta = tl.load(DELTAb + tok_q, mask=qv, other=0.0)
     return q, do, lse, delta
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, WIN, KEEP, LIST_T, CNT_T, REC,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, WIN, KEEP, PERM, CHOICE, LIST_T, CNT_T, REC,
                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-                     sgb, sgh, sgn, H, N, P, GH, GW, NBX, TQ, TK, win_sb, keep_sb, sched_sb, qk_scale, sm_scale,
+                     sgb, sgh, sgn, sgd, H, N, P, GH, GW, NBX, TQ, TK, BS, win_sb, keep_sb, perm_sb, sched_sb,
+                     qk_scale, sm_scale,
                      HEAD_D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PB: tl.constexpr,
                      ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr, HAS_KEEP: tl.constexpr,
-                     PREFIX_K: tl.constexpr, RECORD: tl.constexpr, DOT_PREC: tl.constexpr):
+                     QMODE: tl.constexpr, PREFIX_K: tl.constexpr, RECORD: tl.constexpr, DOT_PREC: tl.constexpr):
     """``dv_j = sum_i p_ij dout_i``, ``dk_j = scale * sum_i p_ij (dp_ij - delta_i) q_i`` over the
-    query tiles that reach key tile ``pid`` (or, with ``PREFIX_K``, every query tile)."""
+    query tiles that reach key tile ``pid`` (with ``PREFIX_K``, a block of prefix keys: every tile)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
+    b64 = b.to(tl.int64)
     offs_d = tl.arange(0, BD)
+    dmask = offs_d < HEAD_D
+    qd = offs_d * sqd
+    dd = offs_d * sdd
     keep_b = KEEP + b * keep_sb
+    bsch = b * sched_sb
+    vsel = 0
+    if QMODE == 2:
+        vsel = tl.load(CHOICE + bsch)
+    perm_b = PERM + b * perm_sb
     if PREFIX_K:
         tok_k, kv, kok = _prefix_keys(pid * BN, keep_b, P, BN, HAS_KEEP)
     else:
         tok_k, kx, ky, kv, kok = _patch_keys(pid, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
-    k = _load_rows(K + b * skb + h * skh, tok_k, kv, skn, skd, offs_d, HEAD_D)
-    v = _load_rows(V + b * svb + h * svh, tok_k, kv, svn, svd, offs_d, HEAD_D)
-    Qb = Q + b * sqb + h * sqh
-    DOb = DO + b * sdb + h * sdh
-    LSEb = LSE + (b * H + h) * N
-    DELTAb = DELTA + (b * H + h) * N
+    k = _load_rows(K + b64 * skb + h * skh, tok_k, kv, skn, offs_d * skd, dmask)
+    v = _load_rows(V + b64 * svb + h * svh, tok_k, kv, svn, offs_d * svd, dmask)
+    Qb = Q + b64 * sqb + h * sqh
+    DOb = DO + b64 * sdb + h * sdh
+    LSEb = LSE + (b64 * H + h) * N
+    DELTAb = DELTA + (b64 * H + h) * N
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BD], tl.float32)
     # prefix queries attend every key
     for p0 in range(0, P, PB):
         tok_q = p0 + tl.arange(0, PB)
-        q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, tok_q, tok_q < P, sqn, sqd, sdn, sdd, offs_d,
-                                             HEAD_D)
+        q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, tok_q, tok_q < P, sqn, sdn, qd, dd, dmask)
         dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, kok[None, :], qk_scale, True, DOT_PREC)
     if PREFIX_K:
         # every patch query attends the prefix keys
         for qt in range(0, TQ):
-            pq, _, _, qv = _slot_patch(qt * BM + tl.arange(0, BM), GH, GW, NBX, ORDER, TW, TH)
-            q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sqd, sdn, sdd, offs_d,
-                                                 HEAD_D)
+            pq, qv = _query_patch(qt * BM + tl.arange(0, BM), perm_b, GH * GW, GH, GW, NBX, vsel != 0, ORDER, TW, TH,
+                                  QMODE)
+            q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
             dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, kok[None, :], qk_scale, True, DOT_PREC)
     else:
-        row = b * sched_sb * TK + pid
+        row = bsch * TK + pid
         n_m = tl.load(CNT_T + row * 2)
         n_f = tl.load(CNT_T + row * 2 + 1)
         rec = REC + ((b * H + h) * TK + pid) * TQ
         for i in range(0, n_m):
             qt = tl.load(LIST_T + row * TQ + i)
-            pq, _, _, qv = _slot_patch(qt * BM + tl.arange(0, BM), GH, GW, NBX, ORDER, TW, TH)
-            q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sqd, sdn, sdd, offs_d,
-                                                 HEAD_D)
-            wp = WIN + b * win_sb + pq * 4
-            wx0 = tl.load(wp + 0, mask=qv, other=0)
-            wy0 = tl.load(wp + 1, mask=qv, other=0)
-            wx1 = tl.load(wp + 2, mask=qv, other=0)
-            wy1 = tl.load(wp + 3, mask=qv, other=0)
+            pq, qv = _query_patch(qt * BM + tl.arange(0, BM), perm_b, GH * GW, GH, GW, NBX, vsel != 0, ORDER, TW, TH,
+                                  QMODE)
+            q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
+            wx0, wy0, wx1, wy1 = _load_window(WIN, b * win_sb, pq, qv)
             allowed = _inside(wx0, wy0, wx1, wy1, kx, ky) & kok[None, :]
             dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, allowed, qk_scale, True, DOT_PREC)
             if RECORD:
                 tl.store(rec + qt, 1)
         for i in range(TQ - n_f, TQ):
             qt = tl.load(LIST_T + row * TQ + i)
-            pq, _, _, qv = _slot_patch(qt * BM + tl.arange(0, BM), GH, GW, NBX, ORDER, TW, TH)
-            q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sqd, sdn, sdd, offs_d,
-                                                 HEAD_D)
+            pq, qv = _query_patch(qt * BM + tl.arange(0, BM), perm_b, GH * GW, GH, GW, NBX, vsel != 0, ORDER, TW, TH,
+                                  QMODE)
+            q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
             dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, kok[None, :], qk_scale, False, DOT_PREC)
             if RECORD:
                 tl.store(rec + qt, 2)
-    out_mask = kv[:, None] & (offs_d[None, :] < HEAD_D)
-    tl.store(DK + b * sgb + h * sgh + tok_k[:, None] * sgn + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=out_mask)
-    tl.store(DV + b * sgb + h * sgh + tok_k[:, None] * sgn + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=out_mask)
+    out_mask = kv[:, None] & dmask[None, :]
+    g_off = b64 * sgb + h * sgh + tok_k[:, None] * sgn + (offs_d * sgd)[None, :]
+    tl.store(DK + g_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
 # ================================================================================ launchers
-@dataclass
-class _Schedule:
-    """The tile schedule of one (mask, batch, config): what every kernel launch reads."""
-
-    layout: _Layout
-    cfg: Config
-    tq: int
-    tk: int
-    per_image: bool
-    codes: torch.Tensor  # (Bs, TQ, TK) int8: 0 skip, 1 masked, 2 full
-    lst: torch.Tensor    # (Bs, TQ, TK) int32: visited key tiles, masked ones first, full ones last
-    cnt: torch.Tensor    # (Bs, TQ, 2) int32: number of masked and full key tiles per query tile
-
-    def transposed(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per key tile, the query tiles that visit it: ``(list (Bs, TK, TQ), counts (Bs, TK, 2))``."""
-        bs = self.codes.shape[0]
-        lst = torch.empty((bs, self.tk, self.tq), dtype=torch.int32, device=self.codes.device)
-        cnt = torch.empty((bs, self.tk, 2), dtype=torch.int32, device=self.codes.device)
-        qc = min(triton.next_power_of_2(self.tq), 16 if _interpreting(self.codes) else 128)
-        _transpose_kernel[(self.tk, bs)](self.codes, lst, cnt, self.tq, self.tk, QC=qc)
-        return lst, cnt
-
-
 def _interpreting(t: torch.Tensor) -> bool:
     return not t.is_cuda
-
-
-def _mask_batch_strides(windows: torch.Tensor, key_keep: Optional[torch.Tensor], n: int, N: int):
-    win_sb = n * 4 if windows.dim() == 3 else 0
-    keep_sb = N if key_keep is not None else 0
-    return win_sb, keep_sb
 
 
 def _keep_arg(key_keep: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -677,27 +740,119 @@ def _keep_arg(key_keep: Optional[torch.Tensor], like: torch.Tensor) -> torch.Ten
     return key_keep.contiguous().view(torch.uint8)
 
 
+_QMODES = {"spatial": 0, "sorted": 1, "auto": 2}
+
+
+@dataclass
+class _Schedule:
+    """The tile schedule of one (mask, batch, config): what every kernel launch reads.
+
+    ``V`` query orders are scheduled (2 for ``auto``: spatial then sorted, else 1); ``Bs`` is 1
+    for shared windows without ``key_keep``, else the batch.
+    """
+
+    cfg: Config
+    layout: _Layout
+    grid: Tuple[int, int]
+    P: int
+    tq: int
+    tk: int
+    bs: int
+    qmode: int
+    windows: torch.Tensor  # contiguous int32 (n, 4) or (B, n, 4)
+    win_sb: int
+    keep: torch.Tensor     # uint8 key_keep (B, N), or a dummy
+    keep_sb: int
+    perm: torch.Tensor     # (Bw, n) int64: queries sorted by window code (sorted/auto), or a dummy
+    perm_sb: int
+    choice: torch.Tensor   # (Bs,) int32: 1 = sorted order (auto), or a dummy
+    codes: torch.Tensor    # (V, Bs, TQ, TK) int8: 0 skip, 1 masked, 2 full
+    lst: torch.Tensor      # (V, Bs, TQ, TK) int32: visited key tiles, masked ones first, full ones last
+    cnt: torch.Tensor      # (V, Bs, TQ, 2) int32: numbers of masked and full key tiles
+
+    @property
+    def kernel_args(self) -> tuple:
+        return (self.windows, self.keep, self.perm, self.choice)
+
+    def transposed(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per key tile, the query tiles that visit it: ``(list (Bs, TK, TQ), counts (Bs, TK, 2))``."""
+        dev = self.codes.device
+        lst = torch.empty((self.bs, self.tk, self.tq), dtype=torch.int32, device=dev)
+        cnt = torch.empty((self.bs, self.tk, 2), dtype=torch.int32, device=dev)
+        qc = min(triton.next_power_of_2(self.tq), 16 if _interpreting(self.codes) else 128)
+        _transpose_kernel[(self.tk, self.bs)](self.codes, self.choice, lst, cnt, self.tq, self.tk, self.bs, QC=qc,
+                                              QMODE=self.qmode)
+        return lst, cnt
+
+    def chosen_codes(self) -> torch.Tensor:
+        """``(Bs, TQ, TK)``: the codes of the query order each image runs."""
+        if self.qmode != 2:
+            return self.codes[0]
+        return self.codes[self.choice.long(), torch.arange(self.bs, device=self.codes.device)]
+
+    def query_tokens(self) -> torch.Tensor:
+        """``(Bs, TQ * BM)`` int64: the token in each query slot of each image (``-1`` padding)."""
+        n = self.grid[0] * self.grid[1]
+        S = self.tq * self.cfg.block_m
+        dev = self.codes.device
+        if self.qmode != 1:
+            spatial = slot_tokens(self.grid, self.P, self.cfg.order, self.cfg.unit).to(dev)
+            spatial = torch.cat([spatial, spatial.new_full((S - spatial.numel(),), -1)])[None].expand(self.bs, S)
+            if self.qmode == 0:
+                return spatial
+        perm = self.perm.expand(self.bs, n) if self.perm_sb == 0 else self.perm
+        srt = torch.cat([perm + self.P, perm.new_full((self.bs, S - n), -1)], 1)
+        if self.qmode == 1:
+            return srt
+        return torch.where(self.choice[:, None] != 0, srt, spatial)
+
+
 def _build_schedule(windows: torch.Tensor, key_keep: Optional[torch.Tensor], grid: Tuple[int, int], P: int,
                     batch_size: int, cfg: Config) -> _Schedule:
-    """One launch of ``_schedule_kernel``: the code table and per-query-tile visit lists."""
+    """The query order(s) and the tile schedule: at most four small launches and one sort.
+
+    ``sorted``/``auto``: ``_window_code_kernel`` (Morton codes of the windows) and an argsort
+    per image; ``_schedule_kernel`` for each query order; ``auto``: ``_choice_kernel``.
+    """
     gh, gw = grid
     n = gh * gw
     lay = _layout(grid, cfg)
-    tq, tk = triton.cdiv(lay.slots, cfg.block_m), triton.cdiv(lay.slots, cfg.block_n)
+    qmode = _QMODES[cfg.query_order]
+    tq = triton.cdiv(n if qmode == 1 else lay.slots, cfg.block_m)
+    tk = triton.cdiv(lay.slots, cfg.block_n)
     per_image = windows.dim() == 3 or key_keep is not None
     bs = batch_size if per_image else 1
+    nv = 2 if qmode == 2 else 1
     dev = windows.device
-    codes = torch.empty((bs, tq, tk), dtype=torch.int8, device=dev)
-    lst = torch.empty((bs, tq, tk), dtype=torch.int32, device=dev)
-    cnt = torch.empty((bs, tq, 2), dtype=torch.int32, device=dev)
+    interp = _interpreting(windows)
     win = windows.contiguous()
-    win_sb, keep_sb = _mask_batch_strides(win, key_keep, n, P + n)
+    win_sb = n * 4 if win.dim() == 3 else 0
+    keep = _keep_arg(key_keep, win)
+    keep_sb = P + n if key_keep is not None else 0
+    if qmode:
+        bw = win.shape[0] if win.dim() == 3 else 1
+        code = torch.empty((bw, n), dtype=torch.int64, device=dev)
+        br = 16 if interp else 256
+        _window_code_kernel[(triton.cdiv(n, br), bw)](win, code, n, win_sb, BITS=max(1, (max(gh, gw) - 1).bit_length()),
+                                                      BR=br)
+        perm = torch.argsort(code, dim=1, stable=True)
+        perm_sb = n if win.dim() == 3 else 0
+    else:
+        perm, perm_sb = torch.empty(1, dtype=torch.int64, device=dev), 0
+    codes = torch.empty((nv, bs, tq, tk), dtype=torch.int8, device=dev)
+    lst = torch.empty((nv, bs, tq, tk), dtype=torch.int32, device=dev)
+    cnt = torch.empty((nv, bs, tq, 2), dtype=torch.int32, device=dev)
     rects = 3 if lay.order == ROW_MAJOR else max(1, cfg.block_n // lay.unit)
-    kc = min(triton.next_power_of_2(tk), 16 if _interpreting(win) else 64)
-    _schedule_kernel[(tq, bs)](win, _keep_arg(key_keep, win), codes, lst, cnt, win_sb, keep_sb, P, gh, gw, lay.nbx,
-                               tq, tk, BM=cfg.block_m, BN=cfg.block_n, KC=kc, R=rects, ORDER=lay.order, TW=lay.tw,
-                               TH=lay.th, HAS_KEEP=key_keep is not None)
-    return _Schedule(lay, cfg, tq, tk, per_image, codes, lst, cnt)
+    kc = min(triton.next_power_of_2(tk), 16 if interp else 64)
+    _schedule_kernel[(tq, bs, nv)](win, keep, perm, codes, lst, cnt, win_sb, keep_sb, perm_sb, P, gh, gw, lay.nbx,
+                                   tq, tk, bs, BM=cfg.block_m, BN=cfg.block_n, KC=kc, R=rects, ORDER=lay.order,
+                                   TW=lay.tw, TH=lay.th, HAS_KEEP=key_keep is not None, QMODE=qmode)
+    choice = torch.zeros(1, dtype=torch.int32, device=dev)
+    if qmode == 2:
+        choice = torch.empty(bs, dtype=torch.int32, device=dev)
+        _choice_kernel[(bs,)](cnt, choice, bs, tq, C=min(triton.next_power_of_2(2 * tq), 16 if interp else 1024))
+    return _Schedule(cfg, lay, grid, P, tq, tk, bs, qmode, win, win_sb, keep, keep_sb, perm, perm_sb, choice, codes,
+                     lst, cnt)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -705,87 +860,78 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _head_block(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+def _constexprs(sched: _Schedule, q: torch.Tensor, record: bool) -> dict:
+    lay, cfg = sched.layout, sched.cfg
+    d = q.shape[-1]
+    opts = {} if _interpreting(q) else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    return dict(HEAD_D=d, BD=max(16, triton.next_power_of_2(d)), PB=_prefix_block(sched.P), ORDER=lay.order,
+                TW=lay.tw, TH=lay.th, HAS_KEEP=sched.keep_sb > 0, QMODE=sched.qmode, RECORD=record,
+                DOT_PREC=_dot_precision(q.dtype), **opts)
 
 
-def _launch_options(cfg: Config, like: torch.Tensor) -> dict:
-    if _interpreting(like):
-        return {}
-    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+def _layout_args(sched: _Schedule, H: int, N: int) -> tuple:
+    gh, gw = sched.grid
+    return (H, N, sched.P, gh, gw, sched.layout.nbx, sched.tq, sched.tk, sched.bs, sched.win_sb, sched.keep_sb,
+            sched.perm_sb, int(sched.bs > 1))
 
 
-def _forward(q, k, v, windows, key_keep, grid, P, scale, cfg: Config, record: bool = False):
+def _forward(q, k, v, windows, key_keep, grid, P, scale, cfg: Config, record: bool = False, sched=None):
     """Launch the schedule and forward kernels: ``(out (B,h,N,d), lse (B,h,N) fp32 base 2, rec)``.
 
     ``record`` also returns ``rec (B, h, TQ, TK)`` int8, the code of every key tile each query
     tile's program actually visited (for tests); otherwise ``rec`` is ``None``.
     """
     B, H, N, d = q.shape
-    gh, gw = grid
-    n = gh * gw
-    sched = _build_schedule(windows, key_keep, grid, P, B, cfg)
-    lay = sched.layout
+    if sched is None:
+        sched = _build_schedule(windows, key_keep, grid, P, B, cfg)
     out = torch.empty((B, H, N, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     rec = torch.zeros((B, H, sched.tq, sched.tk) if record else (1,), dtype=torch.int8, device=q.device)
-    win = windows.contiguous()
-    keep = _keep_arg(key_keep, q)
-    win_sb, keep_sb = _mask_batch_strides(win, key_keep, n, N)
-    pb = _prefix_block(P)
-    common = dict(HEAD_D=d, BD=_head_block(d), PB=pb, ORDER=lay.order, TW=lay.tw, TH=lay.th,
-                  HAS_KEEP=key_keep is not None, RECORD=record, DOT_PREC=_dot_precision(q.dtype),
-                  **_launch_options(cfg, q))
-    args = (q, k, v, out, lse, win, keep, sched.lst, sched.cnt, rec, *q.stride(), *k.stride(), *v.stride(),
-            *out.stride()[:3], H, N, P, gh, gw, lay.nbx, sched.tq, sched.tk, win_sb, keep_sb, int(sched.per_image),
-            scale * _LOG2E)
-    _fwd_kernel[(sched.tq, H, B)](*args, BM=cfg.block_m, BN=cfg.block_n, PREFIX_Q=False, **common)
+    args = (q, k, v, out, lse, *sched.kernel_args, sched.lst, sched.cnt, rec, *q.stride(), *k.stride(), *v.stride(),
+            *out.stride(), *_layout_args(sched, H, N), scale * _LOG2E)
+    meta = _constexprs(sched, q, record)
+    _fwd_kernel[(sched.tq, H, B)](*args, BM=cfg.block_m, BN=cfg.block_n, PREFIX_Q=False, **meta)
     if P:
-        _fwd_kernel[(triton.cdiv(P, pb), H, B)](*args, BM=pb, BN=cfg.block_n, PREFIX_Q=True, **common)
+        pb = meta["PB"]
+        _fwd_kernel[(triton.cdiv(P, pb), H, B)](*args, BM=pb, BN=cfg.block_n, PREFIX_Q=True, **meta)
     return out, lse, (rec if record else None)
 
 
-def _backward(dout, q, k, v, out, lse, windows, key_keep, grid, P, scale, cfg: Config, record: bool = False):
+def _backward(dout, q, k, v, out, lse, windows, key_keep, grid, P, scale, cfg: Config, record: bool = False,
+              sched=None):
     """Launch the backward kernels: ``(dq, dk, dv, rec_q, rec_k)`` (``rec_*`` only with ``record``).
 
-    ``rec_q (B, h, TQ, TK)`` as in :func:`_forward`; ``rec_k (B, h, TK, TQ)`` the query tiles each
-    key tile's program visited.
+    ``rec_q (B, h, TQ, TK)`` as in :func:`_forward` (from the ``dq`` kernel); ``rec_k (B, h, TK,
+    TQ)`` the query tiles each key tile's ``dk, dv`` program visited.
     """
     B, H, N, d = q.shape
-    gh, gw = grid
-    n = gh * gw
-    sched = _build_schedule(windows, key_keep, grid, P, B, cfg)
+    if sched is None:
+        sched = _build_schedule(windows, key_keep, grid, P, B, cfg)
     lst_t, cnt_t = sched.transposed()
-    lay = sched.layout
     dev = q.device
     delta = torch.empty((B, H, N), dtype=torch.float32, device=dev)
     br = 16 if _interpreting(q) else 64
     _delta_kernel[(triton.cdiv(N, br), H, B)](out, dout, delta, *out.stride(), *dout.stride(), H, N,
-                                             HEAD_D=d, BD=_head_block(d), BR=br)
+                                             HEAD_D=d, BD=max(16, triton.next_power_of_2(d)), BR=br)
     dq = torch.empty((B, H, N, d), dtype=q.dtype, device=dev)
     dk = torch.empty((B, H, N, d), dtype=k.dtype, device=dev)
     dv = torch.empty((B, H, N, d), dtype=v.dtype, device=dev)
     rec_q = torch.zeros((B, H, sched.tq, sched.tk) if record else (1,), dtype=torch.int8, device=dev)
     rec_k = torch.zeros((B, H, sched.tk, sched.tq) if record else (1,), dtype=torch.int8, device=dev)
-    win = windows.contiguous()
-    keep = _keep_arg(key_keep, q)
-    win_sb, keep_sb = _mask_batch_strides(win, key_keep, n, N)
-    pb = _prefix_block(P)
-    common = dict(HEAD_D=d, BD=_head_block(d), PB=pb, ORDER=lay.order, TW=lay.tw, TH=lay.th,
-                  HAS_KEEP=key_keep is not None, RECORD=record, DOT_PREC=_dot_precision(q.dtype),
-                  **_launch_options(cfg, q))
-    tail = (H, N, P, gh, gw, lay.nbx, sched.tq, sched.tk, win_sb, keep_sb, int(sched.per_image), scale * _LOG2E,
-            scale)
-    dq_args = (q, k, v, dout, lse, delta, dq, win, keep, sched.lst, sched.cnt, rec_q, *q.stride(), *k.stride(),
-               *v.stride(), *dout.stride(), *dq.stride()[:3], *tail)
-    _bwd_dq_kernel[(sched.tq, H, B)](*dq_args, BM=cfg.block_m, BN=cfg.block_n, PREFIX_Q=False, **common)
+    meta = _constexprs(sched, q, record)
+    pb = meta["PB"]
+    tail = (*_layout_args(sched, H, N), scale * _LOG2E, scale)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    dq_args = (q, k, v, dout, lse, delta, dq, *sched.kernel_args, sched.lst, sched.cnt, rec_q, *strides, *dq.stride(),
+               *tail)
+    _bwd_dq_kernel[(sched.tq, H, B)](*dq_args, BM=cfg.block_m, BN=cfg.block_n, PREFIX_Q=False, **meta)
     if P:
-        _bwd_dq_kernel[(triton.cdiv(P, pb), H, B)](*dq_args, BM=pb, BN=cfg.block_n, PREFIX_Q=True, **common)
-    kv_args = (q, k, v, dout, lse, delta, dk, dv, win, keep, lst_t, cnt_t, rec_k, *q.stride(), *k.stride(),
-               *v.stride(), *dout.stride(), *dk.stride()[:3], *tail)
-    _bwd_dkdv_kernel[(sched.tk, H, B)](*kv_args, BM=cfg.block_m, BN=cfg.block_n, PREFIX_K=False, **common)
+        _bwd_dq_kernel[(triton.cdiv(P, pb), H, B)](*dq_args, BM=pb, BN=cfg.block_n, PREFIX_Q=True, **meta)
+    kv_args = (q, k, v, dout, lse, delta, dk, dv, *sched.kernel_args, lst_t, cnt_t, rec_k, *strides, *dk.stride(),
+               *tail)
+    _bwd_dkdv_kernel[(sched.tk, H, B)](*kv_args, BM=cfg.block_m, BN=cfg.block_n, PREFIX_K=False, **meta)
     if P:
-        _bwd_dkdv_kernel[(triton.cdiv(P, pb), H, B)](*kv_args, BM=cfg.block_m, BN=pb, PREFIX_K=True, **common)
+        _bwd_dkdv_kernel[(triton.cdiv(P, pb), H, B)](*kv_args, BM=cfg.block_m, BN=pb, PREFIX_K=True, **meta)
     return dq, dk, dv, (rec_q if record else None), (rec_k if record else None)
 
 
@@ -840,8 +986,7 @@ def _forward_fake(q, k, v, windows, key_keep, grid_h, grid_w, num_prefix_tokens,
 def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, windows: torch.Tensor, key_keep: Optional[torch.Tensor], grid_h: int, grid_w: int,
                  num_prefix_tokens: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grid, P = (grid_h, grid_w), num_prefix_tokens
-    args = (dout, q, k, v, out, lse, windows, key_keep, grid, P, scale)
+    args = (dout, q, k, v, out, lse, windows, key_keep, (grid_h, grid_w), num_prefix_tokens, scale)
     cfg = _pick_config("bwd", q, lambda c: _backward(*args, c))
     dq, dk, dv, _, _ = _backward(*args, cfg)
     return dq, dk, dv
@@ -849,9 +994,7 @@ def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 @_backward_op.register_fake
 def _backward_fake(dout, q, k, v, out, lse, windows, key_keep, grid_h, grid_w, num_prefix_tokens, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), \
-        torch.empty_like(k, memory_format=torch.contiguous_format), \
-        torch.empty_like(v, memory_format=torch.contiguous_format)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -900,38 +1043,53 @@ def window_attention_unsupported(q, k, v, mask: WindowMask, scale: float) -> Opt
     return None
 
 
-def _resolve_config(block_m: int, block_n: int, order, unit) -> Config:
+def _resolve_config(block_m: int, block_n: int, order, unit, query_order) -> Config:
     if isinstance(order, str):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {sorted(ORDERS)}, got {order!r}")
         order = ORDERS[order]
-    return Config(block_m, block_n, TILED if order is None else order, 64 if unit is None else unit)
+    return Config(block_m, block_n, TILED if order is None else order, 64 if unit is None else unit,
+                  "auto" if query_order is None else query_order)
 
 
-def tile_codes(mask: WindowMask, batch_size: Optional[int] = None, block_m: int = 64, block_n: int = 64, *,
-               order=None, unit: Optional[int] = None) -> torch.Tensor:
-    """The kernel's tile schedule over the patch tiles: int8 ``(B, TQ, TK)``, 0 skip / 1 masked / 2 full.
-
-    Built by the same launch the kernels use (``_build_schedule``). Prefix tokens are not part
-    of it: the kernels always visit the prefix keys (one narrow block) and the prefix queries
-    always visit every key tile. ``order`` ``"tiled"`` (default) or ``"row_major"``; ``unit``
-    the square size of the tiled order (default 64, 8 x 8).
-    """
+def _schedule_for(mask: WindowMask, batch_size, block_m, block_n, order, unit, query_order) -> Tuple[_Schedule, int]:
     if not isinstance(mask, WindowMask):
         raise TypeError(f"mask must be a vitpatch.WindowMask, got {type(mask).__name__}")
     B = mask._batch(batch_size)
-    cfg = _resolve_config(block_m, block_n, order, unit)
-    sched = _build_schedule(mask.windows, mask.key_keep, mask.grid, mask.num_prefix_tokens, B, cfg)
-    return sched.codes.expand(B, -1, -1)
+    cfg = _resolve_config(block_m, block_n, order, unit, query_order)
+    return _build_schedule(mask.windows, mask.key_keep, mask.grid, mask.num_prefix_tokens, B, cfg), B
+
+
+def tile_codes(mask: WindowMask, batch_size: Optional[int] = None, block_m: int = 64, block_n: int = 64, *,
+               order=None, unit: Optional[int] = None, query_order: Optional[str] = None) -> torch.Tensor:
+    """The kernel's tile schedule over the patch tiles: int8 ``(B, TQ, TK)``, 0 skip / 1 masked / 2 full.
+
+    Built by the launch the kernels use (``_build_schedule``), for the query order each image
+    runs (:func:`query_tokens` says which query sits in which slot). Prefix tokens are not part
+    of it: the kernels always visit the prefix keys (one narrow block) and the prefix queries
+    visit every key tile. ``order`` ``"tiled"`` (default) or ``"row_major"`` (key layout);
+    ``unit`` the tiled square (default 64, 8 x 8); ``query_order`` ``"auto"`` (default),
+    ``"spatial"`` or ``"sorted"``.
+    """
+    sched, B = _schedule_for(mask, batch_size, block_m, block_n, order, unit, query_order)
+    return sched.chosen_codes().expand(B, -1, -1)
+
+
+def query_tokens(mask: WindowMask, batch_size: Optional[int] = None, block_m: int = 64, block_n: int = 64, *,
+                 order=None, unit: Optional[int] = None, query_order: Optional[str] = None) -> torch.Tensor:
+    """The token in each query slot of each image, int64 ``(B, TQ * block_m)`` (``-1`` padding)."""
+    sched, B = _schedule_for(mask, batch_size, block_m, block_n, order, unit, query_order)
+    return sched.query_tokens().expand(B, -1)
 
 
 def tile_schedule(mask: WindowMask, batch_size: Optional[int] = None, block_m: int = 64, block_n: int = 64, *,
-                  order=None, unit: Optional[int] = None) -> torch.Tensor:
+                  order=None, unit: Optional[int] = None, query_order: Optional[str] = None) -> torch.Tensor:
     """Which (query tile, key tile) pairs of patch slots the kernel visits: bool ``(B, TQ, TK)``."""
-    return tile_codes(mask, batch_size, block_m, block_n, order=order, unit=unit) > 0
+    return tile_codes(mask, batch_size, block_m, block_n, order=order, unit=unit, query_order=query_order) > 0
 
 
 def visited_fraction(mask: WindowMask, batch_size: Optional[int] = None, block_m: int = 64, block_n: int = 64, *,
-                     order=None, unit: Optional[int] = None) -> float:
+                     order=None, unit: Optional[int] = None, query_order: Optional[str] = None) -> float:
     """Fraction of the patch tile pairs the kernel visits, averaged over images."""
-    return float(tile_schedule(mask, batch_size, block_m, block_n, order=order, unit=unit).double().mean())
+    vis = tile_schedule(mask, batch_size, block_m, block_n, order=order, unit=unit, query_order=query_order)
+    return float(vis.double().mean())
