@@ -39,13 +39,17 @@ The mask is never stored, neither dense nor per tile element: the kernels evalua
   writes the ``(V, Bs, TQ, TK)`` int8 code table and, per query tile, the compacted list of key
   tiles (masked first, full at the end of the row). The backward pass compacts the columns
   (``_transpose_kernel``), so a key tile visits only the query tiles that reach it. ``Bs = 1``
-  for shared windows without ``key_keep``: one schedule for the batch (batch stride 0).
+  for shared windows without ``key_keep``: one schedule for the batch (batch stride 0). A
+  schedule is kept (weakly keyed on the mask tensors and their version counters) and reused
+  by every block of a model that passes the same mask, forward and backward.
 
 Helpers for tests and benchmarks, built by the launcher's own code path: :func:`tile_codes`,
 :func:`tile_schedule`, :func:`visited_fraction`, :func:`query_tokens`, :func:`slot_tokens`.
 """
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -769,19 +773,23 @@ class _Schedule:
     codes: torch.Tensor    # (V, Bs, TQ, TK) int8: 0 skip, 1 masked, 2 full
     lst: torch.Tensor      # (V, Bs, TQ, TK) int32: visited key tiles, masked ones first, full ones last
     cnt: torch.Tensor      # (V, Bs, TQ, 2) int32: numbers of masked and full key tiles
+    _transposed: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     @property
     def kernel_args(self) -> tuple:
         return (self.windows, self.keep, self.perm, self.choice)
 
     def transposed(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per key tile, the query tiles that visit it: ``(list (Bs, TK, TQ), counts (Bs, TK, 2))``."""
+        """Per key tile, the query tiles that visit it: ``(list (Bs, TK, TQ), counts (Bs, TK, 2))`` (built once)."""
+        if self._transposed is not None:
+            return self._transposed
         dev = self.codes.device
         lst = torch.empty((self.bs, self.tk, self.tq), dtype=torch.int32, device=dev)
         cnt = torch.empty((self.bs, self.tk, 2), dtype=torch.int32, device=dev)
-        qc = min(triton.next_power_of_2(self.tq), 16 if _interpreting(self.codes) else 128)
+        qc = min(triton.next_power_of_2(self.tq), 128)
         _transpose_kernel[(self.tk, self.bs)](self.codes, self.choice, lst, cnt, self.tq, self.tk, self.bs, QC=qc,
                                               QMODE=self.qmode)
+        self._transposed = (lst, cnt)
         return lst, cnt
 
     def chosen_codes(self) -> torch.Tensor:
@@ -843,16 +851,50 @@ def _build_schedule(windows: torch.Tensor, key_keep: Optional[torch.Tensor], gri
     lst = torch.empty((nv, bs, tq, tk), dtype=torch.int32, device=dev)
     cnt = torch.empty((nv, bs, tq, 2), dtype=torch.int32, device=dev)
     rects = 3 if lay.order == ROW_MAJOR else max(1, cfg.block_n // lay.unit)
-    kc = min(triton.next_power_of_2(tk), 16 if interp else 64)
+    kc = min(triton.next_power_of_2(tk), 64)
     _schedule_kernel[(tq, bs, nv)](win, keep, perm, codes, lst, cnt, win_sb, keep_sb, perm_sb, P, gh, gw, lay.nbx,
                                    tq, tk, bs, BM=cfg.block_m, BN=cfg.block_n, KC=kc, R=rects, ORDER=lay.order,
                                    TW=lay.tw, TH=lay.th, HAS_KEEP=key_keep is not None, QMODE=qmode)
-    choice = torch.zeros(1, dtype=torch.int32, device=dev)
+    choice = torch.empty(1, dtype=torch.int32, device=dev)  # unused unless auto
     if qmode == 2:
         choice = torch.empty(bs, dtype=torch.int32, device=dev)
         _choice_kernel[(bs,)](cnt, choice, bs, tq, C=min(triton.next_power_of_2(2 * tq), 16 if interp else 1024))
     return _Schedule(cfg, lay, grid, P, tq, tk, bs, qmode, win, win_sb, keep, keep_sb, perm, perm_sb, choice, codes,
                      lst, cnt)
+
+
+_SCHEDULES: "OrderedDict[tuple, tuple]" = OrderedDict()
+_SCHEDULE_CACHE_SIZE = 8
+
+
+def _cached_schedule(windows: torch.Tensor, key_keep: Optional[torch.Tensor], grid: Tuple[int, int], P: int,
+                     batch_size: int, cfg: Config) -> _Schedule:
+    """:func:`_build_schedule`, reused while the same ``windows`` / ``key_keep`` tensors are unchanged.
+
+    The blocks of a ViT (and the backward pass, when its config matches) see the same mask
+    tensors, so one schedule serves them all. An entry holds weak references and the tensors'
+    version counters: a freed, replaced or modified-in-place mask tensor never matches.
+    """
+    key = (id(windows), None if key_keep is None else id(key_keep), grid, P, batch_size, cfg, windows.device)
+    hit = _SCHEDULES.get(key)
+    if hit is not None:
+        w_ref, w_ver, k_ref, k_ver, sched = hit
+        if w_ref() is windows and w_ver == windows._version and (
+                key_keep is None or (k_ref() is key_keep and k_ver == key_keep._version)):
+            _SCHEDULES.move_to_end(key)
+            return sched
+    sched = _build_schedule(windows, key_keep, grid, P, batch_size, cfg)
+    _SCHEDULES[key] = (weakref.ref(windows), windows._version, None if key_keep is None else weakref.ref(key_keep),
+                       None if key_keep is None else key_keep._version, sched)
+    while len(_SCHEDULES) > _SCHEDULE_CACHE_SIZE:
+        _SCHEDULES.popitem(last=False)
+    return sched
+
+
+def _record_buffer(shape, record: bool, device) -> torch.Tensor:
+    # visited-tile codes for tests (zeros = not visited); a dummy pointer, never written, otherwise
+    return torch.zeros(shape, dtype=torch.int8, device=device) if record else torch.empty(1, dtype=torch.int8,
+                                                                                          device=device)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -883,10 +925,10 @@ def _forward(q, k, v, windows, key_keep, grid, P, scale, cfg: Config, record: bo
     """
     B, H, N, d = q.shape
     if sched is None:
-        sched = _build_schedule(windows, key_keep, grid, P, B, cfg)
+        sched = _cached_schedule(windows, key_keep, grid, P, B, cfg)
     out = torch.empty((B, H, N, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    rec = torch.zeros((B, H, sched.tq, sched.tk) if record else (1,), dtype=torch.int8, device=q.device)
+    rec = _record_buffer((B, H, sched.tq, sched.tk), record, q.device)
     args = (q, k, v, out, lse, *sched.kernel_args, sched.lst, sched.cnt, rec, *q.stride(), *k.stride(), *v.stride(),
             *out.stride(), *_layout_args(sched, H, N), scale * _LOG2E)
     meta = _constexprs(sched, q, record)
@@ -906,7 +948,7 @@ def _backward(dout, q, k, v, out, lse, windows, key_keep, grid, P, scale, cfg: C
     """
     B, H, N, d = q.shape
     if sched is None:
-        sched = _build_schedule(windows, key_keep, grid, P, B, cfg)
+        sched = _cached_schedule(windows, key_keep, grid, P, B, cfg)
     lst_t, cnt_t = sched.transposed()
     dev = q.device
     delta = torch.empty((B, H, N), dtype=torch.float32, device=dev)
@@ -916,8 +958,8 @@ def _backward(dout, q, k, v, out, lse, windows, key_keep, grid, P, scale, cfg: C
     dq = torch.empty((B, H, N, d), dtype=q.dtype, device=dev)
     dk = torch.empty((B, H, N, d), dtype=k.dtype, device=dev)
     dv = torch.empty((B, H, N, d), dtype=v.dtype, device=dev)
-    rec_q = torch.zeros((B, H, sched.tq, sched.tk) if record else (1,), dtype=torch.int8, device=dev)
-    rec_k = torch.zeros((B, H, sched.tk, sched.tq) if record else (1,), dtype=torch.int8, device=dev)
+    rec_q = _record_buffer((B, H, sched.tq, sched.tk), record, dev)
+    rec_k = _record_buffer((B, H, sched.tk, sched.tq), record, dev)
     meta = _constexprs(sched, q, record)
     pb = meta["PB"]
     tail = (*_layout_args(sched, H, N), scale * _LOG2E, scale)

@@ -234,6 +234,27 @@ def test_no_dense_mask_is_built(wa, monkeypatch):
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+def test_schedule_is_reused_while_the_mask_is_unchanged(wa, monkeypatch):
+    """Blocks sharing one mask share one schedule; an in-place change of the windows rebuilds it."""
+    grid, P, B = (5, 6), 1, 2
+    gen = torch.Generator().manual_seed(7)
+    mask = WindowMask(local_windows(B, grid, gen), grid, P).to(DEVICE)
+    builds = []
+    real = wa._build_schedule
+    monkeypatch.setattr(wa, "_build_schedule", lambda *a: builds.append(1) or real(*a))
+    monkeypatch.setenv("VITPATCH_BACKEND", "triton")
+    wa._SCHEDULES.clear()
+    q, k, v = qkv(B, 1, P + 30, 16)
+    first = functional.window_attention(q, k, v, mask)
+    assert torch.equal(functional.window_attention(q, k, v, mask), first)
+    assert len(builds) == 1
+    mask.windows.copy_(local_windows(B, grid, gen, max_radius=4))  # same tensor, new contents
+    out = functional.window_attention(q, k, v, mask)
+    assert len(builds) == 2
+    assert_close(out, reference.window_attention(q.double(), k.double(), v.double(), mask), TOL[torch.float32],
+                 "output after the windows changed")
+
+
 # ----------------------------------------------------------------------------------- widths, dtypes
 @pytest.mark.parametrize("d", [16, 32, 64, 48])
 def test_head_widths(d, monkeypatch):
