@@ -256,13 +256,26 @@ def test_schedule_is_reused_while_the_mask_is_unchanged(wa, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------- widths, dtypes
-@pytest.mark.parametrize("d", [16, 32, 64, 48])
+@pytest.mark.parametrize("d", [16, 32, 64, 48, 128])
 def test_head_widths(d, monkeypatch):
     require_kernel(OP, "triton")
     monkeypatch.setenv("VITPATCH_BACKEND", "triton")
     grid, P, B = (3, 5), 1, 2
     mask = WindowMask(local_windows(B, grid, torch.Generator().manual_seed(d), 1), grid, P).to(DEVICE)
     q, k, v = qkv(B, 1, P + 15, d)
+    check_against_reference(lambda q, k, v: functional.window_attention(q, k, v, mask),
+                            lambda q, k, v: reference.window_attention(q, k, v, mask), [q, k, v])
+
+
+@pytest.mark.parametrize("P", [20, 70])
+def test_many_prefix_tokens(P, monkeypatch):
+    """More prefix tokens than one narrow block (16 to 64 wide) holds: prefix blocks in a loop."""
+    require_kernel(OP, "triton")
+    monkeypatch.setenv("VITPATCH_BACKEND", "triton")
+    grid, B = (3, 4), 2
+    gen = torch.Generator().manual_seed(P)
+    mask = WindowMask(local_windows(B, grid, gen, 1), grid, P, torch.rand(B, P + 12, generator=gen) > 0.3).to(DEVICE)
+    q, k, v = qkv(B, 1, P + 12, 16)
     check_against_reference(lambda q, k, v: functional.window_attention(q, k, v, mask),
                             lambda q, k, v: reference.window_attention(q, k, v, mask), [q, k, v])
 
