@@ -15,6 +15,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from . import _env
+from . import kernels as _kernel_package  # the (empty) package; kernel modules load lazily
 
 log = logging.getLogger("vitpatch")
 
@@ -27,24 +28,47 @@ KERNEL_MODULES = {
 }
 
 
-def kernel(op: str) -> Optional[Callable]:
-    """The Triton implementation of ``op``, or ``None`` when Triton or that kernel is missing."""
+@torch.compiler.assume_constant_result
+def _kernel_available(op: str) -> bool:
+    """Whether Triton and the kernel module of ``op`` exist; imports that module when they do.
+
+    Under ``torch.compile`` this runs once at trace time and its (constant) result is used in
+    the graph: the import machinery itself cannot be traced.
+    """
     if importlib.util.find_spec("triton") is None:
-        return None
+        return False
     name = f"vitpatch.kernels.{KERNEL_MODULES[op]}"
     try:
         if importlib.util.find_spec(name) is None:
-            return None
+            return False
     except ModuleNotFoundError:
+        return False
+    importlib.import_module(name)
+    return True
+
+
+def _kernel_module(op: str):
+    """The (already imported) kernel module of ``op``: plain attribute lookups, traceable by dynamo."""
+    return getattr(_kernel_package, KERNEL_MODULES[op])
+
+
+def kernel(op: str) -> Optional[Callable]:
+    """The Triton implementation of ``op``, or ``None`` when Triton or that kernel is missing."""
+    if not _kernel_available(op):
         return None
-    return getattr(importlib.import_module(name), op, None)
+    return getattr(_kernel_module(op), op, None)
 
 
 def _unsupported(op: str, args: tuple) -> Optional[str]:
     """A kernel module may define ``<op>_unsupported(*args)`` returning why it cannot run these inputs."""
-    module = importlib.import_module(f"vitpatch.kernels.{KERNEL_MODULES[op]}")
-    check = getattr(module, f"{op}_unsupported", None)
+    check = getattr(_kernel_module(op), f"{op}_unsupported", None)
     return None if check is None else check(*args)
+
+
+def _debug(msg: str, *args) -> None:
+    # logging cannot be traced by torch.compile; the choice is logged in eager calls only
+    if not torch.compiler.is_compiling():
+        log.debug(msg, *args)
 
 
 def choose(op: str, *tensors: torch.Tensor, args: tuple = ()) -> Tuple[str, Optional[Callable]]:
@@ -55,7 +79,7 @@ def choose(op: str, *tensors: torch.Tensor, args: tuple = ()) -> Tuple[str, Opti
     """
     forced = _env.backend_override()
     if forced in ("torch", "reference"):
-        log.debug("%s: backend %s forced by VITPATCH_BACKEND", op, forced)
+        _debug("%s: backend %s forced by VITPATCH_BACKEND", op, forced)
         return forced, None
     fn = kernel(op)
     on_cuda = all(t.is_cuda for t in tensors)
@@ -69,15 +93,15 @@ def choose(op: str, *tensors: torch.Tensor, args: tuple = ()) -> Tuple[str, Opti
         reason = _unsupported(op, args)
         if reason:
             raise RuntimeError(f"VITPATCH_BACKEND=triton but the {op} kernel cannot run these inputs: {reason}")
-        log.debug("%s: backend triton forced by VITPATCH_BACKEND", op)
+        _debug("%s: backend triton forced by VITPATCH_BACKEND", op)
         return "triton", fn
     if fn is not None and on_cuda:
         reason = _unsupported(op, args)
         if reason is None:
-            log.debug("%s: backend triton (CUDA tensors, kernel available)", op)
+            _debug("%s: backend triton (CUDA tensors, kernel available)", op)
             return "triton", fn
-        log.debug("%s: backend torch, the kernel cannot run these inputs: %s", op, reason)
+        _debug("%s: backend torch, the kernel cannot run these inputs: %s", op, reason)
         return "torch", None
-    log.debug("%s: backend torch (%s)", op, "no Triton kernel" if fn is None else "CPU tensors")
+    _debug("%s: backend torch (%s)", op, "no Triton kernel" if fn is None else "CPU tensors")
     return "torch", None
 

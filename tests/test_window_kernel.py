@@ -1,0 +1,357 @@
+"""The window-attention Triton kernel itself (SPEC §1): tile skipping, both tile branches, layouts,
+head widths, torch.compile. Runs in Triton's interpreter on CPU (fp32, small tiles)."""
+import importlib.util
+
+import pytest
+import torch
+
+from vitpatch import WindowMask, functional, reference
+from vitpatch.masks import synthetic_awd_windows
+
+from _helpers import DEVICE, TOL, assert_close, check_against_reference, qkv, require_kernel
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+OP = "window_attention"
+
+
+@pytest.fixture(scope="module")
+def wa():
+    require_kernel(OP, "triton")
+    from vitpatch.kernels import window_attention as module
+    return module
+
+
+# ----------------------------------------------------------------------------------- helpers
+def local_windows(B, grid, gen, max_radius=2):
+    """Per-image random windows of radius 0..max_radius around each patch: small, so tiles get skipped."""
+    gh, gw = grid
+    p = torch.arange(gh * gw)
+    x, y = p % gw, p // gw
+    r = torch.randint(0, max_radius + 1, (B, gh * gw, 4), generator=gen)
+    return torch.stack([(x - r[..., 0]).clamp(min=0), (y - r[..., 1]).clamp(min=0),
+                        (x + r[..., 2]).clamp(max=gw - 1), (y + r[..., 3]).clamp(max=gh - 1)], -1)
+
+
+def pad_to(t, length):
+    return torch.cat([t, t.new_full(t.shape[:-1] + (length - t.shape[-1],), -1)], -1)
+
+
+def dense_tile_codes(mask, B, q_slots, k_slots, bm, bn):
+    """From ``mask.dense()`` alone: per (query tile, key tile), 0 untouched, 1 touched (some allowed
+    pair), 2 every valid query of the tile allows every key slot of the tile.
+
+    ``q_slots (B, Sq)``: the token in each query slot of each image; ``k_slots (Sk,)``: of each key
+    slot (-1 = padding)."""
+    Sq, Sk = -(-q_slots.shape[1] // bm) * bm, -(-k_slots.numel() // bn) * bn
+    q_slots, k_slots = pad_to(q_slots.cpu(), Sq), pad_to(k_slots.cpu(), Sk)
+    dense = mask.dense(B).cpu()
+    kv = k_slots >= 0
+    out = []
+    for b in range(B):
+        qv = q_slots[b] >= 0
+        a = dense[b][q_slots[b].clamp(min=0)][:, k_slots.clamp(min=0)] & qv[:, None] & kv[None, :]
+        a = a.reshape(Sq // bm, bm, Sk // bn, bn)
+        touched = a.any(3).any(1)
+        every = (a | ~qv.reshape(-1, bm, 1, 1)).all(3).all(1) & kv.reshape(1, -1, bn).all(2)
+        out.append(touched.to(torch.int8) + (touched & every).to(torch.int8))
+    return torch.stack(out)
+
+
+def reference_grads(q, k, v, mask, scale, dout):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = reference.window_attention(*leaves, mask, scale=scale)
+    return out, torch.autograd.grad(out, leaves, dout.double())
+
+
+# (block_m, block_n, key order, unit, query order): the pinned config, each query order, row-major
+# key runs (3 rectangles per key tile), a key tile of two squares, sub-square tiles of 8 x 8 squares
+CONFIGS = {
+    "pinned": (16, 16, 1, 16, "auto"),
+    "tiled4x4_sorted": (16, 16, 1, 16, "sorted"),
+    "row_major_spatial": (16, 16, 0, 64, "spatial"),
+    "row_major_32x16_sorted": (32, 16, 0, 64, "sorted"),
+    "tiled4x4_16x32_spatial": (16, 32, 1, 16, "spatial"),
+    "tiled8x8_32x16_auto": (32, 16, 1, 64, "auto"),
+}
+CASES = [("pinned", "local"), ("pinned", "keep"), ("pinned", "awd"), ("tiled4x4_sorted", "shared_square"),
+         ("row_major_spatial", "keep"), ("row_major_32x16_sorted", "local"), ("tiled4x4_16x32_spatial", "keep"),
+         ("tiled8x8_32x16_auto", "shared_square")]
+
+
+def masks_for(kind, B, grid, P):
+    gen = torch.Generator().manual_seed(11)
+    n = grid[0] * grid[1]
+    if kind == "local":
+        return WindowMask(local_windows(B, grid, gen), grid, P)
+    if kind == "awd":
+        return WindowMask(synthetic_awd_windows(grid, B, 0.23, seed=2), grid, P)
+    if kind == "shared_square":
+        return WindowMask.square(grid, 2, P)
+    if kind == "keep":
+        kk = torch.rand(B, P + n, generator=gen) > 0.4
+        kk[1, P:P + 2 * grid[1]] = False  # the first two grid rows of image 1 dropped entirely
+        return WindowMask(local_windows(B, grid, gen), grid, P, kk)
+    raise AssertionError(kind)
+
+
+# ----------------------------------------------------------------------------------- layout
+@pytest.mark.parametrize("grid", [(1, 1), (5, 7), (9, 11), (8, 8)])
+@pytest.mark.parametrize("order,unit", [(0, 64), (1, 16), (1, 64), (1, 32)])
+def test_slot_layout(wa, grid, order, unit):
+    """Every patch sits in exactly one slot; a tiled square holds a TW x TH rectangle of the grid."""
+    gh, gw = grid
+    P = 2
+    slots = wa.slot_tokens(grid, P, order, unit)
+    valid = slots[slots >= 0]
+    assert torch.equal(valid.sort().values, torch.arange(P, P + gh * gw))
+    if order == 0:
+        assert torch.equal(slots, torch.arange(P, P + gh * gw))
+        return
+    tw = {16: 4, 32: 8, 64: 8}[unit]
+    th = unit // tw
+    assert slots.numel() % unit == 0
+    for sq in slots.reshape(-1, unit):
+        p = sq[sq >= 0] - P
+        if p.numel() == 0:
+            continue
+        x, y = p % gw, p // gw
+        x0, y0 = int(x.min()), int(y.min())
+        assert x0 % tw == 0 and y0 % th == 0
+        exp = [(yy, xx) for yy in range(y0, min(y0 + th, gh)) for xx in range(x0, min(x0 + tw, gw))]
+        assert sorted(zip(y.tolist(), x.tolist())) == exp
+
+
+# ----------------------------------------------------------------------------------- skipping
+@pytest.mark.parametrize("config,kind", CASES, ids=lambda c: c if isinstance(c, str) else None)
+def test_visited_tiles_are_the_touched_tiles(wa, config, kind):
+    """The key tiles each program visits (recorded by the kernels themselves: forward, dq and dk/dv)
+    equal the tiles the windows touch in mask.dense() (a superset with key_keep); the "full" tiles
+    are exactly those every query of the tile fully allows; the results match the reference."""
+    bm, bn, order, unit, query_order = CONFIGS[config]
+    B, h, d, P = 2, 1, 16, 1
+    grid = (8, 9) if kind != "awd" else (8, 8)
+    mask = masks_for(kind, B, grid, P).to(DEVICE)
+    N = P + grid[0] * grid[1]
+    cfg = wa.Config(bm, bn, order, unit, query_order)
+    sched = wa._build_schedule(mask.windows, mask.key_keep, mask.grid, P, B, cfg)
+    q, k, v = qkv(B, h, N, d)
+    scale = 0.3
+    out, lse, rec = wa._forward(q, k, v, mask.windows, mask.key_keep, mask.grid, P, scale, cfg, record=True,
+                                sched=sched)
+    dout = torch.randn(B, h, N, d, dtype=torch.float64).to(q)
+    dq, dk, dv, rec_q, rec_k = wa._backward(dout, q, k, v, out, lse, mask.windows, mask.key_keep, mask.grid, P,
+                                            scale, cfg, record=True, sched=sched)
+
+    q_slots = sched.query_tokens().expand(B, -1).cpu()
+    for b in range(B):  # every patch query sits in exactly one slot
+        assert torch.equal(q_slots[b][q_slots[b] >= 0].sort().values, torch.arange(P, N))
+    expected = dense_tile_codes(mask, B, q_slots, wa.slot_tokens(mask.grid, P, order, unit), bm, bn)
+    codes = sched.chosen_codes().expand(B, -1, -1).cpu()
+    assert torch.equal(codes, wa.tile_codes(mask, B, bm, bn, order=order, unit=unit, query_order=query_order).cpu())
+    rec, rec_q, rec_k = rec.cpu(), rec_q.cpu(), rec_k.cpu()
+    assert codes.shape == expected.shape
+    for r in (rec, rec_q):  # every head visits the schedule's tiles, with the schedule's branch
+        assert torch.equal(r, codes[:, None].expand_as(r))
+    assert torch.equal(rec_k, codes[:, None].transpose(-1, -2).expand_as(rec_k))
+    if mask.key_keep is None:
+        assert torch.equal(codes, expected)
+    else:
+        assert bool(((codes > 0) | (expected == 0)).all()), "a touched tile was skipped"
+        assert torch.equal(codes == 2, expected == 2)
+    assert (codes > 0).sum().item() < codes.numel(), "these windows should let the kernel skip tiles"
+
+    ref_out, ref_grads = reference_grads(q, k, v, mask, scale, dout)
+    assert_close(out, ref_out, TOL[torch.float32], "output")
+    for name, g, gr in zip("qkv", (dq, dk, dv), ref_grads):
+        assert_close(g, gr, TOL[torch.float32], f"d{name}")
+
+
+def test_auto_query_order_takes_the_cheaper_schedule_per_image(wa):
+    """``auto`` builds both query orders and each image runs the one that visits fewer tiles."""
+    grid, B = (12, 12), 2
+    p = torch.arange(144)
+    x, y = p % 12, p // 12
+    big = torch.stack([(x - 3).clamp(min=0), (y - 3).clamp(min=0), (x + 3).clamp(max=11), (y + 3).clamp(max=11)], -1)
+    w = torch.stack([big, synthetic_awd_windows(grid, 1, 0.23, seed=4)[0]])
+    mask = WindowMask(w, grid, 0).to(DEVICE)
+    visited = {qo: (wa.tile_codes(mask, B, 16, 16, unit=16, query_order=qo) > 0).sum((1, 2)).cpu()
+               for qo in ("spatial", "sorted", "auto")}
+    assert torch.equal(visited["auto"], torch.minimum(visited["spatial"], visited["sorted"]))
+    winner = (visited["sorted"] < visited["spatial"]).tolist()
+    assert winner == [False, True], visited  # the two images pick different orders
+
+
+def test_full_and_masked_branches_in_one_call(wa):
+    """Query tiles whose windows contain two key tiles entirely (no element mask) and cut two
+    others (element mask), in the same program, matching the reference in values and gradients."""
+    grid, P, B, h, d = (8, 8), 1, 1, 2, 16
+    gh, gw = grid
+    p = torch.arange(gh * gw)
+    x, y = p % gw, p // gw
+    w = torch.stack([(x - 1).clamp(min=0), (y - 1).clamp(min=0), (x + 1).clamp(max=gw - 1),
+                     (y + 1).clamp(max=gh - 1)], -1)
+    w[x < 4] = torch.tensor([0, 0, 5, 7])  # the left half: covers the 4 x 4 squares 0 and 2, cuts 1 and 3
+    mask = WindowMask(w, grid, P).to(DEVICE)
+    q, k, v = qkv(B, h, P + gh * gw, d)
+    cfg = wa.INTERPRET_CONFIG  # what functional.window_attention runs here
+    assert (cfg.block_m, cfg.block_n, cfg.order, cfg.unit) == (16, 16, wa.TILED, 16)
+    for c in (cfg, wa.Config(16, 16, wa.TILED, 16, "spatial"), wa.Config(16, 16, wa.TILED, 16, "sorted")):
+        _, _, rec = wa._forward(q, k, v, mask.windows, None, grid, P, 0.25, c, record=True)
+        rows = rec[0, 0].tolist()
+        assert [2, 1, 2, 1] in rows, (c, rows)
+        assert any(r.count(1) and not r.count(2) for r in rows), (c, rows)
+    check_against_reference(lambda q, k, v: functional.window_attention(q, k, v, mask, scale=0.25),
+                            lambda q, k, v: reference.window_attention(q, k, v, mask, scale=0.25), [q, k, v])
+
+
+def test_shared_windows_have_one_schedule_for_the_batch(wa):
+    """Shared windows without key_keep: one schedule row set for every image (batch stride 0)."""
+    grid = (6, 6)
+    shared = WindowMask.square(grid, 1, 1, device=DEVICE)
+    codes = wa.tile_codes(shared, 5, 16, 16)
+    assert codes.shape[0] == 5 and codes.stride(0) == 0
+    per_image = WindowMask(shared.windows.expand(5, -1, -1), grid, 1)
+    assert per_image.per_image and wa.tile_codes(per_image, 5, 16, 16).stride(0) != 0
+    assert torch.equal(wa.tile_codes(per_image, 5, 16, 16), codes)
+    frac = wa.visited_fraction(shared, 5, 16, 16)
+    assert 0 < frac < 1 and frac == pytest.approx(float(wa.tile_schedule(shared, 5, 16, 16).double().mean()))
+
+
+def test_no_dense_mask_is_built(wa, monkeypatch):
+    """The kernel path never asks the mask for dense rows (forward and backward)."""
+    mask = WindowMask(local_windows(2, (5, 6), torch.Generator().manual_seed(0)), (5, 6), 1,
+                      torch.rand(2, 31) > 0.2).to(DEVICE)
+
+    def forbidden(*a, **kw):
+        raise AssertionError("dense mask requested")
+
+    monkeypatch.setattr(WindowMask, "rows", forbidden)
+    monkeypatch.setattr(WindowMask, "dense", forbidden)
+    monkeypatch.setenv("VITPATCH_BACKEND", "triton")
+    q, k, v = (t.requires_grad_() for t in qkv(2, 2, 31, 16))
+    functional.window_attention(q, k, v, mask).square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_schedule_is_reused_while_the_mask_is_unchanged(wa, monkeypatch):
+    """Blocks sharing one mask share one schedule; an in-place change of the windows rebuilds it."""
+    grid, P, B = (5, 6), 1, 2
+    gen = torch.Generator().manual_seed(7)
+    mask = WindowMask(local_windows(B, grid, gen), grid, P).to(DEVICE)
+    builds = []
+    real = wa._build_schedule
+    monkeypatch.setattr(wa, "_build_schedule", lambda *a: builds.append(1) or real(*a))
+    monkeypatch.setenv("VITPATCH_BACKEND", "triton")
+    wa._SCHEDULES.clear()
+    q, k, v = qkv(B, 1, P + 30, 16)
+    first = functional.window_attention(q, k, v, mask)
+    assert torch.equal(functional.window_attention(q, k, v, mask), first)
+    assert len(builds) == 1
+    mask.windows.copy_(local_windows(B, grid, gen, max_radius=4))  # same tensor, new contents
+    out = functional.window_attention(q, k, v, mask)
+    assert len(builds) == 2
+    assert_close(out, reference.window_attention(q.double(), k.double(), v.double(), mask), TOL[torch.float32],
+                 "output after the windows changed")
+
+
+# ----------------------------------------------------------------------------------- widths, dtypes
+@pytest.mark.parametrize("d", [16, 32, 64, 48, 128])
+def test_head_widths(d, monkeypatch):
+    require_kernel(OP, "triton")
+    monkeypatch.setenv("VITPATCH_BACKEND", "triton")
+    grid, P, B = (3, 5), 1, 2
+    mask = WindowMask(local_windows(B, grid, torch.Generator().manual_seed(d), 1), grid, P).to(DEVICE)
+    q, k, v = qkv(B, 1, P + 15, d)
+    check_against_reference(lambda q, k, v: functional.window_attention(q, k, v, mask),
+                            lambda q, k, v: reference.window_attention(q, k, v, mask), [q, k, v])
+
+
+@pytest.mark.parametrize("P", [20, 70])
+def test_many_prefix_tokens(P, monkeypatch):
+    """More prefix tokens than one narrow block (16 to 64 wide) holds: prefix blocks in a loop."""
+    require_kernel(OP, "triton")
+    monkeypatch.setenv("VITPATCH_BACKEND", "triton")
+    grid, B = (3, 4), 2
+    gen = torch.Generator().manual_seed(P)
+    mask = WindowMask(local_windows(B, grid, gen, 1), grid, P, torch.rand(B, P + 12, generator=gen) > 0.3).to(DEVICE)
+    q, k, v = qkv(B, 1, P + 12, 16)
+    check_against_reference(lambda q, k, v: functional.window_attention(q, k, v, mask),
+                            lambda q, k, v: reference.window_attention(q, k, v, mask), [q, k, v])
+
+
+def test_float16_in_interpreter(monkeypatch):
+    """float16 runs in the interpreter too (bfloat16 does not: numpy has none, so it is declined)."""
+    require_kernel(OP, "triton")
+    monkeypatch.setenv("VITPATCH_BACKEND", "triton")
+    grid, P = (4, 5), 1
+    mask = WindowMask(local_windows(2, grid, torch.Generator().manual_seed(1)), grid, P).to(DEVICE)
+    q, k, v = qkv(2, 1, P + 20, 16, dtype=torch.float16)
+    check_against_reference(lambda q, k, v: functional.window_attention(q, k, v, mask),
+                            lambda q, k, v: reference.window_attention(q, k, v, mask), [q, k, v])
+
+
+def test_unsupported_inputs_are_declined(wa, monkeypatch):
+    mask = WindowMask.full((2, 2), 0)
+    q, k, v = qkv(1, 1, 4, 8, device="cpu")
+    assert "head width 8" in wa.window_attention_unsupported(q, k, v, mask, 0.3)
+    q, k, v = qkv(1, 1, 4, 136, device="cpu")
+    assert "head width 136" in wa.window_attention_unsupported(q, k, v, mask, 0.3)
+    q, k, v = qkv(1, 1, 4, 16, dtype=torch.float64, device="cpu")
+    assert "float64" in wa.window_attention_unsupported(q, k, v, mask, 0.3)
+    q, k, v = qkv(1, 1, 4, 16, device="cpu")
+    assert wa.window_attention_unsupported(q, k, v, mask, 0.3) is None
+    # auto choice falls back to the PyTorch path; a forced kernel says why it cannot run
+    q8 = qkv(1, 1, 4, 8, device="cpu")
+    monkeypatch.setenv("VITPATCH_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="head width 8"):
+        functional.window_attention(*q8, mask)
+
+
+def test_tile_schedule_arguments(wa):
+    mask = WindowMask.square((4, 4), 1)
+    with pytest.raises(ValueError, match="block_m"):
+        wa.tile_schedule(mask, 1, 24, 16)
+    with pytest.raises(ValueError, match="order"):
+        wa.tile_schedule(mask, 1, 16, 16, order="hilbert")
+    with pytest.raises(TypeError, match="mask"):
+        wa.tile_schedule(mask.windows, 1, 16, 16)
+
+
+# ----------------------------------------------------------------------------------- torch.compile
+def test_compiled_vit_has_no_graph_break(monkeypatch):
+    """torch.compile(fullgraph=True) of a timm ViT with WindowAttention and a WindowMask runs the
+    kernel's custom op in one graph and matches eager, outputs and parameter gradients."""
+    require_kernel(OP, "triton")
+    timm = pytest.importorskip("timm")
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from vitpatch.nn import WindowAttention
+
+    monkeypatch.setenv("VITPATCH_BACKEND", "triton")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=2, num_classes=3, attn_layer=WindowAttention).to(DEVICE)
+    grid = (4, 4)
+    kk = torch.ones(2, 17, dtype=torch.bool)
+    kk[1, 3] = False
+    mask = WindowMask(local_windows(2, grid, torch.Generator().manual_seed(5), 1), grid, 1, kk)
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
+
+    eager_out = model(images, attn_mask=mask)
+    eager_out.square().sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    out = compiled(images, attn_mask=mask)
+    out.square().sum().backward()
+    assert counter.frame_count == 1
+    ops = [str(node.target) for g in counter.graphs for node in g.graph.nodes if node.op == "call_function"]
+    assert sum("vitpatch.window_attention_forward" in o for o in ops) == 2, ops
+    assert (out - eager_out).abs().max().item() < 1e-5
+    for p, g in zip(model.parameters(), eager_grads):
+        assert (p.grad - g).abs().max().item() < 1e-4
+    torch._dynamo.reset()
