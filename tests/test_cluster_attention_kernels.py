@@ -324,3 +324,23 @@ def test_autotune_wiring(K, monkeypatch):
     finally:  # drop the autotuners and the kernels built for the "GPU" branch
         K._tuned.cache_clear()
         K._jitted.cache_clear()
+
+
+def test_paca_layer_through_functional_compiles_fullgraph(K):
+    """``PaCaAttention`` (clustering, vitpatch.functional's checks and backend choice, both kernels)
+    under ``torch.compile(fullgraph=True)``: no graph break, same output and gradients as eager."""
+    from vitpatch.nn import PaCaAttention
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = PaCaAttention(32, num_heads=2, qkv_bias=True, num_clusters=5, clustering="paper").to(DEVICE)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager" if DEVICE.type == "cpu" else "inductor")
+    x = rand(2, 1 + 16, 32)
+
+    def run(f):
+        xx = x.detach().clone().requires_grad_()
+        out = f(xx)
+        return [out.detach()] + list(torch.autograd.grad(out.square().sum(), [xx] + list(layer.parameters())))
+
+    for i, (a, b) in enumerate(zip(run(compiled), run(layer))):
+        assert_close(a, b, 1e-5, f"compiled vs eager, tensor {i}")
