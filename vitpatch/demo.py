@@ -233,12 +233,20 @@ def _figures(cfg: DemoConfig, data, U, windows, keep, paca_model, rows) -> List[
         "responsive_field.png": plots.plot_field_tendency(img, tendency[0], cfg.grid, keep=k0),
     }
     paca_model.eval()
-    attn = paca_model.blocks[-1].attn
-    attn.store_assignment = True
+    layers = [blk.attn for blk in paca_model.blocks]
+    for attn in layers:
+        attn.store_assignment = True
     with torch.no_grad():
         paca_model(x[:1].to(cfg.device))
-    attn.store_assignment = False
-    figs["clusters.png"] = plots.plot_cluster_heatmaps(img, attn.last_assignment[0].cpu(), cfg.grid)
+    # show the block whose clusters differ most (mean L1 distance between assignment columns)
+    spread = [float((a.last_assignment[0][:, :, None] - a.last_assignment[0][:, None, :]).abs().sum(0).mean())
+              for a in layers]
+    best = int(np.argmax(spread))
+    for attn in layers:
+        attn.store_assignment = False
+    fig = plots.plot_cluster_heatmaps(img, layers[best].last_assignment[0].cpu(), cfg.grid)
+    fig.suptitle(f"PaCa cluster assignments of block {best} (softmax over tokens per cluster)", fontsize=10)
+    figs["clusters.png"] = fig
 
     fig = Figure(figsize=(7.5, 3.6), layout="constrained")
     ax = fig.subplots()
