@@ -145,13 +145,14 @@ def test_chunked_path_never_allocates_h_n_n(monkeypatch):
     mask = WindowMask.square(grid, 3, P)
     q, k, v = (t.requires_grad_() for t in qkv(B, h, N, d, device="cpu"))
     largest = []
-    real_probs = chunked._probs
+    real_chunk = chunked._window_chunk_graph
 
-    def spy(qs, kc, *a):
-        largest.append(B * h * qs.shape[2] * kc.shape[2])
-        return real_probs(qs, kc, *a)
+    def spy(*a):
+        inputs, out = real_chunk(*a)
+        largest.append(B * h * inputs[0].shape[2] * inputs[1].shape[2])  # the chunk's logits
+        return inputs, out
 
-    monkeypatch.setattr(chunked, "_probs", spy)
+    monkeypatch.setattr(chunked, "_window_chunk_graph", spy)
     functional.window_attention(q, k, v, mask).sum().backward()
     assert max(largest) * 8 < h * N * N
     assert len(largest) > 4

@@ -106,10 +106,32 @@ class _Chunk:
     start: int
     end: int
     keys: Keys
+    allowed: Optional[torch.Tensor] = None  # the chunk's rows of the mask, when cached with the plan
 
 
 # --------------------------------------------------------------------------- window attention
 def _window_chunks(mask: WindowMask, B: int, h: int) -> List[_Chunk]:
+    """The chunk plan of ``mask`` for ``B`` images and ``h`` heads, built once per mask.
+
+    Every block of a ViT gets the same mask, so the plan (and, while they fit a quarter of the
+    chunk budget, the chunks' boolean mask rows) is computed once and reused.
+    """
+    def build():
+        chunks = _plan_window_chunks(mask, B, h)
+        room = _env.chunk_budget_bytes() // 4
+        for c in chunks:
+            size = B * (c.end - c.start) * (mask.seq_len if c.keys is None else len(_key_index(c.keys, mask.seq_len,
+                                                                                              mask.device)))
+            if size > room:
+                break
+            room -= size
+            c.allowed = mask.rows(c.start, c.end, B, _key_index(c.keys, mask.seq_len, mask.device))
+        return chunks
+
+    return mask.memo(("chunked.window", B, h, _env.chunk_budget_bytes()), build)
+
+
+def _plan_window_chunks(mask: WindowMask, B: int, h: int) -> List[_Chunk]:
     """Query chunks of window attention with the keys each may reach.
 
     Prefix queries see every key; a chunk of patch queries sees the prefix keys and the patches
@@ -156,6 +178,30 @@ def _key_index(keys: Keys, N: int, device) -> Optional[torch.Tensor]:
     return keys
 
 
+def _window_chunk_graph(q, k, v, mask: WindowMask, c: _Chunk, scale: float, acc):
+    """One chunk of window attention as a small autograd graph over detached chunk inputs.
+
+    PyTorch's fused SDPA with the chunk's boolean mask does the work (its CPU kernel is
+    blockwise: it saves the log-sum-exp, not the probabilities). A query with no allowed key
+    attends to its whole key set and is then multiplied by 0, so it outputs 0 with 0 gradient
+    whatever SDPA does with an empty row. Returns ``(inputs, out)``.
+    """
+    B, N = q.shape[0], q.shape[2]
+    allowed = c.allowed if c.allowed is not None else mask.rows(c.start, c.end, B, _key_index(c.keys, N, q.device))
+    ok = allowed.any(-1)
+    with torch.enable_grad():
+        inputs = [q[:, :, c.start:c.end].detach().to(acc).requires_grad_(),
+                  _take(k.detach(), c.keys).to(acc).requires_grad_(),
+                  _take(v.detach(), c.keys).to(acc).requires_grad_()]
+        if bool(ok.all()):
+            out = F.scaled_dot_product_attention(*inputs, attn_mask=allowed[:, None], scale=scale)
+        else:
+            allowed = allowed | ~ok[..., None]
+            out = F.scaled_dot_product_attention(*inputs, attn_mask=allowed[:, None], scale=scale)
+            out = out * ok[:, None, :, None].to(acc)
+    return inputs, out
+
+
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask: WindowMask, scale: float):
@@ -164,11 +210,13 @@ class _WindowAttention(torch.autograd.Function):
         chunks = _window_chunks(mask, B, h)
         out = torch.empty(B, h, N, v.shape[-1], dtype=q.dtype, device=q.device)
         saver = _Saver()
+        # (forward runs with grad disabled; under no_grad the context, and the saver with it, is dropped at once)
+        keep_graphs = any(t.requires_grad for t in (q, k, v))
         for c in chunks:
-            allowed = mask.rows(c.start, c.end, B, _key_index(c.keys, N, q.device))
-            p = _probs(q[:, :, c.start:c.end].to(acc) * scale, _take(k, c.keys).to(acc), allowed, None)
-            out[:, :, c.start:c.end] = (p @ _take(v, c.keys).to(acc)).to(q.dtype)
-            saver.offer(c.start, p)
+            inputs, oc = _window_chunk_graph(q, k, v, mask, c, scale, acc)
+            out[:, :, c.start:c.end] = oc.detach().to(q.dtype)
+            if keep_graphs:  # the chunk graph holds O(B h (Q + K) d) tensors and the chunk's bool mask
+                saver.offer(c.start, *inputs, oc)
         ctx.save_for_backward(q, k, v)
         ctx.mask, ctx.scale, ctx.chunks, ctx.saver = mask, scale, chunks, saver
         return out
@@ -177,22 +225,18 @@ class _WindowAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         q, k, v = ctx.saved_tensors
-        B, h, N, d = q.shape
         acc = _acc_dtype(q)
         dq = torch.empty(q.shape, dtype=acc, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc, device=q.device)
         dv = torch.zeros(v.shape, dtype=acc, device=q.device)
         for c in ctx.chunks:
-            sl = slice(c.start, c.end)
-            qs, kc = q[:, :, sl].to(acc) * ctx.scale, _take(k, c.keys).to(acc)
             saved = ctx.saver.get(c.start)
             if saved is None:
-                allowed = ctx.mask.rows(c.start, c.end, B, _key_index(c.keys, N, q.device))
-                p = _probs(qs, kc, allowed, None)
+                inputs, oc = _window_chunk_graph(q, k, v, ctx.mask, c, ctx.scale, acc)
             else:
-                (p,) = saved
-            gq, gk, gv = _chunk_backward(qs, kc, _take(v, c.keys).to(acc), p, dout[:, :, sl].to(acc), ctx.scale, None)
-            dq[:, :, sl] = gq
+                inputs, oc = list(saved[:3]), saved[3]
+            gq, gk, gv = torch.autograd.grad(oc, inputs, dout[:, :, c.start:c.end].to(acc), retain_graph=True)
+            dq[:, :, c.start:c.end] = gq
             _put(dk, c.keys, gk)
             _put(dv, c.keys, gv)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None

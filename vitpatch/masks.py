@@ -154,6 +154,7 @@ class WindowMask:
         self.batch_size: Optional[int] = wb if wb is not None else (
             key_keep.shape[0] if key_keep is not None else None)
         self._device_cache = {}
+        self._memo = {}
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
@@ -164,6 +165,7 @@ class WindowMask:
         self.seq_len = num_prefix_tokens + self.num_patches
         self.batch_size = batch_size
         self._device_cache = {}
+        self._memo = {}
         return self
 
     @classmethod
@@ -212,6 +214,15 @@ class WindowMask:
             self._device_cache[key] = WindowMask._trusted(
                 self.windows.to(device, non_blocking=True), self.grid, self.num_prefix_tokens, kk, self.batch_size)
         return self._device_cache[key]
+
+    def memo(self, key, build):
+        """``build()``, computed once per ``key`` for this mask (e.g. a chunk plan shared by every block
+        of a ViT); recomputed if the windows or ``key_keep`` tensors were modified in place."""
+        version = (self.windows._version, None if self.key_keep is None else self.key_keep._version)
+        hit = self._memo.get(key)
+        if hit is None or hit[0] != version:
+            hit = self._memo[key] = (version, build())
+        return hit[1]
 
     def check(self, batch_size: int, seq_len: int, name: str = "windows") -> None:
         """Raise ``ValueError`` unless this mask fits inputs of ``batch_size`` images of ``seq_len`` tokens."""
