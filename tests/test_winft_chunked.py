@@ -1,7 +1,7 @@
 """The WinfT part of the chunked PyTorch path (vitpatch/chunked.py, SPEC §6): bounded chunks, edge values.
 
-Peak-memory numbers against the reference come from ``tests/measure_winft_memory.py`` (a
-measurement, not a pass/fail test).
+Peak-memory numbers against the reference come from the CPU memory rows of
+``python -m bench --ops winft_attention`` (a measurement, not a pass/fail test).
 """
 import pytest
 import torch

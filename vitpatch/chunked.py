@@ -270,7 +270,7 @@ def _winft_rows(B: int, h: int, N: int) -> int:
 
     The backward's working set is two such buffers (probabilities and their gradient) plus a few
     ``(B, rows, N)`` gate buffers; small buffers also keep the allocator's slack small, which is
-    what bounds the peak resident memory on CPU (tests/measure_winft_memory.py).
+    what bounds the peak resident memory on CPU (the CPU memory rows of bench/winft_attention.py).
     """
     return max(1, min(N, _env.chunk_budget_bytes() // (8 * 4 * B * h * N)))
 
