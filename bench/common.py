@@ -24,6 +24,23 @@ def randn(*shape, device, dtype, grad: bool = False):
     return t.requires_grad_(grad)
 
 
+def attention_inputs(case):
+    """``(q, k, v, scale, info)`` of a self-attention case: ``(B, h, N, d)`` leaves (with grad
+    unless the mode is ``fwd``), the default scale ``d ** -0.5`` and an empty info dict."""
+    import torch
+    s = case.shape
+    B, h, N, d = s["B"], s["h"], s["N"], s["d"]
+    grad = case.mode != "fwd"
+    q, k, v = (randn(B, h, N, d, device=torch.device(case.device), dtype=case.dtype, grad=grad) for _ in range(3))
+    return q, k, v, d ** -0.5, {"extra": {}}
+
+
+def sdpa_dense_case(q, k, v, scale: float, mode: str, info: dict) -> Prepared:
+    """The dense SDPA anchor (flash where the device has it) on the same inputs."""
+    import torch.nn.functional as F
+    return autograd_case(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale), (q, k, v), mode, info=info)
+
+
 def _as_tuple(out) -> tuple:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
@@ -72,7 +89,6 @@ def autograd_case(forward: Callable[[], Any], leaves: Sequence[Any], mode: str, 
 
 def max_abs_err(out, ref) -> float:
     """``max |out - ref|`` in float32 (both forward outputs)."""
-    import torch
     out, ref = _as_tuple(out)[0], _as_tuple(ref)[0]
     return float((out.detach().float() - ref.detach().float()).abs().max()) if out.numel() else 0.0
 

@@ -156,7 +156,6 @@ def build(case: Case, check: bool = True) -> Prepared:
         grid = tuple(model.patch_embed.grid_size)
         N = model.num_prefix_tokens + grid[0] * grid[1]
         if impl == "awd_vit" or (winft and case.mode != "fwd"):
-            from vitpatch import WindowMask
             mask = WindowMask(_windows(grid, B), grid, model.num_prefix_tokens).to(device)
             info["density"] = mask.density(B)
         if impl != "vit":

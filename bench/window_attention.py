@@ -21,7 +21,7 @@ import functools
 import importlib
 from typing import Any, Dict, List, Optional, Tuple
 
-from .common import autograd_case, max_abs_err, randn
+from .common import attention_inputs, autograd_case, max_abs_err, sdpa_dense_case
 from .harness import Case, Config, Prepared, Unsupported
 
 OP = "window_attention"
@@ -208,15 +208,10 @@ def build(case: Case, check: bool = True) -> Prepared:
 
     s, impl = case.shape, case.impl
     device = torch.device(case.device)
-    B, h, N, d = s["B"], s["h"], s["N"], s["d"]
-    grad = case.mode != "fwd"
-    q, k, v = (randn(B, h, N, d, device=device, dtype=case.dtype, grad=grad) for _ in range(3))
-    scale = d ** -0.5
-    info: Dict[str, Any] = {"extra": {}}
-
+    B, N = s["B"], s["N"]
+    q, k, v, scale, info = attention_inputs(case)
     if impl == "sdpa_dense":
-        return autograd_case(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale), (q, k, v),
-                             case.mode, info=info)
+        return sdpa_dense_case(q, k, v, scale, case.mode, info)
 
     mask = make_mask(s, device)
     info["density"] = mask.density(B)

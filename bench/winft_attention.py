@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Dict, List
 
-from .common import autograd_case, max_abs_err, randn
+from .common import attention_inputs, autograd_case, max_abs_err, sdpa_dense_case
 from .harness import Case, Config, Prepared
 
 OP = "winft_attention"
@@ -70,19 +70,14 @@ def _windows(grid: tuple, batch: int):
 
 def build(case: Case, check: bool = True) -> Prepared:
     import torch
-    import torch.nn.functional as F
     from vitpatch import WindowMask, functional, reference
 
-    s = case.shape
+    s, impl = case.shape, case.impl
     device = torch.device(case.device)
-    B, h, N, d = s["B"], s["h"], s["N"], s["d"]
-    grad = case.mode != "fwd"
-    q, k, v = (randn(B, h, N, d, device=device, dtype=case.dtype, grad=grad) for _ in range(3))
-    scale = d ** -0.5
-    info: Dict[str, Any] = {"extra": {}}
-    if case.impl == "sdpa_dense":
-        return autograd_case(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale), (q, k, v),
-                             case.mode, info=info)
+    B = s["B"]
+    q, k, v, scale, info = attention_inputs(case)
+    if impl == "sdpa_dense":
+        return sdpa_dense_case(q, k, v, scale, case.mode, info)
     target = None
     if s["loss"]:
         grid = tuple(s["grid"])
@@ -100,7 +95,7 @@ def build(case: Case, check: bool = True) -> Prepared:
             return reference.winft_attention(q, k, v, mode=mode, scale=scale, target=target)
     else:
         raise ValueError(f"unknown impl {case.impl!r} for {OP}")
-    if check and case.impl == "vitpatch" and not grad:
+    if check and case.impl == "vitpatch" and case.mode == "fwd":
         with torch.no_grad():
             ref = reference.winft_attention(q, k, v, mode=mode, scale=scale, upcast=True)
             info["max_abs_err"] = max_abs_err(fwd(), ref)

@@ -6,7 +6,7 @@ import torch
 
 from vitpatch import WindowMask, functional, reference
 
-from _helpers import (DEVICE, check_against_reference, dtypes_for, qkv, rand, random_windows,
+from _helpers import (DEVICE, check_against_reference, dtypes_for, qkv, random_windows,
                       require_kernel)
 
 OP = "window_attention"

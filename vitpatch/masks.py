@@ -10,7 +10,7 @@ Query ``i`` may attend to key ``j`` iff ``key_keep[b, j]`` and one of: ``i`` is 
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -254,7 +254,7 @@ class WindowMask:
         ``O(B (end - start) K)``: the chunked PyTorch path builds one chunk's rows at a time.
         """
         B = self._batch(batch_size)
-        P, (gh, gw) = self.num_prefix_tokens, self.grid
+        P, gw = self.num_prefix_tokens, self.grid[1]
         dev = self.device
         qi = torch.arange(start, end, device=dev)
         kj = torch.arange(self.seq_len, device=dev) if keys is None else keys.to(dev)

@@ -10,8 +10,6 @@ probabilities themselves (for analysis and for the modules' non-fused path).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
