@@ -23,6 +23,7 @@ MODULES = {
     "winft_attention": "bench.winft_attention",
     "cluster_attention": "bench.cluster_attention",
     "models": "bench.models",
+    "uncertainty": "bench.uncertainty",
 }
 # op names that select part of a module
 OP_ALIASES = {"cluster_pool": "cluster_attention", "paca_layer": "cluster_attention",

@@ -90,6 +90,7 @@ RATIO_PAIRS: Dict[str, List[Tuple[str, str]]] = {
     "paca_layer": [("vitpatch", "reference"), ("vitpatch", "pvt_sra")],
     "vit_model": [("awd_vit", "vit"), ("winft_vit", "vit")],
     "pyramid_model": [("paca_vit", "pvt_v2")],
+    "uncertainty": [("streaming", "stacked")],
 }
 
 

@@ -178,15 +178,13 @@ def test_every_module_lists_well_formed_cases():
                 json.dumps(c.shape)
         anchors = {(c.op, c.impl) for n in MODULES.values() for c in importlib.import_module(n).cases(cfg)}
         for op, pairs in harness.RATIO_PAIRS.items():
-            if op == "pyramid_model":
-                continue  # paca_vit rows exist only once PaCa-ViT is registered
             for subject, anchor in pairs:
                 assert (op, subject) in anchors and (op, anchor) in anchors, (op, subject, anchor)
 
 
 def test_importing_bench_does_no_work():
     code = ("import sys, bench, bench.harness, bench.common, bench.window_attention, bench.winft_attention, "
-            "bench.cluster_attention, bench.models, bench.plot, bench.__main__; "
+            "bench.cluster_attention, bench.models, bench.uncertainty, bench.plot, bench.__main__; "
             "print('torch' in sys.modules, 'matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
