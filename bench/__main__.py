@@ -38,7 +38,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    metavar="OP", help=f"what to run: {', '.join(list(MODULES) + list(OP_ALIASES))} (default: all)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", nargs="+", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="default float32 on CPU, float16 on CUDA (models: AMP in that dtype)")
+                   help="default float32 on CPU, bfloat16 on CUDA, the dtype of the goals (models: AMP in that dtype)")
     p.add_argument("--out", default="bench/out", help="directory of the <device-slug>.jsonl row files")
     p.add_argument("--repeats", type=int, default=None, help="CPU: exactly this many timed calls per case")
     p.add_argument("--warmup", type=int, default=None, help="CPU: warm-up calls per case")
@@ -85,7 +85,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(max(1, threads))
     if not args.no_memory and not args.list:
         harness.start_memory_worker()  # its imports overlap with the first cases
-    dtypes = args.dtype or (["float16"] if args.device == "cuda" else ["float32"])
+    dtypes = args.dtype or (["bfloat16"] if args.device == "cuda" else ["float32"])
     start = time.monotonic()
     deadline = None if args.time_limit is None else start + args.time_limit
     meta = harness.run_metadata(args.quick, args.git_commit)
