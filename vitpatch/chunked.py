@@ -1,11 +1,17 @@
-"""The PyTorch path of the attention ops: query chunks, restricted key sets, recompute in backward.
+"""The PyTorch path of the attention ops: query chunks, restricted key sets, bounded memory.
 
 This is what ``vitpatch.functional`` runs off-GPU (``VITPATCH_BACKEND=torch``). It is not the
 eager oracle: it never allocates the ``(B, h, N, N)`` logits. Queries are processed in chunks
-whose logits fit a fixed budget (``VITPATCH_CHUNK_MB``); a chunk of window attention only
-looks at the keys inside the bounding box of its windows (the CPU analogue of the kernel's
-tile skipping); the backward pass recomputes each chunk's probabilities from the saved
-log-sum-exp, as FlashAttention does, so peak memory is ``O(B h N d)`` plus one chunk.
+whose logits fit a fixed budget (``VITPATCH_CHUNK_MB``).
+
+- Window attention: a chunk only looks at the keys inside the bounding box of its windows
+  (the CPU analogue of the kernel's tile skipping) and runs PyTorch's fused SDPA with the
+  chunk's boolean rows; the chunk plan is memoised on the mask, so every block of a ViT shares it.
+- WinfT: a chunk holds full rows (the threshold needs all ``N`` keys), its gate logits and one
+  probability buffer.
+
+For backward, a chunk's graph or probabilities are kept while they fit the budget; the other
+chunks are recomputed, so peak memory is ``O(B h N d)`` plus about one budget.
 """
 from __future__ import annotations
 
@@ -51,40 +57,7 @@ def _put(acc: torch.Tensor, keys: Keys, value: torch.Tensor) -> None:
         acc.index_add_(2, keys, value)
 
 
-# --------------------------------------------------------------------------- one chunk, fwd/bwd
-def _probs(qs, kc, allowed, gate):
-    """Softmax probabilities ``(B, h, Q, K)`` of one chunk; ``qs`` is already scaled.
-
-    ``allowed (B, Q, K)`` removes keys (a row with none gives zeros); ``gate (B, Q, K)``
-    multiplies the logits (WinfT's ``W``, held constant).
-    """
-    s = qs @ kc.transpose(-2, -1)
-    if gate is not None:
-        s.mul_(gate[:, None])
-    empty = None
-    if allowed is not None:
-        s.masked_fill_(~allowed[:, None], float("-inf"))
-        empty = ~allowed.any(-1)
-        if bool(empty.any()):
-            s.masked_fill_(empty[:, None, :, None], 0.0)
-        else:
-            empty = None
-    p = torch.softmax(s, dim=-1)
-    if empty is not None:
-        p.masked_fill_(empty[:, None, :, None], 0.0)
-    return p
-
-
-def _chunk_backward(qs, kc, vc, p, doc, scale, gate):
-    """``(dq, dk, dv)`` of one chunk from its probabilities ``p`` (saved or recomputed)."""
-    dv = p.transpose(-2, -1) @ doc
-    dp = doc @ vc.transpose(-2, -1)
-    ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)  # p * (dp - sum(p * dp))
-    if gate is not None:
-        ds.mul_(gate[:, None])  # W is held constant (SPEC §6)
-    return (ds @ kc) * scale, ds.transpose(-2, -1) @ qs, dv
-
-
+# --------------------------------------------------------------------------- what backward keeps
 class _Saver:
     """Keeps per-chunk tensors for backward while they fit the chunk budget; later ones are recomputed."""
 
