@@ -93,12 +93,12 @@ def _window_chunks(mask: WindowMask, B: int, h: int) -> List[_Chunk]:
         chunks = _plan_window_chunks(mask, B, h)
         room = _env.chunk_budget_bytes() // 4
         for c in chunks:
-            size = B * (c.end - c.start) * (mask.seq_len if c.keys is None else len(_key_index(c.keys, mask.seq_len,
-                                                                                              mask.device)))
+            keys = _key_index(c.keys, mask.seq_len, mask.device)
+            size = B * (c.end - c.start) * (mask.seq_len if keys is None else len(keys))
             if size > room:
                 break
             room -= size
-            c.allowed = mask.rows(c.start, c.end, B, _key_index(c.keys, mask.seq_len, mask.device))
+            c.allowed = mask.rows(c.start, c.end, B, keys)
         return chunks
 
     return mask.memo(("chunked.window", B, h, _env.chunk_budget_bytes()), build)
