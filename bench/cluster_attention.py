@@ -1,4 +1,4 @@
-"""Patch-to-cluster attention (PaCa, paper 004 §3.3, SPEC §7) against its anchors.
+"""Patch-to-cluster attention (PaCa, paper 004 §3.3, docs/math.md §7) against its anchors.
 
 Three ops, at a ViT width (``C = h * 64``), with ``M = 49`` clusters and PVTv2's
 spatial-reduction ratio chosen so that it also keeps 49 key tokens (``sr = side / 7``):

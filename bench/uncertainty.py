@@ -1,4 +1,4 @@
-"""Patch-interaction uncertainty ``U`` over a batch (paper 000 eq. 2–3, SPEC §2): streaming vs stacking.
+"""Patch-interaction uncertainty ``U`` over a batch (paper 000 eq. 2–3, docs/math.md §2): streaming vs stacking.
 
 ``U`` needs the attention maps of every layer. Two ways to get it from a timm ViT, both
 timed end to end (the model's forward with explicit attention included):

@@ -1,4 +1,4 @@
-"""Window-masked attention (AWD-ViT, SPEC §1) against its anchors.
+"""Window-masked attention (AWD-ViT, docs/math.md §1) against its anchors.
 
 Impls (row ``impl``):
   ``vitpatch``    :func:`vitpatch.functional.window_attention` (the row's ``backend`` says which ran)
@@ -168,7 +168,7 @@ def _flex_unsupported_reason(e: BaseException) -> str:
 
 
 def _mask_mod(windows, P: int, gw: int):
-    """FlexAttention ``mask_mod`` of SPEC §1 from per-batch windows ``(Bm, n, 4)`` (int64).
+    """FlexAttention ``mask_mod`` of docs/math.md §1 from per-batch windows ``(Bm, n, 4)`` (int64).
 
     Each coordinate is indexed as ``windows[b, q, c]``: with torch 2.15's CPU inductor, taking
     ``windows[b, q]`` first and then its columns compiled to wrong results; the error check

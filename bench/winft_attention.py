@@ -1,4 +1,4 @@
-"""WinfT gated attention (paper 000 §5, SPEC §6) against its anchors.
+"""WinfT gated attention (paper 000 §5, docs/math.md §6) against its anchors.
 
 Impls: ``vitpatch`` (:func:`vitpatch.functional.winft_attention`), ``reference``
 (:func:`vitpatch.reference.winft_attention`, which materialises ``(B, h, N, N)``) and

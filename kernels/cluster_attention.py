@@ -1,4 +1,4 @@
-"""Triton kernels for patch-to-cluster attention (PaCa; paper 004 §3.3 eq. 6–8, SPEC §7).
+"""Triton kernels for patch-to-cluster attention (PaCa; paper 004 §3.3 eq. 6–8, docs/math.md §7).
 
 Two operations, each a ``torch.library`` custom op with a fake (meta) implementation and a
 registered autograd formula, so ``torch.compile`` keeps them in one graph:
@@ -618,7 +618,7 @@ _attn_fwd_op.register_autograd(_attn_grad, setup_context=_attn_setup_context)
 # ---------------------------------------------------------------------------------------------
 
 def cluster_pool(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Cluster pooling ``z[b, m] = sum_i softmax_i(logits[b, :, m])_i x[b, i]`` (paper 004 eq. 7–8, SPEC §7).
+    """Cluster pooling ``z[b, m] = sum_i softmax_i(logits[b, :, m])_i x[b, i]`` (paper 004 eq. 7–8, docs/math.md §7).
 
     ``logits (B, n, M)``, ``x (B, n, C)`` (same dtype: float32, float16 or bfloat16; any strides)
     → ``(B, M, C)`` in x's dtype. Differentiable in ``logits`` and ``x``; the softmax over the
@@ -628,7 +628,7 @@ def cluster_pool(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def cluster_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """``out_i = sum_m softmax_m(scale q_i . k_m) v_m`` over the ``M`` cluster tokens (paper 004 §3.3, SPEC §7).
+    """``out_i = sum_m softmax_m(scale q_i . k_m) v_m`` over the ``M`` cluster tokens (paper 004 §3.3, docs/math.md §7).
 
     ``q (B, h, N, d)``, ``k, v (B, h, M, d)`` with ``M <= 256`` and ``d <= 128`` → ``(B, h, N, d)``
     in q's dtype. Differentiable in ``q``, ``k`` and ``v``.

@@ -1,4 +1,4 @@
-"""Window-masked attention (AWD-ViT, paper 000 §4.1 eq. 4; SPEC §1) as Triton kernels.
+"""Window-masked attention (AWD-ViT, paper 000 §4.1 eq. 4; docs/math.md §1) as Triton kernels.
 
 Query ``i`` attends to key ``j`` iff ``key_keep[b, j]`` and (``i < P`` or ``j < P`` or patch
 ``j - P`` lies inside ``windows[b, i - P]``)::
@@ -425,7 +425,7 @@ def _load_window(WIN, win_b, pq, qv):
 
 @_device_fn
 def _inside(wx0, wy0, wx1, wy1, kx, ky):
-    """``[BM, BN]``: key patch ``(kx, ky)`` lies inside the query's window (SPEC §1)."""
+    """``[BM, BN]``: key patch ``(kx, ky)`` lies inside the query's window (docs/math.md §1)."""
     return (kx[None, :] >= wx0[:, None]) & (kx[None, :] <= wx1[:, None]) & \
            (ky[None, :] >= wy0[:, None]) & (ky[None, :] <= wy1[:, None])
 
@@ -1057,10 +1057,10 @@ _forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 # ================================================================================ public
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: WindowMask, scale: float) -> torch.Tensor:
-    """Window-masked attention (SPEC §1, paper 000 §4.1 eq. 4) on validated inputs, ``(B, h, N, d)``.
+    """Window-masked attention (docs/math.md §1, paper 000 §4.1 eq. 4) on validated inputs, ``(B, h, N, d)``.
 
     ``out_i = sum_j softmax_j(scale * q_i . k_j over allowed j) v_j`` with the allowed set of
-    SPEC §1; a query with no allowed key outputs zeros with zero gradient. Differentiable in
+    docs/math.md §1; a query with no allowed key outputs zeros with zero gradient. Differentiable in
     ``q, k, v`` through the ``vitpatch::window_attention_forward`` custom op (fake kernel and
     autograd registered, so ``torch.compile`` traces it without a graph break).
     """

@@ -1,4 +1,4 @@
-"""Triton kernels of WinfT gated attention (paper 000 §5 eq. 8–11; SPEC §6).
+"""Triton kernels of WinfT gated attention (paper 000 §5 eq. 8–11; docs/math.md §6).
 
 Math (per image ``b``, heads ``h``, queries ``i``, keys ``j``)::
 
@@ -8,7 +8,7 @@ Math (per image ``b``, heads ``h``, queries ``i``, keys ``j``)::
     s_ij  = scale q_i . k_j * W_ij                         eq. 9, mode="multiply" (logit 0 when gated off)
     s_ij  = scale q_i . k_j if W_ij or i == j else -inf    mode="mask" (gated-off keys removed)
     out_i = sum_j softmax_j(s_ij) v_j
-    T_ij  = the "allowed" rule of SPEC §1 built from (windows, key_keep)          eq. 10
+    T_ij  = the "allowed" rule of docs/math.md §1 built from (windows, key_keep)          eq. 10
     L     = mean_{b,i,j} softplus(g_ij) - T_ij g_ij  (= BCE(sigmoid(g), T))       eq. 11
     gate_sum_b = sum_ij W_ij (diagonal included in mask mode)                    Table 3's EO
 
@@ -94,7 +94,7 @@ def _gate_tile(a_ptr, sa_h, sa_n, sa_d, offs_a, b_ptr, sb_h, sb_n, sb_d, offs_b,
 
 @triton.jit
 def _target_tile(win_ptr, sw_n, sw_c, keep_ptr, qi, kj, N, P, GW, HAS_KEEP: tl.constexpr):
-    """``T[qi, kj]`` (eq. 10 = the allowed rule of SPEC §1) for broadcastable index tensors.
+    """``T[qi, kj]`` (eq. 10 = the allowed rule of docs/math.md §1) for broadcastable index tensors.
 
     ``win_ptr`` points at this image's windows ``(n, 4)`` (x_left, y_top, x_right, y_bottom);
     ``keep_ptr`` at its ``key_keep`` row (uint8). ``T = keep[j] and (i < P or j < P or patch
@@ -565,7 +565,7 @@ def _backward(dout, dloss, q, k, v, out, lse, bits, windows, key_keep, scale: fl
 def winft_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Optional[torch.Tensor],
               key_keep: Optional[torch.Tensor], scale: float, mode: str, num_prefix_tokens: int,
               grid_w: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """WinfT forward (SPEC §6): ``(out, loss, gate_sum, lse, bits)``; the last two are saved for backward."""
+    """WinfT forward (docs/math.md §6): ``(out, loss, gate_sum, lse, bits)``; the last two are saved for backward."""
     return _forward(q, k, v, windows, key_keep, scale, mode, num_prefix_tokens, grid_w)
 
 
@@ -626,7 +626,7 @@ def winft_attention_unsupported(q, k, v, scale, mode, target) -> Optional[str]:
 
 def winft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mode: str,
                     target=None):
-    """WinfT gated attention (SPEC §6, paper 000 eq. 8–11) with the Triton kernels: ``(out, loss, gate_sum)``.
+    """WinfT gated attention (docs/math.md §6, paper 000 eq. 8–11) with the Triton kernels: ``(out, loss, gate_sum)``.
 
     ``g = Q K^T / h`` over the full width (eq. 8), ``W = [sigmoid(g) > mean_j sigmoid(g)]`` held
     constant; ``mode="multiply"``: ``softmax(scale q.k * W)`` (eq. 9); ``mode="mask"``: keys with

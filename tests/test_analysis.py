@@ -1,4 +1,4 @@
-"""vitpatch.analysis core: attention maps, U (SPEC §2), windows (§3), DIP (§4), responsive field (§5), EO."""
+"""vitpatch.analysis core: attention maps, U (docs/math.md §2), windows (§3), DIP (§4), responsive field (§5), EO."""
 from __future__ import annotations
 
 import gc

@@ -1,4 +1,4 @@
-"""cluster_pool and cluster_attention (SPEC §7): references against loops; backends against float64."""
+"""cluster_pool and cluster_attention (docs/math.md §7): references against loops; backends against float64."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""The PaCa Triton kernels (kernels/cluster_attention.py; SPEC §7, paper 004 eq. 7–8) beyond the
+"""The PaCa Triton kernels (kernels/cluster_attention.py; docs/math.md §7, paper 004 eq. 7–8) beyond the
 backend-parametrized tests: every split size of the split-K pooling and of the attention
 backward, edge values, head widths, declines, the torch.library registration, torch.compile, and
 PaCaAttention end to end. On CPU these run in Triton's interpreter (float32, pinned config).

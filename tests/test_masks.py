@@ -1,4 +1,4 @@
-"""WindowMask: validation, the dense mask against the SPEC §1 rule written as loops, statistics."""
+"""WindowMask: validation, the dense mask against the docs/math.md §1 rule written as loops, statistics."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""PaCa-ViT in timm (paper 004, Table 1, §3.3; SPEC §7): build, train step, architecture against an
+"""PaCa-ViT in timm (paper 004, Table 1, §3.3; docs/math.md §7): build, train step, architecture against an
 independent functional forward, dense features, parameter counts, the authors' weight format, bad input."""
 import math
 import subprocess

@@ -1,4 +1,4 @@
-"""window_attention (SPEC §1): reference against loops; every backend against the float64 reference."""
+"""window_attention (docs/math.md §1): reference against loops; every backend against the float64 reference."""
 import math
 
 import pytest
@@ -13,7 +13,7 @@ OP = "window_attention"
 
 
 def loop_window_attention(q, k, v, mask, scale):
-    """SPEC §1 as plain loops over (b, head, query)."""
+    """docs/math.md §1 as plain loops over (b, head, query)."""
     B, h, N, d = q.shape
     allowed = mask.dense(B)
     out = torch.zeros_like(q)

@@ -1,4 +1,4 @@
-"""The window-attention Triton kernel itself (SPEC §1): tile skipping, both tile branches, layouts,
+"""The window-attention Triton kernel itself (docs/math.md §1): tile skipping, both tile branches, layouts,
 head widths, torch.compile. Runs in Triton's interpreter on CPU (fp32, small tiles)."""
 import importlib.util
 

@@ -1,4 +1,4 @@
-"""winft_attention (SPEC §6): reference against loops; every backend against the float64 reference."""
+"""winft_attention (docs/math.md §6): reference against loops; every backend against the float64 reference."""
 import pytest
 import torch
 
@@ -10,7 +10,7 @@ OP = "winft_attention"
 
 
 def loop_winft(q, k, v, mode, scale, target):
-    """SPEC §6 as loops: gate, threshold, gated softmax, BCE."""
+    """docs/math.md §6 as loops: gate, threshold, gated softmax, BCE."""
     B, h, N, d = q.shape
     out = torch.zeros_like(q)
     T = None if target is None else target.dense(B)

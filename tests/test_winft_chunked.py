@@ -1,4 +1,4 @@
-"""The WinfT part of the chunked PyTorch path (vitpatch/chunked.py, SPEC §6): bounded chunks, edge values.
+"""The WinfT part of the chunked PyTorch path (vitpatch/chunked.py, docs/math.md §6): bounded chunks, edge values.
 
 Peak-memory numbers against the reference come from the CPU memory rows of
 ``python -m bench --ops winft_attention`` (a measurement, not a pass/fail test).

@@ -1,4 +1,4 @@
-"""Kernel-specific checks of the WinfT Triton kernels (kernels/winft_attention.py, SPEC §6).
+"""Kernel-specific checks of the WinfT Triton kernels (kernels/winft_attention.py, docs/math.md §6).
 
 Under the interpreter (no GPU) every case is float32 with small pinned tiles (16 x 16 attention
 tiles, 16 x 32 gate tiles), so the shapes below span several tiles: the two-pass threshold is

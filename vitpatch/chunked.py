@@ -216,7 +216,7 @@ class _WindowAttention(torch.autograd.Function):
 
 
 def window_attention(q, k, v, mask: WindowMask, scale: float) -> torch.Tensor:
-    """Window-masked attention (SPEC §1) on validated inputs, memory ``O(B h N d)`` + one chunk."""
+    """Window-masked attention (docs/math.md §1) on validated inputs, memory ``O(B h N d)`` + one chunk."""
     return _WindowAttention.apply(q, k, v, mask, scale)
 
 
@@ -347,7 +347,7 @@ class _WinfTAttention(torch.autograd.Function):
                 ds.sub_(delta).mul_(p)
                 del p, o
                 if gate is not None:
-                    ds.mul_(gate[:, None])  # W is held constant (SPEC §6)
+                    ds.mul_(gate[:, None])  # W is held constant (docs/math.md §6)
                 dq[:, :, s:e] += (ds @ kf) * ctx.scale
                 dk += ds.transpose(-2, -1) @ qs
                 del ds, allowed, gate
@@ -363,7 +363,7 @@ class _WinfTAttention(torch.autograd.Function):
 
 
 def winft_attention(q, k, v, scale: float, mode: str, target: Optional[WindowMask]):
-    """WinfT gated attention (SPEC §6) on validated inputs: ``(out, loss, gate_sum)``.
+    """WinfT gated attention (docs/math.md §6) on validated inputs: ``(out, loss, gate_sum)``.
 
     One pass over query chunks computes, per chunk, the gate logits ``g`` over all ``N`` keys
     (so the row threshold is exact), ``W``, the attention with ``W`` held constant, the BCE sum

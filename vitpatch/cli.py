@@ -4,7 +4,7 @@ Subcommands:
 
 - ``vitpatch windows``: AWD windows and DIP keep masks for an image folder, written as
   memory-mapped ``.npy`` files; resumable; shards over GPUs under ``torchrun``
-  (paper 000 §4.1–4.2, SPEC §3–4; :func:`vitpatch.analysis.run_windows`).
+  (paper 000 §4.1–4.2, docs/math.md §3–4; :func:`vitpatch.analysis.run_windows`).
 - ``vitpatch analyze``: the paper's figures for one image (Fig. 3, 4, 5, 11, 12) as PNGs.
 
 Adding a subcommand: decorate a function that configures its ``argparse`` parser with

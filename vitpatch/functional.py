@@ -31,7 +31,7 @@ def backend_for(op: str, *tensors: torch.Tensor, args: tuple = ()) -> str:
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows, *, grid=None,
                      num_prefix_tokens: int = 0, key_keep: Optional[torch.Tensor] = None,
                      scale: Optional[float] = None) -> torch.Tensor:
-    """Window-masked attention (AWD-ViT, paper 000 §4.1 eq. 4; SPEC §1).
+    """Window-masked attention (AWD-ViT, paper 000 §4.1 eq. 4; docs/math.md §1).
 
     Query ``i`` attends to key ``j`` iff ``key_keep[b, j]`` and (``i`` or ``j`` is a prefix
     token, or patch ``j`` lies inside the window of patch ``i``):
@@ -63,7 +63,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows,
 def winft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: str = "multiply",
                     scale: Optional[float] = None, target: Optional[WindowMask] = None,
                     return_gate_sum: bool = False):
-    """WinfT gated attention (paper 000 §5 eq. 8–11; SPEC §6).
+    """WinfT gated attention (paper 000 §5 eq. 8–11; docs/math.md §6).
 
     Gate logits ``g_ij = (1/h) sum_heads q_i . k_j`` (eq. 8, no ``1/sqrt(d)``),
     ``W_ij = [sigmoid(g_ij) > mean_j sigmoid(g_ij)]`` held constant (no gradient).

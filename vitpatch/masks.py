@@ -1,4 +1,4 @@
-"""``WindowMask``: per-image rectangular attention windows on a patch grid (SPEC §1).
+"""``WindowMask``: per-image rectangular attention windows on a patch grid (docs/math.md §1).
 
 A window is four inclusive grid coordinates ``(x_left, y_top, x_right, y_bottom)``; patch ``p``
 (0-based among the patch tokens, row-major) sits at column ``p % gw`` and row ``p // gw``.
@@ -66,7 +66,7 @@ def _window_counts(windows: torch.Tensor, grid: Tuple[int, int], keep: Optional[
 
 
 def effective_operations(windows, grid, keep=None) -> float:
-    """Effective operations of window attention (paper 000 eq. 5, SPEC §1), averaged over images.
+    """Effective operations of window attention (paper 000 eq. 5, docs/math.md §1), averaged over images.
 
     ``EO = sum_p |{patch keys j inside window_p with keep[j]}|`` over the patch queries ``p``.
     Full windows give ``n ** 2`` (38,416 for ViT-B/16 at 224). ``windows``: ``(n, 4)`` or
@@ -94,7 +94,7 @@ def effective_operations(windows, grid, keep=None) -> float:
 
 
 class WindowMask:
-    """Rectangular attention windows per image, plus prefix tokens and dropped keys (SPEC §1).
+    """Rectangular attention windows per image, plus prefix tokens and dropped keys (docs/math.md §1).
 
     Args:
         windows: integer tensor (or array) ``(n, 4)`` shared by the batch, or ``(B, n, 4)`` per
@@ -290,7 +290,7 @@ class WindowMask:
         return float(self.allowed_counts(batch_size).sum(1).double().mean()) / self.seq_len ** 2
 
     def effective_operations(self) -> float:
-        """Effective operations (paper 000 eq. 5, SPEC §1): patch-to-patch pairs, averaged over images."""
+        """Effective operations (paper 000 eq. 5, docs/math.md §1): patch-to-patch pairs, averaged over images."""
         keep = None if self.key_keep is None else self.key_keep[:, self.num_prefix_tokens:]
         return effective_operations(self.windows, self.grid, keep)
 

@@ -88,7 +88,7 @@ class _TimmAttention(Attention):
 
 
 class WindowAttention(_TimmAttention):
-    """timm ``Attention`` with AWD window masking (paper 000 §4.1; SPEC §1).
+    """timm ``Attention`` with AWD window masking (paper 000 §4.1; docs/math.md §1).
 
     ``forward(x, attn_mask)``: with a :class:`vitpatch.WindowMask`, each patch attends only
     inside its window (plus prefix tokens, minus dropped keys) through
@@ -111,7 +111,7 @@ class WindowAttention(_TimmAttention):
 
 
 class WinfTAttention(_Configurable, _TimmAttention):
-    """timm ``Attention`` with WinfT gating (paper 000 §5 eq. 8–11; SPEC §6).
+    """timm ``Attention`` with WinfT gating (paper 000 §5 eq. 8–11; docs/math.md §6).
 
     Args (besides timm's): ``mode`` ``"multiply"`` (default, the paper's eq. 9) or ``"mask"``;
     choose it per model with ``WinfTAttention.with_options(mode="mask")``.
@@ -187,7 +187,7 @@ def winft_gate_sum(model: nn.Module) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ PaCa
 class PaCaClustering(nn.Module):
-    """Clustering logits ``f(x)`` of paper 004 eq. 6–7 (SPEC §7): ``(B, n, C)`` → ``(B, n, M)``.
+    """Clustering logits ``f(x)`` of paper 004 eq. 6–7 (docs/math.md §7): ``(B, n, C)`` → ``(B, n, M)``.
 
     Variants: ``"paper"`` Conv3x3(C→C/r) · GELU · Linear(C/r→M); ``"official"`` (the authors'
     code) depthwise Conv7x7(C) · GELU · Conv1x1(C→C) · GELU · Conv1x1(C→M, no bias);
@@ -249,7 +249,7 @@ def _infer_layout(N: int, num_prefix_tokens: Optional[int], grid) -> Tuple[int, 
 
 
 class PaCaAttention(_Configurable, _TimmAttention):
-    """Patch-to-cluster attention (paper 004 §3.3 eq. 6–8; SPEC §7) as a timm attention layer.
+    """Patch-to-cluster attention (paper 004 §3.3 eq. 6–8; docs/math.md §7) as a timm attention layer.
 
     Queries come from all ``N`` tokens; keys and values from ``M`` cluster tokens
     ``z = LayerNorm(softmax_over_tokens(f(x))^T x)`` (``cluster_norm``), plus the ``P`` prefix

@@ -1,4 +1,4 @@
-"""Eager PyTorch oracle of every vitpatch operation, written straight from SPEC.
+"""Eager PyTorch oracle of every vitpatch operation, written straight from docs/math.md.
 
 These functions materialise everything (the ``N x N`` mask, the ``(B, h, N, N)`` logits), so
 they are exact and easy to read but memory-hungry. Tests run them in float64 as the oracle;
@@ -37,7 +37,7 @@ def _masked_softmax(s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------- §1
 def window_attention_probs(q, k, windows, *, grid=None, num_prefix_tokens=0, key_keep=None, scale=None,
                            upcast=False) -> torch.Tensor:
-    """Window-masked attention probabilities ``(B, h, N, N)`` (SPEC §1, paper 000 §4.1)."""
+    """Window-masked attention probabilities ``(B, h, N, N)`` (docs/math.md §1, paper 000 §4.1)."""
     B, h, N, d = _checks.check_qkv(q, k, k)
     mask = _checks.as_window_mask(windows, grid, num_prefix_tokens, key_keep, q.device)
     mask.check(B, N)
@@ -49,7 +49,7 @@ def window_attention_probs(q, k, windows, *, grid=None, num_prefix_tokens=0, key
 
 def window_attention(q, k, v, windows, *, grid=None, num_prefix_tokens=0, key_keep=None, scale=None,
                      upcast=False) -> torch.Tensor:
-    """``out_i = sum_j softmax_j(scale q_i.k_j over allowed j) v_j`` (SPEC §1, paper 000 §4.1 eq. 4).
+    """``out_i = sum_j softmax_j(scale q_i.k_j over allowed j) v_j`` (docs/math.md §1, paper 000 §4.1 eq. 4).
 
     ``windows`` is a :class:`WindowMask` or an integer ``(n, 4)`` / ``(B, n, 4)`` tensor with
     ``grid`` given. A query with no allowed key outputs zeros.
@@ -69,7 +69,7 @@ def winft_gate(q, k, upcast=False) -> torch.Tensor:
 
 
 def winft_parts(q, k, mode="multiply", scale=None, upcast=False):
-    """``(probs (B, h, N, N), g (B, N, N), used (B, N, N) bool)`` of SPEC §6 (eq. 8–9).
+    """``(probs (B, h, N, N), g (B, N, N), used (B, N, N) bool)`` of docs/math.md §6 (eq. 8–9).
 
     ``used`` is ``W`` (with the diagonal in mask mode): what ``gate_sum`` counts.
     """
@@ -92,7 +92,7 @@ def winft_parts(q, k, mode="multiply", scale=None, upcast=False):
 
 
 def winft_attention_probs(q, k, *, mode="multiply", scale=None, upcast=False) -> torch.Tensor:
-    """WinfT attention probabilities ``(B, h, N, N)`` (SPEC §6, paper 000 eq. 9)."""
+    """WinfT attention probabilities ``(B, h, N, N)`` (docs/math.md §6, paper 000 eq. 9)."""
     return winft_parts(q, k, mode, scale, upcast)[0]
 
 
@@ -103,7 +103,7 @@ def winft_bce(g: torch.Tensor, target: WindowMask) -> torch.Tensor:
 
 
 def winft_attention(q, k, v, *, mode="multiply", scale=None, target=None, return_gate_sum=False, upcast=False):
-    """WinfT gated attention (SPEC §6, paper 000 eq. 8–11).
+    """WinfT gated attention (docs/math.md §6, paper 000 eq. 8–11).
 
     ``w' = sigmoid(g)``, ``W = [w'_ij > mean_j w'_ij]``; ``mode="multiply"``: logits ``scale q.k * W``;
     ``mode="mask"``: keys with ``W = 0`` removed, the diagonal kept. Returns the output, or

@@ -1,4 +1,4 @@
-"""Patch-interaction analysis (paper 000 §3.2–4.3; SPEC §2–5).
+"""Patch-interaction analysis (paper 000 §3.2–4.3; docs/math.md §2–5).
 
 Pipeline for one batch of images::
 

@@ -1,4 +1,4 @@
-"""Patch-interaction uncertainty ``U`` (paper 000 §3.2, eq. 2–3; SPEC §2), streamed over layers."""
+"""Patch-interaction uncertainty ``U`` (paper 000 §3.2, eq. 2–3; docs/math.md §2), streamed over layers."""
 from __future__ import annotations
 
 from typing import Iterable, Union
@@ -66,7 +66,7 @@ class LayerVariance:
 
 def uncertainty(maps: Union[torch.Tensor, Iterable[torch.Tensor]], num_prefix_tokens: int = 0,
                 *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Patch-interaction uncertainty ``U`` of paper 000 eq. 2–3 (SPEC §2): ``(B, n, n)``.
+    """Patch-interaction uncertainty ``U`` of paper 000 eq. 2–3 (docs/math.md §2): ``(B, n, n)``.
 
     ``maps``: the post-softmax attention maps of the ``L`` layers, each ``(B, h, N, N)``, as an
     iterable (e.g. :func:`vitpatch.analysis.attention_maps`, consumed once, never stacked) or a

@@ -1,4 +1,4 @@
-"""Capture the post-softmax attention maps of a ViT, one block at a time (input of SPEC §2).
+"""Capture the post-softmax attention maps of a ViT, one block at a time (input of docs/math.md §2).
 
 The maps ``A_l`` of paper 000 §3.2 (eq. 2) are the attention probabilities of every block.
 timm's ``Attention`` (and vitpatch's ``WindowAttention``, ``WinfTAttention`` and
@@ -79,7 +79,7 @@ class AttentionMaps:
 def attention_maps(model: nn.Module, images: torch.Tensor, **forward_kwargs) -> AttentionMaps:
     """Post-softmax attention maps of every attention block, as an iterator of ``(B, h, N, N)``.
 
-    These are the ``A_l`` of paper 000 eq. 2 (SPEC §2), in block order, under ``torch.no_grad``
+    These are the ``A_l`` of paper 000 eq. 2 (docs/math.md §2), in block order, under ``torch.no_grad``
     and with the model in eval mode (dropout off), so they are the inference-time maps.
 
     Args:

@@ -1,4 +1,4 @@
-"""AWD windows and DIP keep masks for a whole image dataset (paper 000 §4.1–4.2; SPEC §3–4).
+"""AWD windows and DIP keep masks for a whole image dataset (paper 000 §4.1–4.2; docs/math.md §3–4).
 
 :func:`run_windows` (the ``vitpatch windows`` command) runs a ViT over an image folder and
 writes, in ``out_dir``:
@@ -298,7 +298,7 @@ def run_windows(model: nn.Module, dataset, out_dir, *, alpha: float = 0.1, beta:
                 world_size: Optional[int] = None, max_batches: Optional[int] = None, overwrite: bool = False,
                 progress: bool = True, meta: Optional[dict] = None, num_prefix_tokens: Optional[int] = None,
                 grid=None) -> dict:
-    """Compute and store AWD windows and DIP keep masks for every image of ``dataset`` (SPEC §3–4).
+    """Compute and store AWD windows and DIP keep masks for every image of ``dataset`` (docs/math.md §3–4).
 
     Args:
         model: a timm ViT (eval mode is set while capturing maps).
@@ -307,7 +307,7 @@ def run_windows(model: nn.Module, dataset, out_dir, *, alpha: float = 0.1, beta:
             Its file index (``dataset.files``, or a torchvision ImageFolder's samples) is stored;
             otherwise the item indices are.
         out_dir: output folder (see the module docstring for its files).
-        alpha, beta: eq. 4's ``T = round(alpha n^2)`` and DIP's ``round(beta n)`` (SPEC §3–4).
+        alpha, beta: eq. 4's ``T = round(alpha n^2)`` and DIP's ``round(beta n)`` (docs/math.md §3–4).
         batch_size: images per batch; batches are the unit of progress and of resuming.
         device: where the model runs (default: the model's device).
         rank, world_size: this process's share of the batches (default: from
@@ -419,7 +419,7 @@ def read_windows(out_dir, *, require_complete: bool = True):
 
 # ------------------------------------------------------------------------------------- training
 class WindowDataset(torch.utils.data.Dataset):
-    """An image dataset with its stored AWD windows and DIP keep masks (SPEC §3–4).
+    """An image dataset with its stored AWD windows and DIP keep masks (docs/math.md §3–4).
 
     ``WindowDataset(image_dataset, out_dir)[i]``: when the base item is a tuple or list (e.g.
     ``(image, label)``) the windows and keep mask are appended, giving

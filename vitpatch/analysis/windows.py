@@ -1,4 +1,4 @@
-"""From ``U`` to attention windows, dropped patches and responsive fields (paper 000 §4; SPEC §3–5).
+"""From ``U`` to attention windows, dropped patches and responsive fields (paper 000 §4; docs/math.md §3–5).
 
 Every function here is vectorised over patches (no Python loop over ``p``) and runs on the
 device of its input. Patch ``p`` sits at column ``x_p = p % gw`` and row ``y_p = p // gw``;
@@ -21,7 +21,7 @@ __all__ = ["adaptive_windows", "indiscriminative_patches", "responsive_field", "
 def round_half_up(x: float) -> int:
     """``floor(x + 0.5)``: the rounding used for ``T = round(alpha n^2)`` and ``round(beta n)``.
 
-    Decision (SPEC §3–4 say "round"): halves round up, not to even, so ``beta = 0.25, n = 10``
+    Decision (docs/math.md §3–4 say "round"): halves round up, not to even, so ``beta = 0.25, n = 10``
     drops 3 patches. A relative slack of 1e-9 absorbs binary error (``0.1 * 30`` is 3, not 3.0000000000000004).
     """
     return int(math.floor(x + 0.5 + 1e-9 * max(1.0, abs(x))))
@@ -40,12 +40,12 @@ def _check_fraction(value, name: str, lo_open: bool, hi_open: bool) -> float:
 
 
 def num_selected(alpha: float, n: int) -> int:
-    """``T = round(alpha * n^2)``: how many entries of ``U`` eq. 4 keeps (SPEC §3)."""
+    """``T = round(alpha * n^2)``: how many entries of ``U`` eq. 4 keeps (docs/math.md §3)."""
     return round_half_up(_check_fraction(alpha, "alpha", True, False) * n * n)
 
 
 def num_dropped(beta: float, n: int) -> int:
-    """``round(beta * n)``: how many patches DIP drops (SPEC §4)."""
+    """``round(beta * n)``: how many patches DIP drops (docs/math.md §4)."""
     return round_half_up(_check_fraction(beta, "beta", False, True) * n)
 
 
@@ -77,7 +77,7 @@ def _coords(n: int, gw: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def adaptive_windows(U: torch.Tensor, alpha: float, grid) -> torch.Tensor:
-    """Adaptive attention windows (AWD) of paper 000 §4.1 eq. 4 (SPEC §3): int64 ``(B, n, 4)``.
+    """Adaptive attention windows (AWD) of paper 000 §4.1 eq. 4 (docs/math.md §3): int64 ``(B, n, 4)``.
 
     Per image, ``U'`` is the set of the ``T = round(alpha n^2)`` largest entries of ``U``
     (``U`` ``(B, n, n)``, or ``(n, n)`` giving ``(n, 4)``); equal values are ranked by their
@@ -108,7 +108,7 @@ def adaptive_windows(U: torch.Tensor, alpha: float, grid) -> torch.Tensor:
 
 
 def indiscriminative_patches(U: torch.Tensor, beta: float) -> torch.Tensor:
-    """Keep mask of DIP, paper 000 §4.2 (SPEC §4): bool ``(B, n)`` (``(n,)`` for ``(n, n)`` input).
+    """Keep mask of DIP, paper 000 §4.2 (docs/math.md §4): bool ``(B, n)`` (``(n,)`` for ``(n, n)`` input).
 
     ``v_p = var_i U[i, p]`` is the population variance of column ``p``; the
     ``round(beta n)`` patches with the smallest ``v_p`` (ties: lower index first) are
@@ -141,7 +141,7 @@ def _column_variance(U3: torch.Tensor) -> torch.Tensor:
 
 
 def responsive_field(windows, keep, grid, *, return_raw: bool = False):
-    """Responsive field size and tendency, paper 000 §4.3 eq. 6–7 (SPEC §5).
+    """Responsive field size and tendency, paper 000 §4.3 eq. 6–7 (docs/math.md §5).
 
     ``S_p = {p} ∪ {i inside window_p : keep[i]}``.
 

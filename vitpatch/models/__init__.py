@@ -1,4 +1,4 @@
-"""PaCa-ViT models registered with timm (paper 004, Table 1; SPEC §7).
+"""PaCa-ViT models registered with timm (paper 004, Table 1; docs/math.md §7).
 
 Importing this package registers ``paca_vit_b0``, ``paca_vit_b1``, ``paca_vit_b2`` (Table 1)
 and ``paca_vit_tiny``, ``paca_vit_small``, ``paca_vit_base`` (the authors' released

@@ -1,4 +1,4 @@
-"""PaCa-ViT: the PVTv2-style pyramid of patch-to-cluster attention blocks (paper 004; SPEC §7).
+"""PaCa-ViT: the PVTv2-style pyramid of patch-to-cluster attention blocks (paper 004; docs/math.md §7).
 
 Importing :mod:`vitpatch.models` registers six models with timm::
 
@@ -37,7 +37,7 @@ stage and shared by the stage's other blocks (``clustering_scope="stage"``), a t
 and an FFN whose depthwise conv has a residual connection (``mlp_dw_shortcut=True``).
 
 Parameter counts (computed and checked by ``tests/test_models.py``) against the papers'
-(SPEC §7; paper 004 Tables 2 and 3; the release's README):
+(docs/math.md §7; paper 004 Tables 2 and 3; the release's README):
 
 ================ ============ ======== ======
 model             ours         reported gap
