@@ -19,7 +19,8 @@ setup(
         "scikit-learn",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark"],
+        "test": ["pytest>=7", "pytest-benchmark", "opencv-python-headless"],
+        "semantic": ["opencv-python-headless"],
     },
     entry_points={"console_scripts": ["vitpatch = vitpatch.cli:main"]},
 )

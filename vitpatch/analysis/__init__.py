@@ -40,8 +40,45 @@ _EXPORTS = {
     "WindowDataset": "pipeline",
     "WindowCollate": "pipeline",
     "read_windows": "pipeline",
+    # paper 002 (docs/math.md §8)
+    "sift_keypoints": "semantic",
+    "keypoint_counts": "semantic",
+    "to_uint8": "semantic",
+    "attended_sets": "semantic",
+    "interrelation": "semantic",
+    "interrelation_summary": "semantic",
+    "Interrelation": "semantic",
+    "focus_index": "semantic",
+    "layer_semantics": "semantic",
+    "LayerSemantics": "semantic",
+    "patch_scores": "semantic",
+    "mask_patches": "semantic",
+    "mask_prompt_accuracy": "semantic",
+    "guided_mae_mask": "semantic",
+    "curriculum_beta": "semantic",
+    # paper 003 (docs/math.md §9)
+    "PRUNE_MODES": "heads",
+    "mean_attention_distance": "heads",
+    "ring_sizes": "heads",
+    "khop_strength": "heads",
+    "strength_entropy": "heads",
+    "layer_strengths": "heads",
+    "LayerStrengths": "heads",
+    "region_mask": "heads",
+    "prune_attention": "heads",
+    "head_importance": "heads",
+    "head_importance_loop": "heads",
+    "HeadImportance": "heads",
+    "js_divergence": "heads",
+    "image_overview": "heads",
+    "tsne": "heads",
+    "cls_patterns": "heads",
+    "binarize_patterns": "heads",
+    "PatternAutoencoder": "heads",
+    "pattern_latents": "heads",
+    "context_masks": "heads",
 }
-_SUBMODULES = ("maps", "interactions", "windows", "pipeline", "plots")
+_SUBMODULES = ("maps", "interactions", "windows", "pipeline", "plots", "semantic", "heads")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
