@@ -562,7 +562,7 @@ def pattern_latents(patterns: torch.Tensor, epochs: int = 30, latent: int = 64, 
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                tot += float(loss) * len(idx)
+                tot += float(loss.detach()) * len(idx)
             losses.append(tot / len(x))
     with torch.no_grad():
         return model.encode(x), losses
