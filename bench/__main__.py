@@ -24,10 +24,12 @@ MODULES = {
     "cluster_attention": "bench.cluster_attention",
     "models": "bench.models",
     "uncertainty": "bench.uncertainty",
+    "heads": "bench.heads",
 }
 # op names that select part of a module
 OP_ALIASES = {"cluster_pool": "cluster_attention", "paca_layer": "cluster_attention",
-              "vit_model": "models", "pyramid_model": "models"}
+              "vit_model": "models", "pyramid_model": "models",
+              "head_pruning": "heads", "head_metrics": "heads"}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
