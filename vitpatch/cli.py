@@ -6,6 +6,10 @@ Subcommands:
   memory-mapped ``.npy`` files; resumable; shards over GPUs under ``torchrun``
   (paper 000 §4.1–4.2, docs/math.md §3–4; :func:`vitpatch.analysis.run_windows`).
 - ``vitpatch analyze``: the paper's figures for one image (Fig. 3, 4, 5, 11, 12) as PNGs.
+- ``vitpatch semantic``: paper 002 over images or a folder: SIFT keypoint interrelation, focus
+  index, optionally mask-as-prompt accuracy (docs/math.md §8), JSON and figures.
+- ``vitpatch heads``: paper 003 over images or a folder: head importance by pruning, k-hop
+  strength, mean attention distance, attention patterns (docs/math.md §9), JSON and figures.
 
 Adding a subcommand: decorate a function that configures its ``argparse`` parser with
 :func:`command`; the function must set ``parser.set_defaults(func=run)`` where
@@ -256,6 +260,281 @@ def _run_analyze(args) -> int:
         print(path)
     print(f"EO {summary['effective_operations']:.0f} of {n * n} ({summary['effective_operations_with_dip']:.0f} "
           f"with DIP); {summary['dropped_patches']} patches dropped")
+    return 0
+
+
+# ------------------------------------------------------------------------- semantic and heads
+def _images_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="image files and/or image folders (searched recursively)")
+    _model_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for the JSON results and PNGs")
+    g = p.add_argument_group("run")
+    g.add_argument("--batch-size", type=int, default=8, help="images per forward")
+    g.add_argument("--max-images", type=int, default=None, help="use only the first this many images")
+    g.add_argument("--dpi", type=int, default=110, help="PNG resolution")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _collect_images(paths: List[str]) -> List[str]:
+    from .analysis.pipeline import IMAGE_EXTENSIONS
+
+    files: List[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            for dirpath, dirnames, names in os.walk(path):
+                dirnames.sort()
+                files += [os.path.join(dirpath, f) for f in sorted(names) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise ValueError(f"IMAGE_OR_DIR {path!r} is neither a file nor a folder")
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {paths}")
+    return files
+
+
+def _image_batches(args, transform):
+    """``(files, iterator of (names, batch))`` over the images of ``args.images`` with a tqdm bar over images."""
+    from PIL import Image
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    files = _collect_images(args.images)
+    if args.max_images is not None:
+        if args.max_images < 1:
+            raise ValueError(f"--max-images must be a positive integer, got {args.max_images}")
+        files = files[:args.max_images]
+
+    def gen():
+        import torch
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(files), desc=args.command, unit="img", disable=args.no_progress)
+        for i in range(0, len(files), args.batch_size):
+            chunk = files[i:i + args.batch_size]
+            xs = []
+            for f in chunk:
+                with Image.open(f) as im:
+                    xs.append(transform(im.convert("RGB")))
+            yield chunk, torch.stack(xs)
+            bar.update(len(chunk))
+        bar.close()
+    return files, gen()
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+
+
+def _nan_list(t):
+    """Nested lists with NaN as null (JSON has no NaN)."""
+    import math
+
+    def conv(v):
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    return conv(t.tolist())
+
+
+@command("semantic", help="paper 002: SIFT keypoint interrelation (KK/KN/NK/NN), attention focus index and "
+                          "optionally mask-as-prompt accuracy, over images or an image folder")
+def _semantic_parser(p: argparse.ArgumentParser) -> None:
+    p.epilog = ("Writes semantic.json (per image: keypoint counts, KK/KN/NK/NN and AFI per layer and head; their "
+                "means over images) and fig3_keypoints.png, fig4_attended_row.png, fig5_interrelation.png, "
+                "fig6_focus_index.png, fig7a_stages.png (and fig8_mask_prompt.png with --mask-prompt) to --out. "
+                'Needs OpenCV: pip install -e ".[semantic]".')
+    _images_arg(p)
+    g = p.add_argument_group("paper 002")
+    g.add_argument("--gamma", type=float, default=1.0, help="attended-set threshold factor of eq. 2 (> 0)")
+    g.add_argument("--unweighted", action="store_true", help="unweighted theta (|S_i ∩ S_key| / |S_i|) instead of eq. 3")
+    g.add_argument("--variant", choices=["renorm", "literal"], default="renorm", help="focus index variant (eq. 5)")
+    g.add_argument("--stages", type=int, nargs="*", default=[], metavar="LAYER",
+                   help="first layer of each new stage, shaded in fig7a (the paper gives none)")
+    g.add_argument("--mask-prompt", action="store_true",
+                   help="also Top/Bottom mask-as-prompt accuracy (§5.1) in both masking modes; the label is the "
+                        "unmasked prediction (agreement), as an image folder's classes need not match the model's")
+    p.set_defaults(func=_run_semantic)
+
+
+def _run_semantic(args) -> int:
+    import numpy as np
+    import torch
+
+    from . import analysis
+    from .analysis import plots
+
+    analysis.semantic._cv2()  # fail early with the install command
+    if not args.gamma > 0:
+        raise ValueError(f"--gamma must be > 0, got {args.gamma}")
+    device = _default_device(args.device)
+    model, weights = _load(args, device)
+    transform, cfg = analysis.eval_transform(model)
+    P, grid = analysis.model_layout(model)
+    files, batches = _image_batches(args, transform)
+    per_image, fields = [], ("KK", "KN", "NK", "NN", "AFI")
+    stats = {k: [] for k in fields}
+    first = None
+    prompt_batches = []
+    for names, x in batches:
+        raw = analysis.to_uint8(x, cfg["mean"], cfg["std"])
+        patch = x.shape[-1] // grid[1]
+        counts = analysis.keypoint_counts(raw, patch)
+        res = analysis.layer_semantics(analysis.attention_maps(model, x), counts, P, args.gamma,
+                                       not args.unweighted, args.variant)
+        for k in fields:
+            stats[k].append(getattr(res, k))
+        for b, name in enumerate(names):
+            per_image.append({"image": os.path.abspath(name), "keypoints": int(counts[b].sum()),
+                              "keypoint_patches": int((counts[b] > 0).sum()), "counts": counts[b].tolist(),
+                              **{k: _nan_list(getattr(res, k)[b]) for k in fields}})
+        if first is None:
+            first = (x[:1], raw[:1], counts[:1], patch)
+        if args.mask_prompt:
+            with torch.no_grad():
+                pred = model(x.to(device)).argmax(-1).cpu()
+            prompt_batches.append((x, pred, counts))
+    st = {k: torch.cat(v) for k, v in stats.items()}  # (num_images, L, h)
+    mean_lh = {k: torch.nanmean(v, 0) for k, v in st.items()}
+    L = st["AFI"].shape[1]
+    summary = {"model": args.model, "weights": weights, "grid": list(grid), "num_prefix_tokens": P,
+               "gamma": args.gamma, "weighted": not args.unweighted, "afi_variant": args.variant,
+               "images": len(files), "per_layer": {k: _nan_list(torch.nanmean(v, 1)) for k, v in mean_lh.items()},
+               "per_layer_head": {k: _nan_list(v) for k, v in mean_lh.items()}, "per_image": per_image}
+    os.makedirs(args.out, exist_ok=True)
+    x0, raw0, c0, patch = first
+    img = plots.display_image(raw0[0])
+    maps = list(analysis.attention_maps(model, x0))
+    A = maps[L // 2][0].mean(0, keepdim=True)[None]  # head-mean of the middle layer: (1, 1, N, N)
+    q = int(torch.argmax(c0[0])) if int(c0.sum()) else 0
+    figs = {
+        "fig3_keypoints.png": plots.plot_keypoints(img, analysis.sift_keypoints(raw0)[0], grid, c0[0]),
+        "fig4_attended_row.png": plots.plot_attended_row(img, A[0, 0, P + q, P:], grid, args.gamma, q),
+        "fig5_interrelation.png": plots.plot_layer_points({"KK": mean_lh["KK"], "NK": mean_lh["NK"]},
+                                                          "interrelation", "KK and NK per head (paper 002 Fig. 5)"),
+        "fig6_focus_index.png": plots.plot_layer_points({"AFI": mean_lh["AFI"]}, "attention focus index",
+                                                        "AFI per head (paper 002 Fig. 6)"),
+        "fig7a_stages.png": plots.plot_stage_summary(*(torch.nanmean(mean_lh[k], 1) for k in fields),
+                                                     stages=args.stages),
+    }
+    if args.mask_prompt:
+        acc = analysis.mask_prompt_accuracy(model, prompt_batches, gamma=args.gamma, weighted=not args.unweighted,
+                                            mean=cfg["mean"], std=cfg["std"])
+        summary["mask_prompt"] = acc
+        summary["mask_prompt_labels"] = "unmasked prediction"
+        figs["fig8_mask_prompt.png"] = plots.plot_mask_prompt(acc)
+    _write_json(os.path.join(args.out, "semantic.json"), summary)
+    for name, fig in figs.items():
+        print(plots.save_figure(fig, os.path.join(args.out, name), dpi=args.dpi))
+    kk, nk = (float(np.nanmean(mean_lh[k].numpy())) for k in ("KK", "NK"))
+    print(f"{len(files)} images: KK {kk:.3f}, NK {nk:.3f}, AFI {float(mean_lh['AFI'].mean()):.3f} "
+          f"(mean over layers and heads); results in {os.path.join(args.out, 'semantic.json')}")
+    return 0
+
+
+@command("heads", help="paper 003: head importance by pruning, k-hop attention strength, mean attention distance "
+                       "and attention patterns, over images or an image folder")
+def _heads_parser(p: argparse.ArgumentParser) -> None:
+    p.epilog = ("Writes heads.json (per image: I_prob, I_JSD, I_cls, I_patch per layer, head and mode; k-hop "
+                "strength, its entropy and MAD per layer and head) and head_importance.png, mode_bars.png, "
+                "top5_heads.png, khop_strength.png, entropy_layers.png, tsne_images.png, tsne_cls_patterns.png, "
+                "tsne_patch_patterns.png, context_masks.png, attention_heatmap.png to --out. Labels are the "
+                "unpruned predictions.")
+    _images_arg(p)
+    g = p.add_argument_group("paper 003")
+    g.add_argument("--modes", type=int, nargs="+", default=[1], metavar="M",
+                   help="pruning modes: 0 none, 1 all, 2 CLS->CLS, 3 CLS<->patches, 4 patches->patches, 5 = 2 + 3")
+    g.add_argument("--layer", type=int, default=None, help="layer of the k-hop, context and heatmap figures "
+                                                            "(default: the middle one)")
+    g.add_argument("--head", type=int, default=0, help="head of the context-mask and heatmap figures")
+    g.add_argument("--ae-epochs", type=int, default=30, help="training epochs of the patch-pattern autoencoder")
+    p.set_defaults(func=_run_heads)
+
+
+def _run_heads(args) -> int:
+    import numpy as np
+    import torch
+
+    from . import analysis
+    from .analysis import plots
+
+    modes = analysis.heads._check_modes(args.modes)
+    device = _default_device(args.device)
+    model, weights = _load(args, device)
+    analysis.heads._staged(model)
+    transform, cfg = analysis.eval_transform(model)
+    P, grid = analysis.model_layout(model)
+    L, h = len(model.blocks), model.blocks[0].attn.num_heads
+    layer = L // 2 if args.layer is None else args.layer
+    if not 0 <= layer < L:
+        raise ValueError(f"--layer must be in [0, {L}), got {args.layer}")
+    if not 0 <= args.head < h:
+        raise ValueError(f"--head must be in [0, {h}), got {args.head}")
+    files, batches = _image_batches(args, transform)
+    imp, strengths, first = [], [], None
+    for names, x in batches:
+        imp.append(analysis.head_importance(model, x, modes=modes))
+        patch = x.shape[-1] // grid[1]
+        strengths.append(analysis.layer_strengths(analysis.attention_maps(model, x), grid, patch, P))
+        if first is None:
+            first = x[:1]
+    cat = {k: torch.cat([getattr(r, k) for r in imp]) for k in ("prob", "jsd", "cls", "patch", "p_pruned")}
+    labels = torch.cat([r.labels for r in imp])
+    S = {k: torch.cat([getattr(s, k) for s in strengths]) for k in ("strength", "entropy", "mad")}
+    mean = {k: torch.nanmean(v, 0) for k, v in cat.items()}  # (L, h, M)
+    summary = {"model": args.model, "weights": weights, "grid": list(grid), "num_prefix_tokens": P,
+               "images": [os.path.abspath(f) for f in files], "modes": list(modes),
+               "mode_names": [analysis.PRUNE_MODES[m] for m in modes], "labels": labels.tolist(),
+               "mean_over_images": {k: _nan_list(v) for k, v in mean.items()},
+               "khop_strength_mean": _nan_list(S["strength"].mean(0)), "strength_entropy_mean": _nan_list(
+                   S["entropy"].mean(0)), "mad_px_mean": _nan_list(S["mad"].mean(0)),
+               "per_image": {**{k: _nan_list(v) for k, v in cat.items()},
+                             **{k: _nan_list(v) for k, v in S.items()}}}
+    os.makedirs(args.out, exist_ok=True)
+    _write_json(os.path.join(args.out, "heads.json"), summary)
+    m0 = 0
+    figs = {
+        "head_importance.png": plots.plot_head_importance(mean["prob"][..., m0], f"I_prob (mode {modes[m0]})"),
+        "top5_heads.png": plots.plot_top_heads(mean["prob"][..., m0], 5, f"I_prob (mode {modes[m0]})"),
+        "khop_strength.png": plots.plot_khop_strength(S["strength"].mean(0)[layer], layer),
+        "entropy_layers.png": plots.plot_entropy_layers(S["entropy"].mean(0)),
+    }
+    if len(modes) > 1:
+        figs["mode_bars.png"] = plots.plot_mode_bars(mean["prob"], modes)
+    if len(files) >= 4:
+        emb = analysis.image_overview(analysis.HeadImportance(cat["prob"], cat["jsd"], cat["cls"], cat["patch"],
+                                                              cat["p_pruned"], torch.zeros(len(labels)), labels, modes),
+                                      mode=modes[m0])
+        figs["tsne_images.png"] = plots.plot_tsne(emb, labels, "images by p_pruned[y] over all heads (Fig. 1A)",
+                                                  "predicted class")
+    maps = list(analysis.attention_maps(model, first))
+    if L * h >= 4:
+        layer_of = np.repeat(np.arange(L), h)
+        if P >= 1:
+            cls = torch.cat([analysis.cls_patterns(A, P)[0] for A in maps])  # (L*h, N + n)
+            figs["tsne_cls_patterns.png"] = plots.plot_tsne(analysis.tsne(cls), layer_of,
+                                                            "CLS patterns of all heads (Fig. 6B)", "layer")
+        pats = torch.cat([analysis.binarize_patterns(A, P)[0] for A in maps])  # (L*h, n, n)
+        lat, _ = analysis.pattern_latents(pats, epochs=args.ae_epochs)
+        figs["tsne_patch_patterns.png"] = plots.plot_tsne(analysis.tsne(lat), layer_of,
+                                                          "patch patterns of all heads, AE latents (Fig. 6C)", "layer")
+    A = maps[layer]
+    img = plots.display_image(first[0], cfg["mean"], cfg["std"])
+    n = grid[0] * grid[1]
+    cm = analysis.context_masks(A, grid, P, patch=n // 2 + grid[1] // 2)
+    figs["context_masks.png"] = plots.plot_context_masks(img, {k: v[0, args.head] for k, v in cm.items()},
+                                                         f"layer {layer}, head {args.head} (Fig. 6D/E)")
+    if P >= 1:
+        figs["attention_heatmap.png"] = plots.plot_attention_heatmap(A[0, args.head], P,
+                                                                     f"layer {layer}, head {args.head}")
+    for name, fig in figs.items():
+        print(plots.save_figure(fig, os.path.join(args.out, name), dpi=args.dpi))
+    top = torch.argmax(torch.nan_to_num(mean["prob"][..., m0], nan=-1e9)).item()
+    print(f"{len(files)} images: most important head L{top // h}H{top % h} (I_prob {float(mean['prob'][..., m0].reshape(-1)[top]):.4f}, "
+          f"mode {modes[m0]}); results in {os.path.join(args.out, 'heads.json')}")
     return 0
 
 

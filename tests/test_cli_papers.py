@@ -1,0 +1,111 @@
+"""``vitpatch semantic`` / ``vitpatch heads`` end to end, and the paper 002 / 003 figures."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vitpatch import analysis, cli
+from vitpatch.analysis import plots
+
+MODEL = "test_vit"  # timm's small CI ViT (embed 64, depth 6, 2 heads)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from PIL import Image
+
+    base = tmp_path_factory.mktemp("papers")
+    rng = np.random.default_rng(3)
+    for i in range(5):
+        sub = base / "data" / ("a" if i < 3 else "b")
+        sub.mkdir(parents=True, exist_ok=True)
+        img = np.full((64, 64, 3), 110, np.uint8)
+        y, x = rng.integers(8, 56, 2)
+        img[y - 4:y + 4, x - 4:x + 4] = 250  # a bright square: SIFT finds it
+        img = (img.astype(int) + rng.integers(-8, 8, img.shape)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(sub / f"img{i}.png")
+    return base / "data"
+
+
+def _pngs_ok(out, names):
+    for name in names:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, name
+
+
+def test_semantic_command(folder, tmp_path, capsys):
+    pytest.importorskip("cv2")
+    out = tmp_path / "sem"
+    rc = cli.main(["semantic", str(folder), "--model", MODEL, "--img-size", "64", "--out", str(out),
+                   "--batch-size", "2", "--stages", "2", "4", "--mask-prompt", "--no-progress"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "random weights" in cap.err
+    res = json.loads((out / "semantic.json").read_text())
+    assert res["images"] == 5 and len(res["per_image"]) == 5
+    assert len(res["per_layer"]["KK"]) == 6 and len(res["per_layer_head"]["AFI"][0]) == 2
+    assert all(r["keypoints"] > 0 for r in res["per_image"])
+    assert set(res["mask_prompt"]) == {"pixel", "drop_tokens"}
+    assert res["mask_prompt"]["pixel"]["unmasked"] == 1.0  # labels are the unmasked predictions
+    _pngs_ok(out, ["fig3_keypoints.png", "fig4_attended_row.png", "fig5_interrelation.png",
+                   "fig6_focus_index.png", "fig7a_stages.png", "fig8_mask_prompt.png"])
+
+
+def test_heads_command(folder, tmp_path, capsys):
+    out = tmp_path / "heads"
+    rc = cli.main(["heads", str(folder), "--model", MODEL, "--img-size", "64", "--out", str(out),
+                   "--modes", "1", "4", "--ae-epochs", "2", "--no-progress"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    res = json.loads((out / "heads.json").read_text())
+    assert res["modes"] == [1, 4] and len(res["images"]) == 5
+    prob = np.array(res["per_image"]["prob"])
+    assert prob.shape == (5, 6, 2, 2)
+    assert np.array(res["per_image"]["strength"]).shape == (5, 6, 2, 4)
+    _pngs_ok(out, ["head_importance.png", "mode_bars.png", "top5_heads.png", "khop_strength.png",
+                   "entropy_layers.png", "tsne_images.png", "tsne_cls_patterns.png", "tsne_patch_patterns.png",
+                   "context_masks.png", "attention_heatmap.png"])
+
+
+def test_commands_bad_input(folder, tmp_path, capsys):
+    assert cli.main(["heads", str(folder), "--model", MODEL, "--img-size", "64", "--out", str(tmp_path),
+                     "--modes", "9"]) == 2
+    assert "modes" in capsys.readouterr().err
+    assert cli.main(["heads", str(tmp_path / "missing"), "--model", MODEL, "--out", str(tmp_path)]) == 2
+    assert "IMAGE_OR_DIR" in capsys.readouterr().err
+    assert cli.main(["semantic", str(folder), "--model", MODEL, "--out", str(tmp_path), "--gamma", "0"]) == 2
+    assert "gamma" in capsys.readouterr().err
+    for name in ("semantic", "heads"):
+        assert name in cli.COMMANDS
+
+
+def test_paper_figures_and_bad_input():
+    rng = np.random.default_rng(0)
+    img = rng.random((64, 64, 3))
+    L, h, K = 4, 3, 4
+    v = rng.random((L, h))
+    figs = [
+        plots.plot_keypoints(img, rng.random((10, 2)) * 64, (4, 4), rng.integers(0, 3, 16)),
+        plots.plot_attended_row(img, rng.random(16), (4, 4), 1.0, 5),
+        plots.plot_layer_points({"KK": v, "NK": v / 2}),
+        plots.plot_stage_summary(v.mean(1), 1 - v.mean(1), v.mean(1) / 2, 1 - v.mean(1) / 2, v.mean(1), [2]),
+        plots.plot_mask_prompt({"pixel": {"ratios": [0.1, 0.2], "top": [0.5, 0.4], "bottom": [0.6, 0.6],
+                                          "unmasked": 0.7}}),
+        plots.plot_head_importance(v), plots.plot_mode_bars(rng.random((L, h, 2)), (1, 4)),
+        plots.plot_top_heads(v), plots.plot_khop_strength(rng.random((h, K)), 1), plots.plot_entropy_layers(v),
+        plots.plot_tsne(rng.random((8, 2)), np.arange(8) % 3),
+        plots.plot_context_masks(img, {"cls_to_patches": rng.random((4, 4))}),
+        plots.plot_attention_heatmap(torch.rand(17, 17).softmax(-1), 1),
+    ]
+    assert all(len(f.axes) >= 1 for f in figs)
+    with pytest.raises(ValueError, match="stages"):
+        plots.plot_stage_summary(v[:, 0], v[:, 0], v[:, 0], v[:, 0], v[:, 0], [9])
+    with pytest.raises(ValueError, match="values"):
+        plots.plot_head_importance(v[0])
+    with pytest.raises(ValueError, match="num_prefix_tokens"):
+        plots.plot_attention_heatmap(np.eye(5) , 0)
+    with pytest.raises(ValueError, match="grid"):
+        plots.plot_attended_row(img, rng.random(15), (4, 4))
