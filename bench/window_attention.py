@@ -11,14 +11,17 @@ Impls (row ``impl``):
                   batch, so this is what a model pays per batch
 
 Windows: square radii from self-only (``r0``) to ``full``, and AWD-like windows
-(:func:`vitpatch.masks.synthetic_awd_windows` at density 0.23). Shared (square) windows use a
-batch-1 mask (SDPA and Flex broadcast it); AWD windows are per image. One prefix token (CLS).
+(:func:`vitpatch.masks.synthetic_awd_windows` at density 0.23; quick runs add N = 577 and
+N = 4097 at densities 0.05 and 0.23). Shared (square) windows use a batch-1 mask (SDPA and Flex
+broadcast it); AWD windows are per image. One prefix token (CLS). ``vitpatch`` rows carry the
+kernel schedule's visited-tile fraction (``visited_tile_fraction``, from :mod:`vitpatch.tiles`,
+under Triton's interpreter on CPU) and, on the PyTorch path, the CPU plan (``extra.cpu_plan``,
+``cpu_pair_fraction``: the share of the ``B h N^2`` pairs the plan computes).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 from typing import Any, Dict, List, Optional, Tuple
 
 from .common import attention_inputs, autograd_case, max_abs_err, sdpa_dense_case
@@ -27,19 +30,27 @@ from .harness import Case, Config, Prepared, Unsupported
 OP = "window_attention"
 MODULE = "bench.window_attention"
 AWD_DENSITY = 0.23
+LOW_DENSITIES = (0.05,)
 PREFIX = 1
 WINDOWED_IMPLS = ("vitpatch", "reference", "sdpa_mask", "flex")
 
 
 def problem_sizes(cfg: Config) -> List[Tuple[int, int, int, int]]:
     """``(B, h, grid side, d)`` per sequence length ``N = 1 + side^2``."""
-    if cfg.quick:
-        return [(2, 4, 8, 32), (2, 4, 14, 32)]                              # N = 65, 197
+    if cfg.quick:  # N = 65, 197; then the issue-13 sizes N = 577 (ViT-B/16 at 384) and N = 4097
+        return [(2, 4, 8, 32), (2, 4, 14, 32), (2, 6, 24, 64), (1, 4, 64, 32)]
     return [(64, 12, 14, 64), (16, 12, 24, 64), (8, 12, 32, 64), (2, 12, 64, 64)]  # N = 197, 577, 1025, 4097
 
 
 def window_kinds(side: int, quick: bool) -> List[str]:
-    """Square radii from self-only to full, then AWD-like windows."""
+    """Square radii from self-only to full, then AWD-like windows.
+
+    Quick runs at ``side >= 24`` use AWD-like windows only, at densities 0.05 and 0.23
+    (:func:`vitpatch.masks.synthetic_awd_windows` bisects its partner scale to the density, so
+    no special window sizes are needed: at 64 x 64, density 0.05 is a mean window of ~205 patches).
+    """
+    if quick and side >= 24:
+        return [f"awd{x:g}" for x in LOW_DENSITIES] + [f"awd{AWD_DENSITY:g}"]
     radii = [0, 2] if quick else [r for r in (0, 1, 2, 4, 8, 16, 32) if r < side - 1]
     return [f"r{r}" for r in radii] + ["full", f"awd{AWD_DENSITY:g}"]
 
@@ -56,9 +67,13 @@ def cases(cfg: Config) -> List[Case]:
             add("sdpa_dense", mode, dict(base))
         for kind in window_kinds(side, cfg.quick):
             shape = {**base, "grid": [side, side], "P": PREFIX, "window": kind}
-            with_flex = not cfg.quick or kind.startswith("awd")  # quick: Flex on the AWD windows only
+            big = cfg.quick and side >= 24
+            # quick: Flex on the small AWD windows only; no eager reference at N = 4097 ((B, h, N, N) logits)
+            with_flex = not cfg.quick or (kind.startswith("awd") and not big)
             for impl in WINDOWED_IMPLS:
                 if impl == "flex" and not with_flex:
+                    continue
+                if impl == "reference" and cfg.quick and side > 32:
                     continue
                 for mode in ("fwd", "bwd", "fwd+bwd"):
                     add(impl, mode, shape)
@@ -91,39 +106,44 @@ def make_mask(shape: Dict[str, Any], device):
     return mask.to(device)
 
 
-def visited_tile_fraction(mask, batch: int) -> Tuple[Optional[float], Optional[str]]:
+_VISITED: Dict[tuple, Tuple[Optional[float], Optional[str]]] = {}
+
+
+def visited_tile_fraction(mask, batch: int, key: Optional[tuple] = None) -> Tuple[Optional[float], Optional[str]]:
     """Fraction of (query tile, key tile) pairs the Triton kernel visits for ``mask``, or ``None``.
 
-    Asks ``vitpatch.kernels.window_attention.tile_schedule`` when that module and function
-    exist (a colleague is adding it). Its signature is not settled yet: adapt the call and the
-    reading of its result here, and only here. Returns ``(fraction, note)``.
+    :func:`vitpatch.tiles.visited_fraction` with the shipped tile shape: on CUDA masks from the
+    schedule launch on the GPU, on CPU masks in Triton's interpreter (so CPU rows carry it too).
+    With ``key`` (what identifies the windows, e.g. the case's shape) the result is cached within
+    the process: the interpreter is slow at ``n = 4096`` and three modes share one mask.
+    Returns ``(fraction, note)``; the note says why the fraction is missing.
     """
     try:
-        module = importlib.import_module("vitpatch.kernels.window_attention")
-    except ImportError:
-        return None, None
-    schedule = getattr(module, "tile_schedule", None)
-    if schedule is None:
-        return None, None
-    try:
+        from vitpatch import tiles
+    except ImportError as e:
+        return None, f"vitpatch.tiles is not importable: {e}"[:200]
+    if key is None or key not in _VISITED:
         try:
-            result = schedule(mask)
-        except TypeError:
-            result = schedule(mask, batch)
-    except Exception as e:  # noqa: BLE001 - a failing helper must not lose the timing row
-        return None, f"tile_schedule failed: {type(e).__name__}: {e}"[:200]
-    for key in ("visited_fraction", "visited_tile_fraction", "fraction"):
-        if isinstance(result, dict) and key in result:
-            result = result[key]
-            break
-        if hasattr(result, key):
-            result = getattr(result, key)
-            break
-    if isinstance(result, (int, float)) and not isinstance(result, bool):
-        return float(result), None
-    if hasattr(result, "dtype") and hasattr(result, "float"):  # a tensor of visited flags or a 0-d fraction
-        return float(result.float().mean()), None
-    return None, f"tile_schedule returned {type(result).__name__}; adapt bench.window_attention.visited_tile_fraction"
+            result = float(tiles.visited_fraction(mask, batch)), None
+        except Exception as e:  # noqa: BLE001 - a failing helper must not lose the timing row
+            result = None, f"visited_fraction failed: {type(e).__name__}: {e}"[:200]
+        if key is None:
+            return result
+        _VISITED[key] = result
+    return _VISITED[key]
+
+
+def cpu_plan_info(mask, q) -> Dict[str, Any]:
+    """What the PyTorch path's plan (vitpatch.chunked) does for this case: kind, group size,
+    packs, the fraction of the ``B h N^2`` pairs it computes, and its cost estimates (ms)."""
+    from vitpatch import chunked
+    plan = chunked.window_plan(mask, q)
+    B, h, N, _ = q.shape
+    heads = h if plan.per_image else B * h
+    pairs = B * h * N * N if plan.kind == "dense" else sum(p.Bt * p.G * p.K for p in plan.packs) * heads
+    return {"cpu_plan": plan.kind + (str(plan.group_size) if plan.group_size else ""),
+            "cpu_packs": len(plan.packs), "cpu_pair_fraction": pairs / (B * h * N * N),
+            "cpu_estimates_ms": {k: round(v / 1e6, 4) for k, v in plan.estimates.items()}}
 
 
 # ------------------------------------------------------------------------------------ flex
@@ -225,10 +245,12 @@ def build(case: Case, check: bool = True) -> Prepared:
 
     if impl == "vitpatch":
         info["backend"] = functional.backend_for(OP, q, k, v, args=(q, k, v, mask, scale))
-        frac, note = visited_tile_fraction(mask, B)
+        frac, note = visited_tile_fraction(mask, B, key=(str(device), tuple(sorted((k, str(v)) for k, v in s.items()))))
         info["visited_tile_fraction"] = frac
         if note:
             info["extra"]["visited_tile_note"] = note
+        if info["backend"] == "torch":
+            info["extra"].update(cpu_plan_info(mask, q))
 
         def fwd():
             return functional.window_attention(q, k, v, mask, scale=scale)

@@ -1,22 +1,25 @@
-"""The PyTorch path of the attention ops: query chunks, restricted key sets, bounded memory.
+"""The PyTorch path of the attention ops: restricted key sets, fused SDPA, bounded memory.
 
 This is what ``vitpatch.functional`` runs off-GPU (``VITPATCH_BACKEND=torch``). It is not the
-eager oracle: it never allocates the ``(B, h, N, N)`` logits. Queries are processed in chunks
-whose logits fit a fixed budget (``VITPATCH_CHUNK_MB``).
+eager oracle: it never allocates the ``(B, h, N, N)`` logits.
 
-- Window attention: a chunk only looks at the keys inside the bounding box of its windows
-  (the CPU analogue of the kernel's tile skipping) and runs PyTorch's fused SDPA with the
-  chunk's boolean rows; the chunk plan is memoised on the mask, so every block of a ViT shares it.
-- WinfT: a chunk holds full rows (the threshold needs all ``N`` keys), its gate logits and one
-  probability buffer.
+- Window attention (docs/math.md §1; paper 000 §4.1, eq. 4): patch queries are grouped by
+  alike windows (a k-d split of their four coordinates), each group runs PyTorch's fused SDPA
+  over the keys the union of its windows reaches (plus prefix keys, minus dropped keys), with
+  the group's additive mask only when some row needs it; groups are packed into a few fused
+  calls. A cost estimate from the ``O(n)`` windows picks that or one dense SDPA call (with the
+  mask only if needed). The plan is memoised on the mask, so every block of a ViT shares it.
+  Backward keeps each pack's log-sum-exp and reruns the fused kernel's backward per pack.
+- WinfT: query chunks (``VITPATCH_CHUNK_MB``) hold full rows (the threshold needs all ``N``
+  keys), their gate logits and one probability buffer. A chunk's gate logits are kept for
+  backward while they fit the budget; the other chunks are recomputed.
 
-For backward, a chunk's graph or probabilities are kept while they fit the budget; the other
-chunks are recomputed, so peak memory is ``O(B h N d)`` plus about one budget.
+Peak memory is ``O(B h N d)`` plus about one budget.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Union
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,34 +30,8 @@ from .masks import WindowMask
 
 __all__ = ["window_attention", "winft_attention", "cluster_pool", "cluster_attention"]
 
-Keys = Union[None, slice, torch.Tensor]
-
-
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _chunk_rows(B: int, h: int, K: int, n_rows: int) -> int:
-    """Query rows per chunk so that three ``(B, h, rows, K)`` float32 buffers fit the budget."""
-    per_row = max(1, B * h * K * 4 * 3)
-    return max(1, min(n_rows, _env.chunk_budget_bytes() // per_row))
-
-
-def _take(t: torch.Tensor, keys: Keys) -> torch.Tensor:
-    if keys is None:
-        return t
-    if isinstance(keys, slice):
-        return t[:, :, keys]
-    return t.index_select(2, keys)
-
-
-def _put(acc: torch.Tensor, keys: Keys, value: torch.Tensor) -> None:
-    if keys is None:
-        acc += value
-    elif isinstance(keys, slice):
-        acc[:, :, keys] += value
-    else:
-        acc.index_add_(2, keys, value)
 
 
 # --------------------------------------------------------------------------- what backward keeps
@@ -74,150 +51,465 @@ class _Saver:
         return self.items.get(key)
 
 
-@dataclass
-class _Chunk:
-    start: int
-    end: int
-    keys: Keys
-    allowed: Optional[torch.Tensor] = None  # the chunk's rows of the mask, when cached with the plan
-
-
 # --------------------------------------------------------------------------- window attention
-def _window_chunks(mask: WindowMask, B: int, h: int) -> List[_Chunk]:
-    """The chunk plan of ``mask`` for ``B`` images and ``h`` heads, built once per mask.
+# Cost model of the CPU plan (nanoseconds, one thread), fitted to PyTorch's fused CPU attention:
+# a query-key pair of head width d costs about 0.045 (d + 24) ns; short query groups, short key
+# sets and an additive mask cost a little more per pair; every pack (one fused call and its
+# gathers) has a fixed cost. Only ratios between candidate plans matter.
+_NS_PER_PAIR_D, _PAIR_D0 = 0.045, 24.0
+_MASK_FACTOR = 1.08
+_CALL_NS = 25_000.0
+_GATHER_NS = 0.7          # per gathered or scattered element
+_GROUP_SIZES = (16, 32, 64, 128)
+_PAD_SLACK = 1.10         # a pack's padded keys may exceed its groups' own keys by 10%
+_PACK_BYTES = 4 << 20     # a pack's working set: small enough to stay in cache between gather and SDPA
+_FORCE_PLAN = None        # tests: None, "dense" or ("grouped", G) overrides the cost estimate
 
-    Every block of a ViT gets the same mask, so the plan (and, while they fit a quarter of the
-    chunk budget, the chunks' boolean mask rows) is computed once and reused.
+
+def _pair_ns(pairs: float, G: int, K: int, d: int, masked: bool) -> float:
+    """Estimated time of ``pairs`` query-key pairs in groups of ``G`` queries over ``K`` keys."""
+    small = (1.0 + 0.4 * (16.0 / max(G, 1)) ** 2) * (1.0 + 16.0 / max(K, 1))
+    return pairs * _NS_PER_PAIR_D * (d + _PAIR_D0) * small * (_MASK_FACTOR if masked else 1.0)
+
+
+@dataclass
+class _Pack:
+    """``Bt`` query groups of ``G`` rows, each over its own ``K`` keys, run as one fused SDPA call.
+
+    Indices are rows of the token-major layout (:func:`_tokens`). ``kidx is None`` means the
+    keys of group ``i`` are all ``N`` tokens of image ``img0 + i`` (no gather). ``bias`` is the
+    additive ``0 / -inf`` mask ``(Bt, 1, G, K)``, ``None`` when every row allows every key.
+    ``out_rows`` / ``dmask``: the real rows (a padded duplicate or an empty query is not one).
     """
-    def build():
-        chunks = _plan_window_chunks(mask, B, h)
-        room = _env.chunk_budget_bytes() // 4
-        for c in chunks:
-            keys = _key_index(c.keys, mask.seq_len, mask.device)
-            size = B * (c.end - c.start) * (mask.seq_len if keys is None else len(keys))
-            if size > room:
-                break
-            room -= size
-            c.allowed = mask.rows(c.start, c.end, B, keys)
-        return chunks
 
-    return mask.memo(("chunked.window", B, h, _env.chunk_budget_bytes()), build)
+    Bt: int
+    G: int
+    K: int
+    qidx: torch.Tensor
+    kidx: Optional[torch.Tensor]
+    img0: int = 0
+    bias: Optional[torch.Tensor] = None
+    out_rows: Optional[torch.Tensor] = None
+    dmask: Optional[torch.Tensor] = None
 
 
-def _plan_window_chunks(mask: WindowMask, B: int, h: int) -> List[_Chunk]:
-    """Query chunks of window attention with the keys each may reach.
+@dataclass
+class _Plan:
+    """How one call runs: ``dense`` (one SDPA call, with ``bias`` only when needed) or ``grouped`` packs."""
 
-    Prefix queries see every key; a chunk of patch queries sees the prefix keys and the patches
-    inside the bounding box of the chunk's windows over the batch (one host copy of the windows).
+    kind: str
+    per_image: bool
+    group_size: int = 0
+    packs: List[_Pack] = field(default_factory=list)
+    bias: Optional[torch.Tensor] = None   # dense: (Bm, 1, N, N) additive
+    ok: Optional[torch.Tensor] = None     # dense: (B, 1, N, 1), 0 on empty rows
+    zero_rows: bool = False               # grouped: some queries are in no pack (no allowed key)
+    estimates: Dict[str, float] = field(default_factory=dict)
+
+
+def _tokens(t: torch.Tensor, per_image: bool) -> torch.Tensor:
+    """``(B, h, N, d)`` as token-major rows: ``(B N, h, d)`` per image, ``(N, B h, d)`` for shared windows."""
+    B, h, N, d = t.shape
+    if per_image:
+        return t.transpose(1, 2).reshape(B * N, h, d)
+    return t.permute(2, 0, 1, 3).reshape(N, B * h, d)
+
+
+def _untokens(f: torch.Tensor, B: int, h: int, N: int, per_image: bool) -> torch.Tensor:
+    d = f.shape[-1]
+    if per_image:
+        return f.view(B, N, h, d).transpose(1, 2)
+    return f.view(N, B, h, d).permute(1, 2, 0, 3)
+
+
+def _gather(f: torch.Tensor, idx: torch.Tensor, Bt: int, L: int, buf: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rows ``idx`` of a token-major tensor as ``(Bt, H, L, d)`` (a strided view of one copy).
+
+    ``buf``: a workspace the copy goes to. Reusing one buffer for every pack matters on CPU:
+    a fresh multi-megabyte tensor per pack costs more in page faults than the copy itself.
     """
-    P, (gh, gw), N = mask.num_prefix_tokens, mask.grid, mask.seq_len
-    chunks: List[_Chunk] = []
-    if P:
-        rows = _chunk_rows(B, h, N, P)
-        chunks += [_Chunk(s, min(s + rows, P), None) for s in range(0, P, rows)]
-    w = mask.windows.cpu().long()
-    if w.dim() == 2:
-        w = w.unsqueeze(0)
-    n = gh * gw
-    # chunk size from a typical window's reach; whole grid rows when a chunk spans several
-    reach = int(((w[..., 3] - w[..., 1] + 1).float().mean() + 1) * gw) + P
-    rows = _chunk_rows(B, h, min(N, reach), n)
-    if rows >= gw:
-        rows -= rows % gw
+    H, d = f.shape[1], f.shape[2]
+    if buf is None:
+        g = f.index_select(0, idx)
+    else:
+        g = torch.index_select(f, 0, idx, out=buf[:idx.numel() * H * d].view(-1, H, d))
+    return g.view(Bt, L, H, d).transpose(1, 2)
+
+
+def _pack_keys(f: torch.Tensor, p: _Pack, N: int, buf: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if p.kidx is None:
+        return f.view(-1, N, f.shape[1], f.shape[2])[p.img0:p.img0 + p.Bt].transpose(1, 2)
+    return _gather(f, p.kidx, p.Bt, p.K, buf)
+
+
+def _workspace(plan: "_Plan", f: torch.Tensor, n_q: int, n_k: int) -> List[torch.Tensor]:
+    """``n_q`` query-sized and ``n_k`` key-sized flat buffers, large enough for every pack."""
+    row = f.shape[1] * f.shape[2]
+    mq = max((p.Bt * p.G for p in plan.packs), default=0) * row
+    mk = max((p.Bt * p.K for p in plan.packs if p.kidx is not None), default=0) * row
+    return [torch.empty(m, dtype=f.dtype, device=f.device) for m in [mq] * n_q + [mk] * n_k]
+
+
+def _flash_ops():
+    """PyTorch's fused CPU attention ``(forward, backward)`` (forward returns the log-sum-exp)."""
+    ops = torch.ops.aten
+    return (ops._scaled_dot_product_flash_attention_for_cpu.default,
+            ops._scaled_dot_product_flash_attention_for_cpu_backward.default)
+
+
+def _kd_order(w: torch.Tensor, G: int) -> torch.Tensor:
+    """Patches ordered so that each run of ``G`` has alike windows: ``(Bw, n)`` int64.
+
+    A k-d split on the four window coordinates ``(x_left, y_top, x_right, y_bottom)``: a set of
+    more than ``G`` windows is cut at a multiple of ``G`` along the coordinate that gives the
+    two halves the smallest summed ``size * area of the bounding box of their windows`` (a proxy
+    of the keys the groups will gather), recursively, for all images at once.
+    """
+    Bw, n, _ = w.shape
+    perm = torch.arange(n).expand(Bw, n).contiguous()
+    segs = [(0, n)]
+    M = n + int(w.max()) + 2 if n else 1
+    pos = torch.arange(n)
+    while True:
+        split = [(s, e) for s, e in segs if e - s > G]
+        if not split:
+            return perm
+        seg_start = torch.zeros(n, dtype=torch.long)
+        splitting = torch.zeros(n, dtype=torch.bool)
+        half = torch.full((n,), 2 * len(split), dtype=torch.long)
+        seg_of = torch.zeros(n, dtype=torch.long)
+        counts = []
+        new_segs = []
+        j = 0
+        for s, e in segs:
+            seg_start[s:e] = s
+            if e - s > G:
+                mid = s + (((e - s + G - 1) // G) // 2) * G
+                splitting[s:e] = True
+                half[s:mid], half[mid:e] = 2 * j, 2 * j + 1
+                seg_of[s:e] = j
+                counts += [mid - s, e - mid]
+                new_segs += [(s, mid), (mid, e)]
+                j += 1
+            else:
+                new_segs.append((s, e))
+        cnt = torch.tensor(counts, dtype=torch.long)
+        ws = w.gather(1, perm[..., None].expand(Bw, n, 4))
+        local = pos - seg_start
+        cands, costs = [], []
+        hid = half.expand(Bw, n)
+        for dim in range(4):
+            key = seg_start * M + torch.where(splitting, ws[..., dim], local)
+            o = torch.sort(key, dim=1, stable=True).indices
+            wd = ws.gather(1, o[..., None].expand(Bw, n, 4))
+            nh = 2 * len(split) + 1
+            lo = torch.full((Bw, nh, 2), M, dtype=torch.long).scatter_reduce(
+                1, hid[..., None].expand(Bw, n, 2), wd[..., :2], "amin")
+            hi = torch.full((Bw, nh, 2), -1, dtype=torch.long).scatter_reduce(
+                1, hid[..., None].expand(Bw, n, 2), wd[..., 2:], "amax")
+            area = ((hi - lo + 1).prod(-1))[:, :-1] * cnt
+            costs.append(area.view(Bw, -1, 2).sum(-1))
+            cands.append(perm.gather(1, o))
+        best = torch.stack(costs, -1).argmin(-1)                      # (Bw, segments split)
+        choice = best.gather(1, seg_of.expand(Bw, n)) * splitting     # non-split positions: any (all equal)
+        perm = torch.stack(cands, -1).gather(2, choice[..., None]).squeeze(2)
+        segs = new_segs
+
+
+def _coverage(w: torch.Tensor, qloc: torch.Tensor, valid: torch.Tensor, grid) -> torch.Tensor:
+    """Union of the windows of each query group, bool ``(Bw, ng, n)``, by 2-D difference arrays.
+
+    ``qloc``: ``(Bw, ng, G)`` patch indices; ``valid``: which of them count. ``O(ng (n + G))``
+    per image: the windows are painted, never an ``N x N`` mask.
+    """
+    gh, gw = grid
+    Bw, ng, G = qloc.shape
+    ws = w.gather(1, qloc.reshape(Bw, ng * G, 1).expand(-1, -1, 4)).view(Bw * ng, G, 4)
+    x0, y0, x1, y1 = ws.unbind(-1)
+    val = valid.reshape(Bw * ng, G).to(torch.int32)
+    stride = gw + 1
+    diff = torch.zeros(Bw * ng, (gh + 1) * stride, dtype=torch.int32)
+    for yy, xx, s in ((y0, x0, 1), (y0, x1 + 1, -1), (y1 + 1, x0, -1), (y1 + 1, x1 + 1, 1)):
+        diff.scatter_add_(1, yy * stride + xx, val * s)
+    cov = diff.view(-1, gh + 1, stride).cumsum(1).cumsum(2)[:, :gh, :gw] > 0
+    return cov.reshape(Bw, ng, gh * gw)
+
+
+def _window_plan(mask: WindowMask, B: int, h: int, d: int, acc: torch.dtype) -> _Plan:
+    """The plan of ``mask`` for ``B`` images, ``h`` heads of width ``d``, memoised on the mask.
+
+    Every block of a ViT gets the same mask, so the grouping, the gather indices and the
+    groups' additive masks are computed once and reused (:meth:`WindowMask.memo`).
+    """
+    key = ("chunked.window.plan", B, h, d, acc, _env.chunk_budget_bytes(), _FORCE_PLAN)
+    return mask.memo(key, lambda: _build_plan(mask, B, h, d, acc))
+
+
+def _build_plan(mask: WindowMask, B: int, h: int, d: int, acc: torch.dtype) -> _Plan:
+    """Choose between one dense SDPA call and grouped packs from the ``O(n)`` windows.
+
+    Costs (see :func:`_pair_ns`): dense is ``B h N^2`` pairs (masked unless every query allows
+    every key, read off :meth:`WindowMask.allowed_counts`); grouped, for each group size ``G``,
+    is the sum over groups of ``G x |union of the group's windows ∪ prefix keys|`` pairs plus
+    gathers and one call per pack. The cheapest wins; dense with a mask is only allowed while
+    its ``N x N`` additive mask fits half the chunk budget (the memory bound).
+    """
+    budget = _env.chunk_budget_bytes()
+    P, grid, N, n = mask.num_prefix_tokens, mask.grid, mask.seq_len, mask.num_patches
     dev = mask.device
-    prefix = torch.arange(P, device=dev)
-    for s in range(0, n, rows):
-        e = min(s + rows, n)
-        part = w[:, s:e]
-        x0, y0 = int(part[..., 0].min()), int(part[..., 1].min())
-        x1, y1 = int(part[..., 2].max()), int(part[..., 3].max())
-        if x0 == 0 and y0 == 0 and x1 == gw - 1 and y1 == gh - 1:
-            keys: Keys = None
-        elif x0 == 0 and x1 == gw - 1 and P == 0:
-            keys = slice(y0 * gw, (y1 + 1) * gw)
-        else:
-            ys = torch.arange(y0, y1 + 1, device=dev)
-            xs = torch.arange(x0, x1 + 1, device=dev)
-            keys = torch.cat([prefix, P + (ys[:, None] * gw + xs[None, :]).reshape(-1)])
-        chunks.append(_Chunk(P + s, P + e, keys))
-    return chunks
+    per_image = mask.per_image or mask.key_keep is not None
+    Bw, H = (B, h) if per_image else (1, B * h)
+    counts = mask.allowed_counts(B).cpu()
+    needs_mask = bool((counts < N).any())
+    empty = counts == 0                                       # (B, N): no allowed key -> zeros
+    esize = torch.finfo(acc).bits // 8
+    estimates = {"dense": _pair_ns(B * h * N * N, N, N, d, needs_mask) + _CALL_NS}
+    dense_ok = not needs_mask or (B if per_image else 1) * N * N * esize <= budget // 2
+
+    keep = None if mask.key_keep is None else mask.key_keep.cpu()
+    best = None
+    if n > _GROUP_SIZES[0] or isinstance(_FORCE_PLAN, tuple):
+        w = mask.batch_windows(Bw).cpu().long()
+        q_empty = empty[:Bw, P:]
+        prefix_cost = 0.0
+        if P:
+            prefix_cost = _pair_ns(B * h * P * N, P, N, d, keep is not None) + _CALL_NS
+        sizes = _GROUP_SIZES
+        if isinstance(_FORCE_PLAN, tuple):
+            sizes = (min(_FORCE_PLAN[1], n),)
+        for G in sizes:
+            if G >= n and not isinstance(_FORCE_PLAN, tuple):
+                break
+            order = _kd_order(w, G)
+            ng = (n + G - 1) // G
+            pad = ng * G - n
+            qloc = torch.cat([order, order[:, -1:].expand(Bw, pad)], 1) if pad else order
+            valid = torch.ones(Bw, ng * G, dtype=torch.bool)
+            if pad:
+                valid[:, n:] = False
+            valid &= ~q_empty.gather(1, qloc)
+            qloc, valid = qloc.view(Bw, ng, G), valid.view(Bw, ng, G)
+            cov = _coverage(w, qloc, valid, grid)
+            if keep is not None:
+                cov &= keep[:, None, P:]
+            kprefix = torch.full((Bw,), P) if keep is None else keep[:, :P].sum(1)
+            K = cov.sum(-1) + kprefix[:, None]                    # (Bw, ng) keys per group
+            active = valid.any(-1)
+            Ka = K[active].double()
+            pairs = float(Ka.sum()) * G * H * _PAD_SLACK
+            kmean = float(Ka.mean()) if Ka.numel() else 1.0
+            group_bytes = esize * (H * d * 4 * (G + kmean) + G * kmean)
+            packs = max(1.0, float(active.sum()) * group_bytes / max(min(budget // 4, _PACK_BYTES), 1)) + 2
+            cost = (_pair_ns(pairs, G, int(kmean), d, True) + packs * _CALL_NS
+                    + _GATHER_NS * H * d * float((2 * G + 2 * Ka).sum()) + prefix_cost)
+            estimates[f"grouped{G}"] = cost
+            if best is None or cost < best[0]:
+                best = (cost, G, qloc, valid, cov, K, active)
+
+    use_dense = best is None or (dense_ok and estimates["dense"] <= best[0])
+    if _FORCE_PLAN is not None:
+        use_dense = _FORCE_PLAN == "dense" or best is None
+    if use_dense:
+        plan = _Plan("dense", per_image, estimates=estimates)
+        if needs_mask:
+            allowed = mask.rows(0, N, B if per_image else 1)      # (Bm, N, N), within half the budget
+            allowed |= empty[:allowed.shape[0], :, None].to(dev)  # empty rows: finite, zeroed below
+            plan.bias = torch.zeros(allowed.shape, dtype=acc, device=dev).masked_fill_(~allowed, float("-inf"))[:, None]
+            if bool(empty.any()):
+                plan.ok = (~empty).to(acc).to(dev)[:, None, :, None]
+        return plan
+
+    _, G, qloc, valid, cov, K, active = best
+    plan = _Plan("grouped", per_image, G, estimates=estimates, zero_rows=bool(empty.any()))
+    w = mask.batch_windows(Bw).cpu().long()
+    limit = max(min(budget // 4, _PACK_BYTES), 1)
+
+    def group_bytes(g: int, k: int) -> int:
+        return esize * (H * d * 4 * (g + k) + g * k)
+
+    if P:
+        plan.packs += _prefix_packs(mask, B, Bw, N, P, keep, empty, acc, limit, group_bytes)
+    # patch groups, sorted by key count and packed while padding stays small and bytes fit
+    bs, gs = active.nonzero(as_tuple=True)
+    ks = K[bs, gs]
+    order = torch.argsort(ks, stable=True)
+    bs, gs, ks = bs[order].tolist(), gs[order].tolist(), ks[order].tolist()
+    i = 0
+    while i < len(ks):
+        j, total = i + 1, ks[i]
+        while j < len(ks) and ks[j] * (j + 1 - i) <= _PAD_SLACK * (total + ks[j]) \
+                and group_bytes(G, ks[j]) * (j + 1 - i) <= limit:
+            total += ks[j]
+            j += 1
+        plan.packs.append(_patch_pack(mask, w, qloc, valid, cov, keep, bs[i:j], gs[i:j], ks[j - 1],
+                                      N, P, per_image, acc, dev))
+        i = j
+    return plan
 
 
-def _key_index(keys: Keys, N: int, device) -> Optional[torch.Tensor]:
-    if keys is None:
-        return None
-    if isinstance(keys, slice):
-        return torch.arange(N, device=device)[keys]
-    return keys
+def _prefix_packs(mask, B, Bw, N, P, keep, empty, acc, limit, group_bytes) -> List[_Pack]:
+    """Prefix queries attend every kept key: per image, all ``N`` tokens (no mask) or its kept keys."""
+    dev = mask.device
+    per = max(1, limit // max(group_bytes(P, N), 1))
+    packs = []
+    for b0 in range(0, Bw, per):
+        b1 = min(Bw, b0 + per)
+        imgs = torch.arange(b0, b1)
+        qidx = (imgs[:, None] * N + torch.arange(P)[None]).reshape(-1)
+        if keep is None:
+            packs.append(_Pack(b1 - b0, P, N, qidx.to(dev), None, img0=b0))
+            continue
+        kk = keep[b0:b1]
+        K = max(1, int(kk.sum(1).max()))
+        korder = torch.sort((~kk).to(torch.int8), dim=1, stable=True).indices[:, :K]
+        kvalid = kk.gather(1, korder)
+        rows_ok = ~empty[b0:b1, :P]                                   # (Bt, P)
+        allowed = kvalid[:, None, :] | ~rows_ok[..., None]
+        p = _Pack(b1 - b0, P, K, qidx.to(dev), (imgs[:, None] * N + korder).reshape(-1).to(dev))
+        if not bool(allowed.all()):
+            p.bias = torch.zeros(allowed.shape, dtype=acc).masked_fill_(~allowed, float("-inf"))[:, None].to(dev)
+        _set_rows(p, rows_ok, acc, dev)
+        packs.append(p)
+    return packs
 
 
-def _window_chunk_graph(q, k, v, mask: WindowMask, c: _Chunk, scale: float, acc):
-    """One chunk of window attention as a small autograd graph over detached chunk inputs.
+def _set_rows(p: _Pack, rows_ok: torch.Tensor, acc, dev) -> None:
+    if not bool(rows_ok.all()):
+        p.out_rows = rows_ok.reshape(-1).nonzero().squeeze(1).to(dev)
+        p.dmask = rows_ok.to(acc)[:, None, :, None].to(dev)
 
-    PyTorch's fused SDPA with the chunk's boolean mask does the work (its CPU kernel is
-    blockwise: it saves the log-sum-exp, not the probabilities). A query with no allowed key
-    attends to its whole key set and is then multiplied by 0, so it outputs 0 with 0 gradient
-    whatever SDPA does with an empty row. Returns ``(inputs, out)``.
+
+def _patch_pack(mask, w, qloc, valid, cov, keep, bs, gs, K, N, P, per_image, acc, dev) -> _Pack:
+    """One pack of patch-query groups ``(bs[i], gs[i])`` over their own keys, padded to ``K``."""
+    b = torch.tensor(bs, dtype=torch.long)
+    g = torch.tensor(gs, dtype=torch.long)
+    Bt, G = len(bs), qloc.shape[-1]
+    gw = mask.grid[1]
+    ql = qloc[b, g]                                                   # (Bt, G) patch indices
+    rows_ok = valid[b, g]
+    kprefix = torch.ones(Bt, P, dtype=torch.bool) if keep is None else keep[b, :P]
+    universe = torch.cat([kprefix, cov[b, g]], 1)                     # (Bt, N): the group's keys
+    korder = torch.sort((~universe).to(torch.int8), dim=1, stable=True).indices[:, :K]
+    kvalid = universe.gather(1, korder)
+    wq = w[b[:, None], ql]                                            # (Bt, G, 4)
+    kp = (korder - P).clamp(min=0)
+    kx, ky = (kp % gw)[:, None, :], (kp // gw)[:, None, :]
+    inside = ((kx >= wq[..., 0:1]) & (kx <= wq[..., 2:3]) & (ky >= wq[..., 1:2]) & (ky <= wq[..., 3:4]))
+    allowed = (inside | (korder < P)[:, None, :]) & kvalid[:, None, :]
+    allowed |= ~rows_ok[..., None]                                    # not-real rows: finite, ignored
+    base = (b * N if per_image else torch.zeros_like(b))[:, None]
+    p = _Pack(Bt, G, K, (base + P + ql).reshape(-1).to(dev), (base + korder).reshape(-1).to(dev))
+    if not bool(allowed.all()):
+        p.bias = torch.zeros(allowed.shape, dtype=acc).masked_fill_(~allowed, float("-inf"))[:, None].to(dev)
+    _set_rows(p, rows_ok, acc, dev)
+    return p
+
+
+def _window_chunk_graph(qf, kf, vf, p: _Pack, N: int, scale: float, ws=(None, None, None)):
+    """One pack of window attention: gather its queries and keys (into ``ws``), run fused SDPA.
+
+    Returns ``(inputs, (out, lse))`` with ``inputs = [q, k, v]`` of the pack, ``(Bt, H, G|K, d)``;
+    ``lse`` is the log-sum-exp that PyTorch's fused CPU kernel returns (``None`` off CPU, where
+    backward recomputes the pack under autograd).
     """
-    B, N = q.shape[0], q.shape[2]
-    allowed = c.allowed if c.allowed is not None else mask.rows(c.start, c.end, B, _key_index(c.keys, N, q.device))
-    ok = allowed.any(-1)
-    with torch.enable_grad():
-        inputs = [q[:, :, c.start:c.end].detach().to(acc).requires_grad_(),
-                  _take(k.detach(), c.keys).to(acc).requires_grad_(),
-                  _take(v.detach(), c.keys).to(acc).requires_grad_()]
-        if bool(ok.all()):
-            out = F.scaled_dot_product_attention(*inputs, attn_mask=allowed[:, None], scale=scale)
-        else:
-            allowed = allowed | ~ok[..., None]
-            out = F.scaled_dot_product_attention(*inputs, attn_mask=allowed[:, None], scale=scale)
-            out = out * ok[:, None, :, None].to(acc)
-    return inputs, out
+    qg, kg, vg = _gather(qf, p.qidx, p.Bt, p.G, ws[0]), _pack_keys(kf, p, N, ws[1]), _pack_keys(vf, p, N, ws[2])
+    if qf.device.type == "cpu":
+        out, lse = _flash_ops()[0](qg, kg, vg, attn_mask=p.bias, scale=scale)
+    else:
+        out, lse = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=p.bias, scale=scale), None
+    return [qg, kg, vg], (out, lse)
 
 
 class _WindowAttention(torch.autograd.Function):
+    """Grouped packs of window attention; backward keeps only each pack's log-sum-exp.
+
+    Backward regathers a pack's q, k, v, output and output gradient and calls the fused
+    kernel's backward, then scatter-adds the pack's gradients: memory ``O(B h N d)`` plus one
+    pack (a quarter of the chunk budget), and no forward is recomputed on CPU.
+    """
+
     @staticmethod
-    def forward(ctx, q, k, v, mask: WindowMask, scale: float):
+    def forward(ctx, q, k, v, plan: _Plan, scale: float):
         B, h, N, d = q.shape
         acc = _acc_dtype(q)
-        chunks = _window_chunks(mask, B, h)
-        out = torch.empty(B, h, N, v.shape[-1], dtype=q.dtype, device=q.device)
-        saver = _Saver()
-        # (forward runs with grad disabled; under no_grad the context, and the saver with it, is dropped at once)
-        keep_graphs = any(t.requires_grad for t in (q, k, v))
-        for c in chunks:
-            inputs, oc = _window_chunk_graph(q, k, v, mask, c, scale, acc)
-            out[:, :, c.start:c.end] = oc.detach().to(q.dtype)
-            if keep_graphs:  # the chunk graph holds O(B h (Q + K) d) tensors and the chunk's bool mask
-                saver.offer(c.start, *inputs, oc)
-        ctx.save_for_backward(q, k, v)
-        ctx.mask, ctx.scale, ctx.chunks, ctx.saver = mask, scale, chunks, saver
+        per = plan.per_image
+        qf, kf, vf = (_tokens(t, per).to(acc) for t in (q, k, v))
+        rows, H = qf.shape[0], qf.shape[1]
+        outf = (torch.zeros if plan.zero_rows else torch.empty)(rows, H, v.shape[-1], dtype=acc, device=q.device)
+        lses = []
+        ws = _workspace(plan, qf, 1, 2)
+        for p in plan.packs:
+            _, (oc, lse) = _window_chunk_graph(qf, kf, vf, p, N, scale, ws)
+            oc = oc.transpose(1, 2).reshape(p.Bt * p.G, H, -1)
+            if p.out_rows is None:
+                outf.index_copy_(0, p.qidx, oc)
+            else:
+                outf.index_copy_(0, p.qidx.index_select(0, p.out_rows), oc.index_select(0, p.out_rows))
+            lses.append(lse)
+        out = _untokens(outf, B, h, N, per).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out)
+        ctx.plan, ctx.scale, ctx.lses = plan, scale, lses
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        q, k, v = ctx.saved_tensors
+        q, k, v, out = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
+        B, h, N, d = q.shape
         acc = _acc_dtype(q)
-        dq = torch.empty(q.shape, dtype=acc, device=q.device)
-        dk = torch.zeros(k.shape, dtype=acc, device=q.device)
-        dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-        for c in ctx.chunks:
-            saved = ctx.saver.get(c.start)
-            if saved is None:
-                inputs, oc = _window_chunk_graph(q, k, v, ctx.mask, c, ctx.scale, acc)
+        per = plan.per_image
+        qf, kf, vf, of, df = (_tokens(t, per).to(acc) for t in (q, k, v, out, dout))
+        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=q.device) for t in (qf, kf, vf))
+        wq, wo, wd, wk, wv = _workspace(plan, qf, 3, 2)
+        for p, lse in zip(plan.packs, ctx.lses):
+            qg, kg, vg = _gather(qf, p.qidx, p.Bt, p.G, wq), _pack_keys(kf, p, N, wk), _pack_keys(vf, p, N, wv)
+            og, dg = _gather(of, p.qidx, p.Bt, p.G, wo), _gather(df, p.qidx, p.Bt, p.G, wd)
+            if p.dmask is not None:
+                dg = dg * p.dmask
+            if lse is not None:
+                gq, gk, gv = _flash_ops()[1](dg, qg, kg, vg, og, lse, 0.0, False, attn_mask=p.bias, scale=scale)
             else:
-                inputs, oc = list(saved[:3]), saved[3]
-            gq, gk, gv = torch.autograd.grad(oc, inputs, dout[:, :, c.start:c.end].to(acc), retain_graph=True)
-            dq[:, :, c.start:c.end] = gq
-            _put(dk, c.keys, gk)
-            _put(dv, c.keys, gv)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+                with torch.enable_grad():
+                    leaves = [t.detach().requires_grad_() for t in (qg, kg, vg)]
+                    o = F.scaled_dot_product_attention(*leaves, attn_mask=p.bias, scale=scale)
+                    gq, gk, gv = torch.autograd.grad(o, leaves, dg)
+            H = qf.shape[1]
+            dq.index_add_(0, p.qidx, gq.transpose(1, 2).reshape(-1, H, d))
+            if p.kidx is None:
+                dk.view(-1, N, H, d)[p.img0:p.img0 + p.Bt] += gk.transpose(1, 2)
+                dv.view(-1, N, H, dv.shape[-1])[p.img0:p.img0 + p.Bt] += gv.transpose(1, 2)
+            else:
+                dk.index_add_(0, p.kidx, gk.transpose(1, 2).reshape(-1, H, d))
+                dv.index_add_(0, p.kidx, gv.transpose(1, 2).reshape(-1, H, dv.shape[-1]))
+        grads = (_untokens(t, B, h, N, per) for t in (dq, dk, dv))
+        return (*(g.to(t.dtype) for g, t in zip(grads, (q, k, v))), None, None)
+
+
+def window_plan(mask: WindowMask, q: torch.Tensor) -> _Plan:
+    """The plan :func:`window_attention` uses for ``q``'s shape (for benchmarks and tests)."""
+    B, h, N, d = q.shape
+    mask.check(B, N, "windows")
+    return _window_plan(mask, B, h, d, _acc_dtype(q))
 
 
 def window_attention(q, k, v, mask: WindowMask, scale: float) -> torch.Tensor:
-    """Window-masked attention (docs/math.md §1) on validated inputs, memory ``O(B h N d)`` + one chunk."""
-    return _WindowAttention.apply(q, k, v, mask, scale)
+    """Window-masked attention (docs/math.md §1; paper 000 §4.1, eq. 4) on validated inputs.
+
+    ``out_i = sum_j softmax_j(scale q_i . k_j over allowed j) v_j``; a query with no allowed
+    key gives zeros and zero gradient. The plan (:func:`_build_plan`) is either one dense SDPA
+    call, with the additive mask only when some pair is not allowed, or groups of queries with
+    alike windows, each over the keys its windows reach, packed into a few fused SDPA calls.
+    Memory ``O(B h N d)`` plus one pack (or the dense call's mask, at most half the budget).
+    """
+    plan = window_plan(mask, q)
+    if plan.kind == "dense":
+        acc = _acc_dtype(q)
+        out = F.scaled_dot_product_attention(q.to(acc), k.to(acc), v.to(acc), attn_mask=plan.bias, scale=scale)
+        if plan.ok is not None:
+            out = out * plan.ok
+        return out.to(q.dtype)
+    return _WindowAttention.apply(q, k, v, plan, scale)
 
 
 # --------------------------------------------------------------------------- WinfT
