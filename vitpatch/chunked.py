@@ -59,7 +59,7 @@ class _Saver:
 _NS_PER_PAIR_D, _PAIR_D0 = 0.045, 24.0
 _MASK_FACTOR = 1.08
 _CALL_NS = 25_000.0
-_GATHER_NS = 0.7          # per gathered or scattered element
+_GATHER_NS = 0.25         # per gathered or scattered element
 _GROUP_SIZES = (16, 32, 64, 128)
 _PAD_SLACK = 1.10         # a pack's padded keys may exceed its groups' own keys by 10%
 _PACK_BYTES = 4 << 20     # a pack's working set: small enough to stay in cache between gather and SDPA
@@ -110,9 +110,10 @@ class _Plan:
 def _tokens(t: torch.Tensor, per_image: bool) -> torch.Tensor:
     """``(B, h, N, d)`` as token-major rows: ``(B N, h, d)`` per image, ``(N, B h, d)`` for shared windows."""
     B, h, N, d = t.shape
-    if per_image:
-        return t.transpose(1, 2).reshape(B * N, h, d)
-    return t.permute(2, 0, 1, 3).reshape(N, B * h, d)
+    f = t.transpose(1, 2).reshape(B * N, h, d) if per_image else t.permute(2, 0, 1, 3).reshape(N, B * h, d)
+    if f.stride(2) != 1 or f.stride(1) != d:  # each token's row must be one contiguous run for the gathers
+        f = f.contiguous()
+    return f
 
 
 def _untokens(f: torch.Tensor, B: int, h: int, N: int, per_image: bool) -> torch.Tensor:
@@ -198,11 +199,11 @@ def _kd_order(w: torch.Tensor, G: int) -> torch.Tensor:
         local = pos - seg_start
         cands, costs = [], []
         hid = half.expand(Bw, n)
+        nh = 2 * len(split) + 1
         for dim in range(4):
             key = seg_start * M + torch.where(splitting, ws[..., dim], local)
             o = torch.sort(key, dim=1, stable=True).indices
             wd = ws.gather(1, o[..., None].expand(Bw, n, 4))
-            nh = 2 * len(split) + 1
             lo = torch.full((Bw, nh, 2), M, dtype=torch.long).scatter_reduce(
                 1, hid[..., None].expand(Bw, n, 2), wd[..., :2], "amin")
             hi = torch.full((Bw, nh, 2), -1, dtype=torch.long).scatter_reduce(
@@ -311,10 +312,13 @@ def _build_plan(mask: WindowMask, B: int, h: int, d: int, acc: torch.dtype) -> _
         use_dense = _FORCE_PLAN == "dense" or best is None
     if use_dense:
         plan = _Plan("dense", per_image, estimates=estimates)
-        if needs_mask:
-            allowed = mask.rows(0, N, B if per_image else 1)      # (Bm, N, N), within half the budget
-            allowed |= empty[:allowed.shape[0], :, None].to(dev)  # empty rows: finite, zeroed below
-            plan.bias = torch.zeros(allowed.shape, dtype=acc, device=dev).masked_fill_(~allowed, float("-inf"))[:, None]
+        if needs_mask:  # (Bm, 1, N, N) additive, within half the budget; built a few rows at a time
+            Bm = B if per_image else 1
+            plan.bias = torch.zeros(Bm, 1, N, N, dtype=acc, device=dev)
+            step = max(1, (budget // 16) // max(Bm * N, 1))
+            for s in range(0, N, step):
+                allowed = mask.rows(s, min(N, s + step), Bm) | empty[:Bm, s:s + step, None].to(dev)
+                plan.bias[:, 0, s:s + step].masked_fill_(~allowed, float("-inf"))  # empty rows stay finite
             if bool(empty.any()):
                 plan.ok = (~empty).to(acc).to(dev)[:, None, :, None]
         return plan
@@ -504,11 +508,13 @@ def window_attention(q, k, v, mask: WindowMask, scale: float) -> torch.Tensor:
     """
     plan = window_plan(mask, q)
     if plan.kind == "dense":
-        acc = _acc_dtype(q)
-        out = F.scaled_dot_product_attention(q.to(acc), k.to(acc), v.to(acc), attn_mask=plan.bias, scale=scale)
+        acc, dtype = _acc_dtype(q), q.dtype
+        if dtype != acc:
+            q, k, v = q.to(acc), k.to(acc), v.to(acc)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.bias, scale=scale)
         if plan.ok is not None:
             out = out * plan.ok
-        return out.to(q.dtype)
+        return out if out.dtype == dtype else out.to(dtype)
     return _WindowAttention.apply(q, k, v, plan, scale)
 
 
