@@ -109,3 +109,19 @@ def test_paper_figures_and_bad_input():
         plots.plot_attention_heatmap(np.eye(5) , 0)
     with pytest.raises(ValueError, match="grid"):
         plots.plot_attended_row(img, rng.random(15), (4, 4))
+
+
+def test_demo_stage_papers_002_003(tmp_path):
+    from vitpatch.demo import DemoConfig, _semantic_heads_figures, load_digits_split, make_vit, semantic_heads_stage
+
+    cfg = DemoConfig(out=str(tmp_path), subset=64, device="cpu", depth=2)
+    data = load_digits_split(cfg)
+    torch.manual_seed(0)
+    res = semantic_heads_stage(make_vit(cfg), data[2][:8], cfg)
+    L, h, K = 2, cfg.num_heads, cfg.grid[0]
+    if "semantic_skipped" not in res:
+        assert len(res["KK"]) == len(res["AFI"]) == L and res["keypoints_per_image"] > 0
+    assert np.array(res["I_prob"]).shape == (L, h, 2)
+    assert np.array(res["khop_strength"]).shape == (L, h, K)
+    files = _semantic_heads_figures(res, cfg)
+    assert {p.split("/")[-1] for p in files} >= {"head_importance.png", "khop_strength.png", "mode_bars.png"}

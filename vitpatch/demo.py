@@ -13,6 +13,10 @@
 7. Write ``summary.json`` and figures made from this run's data, and print a table like the
    paper's Tables 1–3.
 
+After step 3 a short stage runs papers 002 and 003 on the trained ViT (64 test digits): KK/NK
+and the attention focus index per layer (SIFT keypoints, if OpenCV is installed), head
+importance by pruning (modes 1 and 4) and k-hop attention strength, with their figures.
+
 Everything is seeded; accuracies change with ``--seed`` and ``--epochs``.
 """
 from __future__ import annotations
@@ -56,6 +60,7 @@ class DemoConfig:
     test_fraction: float = 0.2
     max_steps: Optional[int] = None  # cap on optimizer steps per model (for quick checks / CI)
     subset: Optional[int] = None  # use only this many training images (and a quarter as many test images)
+    semantic_images: int = 64  # test digits of the paper 002 / 003 stage
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
 
     def __post_init__(self):
@@ -195,6 +200,74 @@ def analyse(model: nn.Module, images: torch.Tensor, cfg: DemoConfig, desc: str):
     return torch.cat(windows), torch.cat(keep), first_u
 
 
+def _digits_uint8(x: torch.Tensor, scale: int = 4) -> torch.Tensor:
+    """``(B, 3, H*scale, W*scale)`` uint8 of normalised 1-channel digits: min-max per image, nearest upsampling.
+
+    SIFT needs the upsampling: at 32 px a digit is below the scales its default octaves search.
+    """
+    lo = x.amin((1, 2, 3), keepdim=True)
+    hi = x.amax((1, 2, 3), keepdim=True)
+    u = ((x - lo) / (hi - lo).clamp_min(1e-12) * 255).round().clamp(0, 255)
+    u = F.interpolate(u, scale_factor=scale, mode="nearest")
+    return u.to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+
+
+@torch.no_grad()
+def semantic_heads_stage(model: nn.Module, images: torch.Tensor, cfg: DemoConfig) -> Dict[str, object]:
+    """Papers 002 and 003 on the trained ViT (docs/math.md §8–9): KK/NK and AFI per layer, head
+    importance by pruning (modes 1 and 4) and k-hop strength, from ``images`` (a few test digits).
+
+    Keypoints: SIFT on each digit upsampled 4x (:func:`_digits_uint8`), counted on patches of
+    ``4 * patch_size`` pixels, the same grid the model sees.
+    """
+    from . import analysis
+
+    dev = torch.device(cfg.device)
+    model.to(dev).eval()
+    x = images.to(dev)
+    out: Dict[str, object] = {"images": len(images)}
+    try:
+        counts = analysis.keypoint_counts(_digits_uint8(images.cpu()), 4 * cfg.patch_size)
+    except ImportError as exc:  # OpenCV is an optional extra
+        counts = None
+        out["semantic_skipped"] = str(exc)
+    if counts is not None:
+        sem = analysis.layer_semantics(analysis.attention_maps(model, x), counts, 1)
+        out["keypoints_per_image"] = float(counts.sum(1).double().mean())
+        out["keypoint_patch_fraction"] = float((counts > 0).double().mean())
+        for k in ("KK", "KN", "NK", "NN", "AFI"):
+            out[k] = torch.nanmean(getattr(sem, k), 0).nanmean(-1).tolist()  # per layer, mean over heads
+    modes = (1, 4)
+    imp = analysis.head_importance(model, x, modes=modes)
+    out["head_importance_modes"] = list(modes)
+    out["I_prob"] = imp.prob.mean(0).tolist()  # (L, h, modes)
+    out["I_jsd"] = imp.jsd.mean(0).tolist()
+    out["I_patch"] = imp.patch.mean(0).tolist()
+    st = analysis.layer_strengths(analysis.attention_maps(model, x), cfg.grid, cfg.patch_size, 1)
+    out["khop_strength"] = st.strength.mean(0).tolist()  # (L, h, K)
+    out["strength_entropy"] = st.entropy.mean(0).tolist()
+    out["mad_px"] = st.mad.mean(0).tolist()
+    return out
+
+
+def _semantic_heads_figures(res: Dict[str, object], cfg: DemoConfig) -> List[str]:
+    from .analysis import plots
+
+    figs = {}
+    if "KK" in res:
+        fig = plots.plot_stage_summary(res["KK"], res["KN"], res["NK"], res["NN"], res["AFI"],
+                                       stages=[cfg.depth // 2] if cfg.depth > 1 else [])
+        fig.suptitle("digits ViT: keypoint interrelation and focus index per layer (paper 002)", fontsize=9)
+        figs["semantic_layers.png"] = fig
+    prob = torch.tensor(res["I_prob"])
+    figs["head_importance.png"] = plots.plot_head_importance(prob[..., 0], "I_prob (mode 1)")
+    figs["mode_bars.png"] = plots.plot_mode_bars(prob, res["head_importance_modes"])
+    strength = torch.tensor(res["khop_strength"])
+    figs["khop_strength.png"] = plots.plot_khop_strength(strength[-1], cfg.depth - 1)
+    figs["strength_entropy.png"] = plots.plot_entropy_layers(torch.tensor(res["strength_entropy"]))
+    return [plots.save_figure(f, os.path.join(cfg.out, name)) for name, f in figs.items()]
+
+
 def _mask_factory(windows: Dict[str, torch.Tensor], keep: Optional[Dict[str, torch.Tensor]], cfg: DemoConfig):
     """``mask_fn(indices, split)``: a WindowMask of the batch's own windows (and DIP keys removed)."""
     from .masks import WindowMask
@@ -315,6 +388,19 @@ def run_demo(cfg: Optional[DemoConfig] = None) -> dict:
     eo_dip = analysis.effective_operations(windows["test"], cfg.grid, keep["test"])
     print(f"  AWD windows (alpha={cfg.alpha}): EO {eo_awd:.0f} of {n * n} ({100 * eo_awd / n ** 2:.1f}%); "
           f"with DIP (beta={cfg.beta}): {eo_dip:.0f}", flush=True)
+    # 3b. papers 002 and 003 on the trained ViT: keypoint interrelation, focus index, head importance, k-hop
+    t_sh = time.perf_counter()
+    sem_heads = semantic_heads_stage(vit, data[2][:cfg.semantic_images], cfg)
+    sem_heads["time_s"] = time.perf_counter() - t_sh
+    if "KK" in sem_heads:
+        print(f"  paper 002: KK per layer {[round(v, 3) for v in sem_heads['KK']]}, NK "
+              f"{[round(v, 3) for v in sem_heads['NK']]}, AFI {[round(v, 2) for v in sem_heads['AFI']]}", flush=True)
+    top = torch.tensor(sem_heads["I_prob"])[..., 0]
+    best = int(top.argmax())
+    print(f"  paper 003: most important head L{best // cfg.num_heads}H{best % cfg.num_heads} (I_prob "
+          f"{float(top.reshape(-1)[best]):.3f}); strength entropy per layer "
+          f"{[round(float(v), 2) for v in torch.tensor(sem_heads['strength_entropy']).mean(-1)]} "
+          f"({sem_heads['time_s']:.1f} s)", flush=True)
     # 4. AWD-ViT, without and with DIP
     awd_fn = _mask_factory(windows, None, cfg)
     m = fresh(WindowAttention)
@@ -339,12 +425,13 @@ def run_demo(cfg: Optional[DemoConfig] = None) -> dict:
            None, n * cfg.num_clusters, "cluster_attention", {"clusters": cfg.num_clusters})
     rows[-1]["eo_note"] = "patch-to-cluster pairs n * M"
     # 7. figures and summary
-    figures = _figures(cfg, data, U, windows, keep, paca, rows)
+    figures = _figures(cfg, data, U, windows, keep, paca, rows) + _semantic_heads_figures(sem_heads, cfg)
     summary = {
         "config": asdict(cfg), "grid": list(cfg.grid), "num_patches": n, "full_eo": n * n,
         "data": {"train": len(data[1]), "test": len(data[3]), "source": "sklearn.datasets.load_digits"},
         "analysis": {"eo_awd": eo_awd, "eo_awd_dip": eo_dip,
                      "dropped_patches_per_image": float((~keep["test"]).sum(1).double().mean())},
+        "semantic_heads": sem_heads,
         "models": rows, "figures": [os.path.basename(f) for f in figures],
         "torch": torch.__version__, "python": platform.python_version(),
         "total_time_s": time.perf_counter() - t0,

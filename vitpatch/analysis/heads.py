@@ -318,33 +318,36 @@ def _check_images(images, labels):
     return labels
 
 
-def _finish(logits0, z0, labels, prob_pruned_rows, z_pruned_rows, P, modes, B, L, h):
-    """Stack per-(l, head, mode) rows into the result."""
-    p0 = logits0.double().softmax(-1)
-    y = p0.argmax(-1) if labels is None else labels.to(p0.device).long()
-    p0y = p0.gather(1, y[:, None])[:, 0]
-    M = len(modes)
-    prob = torch.empty(B, L, h, M, dtype=torch.float64)
-    jsd = torch.empty_like(prob)
-    pp = torch.empty_like(prob)
-    cls = torch.empty_like(prob)
-    patch = torch.empty_like(prob)
-    for (l, j, mi), logits in prob_pruned_rows.items():
+class _Collector:
+    """Turns each pruned variant's logits and attention output into its metrics at once (nothing large is kept)."""
+
+    def __init__(self, logits0, z0, labels, P, modes, B, L, h):
+        self.p0 = logits0.double().softmax(-1)
+        self.y = self.p0.argmax(-1) if labels is None else labels.to(self.p0.device).long()
+        self.p0y = self.p0.gather(1, self.y[:, None])[:, 0]
+        self.z0, self.P, self.modes = z0, P, tuple(modes)
+        shape = (B, L, h, len(modes))
+        self.prob, self.jsd, self.pp, self.cls, self.patch = (torch.empty(shape, dtype=torch.float64)
+                                                              for _ in range(5))
+
+    def add(self, l: int, j: int, mi: int, logits: torch.Tensor, z_pruned: torch.Tensor) -> None:
         q = logits.double().softmax(-1)
-        qy = q.gather(1, y[:, None])[:, 0]
-        pp[:, l, j, mi] = qy.cpu()
-        prob[:, l, j, mi] = (p0y - qy).cpu()
-        jsd[:, l, j, mi] = js_divergence(p0, q).cpu()
-        z, zp = z0[l].double(), z_pruned_rows[(l, j, mi)].double()
-        cos = torch.nn.functional.cosine_similarity(z, zp, dim=-1, eps=1e-12)  # (B, N)
-        cls[:, l, j, mi] = (1 - cos[:, 0]).cpu() if P >= 1 else float("nan")
-        patch[:, l, j, mi] = (1 - cos[:, P:]).mean(-1).cpu()
-    return HeadImportance(prob, jsd, cls, patch, pp, p0y.cpu(), y.cpu(), tuple(modes))
+        qy = q.gather(1, self.y[:, None])[:, 0]
+        self.pp[:, l, j, mi] = qy.cpu()
+        self.prob[:, l, j, mi] = (self.p0y - qy).cpu()
+        self.jsd[:, l, j, mi] = js_divergence(self.p0, q).cpu()
+        cos = torch.nn.functional.cosine_similarity(self.z0[l].double(), z_pruned.double(), dim=-1, eps=1e-12)
+        self.cls[:, l, j, mi] = (1 - cos[:, 0]).cpu() if self.P >= 1 else float("nan")
+        self.patch[:, l, j, mi] = (1 - cos[:, self.P:]).mean(-1).cpu()
+
+    def result(self) -> HeadImportance:
+        return HeadImportance(self.prob, self.jsd, self.cls, self.patch, self.pp, self.p0y.cpu(), self.y.cpu(),
+                              self.modes)
 
 
 @torch.no_grad()
 def head_importance(model: nn.Module, images: torch.Tensor, labels=None, modes: Sequence[int] = (1,),
-                    max_batch: Optional[int] = None, progress: bool = False, **forward_kwargs) -> HeadImportance:
+                    max_batch: int = 256, progress: bool = False, **forward_kwargs) -> HeadImportance:
     """Head importance by pruning (paper 003 §5.2, eq. 3–6; docs/math.md §9), batched.
 
     Pruning head ``(l, j)`` in mode ``m`` zeroes its post-softmax map in the region of
@@ -355,7 +358,7 @@ def head_importance(model: nn.Module, images: torch.Tensor, labels=None, modes: 
     ``I_patch = mean_i (1 - cos(z_i, z'_i))`` over patch tokens.
 
     Cost: one unpruned forward caches every block's input; for each block ``l`` the
-    ``h * len(modes)`` variants run as one batch (chunks of ``max_batch`` images, default all)
+    ``h * len(modes)`` variants run as one batch (in chunks of at most ``max_batch`` images, at least one variant each)
     from that cached input through blocks ``l .. L-1`` and the head. Every attention module runs
     unfused (explicit softmax) in all passes, so pruned and unpruned numbers share one code path.
 
@@ -377,9 +380,9 @@ def head_importance(model: nn.Module, images: torch.Tensor, labels=None, modes: 
     B, L, h = x.shape[0], len(model.blocks), attn_mods[0].num_heads
     variants = [(j, mi) for j in range(h) for mi in range(len(modes))]
     V = len(variants)
-    chunk = V if max_batch is None else max(1, int(max_batch) // B)
-    rows_p: Dict[tuple, torch.Tensor] = {}
-    rows_z: Dict[tuple, torch.Tensor] = {}
+    if isinstance(max_batch, bool) or not isinstance(max_batch, numbers.Integral) or max_batch < 1:
+        raise ValueError(f"max_batch must be a positive integer (images per pruned-variant batch), got {max_batch!r}")
+    chunk = max(1, int(max_batch) // B)
     with _unfused(model):
         inputs, z0 = [], []
         t = _embed(model, x)
@@ -392,7 +395,7 @@ def head_importance(model: nn.Module, images: torch.Tensor, labels=None, modes: 
             finally:
                 handle.remove()
             z0.append(store[0])
-        logits0 = _head(model, t)
+        out = _Collector(_head(model, t), z0, labels, P, modes, B, L, h)
         steps = [(l, s) for l in range(L) for s in range(0, V, chunk)]
         if progress:
             from tqdm.auto import tqdm
@@ -416,10 +419,9 @@ def head_importance(model: nn.Module, images: torch.Tensor, labels=None, modes: 
             logits = _head(model, tv).reshape(Vc, B, -1)
             zs = store[0].reshape(Vc, B, *store[0].shape[1:])
             for v, (j, mi) in enumerate(part):
-                rows_p[(l, j, mi)] = logits[v]
-                rows_z[(l, j, mi)] = zs[v]
+                out.add(l, j, mi, logits[v], zs[v])
         del inputs
-    return _finish(logits0, z0, labels, rows_p, rows_z, P, modes, B, L, h)
+    return out.result()
 
 
 @torch.no_grad()
@@ -440,8 +442,6 @@ def head_importance_loop(model: nn.Module, images: torch.Tensor, labels=None, mo
     dev = next(model.parameters()).device
     x = images.to(dev)
     B, L, h = x.shape[0], len(attn_mods), attn_mods[0].num_heads
-    rows_p: Dict[tuple, torch.Tensor] = {}
-    rows_z: Dict[tuple, torch.Tensor] = {}
     with _unfused(model):
         z0: list = []
         hs = [_capture_output(m, z0) for m in attn_mods]
@@ -450,18 +450,19 @@ def head_importance_loop(model: nn.Module, images: torch.Tensor, labels=None, mo
         finally:
             for hk in hs:
                 hk.remove()
+        out = _Collector(logits0, z0, labels, P, modes, B, L, h)
         for l in range(L):
             for j in range(h):
                 for mi, m in enumerate(modes):
                     store: list = []
                     hooks = [_pruning_hook(attn_mods[l], [j], [m], P), _capture_output(attn_mods[l], store)]
                     try:
-                        rows_p[(l, j, mi)] = model(x, **forward_kwargs)
+                        logits = model(x, **forward_kwargs)
                     finally:
                         for hk in hooks:
                             hk.remove()
-                    rows_z[(l, j, mi)] = store[0]
-    return _finish(logits0, z0, labels, rows_p, rows_z, P, modes, B, L, h)
+                    out.add(l, j, mi, logits, store[0])
+    return out.result()
 
 
 # ---------------------------------------------------------------------------- overview, t-SNE

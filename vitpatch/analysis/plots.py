@@ -436,6 +436,7 @@ def plot_layer_points(series, ylabel: str = "", title: str = ""):
             a, b = np.polyfit(np.arange(L)[ok], mean[ok], 1)
             ax.plot(np.arange(L), a * np.arange(L) + b, color=c, ls="--", lw=1, label=f"{name} trend ({a:+.3f}/layer)")
     ax.set_xlabel("layer")
+    ax.set_xticks(np.arange(L))
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
@@ -472,6 +473,7 @@ def plot_stage_summary(KK, KN, NK, NN, AFI, stages: Sequence[int] = ()):
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="best")
     ax.set_xlim(-0.5, L - 0.5)
+    ax.set_xticks(np.arange(L))
     return fig
 
 
