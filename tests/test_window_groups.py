@@ -50,9 +50,11 @@ def test_every_plan_matches_reference(force, grid, P, kind, plan):
     if want == "grouped":
         assert got.per_image == (kind == "per_image")
         # every patch query is in exactly one group, prefix queries in the prefix pack
-        rows = torch.cat([p.qidx if p.out_rows is None else p.qidx[p.out_rows] for p in got.packs])
-        heads_rows = B * mask.seq_len if got.per_image else mask.seq_len
-        assert torch.equal(torch.sort(rows).values, torch.arange(heads_rows))
+        rows = torch.cat([p.qidx if p.valid is None else p.qidx[p.valid.reshape(-1)] for p in got.packs])
+        N, h = mask.seq_len, 2
+        want_rows = (torch.arange(B)[:, None] * h * N + torch.arange(N)).reshape(-1) if got.per_image \
+            else torch.arange(N)
+        assert torch.equal(torch.sort(rows).values, want_rows)
 
 
 def test_grouped_without_mask(force):
@@ -122,7 +124,7 @@ def test_padding_rows_of_a_partial_group(force):
     grid = (5, 7)
     mask = WindowMask(_windows("per_image", 2, grid, seed=5), grid, 1)
     plan = _check(mask, 2)
-    assert any(p.out_rows is not None for p in plan.packs)
+    assert any(p.valid is not None for p in plan.packs)
 
 
 def test_half_precision_and_noncontiguous_inputs(force):

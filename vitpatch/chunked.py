@@ -58,17 +58,18 @@ class _Saver:
 # gathers) has a fixed cost. Only ratios between candidate plans matter.
 _NS_PER_PAIR_D, _PAIR_D0 = 0.045, 24.0
 _MASK_FACTOR = 1.08
-_CALL_NS = 25_000.0
+_CALL_NS = 40_000.0
 _GATHER_NS = 0.25         # per gathered or scattered element
 _GROUP_SIZES = (16, 32, 64, 128)
 _PAD_SLACK = 1.10         # a pack's padded keys may exceed its groups' own keys by 10%
+_GROUPED_MARGIN = 0.85    # grouped must beat dense by 15%: dense is never slower than SDPA with a bool mask
 _PACK_BYTES = 4 << 20     # a pack's working set: small enough to stay in cache between gather and SDPA
 _FORCE_PLAN = None        # tests: None, "dense" or ("grouped", G) overrides the cost estimate
 
 
 def _pair_ns(pairs: float, G: int, K: int, d: int, masked: bool) -> float:
     """Estimated time of ``pairs`` query-key pairs in groups of ``G`` queries over ``K`` keys."""
-    small = (1.0 + 0.4 * (16.0 / max(G, 1)) ** 2) * (1.0 + 16.0 / max(K, 1))
+    small = (1.0 + 0.35 * 32.0 / max(G, 1)) * (1.0 + 16.0 / max(K, 1))
     return pairs * _NS_PER_PAIR_D * (d + _PAIR_D0) * small * (_MASK_FACTOR if masked else 1.0)
 
 
@@ -76,10 +77,11 @@ def _pair_ns(pairs: float, G: int, K: int, d: int, masked: bool) -> float:
 class _Pack:
     """``Bt`` query groups of ``G`` rows, each over its own ``K`` keys, run as one fused SDPA call.
 
-    Indices are rows of the token-major layout (:func:`_tokens`). ``kidx is None`` means the
+    ``qidx`` / ``kidx`` are ``b h N + token`` per group row (``token`` alone for shared windows,
+    whose heads span the batch); :func:`_flat_index` adds the heads. ``kidx is None`` means the
     keys of group ``i`` are all ``N`` tokens of image ``img0 + i`` (no gather). ``bias`` is the
     additive ``0 / -inf`` mask ``(Bt, 1, G, K)``, ``None`` when every row allows every key.
-    ``out_rows`` / ``dmask``: the real rows (a padded duplicate or an empty query is not one).
+    ``valid`` / ``dmask``: the real rows (a padded duplicate or an empty query is not one).
     """
 
     Bt: int
@@ -89,7 +91,7 @@ class _Pack:
     kidx: Optional[torch.Tensor]
     img0: int = 0
     bias: Optional[torch.Tensor] = None
-    out_rows: Optional[torch.Tensor] = None
+    valid: Optional[torch.Tensor] = None     # (Bt, 1, G) bool: the real rows; None when all are
     dmask: Optional[torch.Tensor] = None
 
 
@@ -107,45 +109,41 @@ class _Plan:
     estimates: Dict[str, float] = field(default_factory=dict)
 
 
-def _tokens(t: torch.Tensor, per_image: bool) -> torch.Tensor:
-    """``(B, h, N, d)`` as token-major rows: ``(B N, h, d)`` per image, ``(N, B h, d)`` for shared windows."""
-    B, h, N, d = t.shape
-    f = t.transpose(1, 2).reshape(B * N, h, d) if per_image else t.permute(2, 0, 1, 3).reshape(N, B * h, d)
-    if f.stride(2) != 1 or f.stride(1) != d:  # each token's row must be one contiguous run for the gathers
-        f = f.contiguous()
-    return f
+def _rows(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``(B, h, N, d)`` as ``(B h N, d)`` rows in ``acc`` (a view when already contiguous)."""
+    return t.to(acc).contiguous().view(-1, t.shape[-1])
 
 
-def _untokens(f: torch.Tensor, B: int, h: int, N: int, per_image: bool) -> torch.Tensor:
-    d = f.shape[-1]
-    if per_image:
-        return f.view(B, N, h, d).transpose(1, 2)
-    return f.view(N, B, h, d).permute(1, 2, 0, 3)
+def _flat_index(base: torch.Tensor, Bt: int, H: int, L: int, N: int) -> torch.Tensor:
+    """Rows of ``(B h N, d)`` for ``Bt`` groups of ``L`` tokens (``base``: ``b h N + token``) over ``H`` heads."""
+    heads = torch.arange(H, device=base.device) * N
+    return (base.view(Bt, 1, L) + heads.view(1, H, 1)).view(-1)
 
 
-def _gather(f: torch.Tensor, idx: torch.Tensor, Bt: int, L: int, buf: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Rows ``idx`` of a token-major tensor as ``(Bt, H, L, d)`` (a strided view of one copy).
+def _gather(f: torch.Tensor, idx: torch.Tensor, Bt: int, H: int, L: int,
+            buf: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rows ``idx`` (from :func:`_flat_index`) of a ``(B h N, d)`` tensor as contiguous ``(Bt, H, L, d)``.
 
     ``buf``: a workspace the copy goes to. Reusing one buffer for every pack matters on CPU:
     a fresh multi-megabyte tensor per pack costs more in page faults than the copy itself.
     """
-    H, d = f.shape[1], f.shape[2]
+    d = f.shape[1]
     if buf is None:
         g = f.index_select(0, idx)
     else:
-        g = torch.index_select(f, 0, idx, out=buf[:idx.numel() * H * d].view(-1, H, d))
-    return g.view(Bt, L, H, d).transpose(1, 2)
+        g = torch.index_select(f, 0, idx, out=buf[:idx.numel() * d].view(-1, d))
+    return g.view(Bt, H, L, d)
 
 
-def _pack_keys(f: torch.Tensor, p: _Pack, N: int, buf: Optional[torch.Tensor] = None) -> torch.Tensor:
-    if p.kidx is None:
-        return f.view(-1, N, f.shape[1], f.shape[2])[p.img0:p.img0 + p.Bt].transpose(1, 2)
-    return _gather(f, p.kidx, p.Bt, p.K, buf)
+def _pack_keys(f: torch.Tensor, p: "_Pack", H: int, N: int, kflat, buf: Optional[torch.Tensor] = None):
+    if p.kidx is None:  # all N tokens of images img0 .. img0 + Bt: a view
+        return f.view(-1, H, N, f.shape[1])[p.img0:p.img0 + p.Bt]
+    return _gather(f, kflat, p.Bt, H, p.K, buf)
 
 
-def _workspace(plan: "_Plan", f: torch.Tensor, n_q: int, n_k: int) -> List[torch.Tensor]:
+def _workspace(plan: "_Plan", f: torch.Tensor, H: int, n_q: int, n_k: int) -> List[torch.Tensor]:
     """``n_q`` query-sized and ``n_k`` key-sized flat buffers, large enough for every pack."""
-    row = f.shape[1] * f.shape[2]
+    row = H * f.shape[1]
     mq = max((p.Bt * p.G for p in plan.packs), default=0) * row
     mk = max((p.Bt * p.K for p in plan.packs if p.kidx is not None), default=0) * row
     return [torch.empty(m, dtype=f.dtype, device=f.device) for m in [mq] * n_q + [mk] * n_k]
@@ -307,7 +305,7 @@ def _build_plan(mask: WindowMask, B: int, h: int, d: int, acc: torch.dtype) -> _
             if best is None or cost < best[0]:
                 best = (cost, G, qloc, valid, cov, K, active)
 
-    use_dense = best is None or (dense_ok and estimates["dense"] <= best[0])
+    use_dense = best is None or (dense_ok and estimates["dense"] * _GROUPED_MARGIN <= best[0])
     if _FORCE_PLAN is not None:
         use_dense = _FORCE_PLAN == "dense" or best is None
     if use_dense:
@@ -332,7 +330,7 @@ def _build_plan(mask: WindowMask, B: int, h: int, d: int, acc: torch.dtype) -> _
         return esize * (H * d * 4 * (g + k) + g * k)
 
     if P:
-        plan.packs += _prefix_packs(mask, B, Bw, N, P, keep, empty, acc, limit, group_bytes)
+        plan.packs += _prefix_packs(mask, B, Bw, N, P, keep, empty, acc, limit, group_bytes, h * N)
     # patch groups, sorted by key count and packed while padding stays small and bytes fit
     bs, gs = active.nonzero(as_tuple=True)
     ks = K[bs, gs]
@@ -346,12 +344,12 @@ def _build_plan(mask: WindowMask, B: int, h: int, d: int, acc: torch.dtype) -> _
             total += ks[j]
             j += 1
         plan.packs.append(_patch_pack(mask, w, qloc, valid, cov, keep, bs[i:j], gs[i:j], ks[j - 1],
-                                      N, P, per_image, acc, dev))
+                                      N, P, h * N if per_image else 0, acc, dev))
         i = j
     return plan
 
 
-def _prefix_packs(mask, B, Bw, N, P, keep, empty, acc, limit, group_bytes) -> List[_Pack]:
+def _prefix_packs(mask, B, Bw, N, P, keep, empty, acc, limit, group_bytes, stride) -> List[_Pack]:
     """Prefix queries attend every kept key: per image, all ``N`` tokens (no mask) or its kept keys."""
     dev = mask.device
     per = max(1, limit // max(group_bytes(P, N), 1))
@@ -359,7 +357,7 @@ def _prefix_packs(mask, B, Bw, N, P, keep, empty, acc, limit, group_bytes) -> Li
     for b0 in range(0, Bw, per):
         b1 = min(Bw, b0 + per)
         imgs = torch.arange(b0, b1)
-        qidx = (imgs[:, None] * N + torch.arange(P)[None]).reshape(-1)
+        qidx = (imgs[:, None] * stride + torch.arange(P)[None]).reshape(-1)
         if keep is None:
             packs.append(_Pack(b1 - b0, P, N, qidx.to(dev), None, img0=b0))
             continue
@@ -369,7 +367,7 @@ def _prefix_packs(mask, B, Bw, N, P, keep, empty, acc, limit, group_bytes) -> Li
         kvalid = kk.gather(1, korder)
         rows_ok = ~empty[b0:b1, :P]                                   # (Bt, P)
         allowed = kvalid[:, None, :] | ~rows_ok[..., None]
-        p = _Pack(b1 - b0, P, K, qidx.to(dev), (imgs[:, None] * N + korder).reshape(-1).to(dev))
+        p = _Pack(b1 - b0, P, K, qidx.to(dev), (imgs[:, None] * stride + korder).reshape(-1).to(dev))
         if not bool(allowed.all()):
             p.bias = torch.zeros(allowed.shape, dtype=acc).masked_fill_(~allowed, float("-inf"))[:, None].to(dev)
         _set_rows(p, rows_ok, acc, dev)
@@ -379,11 +377,11 @@ def _prefix_packs(mask, B, Bw, N, P, keep, empty, acc, limit, group_bytes) -> Li
 
 def _set_rows(p: _Pack, rows_ok: torch.Tensor, acc, dev) -> None:
     if not bool(rows_ok.all()):
-        p.out_rows = rows_ok.reshape(-1).nonzero().squeeze(1).to(dev)
+        p.valid = rows_ok[:, None, :].to(dev)
         p.dmask = rows_ok.to(acc)[:, None, :, None].to(dev)
 
 
-def _patch_pack(mask, w, qloc, valid, cov, keep, bs, gs, K, N, P, per_image, acc, dev) -> _Pack:
+def _patch_pack(mask, w, qloc, valid, cov, keep, bs, gs, K, N, P, stride, acc, dev) -> _Pack:
     """One pack of patch-query groups ``(bs[i], gs[i])`` over their own keys, padded to ``K``."""
     b = torch.tensor(bs, dtype=torch.long)
     g = torch.tensor(gs, dtype=torch.long)
@@ -401,7 +399,7 @@ def _patch_pack(mask, w, qloc, valid, cov, keep, bs, gs, K, N, P, per_image, acc
     inside = ((kx >= wq[..., 0:1]) & (kx <= wq[..., 2:3]) & (ky >= wq[..., 1:2]) & (ky <= wq[..., 3:4]))
     allowed = (inside | (korder < P)[:, None, :]) & kvalid[:, None, :]
     allowed |= ~rows_ok[..., None]                                    # not-real rows: finite, ignored
-    base = (b * N if per_image else torch.zeros_like(b))[:, None]
+    base = (b * stride)[:, None]
     p = _Pack(Bt, G, K, (base + P + ql).reshape(-1).to(dev), (base + korder).reshape(-1).to(dev))
     if not bool(allowed.all()):
         p.bias = torch.zeros(allowed.shape, dtype=acc).masked_fill_(~allowed, float("-inf"))[:, None].to(dev)
@@ -409,48 +407,60 @@ def _patch_pack(mask, w, qloc, valid, cov, keep, bs, gs, K, N, P, per_image, acc
     return p
 
 
-def _window_chunk_graph(qf, kf, vf, p: _Pack, N: int, scale: float, ws=(None, None, None)):
+def _window_chunk_graph(qf, kf, vf, p: _Pack, H: int, N: int, scale: float, ws=(None, None, None)):
     """One pack of window attention: gather its queries and keys (into ``ws``), run fused SDPA.
 
-    Returns ``(inputs, (out, lse))`` with ``inputs = [q, k, v]`` of the pack, ``(Bt, H, G|K, d)``;
-    ``lse`` is the log-sum-exp that PyTorch's fused CPU kernel returns (``None`` off CPU, where
-    backward recomputes the pack under autograd).
+    Returns ``(inputs, (out, lse, qflat))`` with ``inputs = [q, k, v]`` of the pack,
+    ``(Bt, H, G|K, d)``; ``lse`` is the log-sum-exp that PyTorch's fused CPU kernel returns
+    (``None`` off CPU, where backward recomputes the pack under autograd); ``qflat`` the rows of
+    the pack's queries.
     """
-    qg, kg, vg = _gather(qf, p.qidx, p.Bt, p.G, ws[0]), _pack_keys(kf, p, N, ws[1]), _pack_keys(vf, p, N, ws[2])
+    qflat = _flat_index(p.qidx, p.Bt, H, p.G, N)
+    kflat = None if p.kidx is None else _flat_index(p.kidx, p.Bt, H, p.K, N)
+    qg = _gather(qf, qflat, p.Bt, H, p.G, ws[0])
+    kg, vg = _pack_keys(kf, p, H, N, kflat, ws[1]), _pack_keys(vf, p, H, N, kflat, ws[2])
     if qf.device.type == "cpu":
         out, lse = _flash_ops()[0](qg, kg, vg, attn_mask=p.bias, scale=scale)
     else:
         out, lse = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=p.bias, scale=scale), None
-    return [qg, kg, vg], (out, lse)
+    return [qg, kg, vg], (out, lse, qflat)
+
+
+def _heads(plan: _Plan, B: int, h: int) -> int:
+    return h if plan.per_image else B * h
 
 
 class _WindowAttention(torch.autograd.Function):
     """Grouped packs of window attention; backward keeps only each pack's log-sum-exp.
 
-    Backward regathers a pack's q, k, v, output and output gradient and calls the fused
-    kernel's backward, then scatter-adds the pack's gradients: memory ``O(B h N d)`` plus one
-    pack (a quarter of the chunk budget), and no forward is recomputed on CPU.
+    Packs gather their rows straight from the ``(B, h, N, d)`` inputs into reused workspaces
+    and write their outputs straight into ``(B, h, N, d)``. Backward regathers a pack's q, k, v,
+    output and output gradient and calls the fused kernel's backward, then scatter-adds the
+    pack's gradients: memory ``O(B h N d)`` plus one pack (a quarter of the chunk budget, at
+    most ``_PACK_BYTES``), and no forward is recomputed on CPU.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, plan: _Plan, scale: float):
         B, h, N, d = q.shape
         acc = _acc_dtype(q)
-        per = plan.per_image
-        qf, kf, vf = (_tokens(t, per).to(acc) for t in (q, k, v))
-        rows, H = qf.shape[0], qf.shape[1]
-        outf = (torch.zeros if plan.zero_rows else torch.empty)(rows, H, v.shape[-1], dtype=acc, device=q.device)
+        H = _heads(plan, B, h)
+        qf, kf, vf = _rows(q, acc), _rows(k, acc), _rows(v, acc)
+        dv_ = v.shape[-1]
+        out = (torch.zeros if plan.zero_rows else torch.empty)(B, h, N, dv_, dtype=acc, device=q.device)
+        of = out.view(-1, dv_)
         lses = []
-        ws = _workspace(plan, qf, 1, 2)
+        ws = _workspace(plan, qf, H, 1, 2)
         for p in plan.packs:
-            _, (oc, lse) = _window_chunk_graph(qf, kf, vf, p, N, scale, ws)
-            oc = oc.transpose(1, 2).reshape(p.Bt * p.G, H, -1)
-            if p.out_rows is None:
-                outf.index_copy_(0, p.qidx, oc)
+            _, (oc, lse, qflat) = _window_chunk_graph(qf, kf, vf, p, H, N, scale, ws)
+            oc = oc.reshape(-1, dv_)
+            if p.valid is None:
+                of.index_copy_(0, qflat, oc)
             else:
-                outf.index_copy_(0, p.qidx.index_select(0, p.out_rows), oc.index_select(0, p.out_rows))
+                sel = p.valid.expand(p.Bt, H, p.G).reshape(-1)
+                of.index_copy_(0, qflat[sel], oc[sel])
             lses.append(lse)
-        out = _untokens(outf, B, h, N, per).to(q.dtype)
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out)
         ctx.plan, ctx.scale, ctx.lses = plan, scale, lses
         return out
@@ -462,13 +472,17 @@ class _WindowAttention(torch.autograd.Function):
         plan, scale = ctx.plan, ctx.scale
         B, h, N, d = q.shape
         acc = _acc_dtype(q)
-        per = plan.per_image
-        qf, kf, vf, of, df = (_tokens(t, per).to(acc) for t in (q, k, v, out, dout))
-        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=q.device) for t in (qf, kf, vf))
-        wq, wo, wd, wk, wv = _workspace(plan, qf, 3, 2)
+        H = _heads(plan, B, h)
+        qf, kf, vf, of, df = (_rows(t, acc) for t in (q, k, v, out, dout))
+        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
+        dqf, dkf, dvf = dq.view(-1, d), dk.view(-1, d), dv.view(-1, v.shape[-1])
+        wq, wo, wd, wk, wv = _workspace(plan, qf, H, 3, 2)
         for p, lse in zip(plan.packs, ctx.lses):
-            qg, kg, vg = _gather(qf, p.qidx, p.Bt, p.G, wq), _pack_keys(kf, p, N, wk), _pack_keys(vf, p, N, wv)
-            og, dg = _gather(of, p.qidx, p.Bt, p.G, wo), _gather(df, p.qidx, p.Bt, p.G, wd)
+            qflat = _flat_index(p.qidx, p.Bt, H, p.G, N)
+            kflat = None if p.kidx is None else _flat_index(p.kidx, p.Bt, H, p.K, N)
+            qg = _gather(qf, qflat, p.Bt, H, p.G, wq)
+            kg, vg = _pack_keys(kf, p, H, N, kflat, wk), _pack_keys(vf, p, H, N, kflat, wv)
+            og, dg = _gather(of, qflat, p.Bt, H, p.G, wo), _gather(df, qflat, p.Bt, H, p.G, wd)
             if p.dmask is not None:
                 dg = dg * p.dmask
             if lse is not None:
@@ -478,16 +492,14 @@ class _WindowAttention(torch.autograd.Function):
                     leaves = [t.detach().requires_grad_() for t in (qg, kg, vg)]
                     o = F.scaled_dot_product_attention(*leaves, attn_mask=p.bias, scale=scale)
                     gq, gk, gv = torch.autograd.grad(o, leaves, dg)
-            H = qf.shape[1]
-            dq.index_add_(0, p.qidx, gq.transpose(1, 2).reshape(-1, H, d))
+            dqf.index_add_(0, qflat, gq.reshape(-1, d))
             if p.kidx is None:
-                dk.view(-1, N, H, d)[p.img0:p.img0 + p.Bt] += gk.transpose(1, 2)
-                dv.view(-1, N, H, dv.shape[-1])[p.img0:p.img0 + p.Bt] += gv.transpose(1, 2)
+                dk.view(-1, H, N, d)[p.img0:p.img0 + p.Bt] += gk
+                dv.view(-1, H, N, dv.shape[-1])[p.img0:p.img0 + p.Bt] += gv
             else:
-                dk.index_add_(0, p.kidx, gk.transpose(1, 2).reshape(-1, H, d))
-                dv.index_add_(0, p.kidx, gv.transpose(1, 2).reshape(-1, H, dv.shape[-1]))
-        grads = (_untokens(t, B, h, N, per) for t in (dq, dk, dv))
-        return (*(g.to(t.dtype) for g, t in zip(grads, (q, k, v))), None, None)
+                dkf.index_add_(0, kflat, gk.reshape(-1, d))
+                dvf.index_add_(0, kflat, gv.reshape(-1, dvf.shape[1]))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def window_plan(mask: WindowMask, q: torch.Tensor) -> _Plan:
