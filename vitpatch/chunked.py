@@ -63,7 +63,7 @@ _GATHER_NS = 0.25         # per gathered or scattered element
 _GROUP_SIZES = (16, 32, 64, 128)
 _PAD_SLACK = 1.10         # a pack's padded keys may exceed its groups' own keys by 10%
 _GROUPED_MARGIN = 0.85    # grouped must beat dense by 15%: dense is never slower than SDPA with a bool mask
-_PACK_BYTES = 4 << 20     # a pack's working set: small enough to stay in cache between gather and SDPA
+_PACK_BYTES = 1 << 20     # a pack's working set: in cache between gather and SDPA; small next to the inputs
 _FORCE_PLAN = None        # tests: None, "dense" or ("grouped", G) overrides the cost estimate
 
 
@@ -93,6 +93,9 @@ class _Pack:
     bias: Optional[torch.Tensor] = None
     valid: Optional[torch.Tensor] = None     # (Bt, 1, G) bool: the real rows; None when all are
     dmask: Optional[torch.Tensor] = None
+    qflat: Optional[torch.Tensor] = None     # rows of (B h N, d) of the queries, heads included
+    kflat: Optional[torch.Tensor] = None
+    out_pos: Optional[torch.Tensor] = None   # positions in qflat of the real rows (None: all)
 
 
 @dataclass
@@ -346,6 +349,12 @@ def _build_plan(mask: WindowMask, B: int, h: int, d: int, acc: torch.dtype) -> _
         plan.packs.append(_patch_pack(mask, w, qloc, valid, cov, keep, bs[i:j], gs[i:j], ks[j - 1],
                                       N, P, h * N if per_image else 0, acc, dev))
         i = j
+    H = h if per_image else B * h
+    for p in plan.packs:  # row indices with the heads, once per plan
+        p.qflat = _flat_index(p.qidx, p.Bt, H, p.G, N)
+        p.kflat = None if p.kidx is None else _flat_index(p.kidx, p.Bt, H, p.K, N)
+        if p.valid is not None:
+            p.out_pos = p.valid.expand(p.Bt, H, p.G).reshape(-1).nonzero().squeeze(1)
     return plan
 
 
@@ -415,8 +424,7 @@ def _window_chunk_graph(qf, kf, vf, p: _Pack, H: int, N: int, scale: float, ws=(
     (``None`` off CPU, where backward recomputes the pack under autograd); ``qflat`` the rows of
     the pack's queries.
     """
-    qflat = _flat_index(p.qidx, p.Bt, H, p.G, N)
-    kflat = None if p.kidx is None else _flat_index(p.kidx, p.Bt, H, p.K, N)
+    qflat, kflat = p.qflat, p.kflat
     qg = _gather(qf, qflat, p.Bt, H, p.G, ws[0])
     kg, vg = _pack_keys(kf, p, H, N, kflat, ws[1]), _pack_keys(vf, p, H, N, kflat, ws[2])
     if qf.device.type == "cpu":
@@ -454,11 +462,10 @@ class _WindowAttention(torch.autograd.Function):
         for p in plan.packs:
             _, (oc, lse, qflat) = _window_chunk_graph(qf, kf, vf, p, H, N, scale, ws)
             oc = oc.reshape(-1, dv_)
-            if p.valid is None:
+            if p.out_pos is None:
                 of.index_copy_(0, qflat, oc)
             else:
-                sel = p.valid.expand(p.Bt, H, p.G).reshape(-1)
-                of.index_copy_(0, qflat[sel], oc[sel])
+                of.index_copy_(0, qflat.index_select(0, p.out_pos), oc.index_select(0, p.out_pos))
             lses.append(lse)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out)
@@ -478,8 +485,7 @@ class _WindowAttention(torch.autograd.Function):
         dqf, dkf, dvf = dq.view(-1, d), dk.view(-1, d), dv.view(-1, v.shape[-1])
         wq, wo, wd, wk, wv = _workspace(plan, qf, H, 3, 2)
         for p, lse in zip(plan.packs, ctx.lses):
-            qflat = _flat_index(p.qidx, p.Bt, H, p.G, N)
-            kflat = None if p.kidx is None else _flat_index(p.kidx, p.Bt, H, p.K, N)
+            qflat, kflat = p.qflat, p.kflat
             qg = _gather(qf, qflat, p.Bt, H, p.G, wq)
             kg, vg = _pack_keys(kf, p, H, N, kflat, wk), _pack_keys(vf, p, H, N, kflat, wv)
             og, dg = _gather(of, qflat, p.Bt, H, p.G, wo), _gather(df, qflat, p.Bt, H, p.G, wd)
