@@ -33,10 +33,12 @@ registered autograd formula, so ``torch.compile`` keeps them in one graph:
     deterministic (no atomics), reads ``q`` and ``do`` once, and the range count ``S`` is
     chosen so that ``B * h * S`` programs fill the GPU even when ``B * h`` is small.
 
-Accumulation is float32 for float32, float16 and bfloat16 inputs (float32 products use
-``tf32x3`` on tensor cores, about float32 accuracy). Inputs may be non-contiguous: every
-kernel takes strides. On a GPU the block sizes are autotuned; under ``TRITON_INTERPRET=1``
-(CPU tensors) exactly one small pinned configuration runs.
+Accumulation is float32 for float32, float16 and bfloat16 inputs; float32 products follow the
+policy of :mod:`vitpatch.kernels._launch` (three-pass TF32 on tensor cores at PyTorch's default
+``"highest"`` matmul precision, one-pass TF32 at ``"high"``/``"medium"``). Inputs may be
+non-contiguous: every kernel takes strides. On a GPU the block sizes are autotuned over the
+policy's candidates (units ``paca_*``); under ``TRITON_INTERPRET=1`` (CPU tensors) exactly one
+small pinned configuration runs.
 
 Kernels and launchers only; validation and the backend choice live in ``vitpatch.functional``.
 """
@@ -47,7 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vitpatch import _env
+from . import _launch
+from ._launch import dot_precision, interpreting, kernel
 
 __all__ = ["cluster_pool", "cluster_attention", "cluster_pool_unsupported", "cluster_attention_unsupported",
            "MAX_CLUSTERS", "MAX_HEAD_DIM"]
@@ -55,16 +58,17 @@ __all__ = ["cluster_pool", "cluster_attention", "cluster_pool_unsupported", "clu
 MAX_CLUSTERS = 256  # keys of one head held in one tile by the attention kernels
 MAX_HEAD_DIM = 128  # widest head the attention kernels accept (padded to a power of two >= 16)
 
-# Pinned configuration under the interpreter: small tiles, and split sizes that are not a
-# multiple of the token/query block, so the split boundaries and the combine step are exercised.
-_INTERP = {"pool_block_n": 16, "pool_block_m": 32, "pool_block_c": 16, "pool_split": 24,
-           "attn_block_n": 16, "attn_split": 24}
+# Under the interpreter: small cluster and channel tiles (the token/query tile is the policy's
+# pinned BLOCK_N = 16), and split sizes that are not a multiple of it, so the split boundaries
+# and the combine step are exercised.
+_INTERP = {"pool_block_m": 32, "pool_block_c": 16, "pool_split": 24, "attn_split": 24}
 
 
 # ---------------------------------------------------------------------------------------------
 # cluster pooling kernels
 # ---------------------------------------------------------------------------------------------
 
+@kernel
 def _pool_fwd_kernel(L, X, Z, STATS, PACC, PMAX, PSUM,
                      n, M, C, tokens_per_split, num_splits, plane,
                      s_lb, s_ln, s_lm, s_xb, s_xn, s_xc,
@@ -125,6 +129,7 @@ def _pool_fwd_kernel(L, X, Z, STATS, PACC, PMAX, PSUM,
             tl.store(PSUM + row, run_sum, mask=mask_m)
 
 
+@kernel
 def _pool_combine_kernel(Z, STATS, PACC, PMAX, PSUM, M, C, num_splits, plane,
                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merge the partial online-softmax states of the ``num_splits`` token ranges."""
@@ -160,6 +165,7 @@ def _pool_combine_kernel(Z, STATS, PACC, PMAX, PSUM, M, C, num_splits, plane,
         tl.store(st + plane, tl.log(total), mask=mask_m)
 
 
+@kernel
 def _pool_bwd_dlogits_kernel(L, X, Z, DZ, STATS, DL, n, M, C, plane,
                              s_lb, s_ln, s_lm, s_xb, s_xn, s_xc, s_dzb, s_dzm, s_dzc,
                              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -202,6 +208,7 @@ def _pool_bwd_dlogits_kernel(L, X, Z, DZ, STATS, DL, n, M, C, plane,
              mask=mask_nm)
 
 
+@kernel
 def _pool_bwd_dx_kernel(L, DZ, STATS, DX, n, M, C, plane,
                         s_lb, s_ln, s_lm, s_dzb, s_dzm, s_dzc,
                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -238,6 +245,7 @@ def _pool_bwd_dx_kernel(L, DZ, STATS, DX, n, M, C, plane,
 # attention over the cluster keys
 # ---------------------------------------------------------------------------------------------
 
+@kernel
 def _attn_fwd_kernel(Q, K, V, O, scale, H, N, M, D,
                      s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_km, s_kd, s_vb, s_vh, s_vm, s_vd,
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -271,6 +279,7 @@ def _attn_fwd_kernel(Q, K, V, O, scale, H, N, M, D,
     tl.store(O + rows[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=mask_nd)
 
 
+@kernel
 def _attn_bwd_kernel(Q, K, V, DO, DQ, PDK, PDV, scale, H, N, M, D, rows_per_split, num_splits,
                      s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_km, s_kd, s_vb, s_vh, s_vm, s_vd,
                      s_dob, s_doh, s_don, s_dod,
@@ -325,52 +334,17 @@ def _attn_bwd_kernel(Q, K, V, DO, DQ, PDK, PDV, scale, H, N, M, D, rows_per_spli
 
 
 # ---------------------------------------------------------------------------------------------
-# launch helpers: interpreter detection, pinned / autotuned configurations, split sizes
+# launch helpers: policy configurations (pinned, single or autotuned), split sizes
 # ---------------------------------------------------------------------------------------------
 
-# The kernel bodies above are plain functions; they become Triton kernels on first use, in the
-# mode TRITON_INTERPRET selects at that moment (not at import), so importing this module under
-# one setting and running it under another (as the test suite does) builds the right kind.
-_KERNELS = {"pool_fwd": _pool_fwd_kernel, "pool_combine": _pool_combine_kernel,
-            "pool_dlogits": _pool_bwd_dlogits_kernel, "pool_dx": _pool_bwd_dx_kernel,
-            "attn_fwd": _attn_fwd_kernel, "attn_bwd": _attn_bwd_kernel}
-
-
-@functools.lru_cache(maxsize=None)
-def _jitted(name: str, interpret: bool):
-    """Kernel ``name`` as ``triton.jit`` builds it with ``TRITON_INTERPRET`` = ``interpret`` (the cache key)."""
-    return triton.jit(_KERNELS[name])
-
-
-def _interpreted(kernel) -> bool:
-    """Whether ``kernel`` runs in Triton's interpreter (CPU tensors, numpy emulation)."""
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(kernel, InterpretedFunction)
-
-
 def _require_cuda(t: torch.Tensor) -> None:
-    if not t.is_cuda:
+    if not t.is_cuda and not _launch.is_recording():
         raise RuntimeError("the cluster_attention Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 "
                            "to run them on CPU tensors in Triton's interpreter")
 
 
 def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(x))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # float32 through tensor cores with three TF32 products (about float32 accuracy);
-    # ignored for float16 / bfloat16 inputs.
-    return "tf32x3" if dtype == torch.float32 else "tf32"
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _split_size(total: int, programs: int, t: torch.Tensor, interp: bool, key: str,
@@ -381,53 +355,69 @@ def _split_size(total: int, programs: int, t: torch.Tensor, interp: bool, key: s
     elif interp:
         size = _INTERP[key]
     else:
-        want = triton.cdiv(2 * _num_sms(t.device), max(1, programs))
+        want = triton.cdiv(2 * _launch.num_sms(t.device), max(1, programs))
         splits = max(1, min(want, triton.cdiv(total, 256)))  # at least 256 rows of work per program
         size = triton.cdiv(triton.cdiv(total, splits), 128) * 128  # whole tiles for every tuned block size
     size = min(size, total)
     return size, triton.cdiv(total, size)
 
 
-def _configs(block_ns, warps, stages):
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn in block_ns for w in warps for s in stages]
+def attn_tile_fits(block_n: int, block_m: int, block_d: int) -> bool:
+    """Whether a query tile of ``block_n`` rows against ``block_m`` keys of width ``block_d`` fits in registers."""
+    return block_n * max(block_m, block_d) <= 128 * 128
 
 
 def _prune_attn(configs, named_args, **kwargs):
     """Drop query tiles whose score tile (BLOCK_N x BLOCK_M) or operand tiles would not fit in registers."""
     bm, bd = named_args.get("BLOCK_M", kwargs.get("BLOCK_M")), named_args.get("BLOCK_D", kwargs.get("BLOCK_D"))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] * max(bm, bd) <= 128 * 128]
+    kept = [c for c in configs if attn_tile_fits(c.kwargs["BLOCK_N"], bm, bd)]
     return kept or configs[:1]
 
 
-_TUNING = {  # kernel -> (BLOCK_N choices, num_warps, num_stages, autotune key)
-    "pool_fwd": ((32, 64, 128), (4, 8), (2, 3), ["n", "M", "C", "tokens_per_split"]),
-    "pool_dlogits": ((32, 64, 128), (4, 8), (2, 3), ["n", "M", "C"]),
-    "pool_dx": ((32, 64, 128), (4, 8), (2, 3), ["n", "M", "C"]),
-    "attn_fwd": ((32, 64, 128), (4, 8), (1,), ["N", "M", "D"]),
-    "attn_bwd": ((16, 32, 64), (4, 8), (1, 2), ["N", "M", "D", "rows_per_split"]),
+# kernel -> (policy unit, autotune key)
+_UNITS = {
+    "pool_fwd": ("paca_pool_fwd", ["n", "M", "C", "tokens_per_split"]),
+    "pool_dlogits": ("paca_pool_dlogits", ["n", "M", "C"]),
+    "pool_dx": ("paca_pool_dx", ["n", "M", "C"]),
+    "attn_fwd": ("paca_attn_fwd", ["N", "M", "D"]),
+    "attn_bwd": ("paca_attn_bwd", ["N", "M", "D", "rows_per_split"]),
 }
+_KERNELS = {"pool_fwd": _pool_fwd_kernel, "pool_combine": _pool_combine_kernel, "pool_dlogits": _pool_bwd_dlogits_kernel,
+            "pool_dx": _pool_bwd_dx_kernel, "attn_fwd": _attn_fwd_kernel, "attn_bwd": _attn_bwd_kernel}
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(name: str):
-    """The autotuned GPU variant of a kernel (built on first use, never under the interpreter)."""
-    block_ns, warps, stages, key = _TUNING[name]
+def _tuned(name: str, cands: Tuple[_launch.LaunchConfig, ...]):
+    """The autotuned GPU variant of a kernel over the policy's candidates (built on first use)."""
+    configs = [triton.Config(dict(c.params), num_warps=c.num_warps, num_stages=c.num_stages) for c in cands]
     prune = {"early_config_prune": _prune_attn} if name.startswith("attn") else None
-    return triton.autotune(_configs(block_ns, warps, stages), key=key, prune_configs_by=prune)(
-        _jitted(name, False))
+    return triton.autotune(configs, key=_UNITS[name][1], prune_configs_by=prune)(_gpu_form(_KERNELS[name]))
 
 
-def _kernel(name: str, t: torch.Tensor, block_n: Optional[int] = None):
-    """``(launchable, extra kwargs, interpreted)``: under the interpreter the plain kernel with the
-    pinned ``BLOCK_N``; on a GPU the autotuned kernel (or the plain one when ``block_n`` is None:
-    kernels with nothing to tune)."""
-    kernel = _jitted(name, _env.triton_interpret())
-    if _interpreted(kernel):
-        return kernel, ({} if block_n is None else {"BLOCK_N": block_n}), True
-    _require_cuda(t)
-    if block_n is None:
-        return kernel, {}, False
-    return _tuned(name), {}, False
+def _gpu_form(k: _launch.Kernel):
+    """What ``triton.autotune`` wraps: the kernel's GPU build (a seam for the interpreter test of the wiring)."""
+    return k.jit
+
+
+def _kernel(name: str, t: torch.Tensor, width: int = 0):
+    """``(launchable, extra kwargs, interpreted)`` for kernel ``name`` on ``t`` (``width``: channels or head width).
+
+    In the interpreter: the kernel with the policy's pinned tile. On a GPU: the policy's one
+    configuration, or ``triton.autotune`` over its candidates when several ship for the dtype
+    (``pool_combine`` has nothing to tune).
+    """
+    k = _KERNELS[name]
+    interp = interpreting()
+    if not interp:
+        _require_cuda(t)
+    if name not in _UNITS:
+        return k, {}, interp
+    cands = _launch.configs(_UNITS[name][0], t.dtype, width)
+    if interp:
+        return k, dict(cands[0].params), True
+    if len(cands) == 1 or _launch.is_recording():  # the compile gate forces the unit it compiles
+        return k, cands[0].meta, False
+    return _tuned(name, tuple(cands)), {}, False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,7 +443,7 @@ def _pool_forward(logits: torch.Tensor, x: torch.Tensor, *, tokens_per_split: Op
     stats = torch.empty((2, B, M), dtype=torch.float32, device=x.device)
     if B == 0 or C == 0:  # nothing to pool (backward of an empty z gives zero gradients)
         return z, stats.zero_()
-    fn, extra, interp = _kernel("pool_fwd", x, _INTERP["pool_block_n"])
+    fn, extra, interp = _kernel("pool_fwd", x, C)
     bm, bc = _pool_tiles(M, C, interp)
     m_tiles, c_tiles = triton.cdiv(M, bm), triton.cdiv(C, bc)
     tps, splits = _split_size(n, B * m_tiles * c_tiles, x, interp, "pool_split", tokens_per_split)
@@ -467,7 +457,7 @@ def _pool_forward(logits: torch.Tensor, x: torch.Tensor, *, tokens_per_split: Op
     fn[(B * m_tiles, splits, c_tiles)](
         logits, x, z, stats, pacc, pmax, psum, n, M, C, tps, splits, B * M,
         *logits.stride(), *x.stride(),
-        BLOCK_M=bm, BLOCK_C=bc, SINGLE=single, PREC=_precision(x.dtype), **extra)
+        BLOCK_M=bm, BLOCK_C=bc, SINGLE=single, PREC=dot_precision(x.dtype), **extra)
     if not single:
         combine, _, _ = _kernel("pool_combine", x)
         combine[(B * m_tiles, c_tiles)](z, stats, pacc, pmax, psum, M, C, splits, B * M, BLOCK_M=bm, BLOCK_C=bc)
@@ -486,14 +476,14 @@ def _pool_backward(dz, logits, x, z, stats):
         return dlogits, dx
     if C == 0:  # z is empty, so nothing depends on the logits
         return dlogits.zero_(), dx
-    fn, extra, interp = _kernel("pool_dlogits", x, _INTERP["pool_block_n"])
+    fn, extra, interp = _kernel("pool_dlogits", x, C)
     bm, bc = _pool_tiles(M, C, interp)
-    prec = _precision(x.dtype)
+    prec = dot_precision(x.dtype)
     m_tiles, c_tiles = triton.cdiv(M, bm), triton.cdiv(C, bc)
     fn[lambda meta: (B * m_tiles, triton.cdiv(n, meta["BLOCK_N"]))](
         logits, x, z, dz, stats, dlogits, n, M, C, B * M, *logits.stride(), *x.stride(), *dz.stride(),
         BLOCK_M=bm, BLOCK_C=bc, PREC=prec, **extra)
-    fn, extra, _ = _kernel("pool_dx", x, _INTERP["pool_block_n"])
+    fn, extra, _ = _kernel("pool_dx", x, C)
     fn[lambda meta: (B * triton.cdiv(n, meta["BLOCK_N"]), c_tiles)](
         logits, dz, stats, dx, n, M, C, B * M, *logits.stride(), *dz.stride(),
         BLOCK_M=bm, BLOCK_C=bc, PREC=prec, **extra)
@@ -507,10 +497,10 @@ def _attn_forward(q, k, v, scale: float):
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     if B * H * N == 0:
         return out
-    fn, extra, _ = _kernel("attn_fwd", q, _INTERP["attn_block_n"])
+    fn, extra, _ = _kernel("attn_fwd", q, D)
     fn[lambda meta: (B * H * triton.cdiv(N, meta["BLOCK_N"]),)](
         q, k, v, out, scale, H, N, M, D, *q.stride(), *k.stride(), *v.stride(),
-        BLOCK_M=_pow2(M), BLOCK_D=_pow2(D), PREC=_precision(q.dtype), **extra)
+        BLOCK_M=_pow2(M), BLOCK_D=_pow2(D), PREC=dot_precision(q.dtype), **extra)
     return out
 
 
@@ -523,14 +513,14 @@ def _attn_backward(do, q, k, v, scale: float, *, rows_per_split: Optional[int] =
     if B * H == 0 or N == 0:
         return dq, torch.zeros((B, H, M, D), dtype=k.dtype, device=k.device), \
             torch.zeros((B, H, M, D), dtype=v.dtype, device=v.device)
-    fn, extra, interp = _kernel("attn_bwd", q, _INTERP["attn_block_n"])
+    fn, extra, interp = _kernel("attn_bwd", q, D)
     rps, splits = _split_size(N, B * H, q, interp, "attn_split", rows_per_split)
     pdk = torch.empty((B * H, splits, M, D), dtype=torch.float32, device=q.device)
     pdv = torch.empty((B * H, splits, M, D), dtype=torch.float32, device=q.device)
     fn[(B * H * splits,)](
         q, k, v, do, dq, pdk, pdv, scale, H, N, M, D, rps, splits,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-        BLOCK_M=_pow2(M), BLOCK_D=_pow2(D), PREC=_precision(q.dtype), **extra)
+        BLOCK_M=_pow2(M), BLOCK_D=_pow2(D), PREC=dot_precision(q.dtype), **extra)
     dk = pdk.sum(1).view(B, H, M, D).to(k.dtype)
     dv = pdv.sum(1).view(B, H, M, D).to(v.dtype)
     return dq, dk, dv
@@ -644,7 +634,8 @@ def _dtype_reason(t: torch.Tensor, name: str) -> Optional[str]:
 
 def cluster_pool_unsupported(logits: torch.Tensor, x: torch.Tensor) -> Optional[str]:
     """Why the pooling kernels cannot run these (validated) inputs, or ``None`` when they can."""
-    return _dtype_reason(x, "x")
+    return _dtype_reason(x, "x") or _launch.supports(("paca_pool_fwd", "paca_pool_dlogits", "paca_pool_dx"),
+                                                      x.dtype, x.shape[2])
 
 
 def cluster_attention_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Optional[str]:
@@ -659,4 +650,4 @@ def cluster_attention_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         return f"{k.shape[2]} keys > {MAX_CLUSTERS} (all keys of a head must fit in one tile)"
     if q.shape[3] > MAX_HEAD_DIM:
         return f"head width {q.shape[3]} > {MAX_HEAD_DIM}"
-    return None
+    return _launch.supports(("paca_attn_fwd", "paca_attn_bwd"), q.dtype, q.shape[3])

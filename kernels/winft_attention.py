@@ -48,9 +48,13 @@ in registers (and ``h`` padded to a power of two), which forces small query tile
 GPU to measure on, the bits design was chosen as the one whose every kernel is a standard
 GEMM or flash-attention tile loop.
 
-Tile sizes are pinned (16 x 16, 32-wide gate tiles) under ``TRITON_INTERPRET=1`` and fixed,
-untuned, on GPU. Dots of float32 inputs use IEEE precision (no TF32), since ``W`` is decided by
-comparing ``sigmoid(g)`` with its row mean.
+Tile sizes come from the launch policy (:mod:`vitpatch.kernels._launch`, units ``winft_gate``,
+``winft_fwd``, ``winft_dq``, ``winft_dkdv``): one configuration per dtype and head width,
+untuned; small pinned tiles under the interpreter. The gate logits ``g`` (passes 1 and 2a and
+the BCE gradient's recomputation) always use ``dot_precision(dtype, exact=True)`` (three-pass
+TF32 for float32 inputs, about float32 accuracy), because ``W`` is decided by comparing
+``sigmoid(g)`` with its row mean; the attention dots follow the float32 policy
+(``torch.get_float32_matmul_precision()``).
 
 The op is registered with ``torch.library`` (``vitpatch::winft_fwd``, ``vitpatch::winft_bwd``,
 fake implementations and ``register_autograd``), so ``torch.compile`` treats it as one opaque
@@ -64,7 +68,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vitpatch import _env
+from . import _launch
+from ._launch import dot_precision, helper, interpreting, kernel
 
 __all__ = ["winft_attention", "winft_attention_unsupported"]
 
@@ -73,7 +78,7 @@ _MAX_HEAD_DIM = 128
 
 
 # =============================================================================== jit helpers
-@triton.jit
+@helper
 def _gate_tile(a_ptr, sa_h, sa_n, sa_d, offs_a, b_ptr, sb_h, sb_n, sb_d, offs_b, offs_d, N, H, D, inv_h,
                BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr):
     """``(1/H) sum_heads a_h[offs_a] . b_h[offs_b]``: a gate tile of eq. 8 (``g`` or ``g^T``), float32.
@@ -92,7 +97,7 @@ def _gate_tile(a_ptr, sa_h, sa_n, sa_d, offs_a, b_ptr, sb_h, sb_n, sb_d, offs_b,
     return acc * inv_h
 
 
-@triton.jit
+@helper
 def _target_tile(win_ptr, sw_n, sw_c, keep_ptr, qi, kj, N, P, GW, HAS_KEEP: tl.constexpr):
     """``T[qi, kj]`` (eq. 10 = the allowed rule of docs/math.md §1) for broadcastable index tensors.
 
@@ -118,28 +123,28 @@ def _target_tile(win_ptr, sw_n, sw_c, keep_ptr, qi, kj, N, P, GW, HAS_KEEP: tl.c
     return t
 
 
-@triton.jit
+@helper
 def _bits_tile(bits_ptr, NW, qi, kj, valid):
     """``W[qi, kj]`` read from the packed gate (bit ``j % 32`` of word ``(i, j // 32)``), as bool."""
     words = tl.load(bits_ptr + qi * NW + kj // 32, mask=valid, other=0)
     return ((words >> (kj % 32)) & 1) != 0
 
 
-@triton.jit
+@helper
 def _sigmoid(x):
     """``1 / (1 + exp(-x))`` from ``exp(-|x|)``, so no intermediate overflows for large ``|x|``."""
     e = tl.exp(-tl.abs(x))
     return tl.where(x >= 0, 1.0, e) / (1.0 + e)
 
 
-@triton.jit
+@helper
 def _softplus(x):
     """``log(1 + exp(x))`` without overflow: ``max(x, 0) + log(1 + exp(-|x|))``."""
     return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
 
 
 # =============================================================================== forward
-@triton.jit
+@kernel
 def _threshold_kernel(Q, K, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd,
                       WIN, s_wb, s_wn, s_wc, KEEP, s_keep,
                       THR, BCE_ROWS, N, H, D, P, GW, inv_h, inv_n,
@@ -170,7 +175,7 @@ def _threshold_kernel(Q, K, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd,
         tl.store(BCE_ROWS + b * N + offs_m, bce, mask=row_ok)
 
 
-@triton.jit
+@kernel
 def _gate_bits_kernel(Q, K, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd,
                       THR, BITS, COUNT, N, NW, H, D, inv_h,
                       MASK_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -206,7 +211,7 @@ def _gate_bits_kernel(Q, K, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd,
     tl.store(COUNT + b * N + offs_m, count, mask=row_ok)
 
 
-@triton.jit
+@kernel
 def _attn_fwd_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                      BITS, OUT, LSE, N, NW, H, D, scale,
                      MASK_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -259,7 +264,7 @@ def _attn_fwd_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_
 
 
 # =============================================================================== backward
-@triton.jit
+@kernel
 def _delta_kernel(OUT, DO, s_db, s_dh, s_dn, s_dd, DELTA, N, H, D,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """``delta_i = sum_d dO_i * O_i`` (float32), the softmax backward's row term."""
@@ -276,7 +281,7 @@ def _delta_kernel(OUT, DO, s_db, s_dh, s_dn, s_dd, DELTA, N, H, D,
     tl.store(DELTA + pid_bh * N + offs_m, delta, mask=offs_m < N)
 
 
-@triton.jit
+@kernel
 def _attn_dkdv_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                       DO, s_db, s_dh, s_dn, s_dd, LSE, DELTA, BITS, DK_EXTRA, DK, DV, N, NW, H, D, scale,
                       MASK_MODE: tl.constexpr, HAS_EXTRA: tl.constexpr,
@@ -332,7 +337,7 @@ def _attn_dkdv_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.jit
+@kernel
 def _attn_dq_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                     DO, s_db, s_dh, s_dn, s_dd, LSE, DELTA, BITS, DQ_EXTRA, DQ, N, NW, H, D, scale,
                     MASK_MODE: tl.constexpr, HAS_EXTRA: tl.constexpr,
@@ -381,12 +386,13 @@ def _attn_dq_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_v
     tl.store(DQ + out_off, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
-@triton.jit
+@kernel
 def _bce_grad_kernel(A, B_, s_ab, s_ah, s_an, s_ad, s_bb, s_bh, s_bn, s_bd,
                      WIN, s_wb, s_wn, s_wc, KEEP, s_keep, DLOSS, GRAD,
                      N, H, D, P, GW, inv_h, inv_count,
                      A_IS_QUERY: tl.constexpr, HAS_KEEP: tl.constexpr,
-                     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                     GATE_PREC: tl.constexpr):
     """BCE gradient through ``g`` for the rows ``offs_a`` of ``A`` (eq. 11 differentiated).
 
     With ``A = q``, ``B_ = k`` (``A_IS_QUERY``): ``dq_h[i] += c sum_j (sigmoid(g_ij) - T_ij) k_h[j] / H``;
@@ -412,7 +418,7 @@ def _bce_grad_kernel(A, B_, s_ab, s_ah, s_an, s_ad, s_bb, s_bh, s_bn, s_bd,
         b_ok = offs_b < N
         valid = a_ok[:, None] & b_ok[None, :]
         g = _gate_tile(a_base, s_ah, s_an, s_ad, offs_a, b_base, s_bh, s_bn, s_bd, offs_b, offs_d,
-                       N, H, D, inv_h, BLOCK_A, BLOCK_B, PREC)
+                       N, H, D, inv_h, BLOCK_A, BLOCK_B, GATE_PREC)
         if A_IS_QUERY:
             tgt = _target_tile(WIN + b * s_wb, s_wn, s_wc, KEEP + b * s_keep, offs_a[:, None], offs_b[None, :],
                                N, P, GW, HAS_KEEP)
@@ -432,25 +438,21 @@ def _bce_grad_kernel(A, B_, s_ab, s_ah, s_an, s_ad, s_bb, s_bh, s_bn, s_bd,
 
 
 # =============================================================================== launchers
-def _interpreting() -> bool:
-    return _env.triton_interpret()
-
-
 def _head_block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _tiles(d: int) -> dict:
-    """Tile sizes: pinned small under the interpreter; fixed (untuned) on GPU."""
-    if _interpreting():
-        return dict(gate=(16, 32), fwd=(16, 16), dkdv=(16, 16), dq=(16, 16), warps=1, stages=1)
-    big = d > 64
-    return dict(gate=(64, 64), fwd=(64, 32 if big else 64), dkdv=(32, 64), dq=(64, 32),
-                warps=4 if not big else 8, stages=2)
+def _config(unit: str, dtype: torch.dtype, d: int) -> _launch.LaunchConfig:
+    """The one configuration of ``unit`` the policy ships for ``dtype`` and head width ``d`` (untuned)."""
+    return _launch.configs(unit, dtype, d)[0]
 
 
-def _prec(t: torch.Tensor) -> str:
-    return "ieee" if t.dtype == torch.float32 else "tf32"
+def _meta(cfg: _launch.LaunchConfig, **names) -> dict:
+    """Launch keywords: the config's tiles under the kernel's own parameter names, warps and stages."""
+    out = {names.get(k, k): v for k, v in cfg.params}
+    if not interpreting():
+        out.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
 
 
 def _s4(t: torch.Tensor):
@@ -474,9 +476,8 @@ def _target_args(windows: Optional[torch.Tensor], key_keep: Optional[torch.Tenso
 def _forward(q, k, v, windows, key_keep, scale: float, mode: str, num_prefix: int, grid_w: int):
     B, H, N, D = q.shape
     dev = q.device
-    t = _tiles(D)
     BD = _head_block(D)
-    prec = _prec(q)
+    prec, gate_prec = dot_precision(q.dtype), dot_precision(q.dtype, exact=True)
     NW = triton.cdiv(N, 32)
     mask_mode = mode == "mask"
     thr = torch.empty(B, N, dtype=torch.float32, device=dev)
@@ -486,18 +487,18 @@ def _forward(q, k, v, windows, key_keep, scale: float, mode: str, num_prefix: in
     out = torch.empty(B, H, N, D, dtype=q.dtype, device=dev)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=dev)
     tgt, has_target, has_keep = _target_args(windows, key_keep, thr)
-    gm, gn = t["gate"]
-    opts = dict(num_warps=t["warps"], num_stages=t["stages"])
+    gate = _config("winft_gate", q.dtype, D)
+    gm = gate["BLOCK_M"]
     _threshold_kernel[(triton.cdiv(N, gm), B)](
         q, k, *_s4(q), *_s4(k), *tgt, thr, bce_rows, N, H, D, num_prefix, max(grid_w, 1), 1.0 / H, 1.0 / N,
-        HAS_TARGET=has_target, HAS_KEEP=has_keep, BLOCK_M=gm, BLOCK_N=gn, BLOCK_D=BD, PREC=prec, **opts)
+        HAS_TARGET=has_target, HAS_KEEP=has_keep, BLOCK_D=BD, PREC=gate_prec, **_meta(gate))
     _gate_bits_kernel[(triton.cdiv(N, gm), B)](
         q, k, *_s4(q), *_s4(k), thr, bits, counts, N, NW, H, D, 1.0 / H,
-        MASK_MODE=mask_mode, BLOCK_M=gm, BLOCK_N=gn, BLOCK_D=BD, PREC=prec, **opts)
-    fm, fn = t["fwd"]
-    _attn_fwd_kernel[(triton.cdiv(N, fm), B * H)](
+        MASK_MODE=mask_mode, BLOCK_D=BD, PREC=gate_prec, **_meta(gate))
+    fwd = _config("winft_fwd", q.dtype, D)
+    _attn_fwd_kernel[(triton.cdiv(N, fwd["BLOCK_M"]), B * H)](
         q, k, v, *_s4(q), *_s4(k), *_s4(v), bits, out, lse, N, NW, H, D, scale,
-        MASK_MODE=mask_mode, BLOCK_M=fm, BLOCK_N=fn, BLOCK_D=BD, PREC=prec, **opts)
+        MASK_MODE=mask_mode, BLOCK_D=BD, PREC=prec, **_meta(fwd))
     if has_target:
         loss = (bce_rows.sum() / (B * N * N)).to(q.dtype)
     else:
@@ -510,23 +511,21 @@ def _backward(dout, dloss, q, k, v, out, lse, bits, windows, key_keep, scale: fl
               num_prefix: int, grid_w: int):
     B, H, N, D = q.shape
     dev = q.device
-    t = _tiles(D)
     BD = _head_block(D)
-    prec = _prec(q)
+    prec, gate_prec = dot_precision(q.dtype), dot_precision(q.dtype, exact=True)
     NW = bits.shape[-1]
     mask_mode = mode == "mask"
-    opts = dict(num_warps=t["warps"], num_stages=t["stages"])
     with_bce = windows is not None and dloss is not None
     # one float32 buffer holds the BCE part of dq, then (after dq is final) that of dk
     extra = torch.empty(B, H, N, D, dtype=torch.float32, device=dev) if with_bce else None
+    gate = _config("winft_gate", q.dtype, D)
 
     def bce_grad(rows, cols, is_query):
         tgt, _, has_keep = _target_args(windows, key_keep, lse)
-        gm, gn = t["gate"]
-        _bce_grad_kernel[(triton.cdiv(N, gm), B)](
+        _bce_grad_kernel[(triton.cdiv(N, gate["BLOCK_M"]), B)](
             rows, cols, *_s4(rows), *_s4(cols), *tgt, dloss.reshape(1), extra, N, H, D, num_prefix,
             max(grid_w, 1), 1.0 / H, 1.0 / (B * N * N), A_IS_QUERY=is_query, HAS_KEEP=has_keep,
-            BLOCK_A=gm, BLOCK_B=gn, BLOCK_D=BD, PREC=prec, **opts)
+            BLOCK_D=BD, PREC=prec, GATE_PREC=gate_prec, **_meta(gate, BLOCK_M="BLOCK_A", BLOCK_N="BLOCK_B"))
 
     if dout is None:  # only the loss is used: the attention contributes nothing
         zeros = torch.zeros(B, H, N, D, dtype=q.dtype, device=dev)
@@ -540,23 +539,22 @@ def _backward(dout, dloss, q, k, v, out, lse, bits, windows, key_keep, scale: fl
     dk = torch.empty(B, H, N, D, dtype=k.dtype, device=dev)
     dv = torch.empty(B, H, N, D, dtype=v.dtype, device=dev)
     delta = torch.empty(B, H, N, dtype=torch.float32, device=dev)
-    fm = t["fwd"][0]
-    _delta_kernel[(triton.cdiv(N, fm), B * H)](out, dout, *_s4(dout), delta, N, H, D,
-                                              BLOCK_M=fm, BLOCK_D=BD, **opts)
+    rows = _config("winft_fwd", q.dtype, D)["BLOCK_M"]
+    _delta_kernel[(triton.cdiv(N, rows), B * H)](out, dout, *_s4(dout), delta, N, H, D, BLOCK_M=rows, BLOCK_D=BD)
     if with_bce:
         bce_grad(q, k, True)
-    qm, qn = t["dq"]
-    _attn_dq_kernel[(triton.cdiv(N, qm), B * H)](
+    dq_cfg = _config("winft_dq", q.dtype, D)
+    _attn_dq_kernel[(triton.cdiv(N, dq_cfg["BLOCK_M"]), B * H)](
         q, k, v, *_s4(q), *_s4(k), *_s4(v), dout, *_s4(dout), lse, delta, bits,
         extra if with_bce else delta, dq, N, NW, H, D, scale,
-        MASK_MODE=mask_mode, HAS_EXTRA=with_bce, BLOCK_M=qm, BLOCK_N=qn, BLOCK_D=BD, PREC=prec, **opts)
+        MASK_MODE=mask_mode, HAS_EXTRA=with_bce, BLOCK_D=BD, PREC=prec, **_meta(dq_cfg))
     if with_bce:
         bce_grad(k, q, False)
-    km, kn = t["dkdv"]
-    _attn_dkdv_kernel[(triton.cdiv(N, kn), B * H)](
+    kv_cfg = _config("winft_dkdv", q.dtype, D)
+    _attn_dkdv_kernel[(triton.cdiv(N, kv_cfg["BLOCK_N"]), B * H)](
         q, k, v, *_s4(q), *_s4(k), *_s4(v), dout, *_s4(dout), lse, delta, bits,
         extra if with_bce else delta, dk, dv, N, NW, H, D, scale,
-        MASK_MODE=mask_mode, HAS_EXTRA=with_bce, BLOCK_M=km, BLOCK_N=kn, BLOCK_D=BD, PREC=prec, **opts)
+        MASK_MODE=mask_mode, HAS_EXTRA=with_bce, BLOCK_D=BD, PREC=prec, **_meta(kv_cfg))
     return dq, dk, dv
 
 
@@ -613,7 +611,7 @@ winft_fwd.register_autograd(_winft_fwd_backward, setup_context=_setup_context)
 
 
 # =============================================================================== entry points
-def winft_attention_unsupported(q, k, v, scale, mode, target) -> Optional[str]:
+def winft_attention_unsupported(q, k, v, scale, mode, windows, key_keep, num_prefix_tokens, grid_w) -> Optional[str]:
     """Why the kernel cannot run these (validated) inputs, or ``None`` when it can."""
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} (the kernel takes float16, bfloat16 and float32)"
@@ -621,26 +619,23 @@ def winft_attention_unsupported(q, k, v, scale, mode, target) -> Optional[str]:
         return f"head width {q.shape[-1]} > {_MAX_HEAD_DIM}"
     if q.numel() == 0:
         return f"empty input of shape {tuple(q.shape)}"
-    return None
+    return _launch.supports(("winft_gate", "winft_fwd", "winft_dq", "winft_dkdv"), q.dtype, q.shape[-1])
 
 
 def winft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mode: str,
-                    target=None):
+                    windows: Optional[torch.Tensor] = None, key_keep: Optional[torch.Tensor] = None,
+                    num_prefix_tokens: int = 0, grid_w: int = 1):
     """WinfT gated attention (docs/math.md §6, paper 000 eq. 8–11) with the Triton kernels: ``(out, loss, gate_sum)``.
 
     ``g = Q K^T / h`` over the full width (eq. 8), ``W = [sigmoid(g) > mean_j sigmoid(g)]`` held
     constant; ``mode="multiply"``: ``softmax(scale q.k * W)`` (eq. 9); ``mode="mask"``: keys with
     ``W = 0`` removed, the diagonal kept. ``loss = mean_{b,i,j} softplus(g) - T g`` (eq. 11)
-    against ``target`` (a :class:`vitpatch.WindowMask`, eq. 10), a zero tensor without one;
-    ``gate_sum (B,)`` float32 = ``sum_ij W_ij``. ``out`` and ``loss`` are differentiable with
-    respect to ``q, k, v`` (the loss through ``g`` into ``q`` and ``k``).
+    against the window target (eq. 10) that ``windows`` (int ``(n, 4)`` or ``(B, n, 4)``),
+    ``key_keep``, ``num_prefix_tokens`` and the grid width ``grid_w`` describe, a zero tensor
+    when ``windows`` is ``None``; ``gate_sum (B,)`` float32 = ``sum_ij W_ij``. ``out`` and
+    ``loss`` are differentiable with respect to ``q, k, v`` (the loss through ``g`` into ``q``
+    and ``k``).
     """
-    if target is None:
-        windows = key_keep = None
-        num_prefix, grid_w = 0, 1
-    else:
-        windows, key_keep = target.windows, target.key_keep
-        num_prefix, grid_w = target.num_prefix_tokens, target.grid[1]
     out, loss, gate_sum, _lse, _bits = winft_fwd(q, k, v, windows, key_keep, float(scale), mode,
-                                                 num_prefix, grid_w)
+                                                 num_prefix_tokens, grid_w)
     return out, loss, gate_sum

@@ -60,8 +60,8 @@ def test_pool_op_runs_the_combine_step(K, monkeypatch):
 
     kernel = K._kernel
 
-    def spying_kernel(name, t, block_n=None):
-        fn, extra, interp = kernel(name, t, block_n)
+    def spying_kernel(name, t, width=0):
+        fn, extra, interp = kernel(name, t, width)
         return (Spy(fn) if name == "pool_combine" else fn), extra, interp
 
     monkeypatch.setattr(K, "_kernel", spying_kernel)
@@ -289,10 +289,13 @@ def test_gpu_tile_sizes(K, monkeypatch, block_n):
     channels per tile, 256-row splits) give the same results, checked in the interpreter."""
     if not _interpreted(K):
         pytest.skip("on a GPU the autotuned configurations run in every other test")
-    for key, value in {"pool_block_n": block_n, "pool_block_m": 64, "pool_block_c": 128, "pool_split": 256,
-                       "attn_block_n": block_n, "attn_split": 256}.items():
+    from vitpatch.kernels import _launch
+    for key, value in {"pool_block_m": 64, "pool_block_c": 128, "pool_split": 256, "attn_split": 256}.items():
         monkeypatch.setitem(K._INTERP, key, value)
-    _check_pool_and_attention()
+    tile = _launch.LaunchConfig((("BLOCK_N", block_n),))
+    units = ("paca_pool_fwd", "paca_pool_dlogits", "paca_pool_dx", "paca_attn_fwd", "paca_attn_bwd")
+    with _launch.forcing({unit: tile for unit in units}):
+        _check_pool_and_attention()
 
 
 def test_autotune_wiring(K, monkeypatch):
@@ -307,23 +310,31 @@ def test_autotune_wiring(K, monkeypatch):
         benched.append(1)
         return [float(len(benched) % 5 + 1)] * 3
 
-    monkeypatch.setattr(K, "_interpreted", lambda kernel: False)  # take the GPU branch ...
-    monkeypatch.setattr(K, "_require_cuda", lambda t: None)  # ... with CPU tensors, still interpreted
-    monkeypatch.setattr(K, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(K, "interpreting", lambda: False)  # take the GPU branch ...
+    monkeypatch.setattr(K, "_require_cuda", lambda t: None)  # ... with CPU tensors (the SM count is then 132),
+    monkeypatch.setattr(K, "_gpu_form", lambda k: k.interpreted)  # ... still interpreted
+    from vitpatch.kernels import _launch
+    # the GPU's candidate lists (the half-precision ones, the longest), not the interpreter's pinned tile
+    monkeypatch.setattr(_launch, "configs", lambda unit, dtype, d: [
+        c for c in _launch.candidates(unit) if c.ships("float16", d)])
     K._tuned.cache_clear()
-    K._jitted.cache_clear()
+
+    def tuner(name):
+        return K._tuned(name, tuple(_launch.configs(K._UNITS[name][0], torch.float32, 16)))
+
     try:
-        names = ("pool_fwd", "pool_dlogits", "pool_dx", "attn_fwd", "attn_bwd")
+        # the kernels with several candidates go through triton.autotune (a single one launches directly)
+        names = [n for n in K._UNITS if len(_launch.configs(K._UNITS[n][0], torch.float32, 16)) > 1]
+        assert {"pool_fwd", "pool_dlogits", "pool_dx", "attn_fwd"} <= set(names)
         for name in names:  # fresh autotuners (dropped again below), so no monkeypatch is needed
-            K._tuned(name).do_bench = bench
+            tuner(name).do_bench = bench
         check_against_reference(functional.cluster_pool, reference.cluster_pool, [rand(1, 40, 5), rand(1, 40, 16)])
         check_against_reference(lambda q, k, v: functional.cluster_attention(q, k, v),
                                 lambda q, k, v: reference.cluster_attention(q, k, v), list(qkv(1, 1, 40, 16, Nk=7)))
-        assert all(K._tuned(name).cache for name in names), "a kernel did not go through its autotuner"
-        assert len(benched) >= 40
-    finally:  # drop the autotuners and the kernels built for the "GPU" branch
+        assert all(tuner(name).cache for name in names), "a kernel did not go through its autotuner"
+        assert len(benched) >= sum(len(_launch.configs(K._UNITS[n][0], torch.float32, 16)) for n in names)
+    finally:  # drop the autotuners built for the "GPU" branch
         K._tuned.cache_clear()
-        K._jitted.cache_clear()
 
 
 def test_paca_layer_through_functional_compiles_fullgraph(K):

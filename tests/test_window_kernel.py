@@ -22,6 +22,18 @@ def wa():
     return module
 
 
+@pytest.fixture(scope="module")
+def ws(wa):
+    from vitpatch.kernels import window_schedule as module
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiles(wa):
+    from vitpatch import tiles as module
+    return module
+
+
 # ----------------------------------------------------------------------------------- helpers
 def local_windows(B, grid, gen, max_radius=2):
     """Per-image random windows of radius 0..max_radius around each patch: small, so tiles get skipped."""
@@ -98,11 +110,11 @@ def masks_for(kind, B, grid, P):
 # ----------------------------------------------------------------------------------- layout
 @pytest.mark.parametrize("grid", [(1, 1), (5, 7), (9, 11), (8, 8)])
 @pytest.mark.parametrize("order,unit", [(0, 64), (1, 16), (1, 64), (1, 32)])
-def test_slot_layout(wa, grid, order, unit):
+def test_slot_layout(ws, grid, order, unit):
     """Every patch sits in exactly one slot; a tiled square holds a TW x TH rectangle of the grid."""
     gh, gw = grid
     P = 2
-    slots = wa.slot_tokens(grid, P, order, unit)
+    slots = ws.slot_tokens(grid, P, order, unit)
     valid = slots[slots >= 0]
     assert torch.equal(valid.sort().values, torch.arange(P, P + gh * gw))
     if order == 0:
@@ -124,7 +136,7 @@ def test_slot_layout(wa, grid, order, unit):
 
 # ----------------------------------------------------------------------------------- skipping
 @pytest.mark.parametrize("config,kind", CASES, ids=lambda c: c if isinstance(c, str) else None)
-def test_visited_tiles_are_the_touched_tiles(wa, config, kind):
+def test_visited_tiles_are_the_touched_tiles(wa, ws, tiles, config, kind):
     """The key tiles each program visits (recorded by the kernels themselves: forward, dq and dk/dv)
     equal the tiles the windows touch in mask.dense() (a superset with key_keep); the "full" tiles
     are exactly those every query of the tile fully allows; the results match the reference."""
@@ -133,8 +145,8 @@ def test_visited_tiles_are_the_touched_tiles(wa, config, kind):
     grid = (8, 9) if kind != "awd" else (8, 8)
     mask = masks_for(kind, B, grid, P).to(DEVICE)
     N = P + grid[0] * grid[1]
-    cfg = wa.Config(bm, bn, order, unit, query_order)
-    sched = wa._build_schedule(mask.windows, mask.key_keep, mask.grid, P, B, cfg)
+    cfg = ws.Config(bm, bn, order, unit, query_order)
+    sched = ws.build_schedule(mask.windows, mask.key_keep, mask.grid, P, B, cfg)
     q, k, v = qkv(B, h, N, d)
     scale = 0.3
     out, lse, rec = wa._forward(q, k, v, mask.windows, mask.key_keep, mask.grid, P, scale, cfg, record=True,
@@ -146,9 +158,9 @@ def test_visited_tiles_are_the_touched_tiles(wa, config, kind):
     q_slots = sched.query_tokens().expand(B, -1).cpu()
     for b in range(B):  # every patch query sits in exactly one slot
         assert torch.equal(q_slots[b][q_slots[b] >= 0].sort().values, torch.arange(P, N))
-    expected = dense_tile_codes(mask, B, q_slots, wa.slot_tokens(mask.grid, P, order, unit), bm, bn)
+    expected = dense_tile_codes(mask, B, q_slots, ws.slot_tokens(mask.grid, P, order, unit), bm, bn)
     codes = sched.chosen_codes().expand(B, -1, -1).cpu()
-    assert torch.equal(codes, wa.tile_codes(mask, B, bm, bn, order=order, unit=unit, query_order=query_order).cpu())
+    assert torch.equal(codes, tiles.tile_codes(mask, B, bm, bn, order=order, unit=unit, query_order=query_order).cpu())
     rec, rec_q, rec_k = rec.cpu(), rec_q.cpu(), rec_k.cpu()
     assert codes.shape == expected.shape
     for r in (rec, rec_q):  # every head visits the schedule's tiles, with the schedule's branch
@@ -167,7 +179,7 @@ def test_visited_tiles_are_the_touched_tiles(wa, config, kind):
         assert_close(g, gr, TOL[torch.float32], f"d{name}")
 
 
-def test_auto_query_order_takes_the_cheaper_schedule_per_image(wa):
+def test_auto_query_order_takes_the_cheaper_schedule_per_image(tiles):
     """``auto`` builds both query orders and each image runs the one that visits fewer tiles."""
     grid, B = (12, 12), 2
     p = torch.arange(144)
@@ -175,14 +187,14 @@ def test_auto_query_order_takes_the_cheaper_schedule_per_image(wa):
     big = torch.stack([(x - 3).clamp(min=0), (y - 3).clamp(min=0), (x + 3).clamp(max=11), (y + 3).clamp(max=11)], -1)
     w = torch.stack([big, synthetic_awd_windows(grid, 1, 0.23, seed=4)[0]])
     mask = WindowMask(w, grid, 0).to(DEVICE)
-    visited = {qo: (wa.tile_codes(mask, B, 16, 16, unit=16, query_order=qo) > 0).sum((1, 2)).cpu()
+    visited = {qo: (tiles.tile_codes(mask, B, 16, 16, unit=16, query_order=qo) > 0).sum((1, 2)).cpu()
                for qo in ("spatial", "sorted", "auto")}
     assert torch.equal(visited["auto"], torch.minimum(visited["spatial"], visited["sorted"]))
     winner = (visited["sorted"] < visited["spatial"]).tolist()
     assert winner == [False, True], visited  # the two images pick different orders
 
 
-def test_full_and_masked_branches_in_one_call(wa):
+def test_full_and_masked_branches_in_one_call(wa, ws):
     """Query tiles whose windows contain two key tiles entirely (no element mask) and cut two
     others (element mask), in the same program, matching the reference in values and gradients."""
     grid, P, B, h, d = (8, 8), 1, 1, 2, 16
@@ -194,9 +206,10 @@ def test_full_and_masked_branches_in_one_call(wa):
     w[x < 4] = torch.tensor([0, 0, 5, 7])  # the left half: covers the 4 x 4 squares 0 and 2, cuts 1 and 3
     mask = WindowMask(w, grid, P).to(DEVICE)
     q, k, v = qkv(B, h, P + gh * gw, d)
-    cfg = wa.INTERPRET_CONFIG  # what functional.window_attention runs here
-    assert (cfg.block_m, cfg.block_n, cfg.order, cfg.unit) == (16, 16, wa.TILED, 16)
-    for c in (cfg, wa.Config(16, 16, wa.TILED, 16, "spatial"), wa.Config(16, 16, wa.TILED, 16, "sorted")):
+    from vitpatch.kernels import _launch
+    cfg = ws.Config.of(_launch.INTERPRET["window_fwd"])  # what functional.window_attention runs here
+    assert (cfg.block_m, cfg.block_n, cfg.order, cfg.unit) == (16, 16, ws.TILED, 16)
+    for c in (cfg, ws.Config(16, 16, ws.TILED, 16, "spatial"), ws.Config(16, 16, ws.TILED, 16, "sorted")):
         _, _, rec = wa._forward(q, k, v, mask.windows, None, grid, P, 0.25, c, record=True)
         rows = rec[0, 0].tolist()
         assert [2, 1, 2, 1] in rows, (c, rows)
@@ -205,17 +218,17 @@ def test_full_and_masked_branches_in_one_call(wa):
                             lambda q, k, v: reference.window_attention(q, k, v, mask, scale=0.25), [q, k, v])
 
 
-def test_shared_windows_have_one_schedule_for_the_batch(wa):
+def test_shared_windows_have_one_schedule_for_the_batch(tiles):
     """Shared windows without key_keep: one schedule row set for every image (batch stride 0)."""
     grid = (6, 6)
     shared = WindowMask.square(grid, 1, 1, device=DEVICE)
-    codes = wa.tile_codes(shared, 5, 16, 16)
+    codes = tiles.tile_codes(shared, 5, 16, 16)
     assert codes.shape[0] == 5 and codes.stride(0) == 0
     per_image = WindowMask(shared.windows.expand(5, -1, -1), grid, 1)
-    assert per_image.per_image and wa.tile_codes(per_image, 5, 16, 16).stride(0) != 0
-    assert torch.equal(wa.tile_codes(per_image, 5, 16, 16), codes)
-    frac = wa.visited_fraction(shared, 5, 16, 16)
-    assert 0 < frac < 1 and frac == pytest.approx(float(wa.tile_schedule(shared, 5, 16, 16).double().mean()))
+    assert per_image.per_image and tiles.tile_codes(per_image, 5, 16, 16).stride(0) != 0
+    assert torch.equal(tiles.tile_codes(per_image, 5, 16, 16), codes)
+    frac = tiles.visited_fraction(shared, 5, 16, 16)
+    assert 0 < frac < 1 and frac == pytest.approx(float(tiles.tile_schedule(shared, 5, 16, 16).double().mean()))
 
 
 def test_no_dense_mask_is_built(wa, monkeypatch):
@@ -234,16 +247,16 @@ def test_no_dense_mask_is_built(wa, monkeypatch):
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
-def test_schedule_is_reused_while_the_mask_is_unchanged(wa, monkeypatch):
+def test_schedule_is_reused_while_the_mask_is_unchanged(ws, monkeypatch):
     """Blocks sharing one mask share one schedule; an in-place change of the windows rebuilds it."""
     grid, P, B = (5, 6), 1, 2
     gen = torch.Generator().manual_seed(7)
     mask = WindowMask(local_windows(B, grid, gen), grid, P).to(DEVICE)
     builds = []
-    real = wa._build_schedule
-    monkeypatch.setattr(wa, "_build_schedule", lambda *a: builds.append(1) or real(*a))
+    real = ws.build_schedule
+    monkeypatch.setattr(ws, "build_schedule", lambda *a: builds.append(1) or real(*a))
     monkeypatch.setenv("VITPATCH_BACKEND", "triton")
-    wa._SCHEDULES.clear()
+    ws._SCHEDULES.clear()
     q, k, v = qkv(B, 1, P + 30, 16)
     first = functional.window_attention(q, k, v, mask)
     assert torch.equal(functional.window_attention(q, k, v, mask), first)
@@ -293,14 +306,15 @@ def test_float16_in_interpreter(monkeypatch):
 
 def test_unsupported_inputs_are_declined(wa, monkeypatch):
     mask = WindowMask.full((2, 2), 0)
+    raw = (mask.windows, mask.key_keep, mask.grid, mask.num_prefix_tokens)
     q, k, v = qkv(1, 1, 4, 8, device="cpu")
-    assert "head width 8" in wa.window_attention_unsupported(q, k, v, mask, 0.3)
+    assert "head width 8" in wa.window_attention_unsupported(q, k, v, *raw, 0.3)
     q, k, v = qkv(1, 1, 4, 136, device="cpu")
-    assert "head width 136" in wa.window_attention_unsupported(q, k, v, mask, 0.3)
+    assert "head width 136" in wa.window_attention_unsupported(q, k, v, *raw, 0.3)
     q, k, v = qkv(1, 1, 4, 16, dtype=torch.float64, device="cpu")
-    assert "float64" in wa.window_attention_unsupported(q, k, v, mask, 0.3)
+    assert "float64" in wa.window_attention_unsupported(q, k, v, *raw, 0.3)
     q, k, v = qkv(1, 1, 4, 16, device="cpu")
-    assert wa.window_attention_unsupported(q, k, v, mask, 0.3) is None
+    assert wa.window_attention_unsupported(q, k, v, *raw, 0.3) is None
     # auto choice falls back to the PyTorch path; a forced kernel says why it cannot run
     q8 = qkv(1, 1, 4, 8, device="cpu")
     monkeypatch.setenv("VITPATCH_BACKEND", "triton")
@@ -308,14 +322,14 @@ def test_unsupported_inputs_are_declined(wa, monkeypatch):
         functional.window_attention(*q8, mask)
 
 
-def test_tile_schedule_arguments(wa):
+def test_tile_schedule_arguments(tiles):
     mask = WindowMask.square((4, 4), 1)
     with pytest.raises(ValueError, match="block_m"):
-        wa.tile_schedule(mask, 1, 24, 16)
+        tiles.tile_schedule(mask, 1, 24, 16)
     with pytest.raises(ValueError, match="order"):
-        wa.tile_schedule(mask, 1, 16, 16, order="hilbert")
+        tiles.tile_schedule(mask, 1, 16, 16, order="hilbert")
     with pytest.raises(TypeError, match="mask"):
-        wa.tile_schedule(mask.windows, 1, 16, 16)
+        tiles.tile_schedule(mask.windows, 1, 16, 16)
 
 
 # ----------------------------------------------------------------------------------- torch.compile

@@ -118,10 +118,10 @@ def test_empty_target_rows_and_dropped_keys(kern):
 
 def test_unsupported_inputs(kern, monkeypatch):
     q, k, v = qkv(1, 2, 5, 8, dtype=torch.float64)
-    assert "float64" in kern.winft_attention_unsupported(q, k, v, 0.3, "multiply", None)
+    assert "float64" in kern.winft_attention_unsupported(q, k, v, 0.3, "multiply", None, None, 0, 1)
     q2 = torch.zeros(1, 1, 4, 160)
-    assert "head width" in kern.winft_attention_unsupported(q2, q2, q2, 0.1, "mask", None)
-    assert kern.winft_attention_unsupported(q.float(), k.float(), v.float(), 0.3, "mask", None) is None
+    assert "head width" in kern.winft_attention_unsupported(q2, q2, q2, 0.1, "mask", None, None, 0, 1)
+    assert kern.winft_attention_unsupported(q.float(), k.float(), v.float(), 0.3, "mask", None, None, 0, 1) is None
     with pytest.raises(RuntimeError, match="float64"):
         functional.winft_attention(q, k, v)
 
@@ -165,7 +165,8 @@ def test_custom_op_under_compile(kern, mode):
     """The kernel entry point traced whole (fullgraph) by torch.compile matches eager, values and grads."""
     torch._dynamo.reset()
     q, k, v, target = _compile_case(mode)
-    fn = lambda q, k, v: kern.winft_attention(q, k, v, 0.3, mode, target)
+    raw = (target.windows, target.key_keep, target.num_prefix_tokens, target.grid[1])
+    fn = lambda q, k, v: kern.winft_attention(q, k, v, 0.3, mode, *raw)
     _same_as_eager(torch.compile(fn, fullgraph=True, backend="aot_eager"), fn, q, k, v)
 
 

@@ -5,9 +5,12 @@ backend in :mod:`vitpatch._backend` (Triton kernel on CUDA, the chunked PyTorch 
 otherwise, ``VITPATCH_BACKEND`` to force one) and runs it. All are differentiable with respect
 to their float inputs and work in float32, float16 and bfloat16 on CPU and CUDA.
 
-Every backend implements the same internal signature, so adding a kernel changes nothing here:
-``window_attention(q, k, v, mask, scale)``, ``winft_attention(q, k, v, scale, mode, target)
--> (out, loss, gate_sum)``, ``cluster_pool(logits, x)``, ``cluster_attention(q, k, v, scale)``.
+The PyTorch path (:mod:`vitpatch.chunked`) takes the validated inputs with a
+:class:`~vitpatch.WindowMask`: ``window_attention(q, k, v, mask, scale)``,
+``winft_attention(q, k, v, scale, mode, target) -> (out, loss, gate_sum)``,
+``cluster_pool(logits, x)``, ``cluster_attention(q, k, v, scale)``. The Triton kernels are
+the bottom layer and take raw tensors and sizes instead of a mask
+(:func:`_window_args`, :func:`_target_args` unpack it).
 """
 from __future__ import annotations
 
@@ -26,6 +29,18 @@ def backend_for(op: str, *tensors: torch.Tensor, args: tuple = ()) -> str:
     if op not in _backend.KERNEL_MODULES:
         raise ValueError(f"op must be one of {sorted(_backend.KERNEL_MODULES)}, got {op!r}")
     return _backend.choose(op, *tensors, args=args)[0]
+
+
+def _window_args(mask: WindowMask) -> tuple:
+    """What the window kernel takes in place of a mask: ``(windows, key_keep, grid, num_prefix_tokens)``."""
+    return mask.windows, mask.key_keep, mask.grid, mask.num_prefix_tokens
+
+
+def _target_args(target: Optional[WindowMask]) -> tuple:
+    """What the WinfT kernel takes in place of a target: ``(windows, key_keep, num_prefix_tokens, grid_w)``."""
+    if target is None:
+        return None, None, 0, 1
+    return target.windows, target.key_keep, target.num_prefix_tokens, target.grid[1]
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows, *, grid=None,
@@ -54,10 +69,13 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows,
     mask = _checks.as_window_mask(windows, grid, num_prefix_tokens, key_keep, q.device)
     mask.check(B, N)
     scale = _checks.check_scale(scale, d)
-    backend, fn = _backend.choose("window_attention", q, k, v, args=(q, k, v, mask, scale))
+    raw = (q, k, v, *_window_args(mask), scale)
+    backend, fn = _backend.choose("window_attention", q, k, v, args=raw)
     if backend == "reference":
         return reference.window_attention(q, k, v, mask, scale=scale)
-    return (fn or chunked.window_attention)(q, k, v, mask, scale)
+    if fn is not None:
+        return fn(*raw)
+    return chunked.window_attention(q, k, v, mask, scale)
 
 
 def winft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: str = "multiply",
@@ -84,11 +102,15 @@ def winft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: 
     _checks.check_mode(mode)
     scale = _checks.check_scale(scale, d)
     target = _checks.check_target(target, B, N, q.device)
-    backend, fn = _backend.choose("winft_attention", q, k, v, args=(q, k, v, scale, mode, target))
+    raw = (q, k, v, scale, mode, *_target_args(target))
+    backend, fn = _backend.choose("winft_attention", q, k, v, args=raw)
     if backend == "reference":
         return reference.winft_attention(q, k, v, mode=mode, scale=scale, target=target,
                                          return_gate_sum=return_gate_sum)
-    out, loss, gate_sum = (fn or chunked.winft_attention)(q, k, v, scale, mode, target)
+    if fn is not None:
+        out, loss, gate_sum = fn(*raw)
+    else:
+        out, loss, gate_sum = chunked.winft_attention(q, k, v, scale, mode, target)
     if target is None:
         loss = None
     if return_gate_sum:

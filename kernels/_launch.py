@@ -1,0 +1,392 @@
+"""The launch policy of every vitpatch kernel, in one place.
+
+Every kernel file and the compile gate (``python -m bench.compile``) read this module for:
+
+* **Interpreter or GPU** (:func:`interpreting`): ``TRITON_INTERPRET=1`` (read at each launch,
+  never at import) or an :func:`interpreter` block runs the kernels in Triton's CPU interpreter.
+  Kernels are declared with :func:`kernel` and their device functions with :func:`helper`; a
+  :class:`Kernel` builds its GPU (``JITFunction``) or interpreted form on first use in each
+  mode, so one process can interpret kernels (tests on CPU tensors) and compile them for a GPU
+  target (the gate) side by side. Interpreted kernels call their helpers as plain Python
+  functions, which spares the interpreter re-patching ``triton.language`` on every helper call.
+* **Dot precision** (:func:`dot_precision`): float16 and bfloat16 always run on tensor cores
+  with float32 accumulation. float32 follows ``torch.get_float32_matmul_precision()``:
+  ``"highest"`` (PyTorch's default) gives three-pass TF32 (``tf32x3``, on tensor cores, about
+  float32 accuracy), ``"high"`` and ``"medium"`` give one-pass TF32. ``exact=True`` (WinfT's
+  gate logits, a hard threshold) is ``tf32x3`` whatever the setting. IEEE float32 dots are never
+  used: they run on FMA units and spill at useful tile sizes.
+* **Shipped configurations** (:data:`SHIPPED`): per tuning unit, the candidate launch
+  configurations with the dtypes and head widths they ship for; :func:`configs` filters them.
+  Launchers pick among them (the window kernels with their own tuner, the PaCa kernels through
+  ``triton.autotune``, WinfT takes the single one), the compile gate compiles every one of them
+  and :data:`PRUNED` lists, with the gate's reason, the candidates that were dropped.
+  :data:`INTERPRET` holds the one small pinned configuration each unit runs in the interpreter.
+* **The compile gate's hooks**: :func:`recording` collects the launches a launcher would make
+  (on ``meta`` tensors, with nothing run) and :func:`forcing` pins a unit's configuration, so
+  the gate compiles exactly what the launchers launch, with their own argument lists.
+
+Nothing here imports ``vitpatch`` beyond :mod:`vitpatch._env`, and nothing runs at import.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import types
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from triton.runtime.jit import JITFunction
+
+from vitpatch import _env
+
+__all__ = ["interpreting", "interpreter", "kernel", "helper", "Kernel", "dot_precision", "precision_label",
+           "LaunchConfig", "SHIPPED", "PRUNED", "INTERPRET", "configs", "candidates", "supports", "forcing", "forced",
+           "recording", "Launch", "num_sms", "HALF", "FP32", "TF32", "ALL_DTYPES"]
+
+# ================================================================================ interpreter
+_FORCE_INTERPRET: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("vitpatch_interpret",
+                                                                                 default=None)
+
+
+def interpreting() -> bool:
+    """Whether kernels launched now run in Triton's interpreter (CPU tensors).
+
+    ``TRITON_INTERPRET``, unless an :func:`interpreter` block (yes) or :func:`recording` (no:
+    the compile gate records GPU launches) decides.
+    """
+    forced_mode = _FORCE_INTERPRET.get()
+    return _env.triton_interpret() if forced_mode is None else forced_mode
+
+
+@contextlib.contextmanager
+def interpreter() -> Iterator[None]:
+    """Run the kernels launched inside this block in Triton's interpreter, whatever ``TRITON_INTERPRET`` says."""
+    token = _FORCE_INTERPRET.set(True)
+    try:
+        yield
+    finally:
+        _FORCE_INTERPRET.reset(token)
+
+
+def helper(fn) -> JITFunction:
+    """Declare a device function (called from kernels): a ``JITFunction`` in every mode."""
+    return JITFunction(fn)
+
+
+_PLAIN_GLOBALS: Dict[int, dict] = {}
+
+
+def _plain(fn: types.FunctionType) -> types.FunctionType:
+    """``fn`` rebound to a copy of its module's globals in which every device function is plain Python."""
+    source = fn.__globals__
+    plain = _PLAIN_GLOBALS.get(id(source))
+    if plain is None:
+        plain = _PLAIN_GLOBALS[id(source)] = dict(source)
+        for name, value in source.items():
+            if isinstance(value, JITFunction):
+                plain[name] = _plain(value.fn)
+    return types.FunctionType(fn.__code__, plain, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+class Kernel:
+    """A Triton kernel built lazily for the mode it is launched in (GPU or interpreter).
+
+    ``kernel[grid](*args, **meta)`` launches it like a ``JITFunction``; :attr:`jit` is the GPU
+    form (what ``triton.autotune`` wraps and the compile gate compiles). Under :func:`recording`
+    a launch is recorded instead of run.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.__name__ = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    @functools.cached_property
+    def jit(self) -> JITFunction:
+        return JITFunction(self.fn)
+
+    @functools.cached_property
+    def interpreted(self):
+        from triton.runtime.interpreter import InterpretedFunction
+        return InterpretedFunction(_plain(self.fn))
+
+    def __getitem__(self, grid):
+        rec = _RECORDER.get()
+        if rec is not None:
+            return functools.partial(_record, rec, self, grid)
+        return (self.interpreted if interpreting() else self.jit)[grid]
+
+    def __repr__(self) -> str:
+        return f"Kernel({self.fn.__module__}.{self.__name__})"
+
+
+def kernel(fn) -> Kernel:
+    """Declare a kernel (see :class:`Kernel`)."""
+    return Kernel(fn)
+
+
+# ================================================================================ precision
+def dot_precision(dtype: torch.dtype, exact: bool = False) -> str:
+    """``input_precision`` of ``tl.dot`` for operands of ``dtype`` (see the module docstring)."""
+    if dtype != torch.float32:
+        return "tf32"  # ignored by Triton for float16 / bfloat16 operands
+    if exact or torch.get_float32_matmul_precision() == "highest":
+        return "tf32x3"
+    return "tf32"
+
+
+def precision_label(dtype: torch.dtype, exact: bool = False) -> str:
+    """What a configuration must ship for: ``float16``, ``bfloat16``, ``float32`` (three-pass TF32) or ``tf32``."""
+    if dtype == torch.float32:
+        return "float32" if dot_precision(dtype, exact) == "tf32x3" else "tf32"
+    return str(dtype).replace("torch.", "")
+
+
+# ================================================================================ configurations
+HALF = ("float16", "bfloat16")
+FP32 = ("float32", "tf32")  # float32 operands: three-pass TF32 ("highest") and one-pass TF32
+TF32 = ("tf32",)
+ALL_DTYPES = HALF + FP32
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One launch configuration of a tuning unit.
+
+    ``params``: the unit's block sizes and layout choices (constexprs), as ``(name, value)``
+    pairs; ``num_warps``, ``num_stages``; ``dtypes`` (precision labels, see
+    :func:`precision_label`) and the head-width range ``head_dims`` (inclusive) it ships for.
+    """
+
+    params: Tuple[Tuple[str, object], ...]
+    num_warps: int = 4
+    num_stages: int = 2
+    dtypes: Tuple[str, ...] = ALL_DTYPES
+    head_dims: Tuple[int, int] = (1, 1 << 30)
+
+    def __getitem__(self, name: str):
+        return dict(self.params)[name]
+
+    @property
+    def meta(self) -> dict:
+        """The constexprs plus ``num_warps`` and ``num_stages``: the launch keywords."""
+        return dict(self.params, num_warps=self.num_warps, num_stages=self.num_stages)
+
+    @property
+    def label(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.params) + f",w{self.num_warps},s{self.num_stages}"
+
+    def ships(self, label: str, head_dim: int) -> bool:
+        lo, hi = self.head_dims
+        return label in self.dtypes and lo <= head_dim <= hi
+
+
+def _c(num_warps: int, num_stages: int, dtypes=ALL_DTYPES, head_dims=(1, 1 << 30), **params) -> LaunchConfig:
+    return LaunchConfig(tuple(params.items()), num_warps, num_stages, tuple(dtypes), tuple(head_dims))
+
+
+# What ships was sized with the compile gate (python -m bench.compile; reports in bench/results/):
+# 0 spill bytes on sm_90a and sm_80, wgmma on sm_90a for half precision. float32 operands spill
+# at head widths above 64 in every tile tried (three-pass TF32 keeps hi/lo copies of both
+# operands), and the window backward spills with three-pass TF32 even at 64, so those cases
+# ship no configuration: the kernels decline them (:func:`supports`) and the PyTorch path runs.
+D64 = (1, 64)
+# Window attention (kernels/window_attention.py). BLOCK_M / BLOCK_N are the query and key tiles
+# of the patch slots; ORDER 1 = tiled key layout in UNIT-slot squares (8 x 8 for 64); QUERY_ORDER
+# "auto" picks spatial or window-sorted query tiles per image. "fwd" covers the schedule and
+# forward kernels, "bwd" the backward ones (the schedule depends on the block sizes, so these
+# units are tuned by the window kernel itself, schedule build included).
+_W = dict(ORDER=1, UNIT=64, QUERY_ORDER="auto")
+SHIPPED: Dict[str, List[LaunchConfig]] = {
+    "window_fwd": [
+        _c(4, 2, HALF, BLOCK_M=64, BLOCK_N=64, **_W),
+        _c(8, 2, HALF, BLOCK_M=64, BLOCK_N=64, **_W),
+        _c(8, 2, HALF + TF32, BLOCK_M=64, BLOCK_N=32, **_W),
+    ],
+    "window_bwd": [
+        _c(8, 2, HALF, BLOCK_M=64, BLOCK_N=64, **_W),
+        _c(8, 2, HALF, BLOCK_M=64, BLOCK_N=32, **_W),
+        _c(8, 2, TF32, D64, BLOCK_M=64, BLOCK_N=32, **_W),
+    ],
+    # WinfT (kernels/winft_attention.py): one configuration per (dtype, head width), untuned.
+    "winft_gate": [  # pass 1, pass 2a and the BCE gradient: GEMM tiles over the full width C
+        _c(8, 2, HALF, BLOCK_M=64, BLOCK_N=64),
+        _c(8, 2, FP32, D64, BLOCK_M=64, BLOCK_N=32),
+    ],
+    "winft_fwd": [
+        _c(4, 2, HALF, D64, BLOCK_M=64, BLOCK_N=64),
+        _c(8, 2, HALF, (65, 128), BLOCK_M=64, BLOCK_N=32),
+        _c(8, 2, FP32, D64, BLOCK_M=64, BLOCK_N=32),
+    ],
+    "winft_dkdv": [
+        _c(8, 2, HALF, BLOCK_M=64, BLOCK_N=64),
+        _c(8, 1, FP32, D64, BLOCK_M=64, BLOCK_N=32),
+    ],
+    "winft_dq": [
+        _c(8, 2, HALF, BLOCK_M=64, BLOCK_N=32),
+        _c(8, 2, FP32, D64, BLOCK_M=64, BLOCK_N=32),
+    ],
+    # PaCa (kernels/cluster_attention.py): triton.autotune candidates over BLOCK_N. "Head width"
+    # is the channel count for the pooling units.
+    "paca_pool_fwd": [_c(4, 2, ALL_DTYPES, BLOCK_N=32), _c(8, 2, ALL_DTYPES, BLOCK_N=64),
+                      _c(4, 2, HALF, BLOCK_N=64), _c(8, 2, HALF, BLOCK_N=128)],
+    "paca_pool_dlogits": [_c(4, 2, ALL_DTYPES, BLOCK_N=32), _c(8, 2, ALL_DTYPES, BLOCK_N=64),
+                          _c(4, 2, HALF, BLOCK_N=64)],
+    "paca_pool_dx": [_c(4, 2, ALL_DTYPES, BLOCK_N=32), _c(8, 2, ALL_DTYPES, BLOCK_N=64),
+                     _c(4, 2, HALF, BLOCK_N=64)],
+    "paca_attn_fwd": [_c(4, 1, HALF, BLOCK_N=32), _c(4, 1, HALF, BLOCK_N=64), _c(8, 1, HALF, BLOCK_N=64),
+                      _c(4, 1, FP32, D64, BLOCK_N=32)],
+    "paca_attn_bwd": [_c(8, 1, HALF, BLOCK_N=32), _c(4, 1, FP32, D64, BLOCK_N=16)],
+}
+
+# Candidates dropped from SHIPPED, with what the compile gate reported on sm_90a at head width
+# 128 (100 clusters for PaCa): spill bytes per kernel.
+PRUNED: Dict[str, List[Tuple[LaunchConfig, str]]] = {
+    "window_fwd": [(_c(8, 1, FP32, BLOCK_M=64, BLOCK_N=16, **_W), "float32 (tf32x3) _fwd_kernel spills 868 B"),
+                   (_c(4, 2, FP32, BLOCK_M=64, BLOCK_N=64, **_W), "float32 _fwd_kernel spills 1,700 B, tf32 80 B")],
+    "window_bwd": [(_c(4, 2, HALF, BLOCK_M=64, BLOCK_N=64, **_W), "bfloat16 _bwd_dkdv_kernel spills 128 B"),
+                   (_c(8, 1, FP32, BLOCK_M=64, BLOCK_N=16, **_W),
+                    "float32 _bwd_dkdv_kernel spills 1,088 B at d = 64 (tf32x3), tf32 200 B at d = 128")],
+    "winft_gate": [(_c(4, 2, HALF, BLOCK_M=64, BLOCK_N=64), "bfloat16 _bce_grad_kernel spills 8 B at d = 64, 128 B at 128"),
+                   (_c(4, 2, FP32, BLOCK_M=32, BLOCK_N=32), "float32 _threshold_kernel spills 96 B, no wgmma at 32 rows")],
+    "winft_fwd": [(_c(4, 2, FP32, BLOCK_M=32, BLOCK_N=32), "float32: 32-row tiles lose wgmma and hit 255 registers")],
+    "winft_dkdv": [(_c(4, 2, HALF, BLOCK_M=32, BLOCK_N=64), "bfloat16 _attn_dkdv_kernel spills 56 B")],
+    "winft_dq": [(_c(4, 2, HALF, BLOCK_M=64, BLOCK_N=64), "bfloat16 _attn_dq_kernel spills 12 B")],
+    "paca_pool_fwd": [(_c(4, 2, FP32, BLOCK_N=64), "float32 _pool_fwd_kernel spills 24 B")],
+    "paca_attn_bwd": [(_c(4, 1, HALF, BLOCK_N=16), "bfloat16 _attn_bwd_kernel spills 1,360 B"),
+                      (_c(8, 1, HALF, BLOCK_N=64), "bfloat16 _attn_bwd_kernel spills 464 B")],
+}
+
+# The one configuration each unit runs under the interpreter: small tiles.
+INTERPRET: Dict[str, LaunchConfig] = {
+    "window_fwd": _c(1, 1, BLOCK_M=16, BLOCK_N=16, ORDER=1, UNIT=16, QUERY_ORDER="auto"),
+    "window_bwd": _c(1, 1, BLOCK_M=16, BLOCK_N=16, ORDER=1, UNIT=16, QUERY_ORDER="auto"),
+    "winft_gate": _c(1, 1, BLOCK_M=16, BLOCK_N=32),
+    "winft_fwd": _c(1, 1, BLOCK_M=16, BLOCK_N=16),
+    "winft_dkdv": _c(1, 1, BLOCK_M=16, BLOCK_N=16),
+    "winft_dq": _c(1, 1, BLOCK_M=16, BLOCK_N=16),
+    "paca_pool_fwd": _c(1, 1, BLOCK_N=16),
+    "paca_pool_dlogits": _c(1, 1, BLOCK_N=16),
+    "paca_pool_dx": _c(1, 1, BLOCK_N=16),
+    "paca_attn_fwd": _c(1, 1, BLOCK_N=16),
+    "paca_attn_bwd": _c(1, 1, BLOCK_N=16),
+}
+
+# Units whose gate logits must be exact (WinfT's hard threshold): float32 always three-pass TF32.
+EXACT_UNITS = ("winft_gate",)
+
+
+def candidates(unit: str) -> List[LaunchConfig]:
+    """Every shipped configuration of ``unit``, whatever dtype or head width."""
+    if unit not in SHIPPED:
+        raise ValueError(f"unit must be one of {sorted(SHIPPED)}, got {unit!r}")
+    return list(SHIPPED[unit])
+
+
+def configs(unit: str, dtype: torch.dtype, head_dim: int) -> List[LaunchConfig]:
+    """The configurations ``unit`` may launch now for ``dtype`` and ``head_dim``.
+
+    In the interpreter: the pinned one. Under :func:`forcing`: the forced one. Otherwise the
+    shipped ones for the precision label and head width (see :func:`supports` first).
+    """
+    pinned = forced(unit)
+    if pinned is not None:
+        return [pinned]
+    if interpreting():
+        return [INTERPRET[unit]]
+    label = precision_label(dtype, unit in EXACT_UNITS)
+    found = [c for c in candidates(unit) if c.ships(label, head_dim)]
+    if not found:
+        raise RuntimeError(f"no shipped {unit} configuration for {label} at head width {head_dim}")
+    return found
+
+
+def supports(units, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    """Why the kernels of ``units`` cannot run ``dtype`` at ``head_dim`` on a GPU now, or ``None``.
+
+    Always ``None`` in the interpreter (its pinned configurations run every case).
+    """
+    if interpreting():
+        return None
+    for unit in units:
+        label = precision_label(dtype, unit in EXACT_UNITS)
+        if not any(c.ships(label, head_dim) for c in candidates(unit)):
+            why = " at torch.get_float32_matmul_precision() 'highest'" if label == "float32" else ""
+            return (f"no spill-free {unit} configuration ships for {label} at head width {head_dim}{why} "
+                    "(see kernels/_launch.py)")
+    return None
+
+
+# ================================================================================ gate hooks
+_FORCED: contextvars.ContextVar[Dict[str, LaunchConfig]] = contextvars.ContextVar("vitpatch_forced", default={})
+
+
+@contextlib.contextmanager
+def forcing(pins: Dict[str, LaunchConfig]) -> Iterator[None]:
+    """Pin the configuration of the given units inside this block (the compile gate, tests)."""
+    token = _FORCED.set({**_FORCED.get(), **pins})
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def forced(unit: str) -> Optional[LaunchConfig]:
+    """The configuration pinned for ``unit`` by :func:`forcing`, if any."""
+    return _FORCED.get().get(unit)
+
+
+@dataclass
+class Launch:
+    """One recorded launch: the kernel, its grid and exactly the arguments the launcher passed."""
+
+    kernel: Kernel
+    grid: object
+    args: tuple
+    kwargs: dict
+
+
+_RECORDER: contextvars.ContextVar[Optional[List[Launch]]] = contextvars.ContextVar("vitpatch_recorder",
+                                                                                   default=None)
+
+
+def _record(rec: List[Launch], k: Kernel, grid, *args, **kwargs) -> None:
+    rec.append(Launch(k, grid, args, kwargs))
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[List[Launch]]:
+    """Inside this block kernel launches are recorded, not run (launchers get ``meta`` tensors).
+
+    The launchers take their GPU branch (configurations, tiles), whatever ``TRITON_INTERPRET`` says.
+    """
+    launches: List[Launch] = []
+    token = _RECORDER.set(launches)
+    mode = _FORCE_INTERPRET.set(False)
+    try:
+        yield launches
+    finally:
+        _FORCE_INTERPRET.reset(mode)
+        _RECORDER.reset(token)
+
+
+def is_recording() -> bool:
+    return _RECORDER.get() is not None
+
+
+# ================================================================================ device facts
+GATE_SMS = 132  # what launchers assume while recording (an H100 SXM / H200)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (``GATE_SMS`` while recording for the compile gate)."""
+    if is_recording() or device.type != "cuda":
+        return GATE_SMS
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
