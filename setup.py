@@ -10,8 +10,8 @@ setup(
     packages=["vitpatch", "vitpatch.models", "vitpatch.analysis", "vitpatch.kernels"],
     package_dir={"vitpatch.kernels": "kernels"},
     install_requires=[
-        "torch>=2.4",
-        "triton; platform_system == 'Linux'",
+        "torch>=2.14",  # the version the suite ran on (2.14.1); the compile gate also passes with triton 3.6
+        "triton>=3.6; platform_system == 'Linux'",  # compile gate: 3.8.0 full matrix, 3.6.0 every unit
         "timm>=1.0.17",
         "numpy",
         "tqdm",

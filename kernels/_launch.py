@@ -60,9 +60,22 @@ def interpreting() -> bool:
     return _env.triton_interpret() if forced_mode is None else forced_mode
 
 
+def interpreter_ready() -> bool:
+    """Whether this process can interpret kernels: Triton builds its own language library for the
+    interpreter only when ``TRITON_INTERPRET=1`` is set before triton is first imported (and such
+    a process cannot compile for a GPU target: the compile gate runs without it)."""
+    import triton.language.standard as standard
+    return not isinstance(standard.max, JITFunction)
+
+
 @contextlib.contextmanager
 def interpreter() -> Iterator[None]:
-    """Run the kernels launched inside this block in Triton's interpreter, whatever ``TRITON_INTERPRET`` says."""
+    """Run the kernels launched inside this block in Triton's interpreter (CPU tensors).
+
+    Needs :func:`interpreter_ready`; raises ``RuntimeError`` otherwise.
+    """
+    if not interpreter_ready():
+        raise RuntimeError("Triton's interpreter needs TRITON_INTERPRET=1 set before triton is first imported")
     token = _FORCE_INTERPRET.set(True)
     try:
         yield
@@ -190,8 +203,9 @@ def _c(num_warps: int, num_stages: int, dtypes=ALL_DTYPES, head_dims=(1, 1 << 30
 # What ships was sized with the compile gate (python -m bench.compile; reports in bench/results/):
 # 0 spill bytes on sm_90a and sm_80, wgmma on sm_90a for half precision. float32 operands spill
 # at head widths above 64 in every tile tried (three-pass TF32 keeps hi/lo copies of both
-# operands), and the window backward spills with three-pass TF32 even at 64, so those cases
-# ship no configuration: the kernels decline them (:func:`supports`) and the PyTorch path runs.
+# operands), the window backward spills with three-pass TF32 even at 64, and the PaCa attention
+# (all clusters in one tile) spills in float32 at every width, so those cases ship no
+# configuration: the kernels decline them (:func:`supports`) and the PyTorch path runs.
 D64 = (1, 64)
 # Window attention (kernels/window_attention.py). BLOCK_M / BLOCK_N are the query and key tiles
 # of the patch slots; ORDER 1 = tiled key layout in UNIT-slot squares (8 x 8 for 64); QUERY_ORDER
@@ -232,13 +246,11 @@ SHIPPED: Dict[str, List[LaunchConfig]] = {
     # is the channel count for the pooling units.
     "paca_pool_fwd": [_c(4, 2, ALL_DTYPES, BLOCK_N=32), _c(8, 2, ALL_DTYPES, BLOCK_N=64),
                       _c(4, 2, HALF, BLOCK_N=64), _c(8, 2, HALF, BLOCK_N=128)],
-    "paca_pool_dlogits": [_c(4, 2, ALL_DTYPES, BLOCK_N=32), _c(8, 2, ALL_DTYPES, BLOCK_N=64),
-                          _c(4, 2, HALF, BLOCK_N=64)],
+    "paca_pool_dlogits": [_c(4, 2, ALL_DTYPES, BLOCK_N=32), _c(8, 2, ALL_DTYPES, BLOCK_N=64)],
     "paca_pool_dx": [_c(4, 2, ALL_DTYPES, BLOCK_N=32), _c(8, 2, ALL_DTYPES, BLOCK_N=64),
                      _c(4, 2, HALF, BLOCK_N=64)],
-    "paca_attn_fwd": [_c(4, 1, HALF, BLOCK_N=32), _c(4, 1, HALF, BLOCK_N=64), _c(8, 1, HALF, BLOCK_N=64),
-                      _c(4, 1, FP32, D64, BLOCK_N=32)],
-    "paca_attn_bwd": [_c(8, 1, HALF, BLOCK_N=32), _c(4, 1, FP32, D64, BLOCK_N=16)],
+    "paca_attn_fwd": [_c(4, 1, HALF, BLOCK_N=32), _c(4, 1, HALF, BLOCK_N=64), _c(8, 1, HALF, BLOCK_N=64)],
+    "paca_attn_bwd": [_c(8, 1, HALF, BLOCK_N=32)],
 }
 
 # Candidates dropped from SHIPPED, with what the compile gate reported on sm_90a at head width
@@ -255,7 +267,10 @@ PRUNED: Dict[str, List[Tuple[LaunchConfig, str]]] = {
     "winft_dkdv": [(_c(4, 2, HALF, BLOCK_M=32, BLOCK_N=64), "bfloat16 _attn_dkdv_kernel spills 56 B")],
     "winft_dq": [(_c(4, 2, HALF, BLOCK_M=64, BLOCK_N=64), "bfloat16 _attn_dq_kernel spills 12 B")],
     "paca_pool_fwd": [(_c(4, 2, FP32, BLOCK_N=64), "float32 _pool_fwd_kernel spills 24 B")],
-    "paca_attn_bwd": [(_c(4, 1, HALF, BLOCK_N=16), "bfloat16 _attn_bwd_kernel spills 1,360 B"),
+    "paca_pool_dlogits": [(_c(4, 2, HALF, BLOCK_N=64), "bfloat16 _pool_bwd_dlogits_kernel spills 72 B")],
+    "paca_attn_fwd": [(_c(4, 1, FP32, D64, BLOCK_N=32), "float32 _attn_fwd_kernel spills 236 B at d = 64, M = 100")],
+    "paca_attn_bwd": [(_c(4, 1, FP32, D64, BLOCK_N=16), "float32 _attn_bwd_kernel spills 1,780 B at d = 64, M = 100"),
+                      (_c(4, 1, HALF, BLOCK_N=16), "bfloat16 _attn_bwd_kernel spills 1,360 B"),
                       (_c(8, 1, HALF, BLOCK_N=64), "bfloat16 _attn_bwd_kernel spills 464 B")],
 }
 

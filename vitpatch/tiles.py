@@ -2,8 +2,10 @@
 
 Thin wrappers over :mod:`vitpatch.kernels.window_schedule`, which takes the raw mask tensors.
 The schedule is built by the very launches the kernels use: on CUDA tensors on the GPU, on CPU
-tensors in Triton's interpreter (entered here for the call, whatever ``TRITON_INTERPRET`` says),
-so the visited-tile counts of benchmark rows are available on a machine without a GPU.
+tensors in Triton's interpreter, so the visited-tile counts of benchmark rows are available on a
+machine without a GPU. The interpreter needs ``TRITON_INTERPRET=1`` before triton is imported;
+a process without it (a CPU benchmark run) gets the schedule from a short-lived child process
+that has it (a few seconds).
 
 ``block_m`` / ``block_n`` are the query / key tiles in patch slots; ``order`` ``"tiled"``
 (default) or ``"row_major"`` is the key layout; ``unit`` the tiled square (default 64 = 8 x 8);
@@ -12,8 +14,11 @@ what is allowed and the kernel module's docstring for what the codes mean.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
+import os
+import subprocess
+import sys
+import tempfile
 from typing import Optional
 
 import torch
@@ -27,15 +32,45 @@ def _schedule_module():
     return importlib.import_module("vitpatch.kernels.window_schedule")
 
 
+_CHILD = """
+import sys, torch
+from vitpatch.kernels import _launch, window_schedule
+args, kwargs = torch.load(sys.argv[1])
+with _launch.interpreter():
+    torch.save(getattr(window_schedule, sys.argv[3])(*args, **kwargs), sys.argv[2])
+"""
+
+
+def _in_child(name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    """``window_schedule.<name>(*args, **kwargs)`` in a child process with ``TRITON_INTERPRET=1``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "args.pt"), os.path.join(tmp, "out.pt")
+        torch.save((args, kwargs), src)
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        done = subprocess.run([sys.executable, "-c", _CHILD, src, dst, name], env=env, capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            lines = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            if "ValueError" in lines:
+                raise ValueError(lines.split("ValueError: ", 1)[-1])
+            raise RuntimeError(f"the tile schedule failed in the interpreter: {lines}")
+        return torch.load(dst)
+
+
 def _call(name: str, mask: WindowMask, batch_size: Optional[int], block_m: int, block_n: int, **layout):
     if not isinstance(mask, WindowMask):
         raise TypeError(f"mask must be a vitpatch.WindowMask, got {type(mask).__name__}")
     B = mask._batch(batch_size)
     from vitpatch.kernels import _launch
-    ctx = _launch.interpreter() if mask.windows.device.type == "cpu" else contextlib.nullcontext()
-    with ctx:
-        return getattr(_schedule_module(), name)(mask.windows, mask.key_keep, mask.grid, mask.num_prefix_tokens, B,
-                                                 block_m, block_n, **layout)
+    ws = _schedule_module()
+    ws.resolve_config(block_m, block_n, **layout)  # bad arguments fail here, in this process
+    args = (mask.windows, mask.key_keep, mask.grid, mask.num_prefix_tokens, B, block_m, block_n)
+    if mask.windows.device.type != "cpu":
+        return getattr(ws, name)(*args, **layout)
+    if not _launch.interpreter_ready():
+        return _in_child(name, args, layout)
+    with _launch.interpreter():
+        return getattr(ws, name)(*args, **layout)
 
 
 def tile_codes(mask: WindowMask, batch_size: Optional[int] = None, block_m: int = 64, block_n: int = 64, *,

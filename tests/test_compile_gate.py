@@ -1,0 +1,133 @@
+"""The GPU build budgets, checked without a GPU (bench/compile.py, kernels/_launch.py).
+
+Every shipped configuration of every kernel unit is compiled once for sm_90a with Triton's own
+toolchain, at its most demanding case (the widest head width it ships for, half precision where
+it ships for it, key_keep / 100 clusters), and must compile with 0 spill bytes, shared memory
+within the per-block limit and ``wgmma`` in its dot kernels (half precision). The whole matrix
+(every dtype and head width, both targets) is ``python -m bench.compile``; its reports are in
+bench/results/. A deliberately bad configuration, kept out of the shipped list, shows that the
+budgets do fail.
+"""
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Runs in a child process: Triton builds its language for the interpreter when TRITON_INTERPRET
+# is set at import (as this suite does), and such a process cannot compile for a GPU target.
+REPRESENTATIVE = """
+import json, sys
+from bench import compile as gate
+from vitpatch.kernels import _launch
+VARIANT = {"window": "keep", "winft": "multiply", "paca": "M100"}
+jobs = []
+for unit, configs in _launch.SHIPPED.items():
+    for i, cfg in enumerate(configs):
+        dtype = next(d for d in ("bfloat16", "float16", "float32", "tf32") if d in cfg.dtypes)
+        width = max(w for w in (32, 64, 96, 128) if cfg.ships(dtype, w))
+        job = gate.Job(unit, i, dtype, width, VARIANT[unit.split("_")[0]])
+        jobs.append((job, gate._paca_fits(unit, cfg, width, job.variant)))
+rows = gate.run(["sm_90a"], jobs, jobs_n=2, progress=False)
+json.dump({"rows": rows, "violations": gate.violations(rows), "n_jobs": len(jobs),
+           "n_configs": sum(len(c) for c in _launch.SHIPPED.values())}, sys.stdout)
+"""
+
+BAD = """
+import json, sys
+from bench import compile as gate
+from vitpatch.kernels import _launch
+# NOT shipped: WinfT dq with 64 x 64 tiles and 4 warps spills at head width 128; the window
+# forward with 2 warps has no warpgroup, hence no wgmma
+_launch.SHIPPED["winft_dq"] = [_launch._c(4, 2, _launch.HALF, BLOCK_M=64, BLOCK_N=64)]
+_launch.SHIPPED["window_fwd"] = [_launch._c(2, 2, _launch.HALF, BLOCK_M=64, BLOCK_N=64, ORDER=1, UNIT=64,
+                                            QUERY_ORDER="auto")]
+rows = gate.run(["sm_90a"], [(gate.Job("winft_dq", 0, "bfloat16", 128, "multiply"), None),
+                             (gate.Job("window_fwd", 0, "bfloat16", 64, "plain"), None)], jobs_n=1, progress=False)
+json.dump({"rows": rows, "violations": gate.violations(rows)}, sys.stdout)
+"""
+
+
+def _gate(code: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def cuda_backend():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    probe = subprocess.run([sys.executable, "-c", "from bench import compile as g; g._backend('sm_90a')"],
+                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    if probe.returncode != 0:  # pragma: no cover - a triton without its NVIDIA backend
+        pytest.skip(f"Triton's CUDA backend is not available here: {probe.stderr[-500:]}")
+
+
+def test_every_shipped_configuration_meets_the_budgets(cuda_backend):
+    out = _gate(REPRESENTATIVE)
+    rows = out["rows"]
+    assert out["n_jobs"] == out["n_configs"]
+    from vitpatch.kernels import _launch
+    compiled = [r for r in rows if not r["skipped"]]
+    assert {r["unit"] for r in compiled} == set(_launch.SHIPPED), "a unit compiled nothing"
+    assert all(r["registers"] for r in compiled), "ptxas reported no register count"
+    assert not out["violations"], "\n".join(out["violations"])
+    dot_rows = [r for r in compiled if r["tc_expected"] and r["dtype"] in ("float16", "bfloat16")]
+    assert dot_rows and all(r["tensor_cores"] for r in dot_rows)
+    assert {r["kernel"] for r in dot_rows} >= {"window_attention._fwd_kernel", "window_attention._bwd_dq_kernel",
+                                               "window_attention._bwd_dkdv_kernel",
+                                               "winft_attention._attn_fwd_kernel",
+                                               "winft_attention._attn_dq_kernel",
+                                               "winft_attention._attn_dkdv_kernel"}
+
+
+def test_budgets_fail_on_a_bad_configuration(cuda_backend):
+    bad = _gate(BAD)["violations"]
+    assert any("_attn_dq_kernel" in b and "spills" in b for b in bad), bad
+    assert any("_fwd_kernel" in b and "no wgmma" in b for b in bad), bad
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """``bash bench/gpu_check.sh OUT --dry-run`` imports everything and lists the steps (no GPU needed)."""
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path), "--dry-run"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "imports: ok" in done.stdout and "== tests" in done.stdout and "bench-window_attention" in done.stdout
+
+
+def test_float32_policy(monkeypatch):
+    """float32 follows torch's matmul precision; what ships no spill-free configuration is declined on a GPU."""
+    import torch
+
+    from vitpatch.kernels import _launch
+    monkeypatch.setattr(_launch, "interpreting", lambda: False)
+    window = ("window_fwd", "window_bwd")
+    winft = ("winft_gate", "winft_fwd", "winft_dq", "winft_dkdv")
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert _launch.dot_precision(torch.float32) == "tf32x3"
+        assert "float32 at head width 64" in _launch.supports(window, torch.float32, 64)  # tf32x3 spills there
+        assert _launch.supports(winft, torch.float32, 64) is None
+        assert "head width 96" in _launch.supports(winft, torch.float32, 96)
+        torch.set_float32_matmul_precision("high")
+        assert _launch.dot_precision(torch.float32) == "tf32"
+        assert _launch.dot_precision(torch.float32, exact=True) == "tf32x3"  # WinfT's gate stays exact
+        assert _launch.supports(window, torch.float32, 64) is None
+        assert _launch.supports(window, torch.float32, 128) is not None
+    finally:
+        torch.set_float32_matmul_precision(before)
+    for d in (32, 64, 96, 128):  # half precision ships everywhere
+        for units in (window, winft, ("paca_attn_fwd", "paca_attn_bwd")):
+            assert _launch.supports(units, torch.bfloat16, d) is None
+    monkeypatch.setattr(_launch, "interpreting", lambda: True)
+    assert _launch.supports(window, torch.float32, 128) is None  # the interpreter runs every case
