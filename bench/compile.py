@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import contextlib
+import functools
 import io
 import json
 import os
@@ -213,6 +214,7 @@ def jobs(units: Optional[Sequence[str]] = None, dtypes: Sequence[str] = DTYPES,
 
 
 # ================================================================================ compiling
+@functools.lru_cache(maxsize=None)
 def _backend(target: str):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend

@@ -252,6 +252,18 @@ def _ktile_rect(kt, r: tl.constexpr, GH, GW, NBX, BN: tl.constexpr, ORDER: tl.co
     return x0, y0, x1, y1
 
 
+@helper
+def _append_visits(lst, width, idx, masked, full, n_m, n_f):
+    """Compact one chunk of a visit list of ``width`` slots: ``idx`` where ``masked`` after the ``n_m``
+    masked entries so far (from the front), where ``full`` before the ``n_f`` full ones (from the
+    back). Returns the new counts."""
+    cm = tl.cumsum(masked.to(tl.int32), 0)
+    cf = tl.cumsum(full.to(tl.int32), 0)
+    tl.store(lst + n_m + cm - 1, idx, mask=masked)
+    tl.store(lst + width - n_f - cf, idx, mask=full)
+    return n_m + tl.sum(masked.to(tl.int32), 0), n_f + tl.sum(full.to(tl.int32), 0)
+
+
 @kernel
 def _window_code_kernel(WIN, CODE, n, win_sb, BITS: tl.constexpr, BR: tl.constexpr):
     """4-D Morton code of each window ``(x_left, y_top, x_right, y_bottom)`` (bits interleaved), int64."""
@@ -312,12 +324,7 @@ def _schedule_kernel(WIN, KEEP, PERM, CODES, LIST, CNT, win_sb, keep_sb, perm_sb
         full = visit & all_kept & (tl.max(outside, 0) == 0)
         masked = visit & (full == 0)
         tl.store(CODES + row * TK + kt, (visit.to(tl.int32) + full.to(tl.int32)).to(tl.int8), mask=kin)
-        cm = tl.cumsum(masked.to(tl.int32), 0)
-        cf = tl.cumsum(full.to(tl.int32), 0)
-        tl.store(LIST + row * TK + n_m + cm - 1, kt, mask=masked)
-        tl.store(LIST + row * TK + TK - n_f - cf, kt, mask=full)
-        n_m += tl.sum(masked.to(tl.int32), 0)
-        n_f += tl.sum(full.to(tl.int32), 0)
+        n_m, n_f = _append_visits(LIST + row * TK, TK, kt, masked, full, n_m, n_f)
     tl.store(CNT + row * 2, n_m)
     tl.store(CNT + row * 2 + 1, n_f)
 
@@ -352,14 +359,7 @@ def _transpose_kernel(CODES, CHOICE, LIST_T, CNT_T, TQ, TK, BS, QC: tl.constexpr
         qt = c + tl.arange(0, QC)
         qin = qt < TQ
         code = tl.load(CODES + ((v * BS + b) * TQ + qt) * TK + kt, mask=qin, other=0).to(tl.int32)
-        masked = code == 1
-        full = code == 2
-        cm = tl.cumsum(masked.to(tl.int32), 0)
-        cf = tl.cumsum(full.to(tl.int32), 0)
-        tl.store(LIST_T + row * TQ + n_m + cm - 1, qt, mask=masked)
-        tl.store(LIST_T + row * TQ + TQ - n_f - cf, qt, mask=full)
-        n_m += tl.sum(masked.to(tl.int32), 0)
-        n_f += tl.sum(full.to(tl.int32), 0)
+        n_m, n_f = _append_visits(LIST_T + row * TQ, TQ, qt, code == 1, code == 2, n_m, n_f)
     tl.store(CNT_T + row * 2, n_m)
     tl.store(CNT_T + row * 2 + 1, n_f)
 

@@ -244,7 +244,7 @@ def _run_analyze(args) -> int:
         "fig12_field_size.png": plots.plot_field_size(img, size[0].cpu(), grid),
     }
     os.makedirs(args.out, exist_ok=True)
-    written = [plots.save_figure(fig, os.path.join(args.out, name), dpi=args.dpi) for name, fig in figs.items()]
+    written = _save_figures(figs, args.out, args.dpi)
     summary = {
         "image": os.path.abspath(args.image), "model": args.model, "weights": weights, "grid": list(grid),
         "num_prefix_tokens": P, "alpha": args.alpha, "beta": args.beta,
@@ -321,6 +321,13 @@ def _image_batches(args, transform):
             bar.update(len(chunk))
         bar.close()
     return files, gen()
+
+
+def _save_figures(figs: Dict[str, object], out: str, dpi: int) -> List[str]:
+    """Write each figure of ``figs`` (file name -> matplotlib figure) into ``out``; the paths written."""
+    from .analysis import plots
+
+    return [plots.save_figure(fig, os.path.join(out, name), dpi=dpi) for name, fig in figs.items()]
 
 
 def _write_json(path: str, obj) -> None:
@@ -427,8 +434,8 @@ def _run_semantic(args) -> int:
         summary["mask_prompt_labels"] = "unmasked prediction"
         figs["fig8_mask_prompt.png"] = plots.plot_mask_prompt(acc)
     _write_json(os.path.join(args.out, "semantic.json"), summary)
-    for name, fig in figs.items():
-        print(plots.save_figure(fig, os.path.join(args.out, name), dpi=args.dpi))
+    for path in _save_figures(figs, args.out, args.dpi):
+        print(path)
     kk, nk = (float(np.nanmean(mean_lh[k].numpy())) for k in ("KK", "NK"))
     print(f"{len(files)} images: KK {kk:.3f}, NK {nk:.3f}, AFI {float(mean_lh['AFI'].mean()):.3f} "
           f"(mean over layers and heads); results in {os.path.join(args.out, 'semantic.json')}")
@@ -530,8 +537,8 @@ def _run_heads(args) -> int:
     if P >= 1:
         figs["attention_heatmap.png"] = plots.plot_attention_heatmap(A[0, args.head], P,
                                                                      f"layer {layer}, head {args.head}")
-    for name, fig in figs.items():
-        print(plots.save_figure(fig, os.path.join(args.out, name), dpi=args.dpi))
+    for path in _save_figures(figs, args.out, args.dpi):
+        print(path)
     top = torch.argmax(torch.nan_to_num(mean["prob"][..., m0], nan=-1e9)).item()
     print(f"{len(files)} images: most important head L{top // h}H{top % h} (I_prob {float(mean['prob'][..., m0].reshape(-1)[top]):.4f}, "
           f"mode {modes[m0]}); results in {os.path.join(args.out, 'heads.json')}")
