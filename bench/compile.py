@@ -178,8 +178,8 @@ class Job:
     variant: str
 
 
-def record(job: Job):
-    """The launches the launchers make for ``job`` (nothing runs)."""
+def record(job: Job, target: str = "sm_90a"):
+    """The launches the launchers make for ``job`` on ``target`` (nothing runs)."""
     from vitpatch.kernels import _launch
     import torch
     cfg = _launch.candidates(job.unit)[job.index]
@@ -187,7 +187,7 @@ def record(job: Job):
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high" if job.dtype == "tf32" else "highest")
     try:
-        with _launch.forcing({job.unit: cfg}), _launch.recording() as launches:
+        with _launch.forcing({job.unit: cfg}), _launch.recording(target) as launches:
             fn(job.unit, job.dtype, job.head_dim, job.variant)
     finally:
         torch.set_float32_matmul_precision(before)
@@ -197,18 +197,18 @@ def record(job: Job):
 def jobs(units: Optional[Sequence[str]] = None, dtypes: Sequence[str] = DTYPES,
          head_dims: Sequence[int] = HEAD_DIMS, variants: Optional[Sequence[str]] = None,
          first_only: bool = False) -> List[Tuple[Job, Optional[str]]]:
-    """Every (job, skip reason) of the shipped matrix: configurations that ship for the dtype and width."""
+    """Every (job, skip reason) of the matrix: each candidate at each dtype and width it is meant for."""
     from vitpatch.kernels import _launch
     out = []
-    for unit in units or list(_launch.SHIPPED):
+    for unit in units or list(_launch.CANDIDATES):
         _, unit_variants = _driver(unit)
         for dtype in dtypes:
             for d in head_dims:
                 for variant in (variants or unit_variants):
                     if variant not in unit_variants:
                         continue
-                    shipped = [(i, c) for i, c in enumerate(_launch.candidates(unit)) if c.ships(dtype, d)]
-                    for i, c in shipped[:1] if first_only else shipped:
+                    tried = [(i, c) for i, c in enumerate(_launch.candidates(unit)) if c.ships(dtype, d)]
+                    for i, c in tried[:1] if first_only else tried:
                         out.append((Job(unit, i, dtype, d, variant), _paca_fits(unit, c, d, variant)))
     return out
 
@@ -281,7 +281,7 @@ def _work(args) -> Tuple[str, dict]:
     from triton import knobs
     knobs.compilation.always_compile = True
     job, i, target, key = args
-    return key, compile_launch(record(job)[i], target)
+    return key, compile_launch(record(job, target)[i], target)
 
 
 def _row(job: Job, launch, target: str, result: dict, skipped: Optional[str]) -> dict:
@@ -312,7 +312,7 @@ def run(targets: Sequence[str], matrix: List[Tuple[Job, Optional[str]]], jobs_n:
             if skipped:
                 plan.append((job, None, None, skipped))
                 continue
-            for i, launch in enumerate(record(job)):
+            for i, launch in enumerate(record(job, target)):
                 key = launch_key(launch, target)
                 plan.append((job, launch, key, None))
                 work.setdefault(key, (job, i, target, key))
@@ -341,30 +341,83 @@ def run(targets: Sequence[str], matrix: List[Tuple[Job, Optional[str]]], jobs_n:
 
 
 # ================================================================================ budgets and report
-def violations(rows: Iterable[dict]) -> List[str]:
-    """The budget each row breaks, as sentences (empty: every budget holds)."""
+def _case(r: dict) -> tuple:
+    """What one entry of the shipped table covers: candidate, target, precision label, width bucket."""
+    from vitpatch.kernels import _launch
+    return r["unit"], r["configuration"], r["target"], r["dtype"], _launch.width_bucket(r["head_dim"])
+
+
+def mark_shipped(rows: List[dict]) -> List[dict]:
+    """Set each row's ``shipped``: its case compiled within every budget in every row (variants, kernels)."""
+    clean: Dict[tuple, bool] = {}
+    for r in rows:
+        if not r["skipped"]:
+            clean[_case(r)] = clean.get(_case(r), True) and not _row_violations(r)
+    for r in rows:
+        r["shipped"] = bool(not r["skipped"] and clean.get(_case(r)))
+    return rows
+
+
+def policy_table(rows: List[dict]) -> Dict[str, dict]:
+    """``{unit: {configuration: {target: {label: (width buckets...)}}}}`` of the shipped cases."""
+    table: Dict[str, dict] = {}
+    for r in mark_shipped(rows):
+        if r["shipped"]:
+            unit, cfg, target, label, bucket = _case(r)
+            entry = table.setdefault(unit, {}).setdefault(cfg, {}).setdefault(target, {}).setdefault(label, set())
+            entry.add(bucket)
+    return {u: {c: {t: {lab: tuple(sorted(b)) for lab, b in sorted(ls.items())} for t, ls in sorted(ts.items())}
+                for c, ts in cs.items()} for u, cs in table.items()}
+
+
+def write_policy(rows: List[dict], path: str) -> None:
+    """Write ``kernels/_shipped.py``: the table :func:`vitpatch.kernels._launch.shipped` reads."""
+    import pprint
+
+    import triton
+    text = ('"""What ships: the compile gate\'s clean cases per unit, candidate, target, precision label and\n'
+            'head-width bucket. Written by ``python -m bench.compile --write-policy`` (triton '
+            f'{triton.__version__}, {time.strftime("%Y-%m-%d")}); do not edit by hand."""\n\n'
+            f"SHIPPED = {pprint.pformat(policy_table(rows), width=110, sort_dicts=True)}\n")
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _row_violations(r: dict) -> List[str]:
+    where = (f"{r['kernel']} [{r['configuration']}] {r['dtype']} d={r['head_dim']} {r['variant']} "
+             f"{r['launch_variant'] or ''} on {r['target']}")
+    if r["error"]:
+        return [f"{where}: does not compile ({r['error']})"]
+    bad = []
+    if r["spill_stores"] or r["spill_loads"]:
+        bad.append(f"{where}: spills {r['spill_stores']} B stores / {r['spill_loads']} B loads")
+    if r["shared_bytes"] is not None and r["shared_bytes"] > r["shared_limit"]:
+        bad.append(f"{where}: {r['shared_bytes']} B shared memory > {r['shared_limit']}")
+    if r["target"] == "sm_90a" and r["dtype"] in HALF and r["tc_expected"] and not r["tensor_cores"]:
+        bad.append(f"{where}: no wgmma")
+    return bad
+
+
+def violations(rows: Iterable[dict], shipped_only: bool = False) -> List[str]:
+    """The budget each row breaks, as sentences (empty: every budget holds); with ``shipped_only``,
+    only rows of cases that kernels/_shipped.py ships."""
+    from vitpatch.kernels._shipped import SHIPPED
     bad = []
     for r in rows:
         if r["skipped"]:
             continue
-        where = (f"{r['kernel']} [{r['configuration']}] {r['dtype']} d={r['head_dim']} {r['variant']} "
-                 f"{r['launch_variant'] or ''} on {r['target']}")
-        if r["error"]:
-            bad.append(f"{where}: does not compile ({r['error']})")
-            continue
-        if r["spill_stores"] or r["spill_loads"]:
-            bad.append(f"{where}: spills {r['spill_stores']} B stores / {r['spill_loads']} B loads")
-        if r["shared_bytes"] is not None and r["shared_bytes"] > r["shared_limit"]:
-            bad.append(f"{where}: {r['shared_bytes']} B shared memory > {r['shared_limit']}")
-        if r["target"] == "sm_90a" and r["dtype"] in HALF and r["tc_expected"] and not r["tensor_cores"]:
-            bad.append(f"{where}: no wgmma")
+        if shipped_only:
+            unit, cfg, target, label, bucket = _case(r)
+            if bucket not in SHIPPED.get(unit, {}).get(cfg, {}).get(target, {}).get(label, ()):
+                continue
+        bad.extend(_row_violations(r))
     return bad
 
 
 def table(rows: List[dict]) -> str:
     """One line per compiled kernel, grouped by target and unit."""
     head = f"{'target':7} {'kernel':44} {'configuration':58} {'dtype':8} {'d':>3} {'var':8} {'regs':>4} " \
-           f"{'spill':>5} {'smem':>7} {'tc':>3} {'s':>5}"
+           f"{'spill':>5} {'smem':>7} {'tc':>3} {'s':>5} ship"
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["skipped"]:
@@ -375,7 +428,8 @@ def table(rows: List[dict]) -> str:
         tc = "-" if r["tensor_cores"] is None else ("yes" if r["tensor_cores"] else "no")
         lines.append(f"{r['target']:7} {kern[:44]:44} {r['configuration'][:58]:58} {r['dtype']:8} {r['head_dim']:>3} "
                      f"{r['variant']:8} {str(r['registers']):>4} {str(r['spill_stores']):>5} "
-                     f"{str(r['shared_bytes']):>7} {tc:>3} {r['compile_s']:>5}" + (f"  ERROR {r['error']}"
+                     f"{str(r['shared_bytes']):>7} {tc:>3} {r['compile_s']:>5} "
+                     f"{'yes' if r.get('shipped') else 'no':>4}" + (f"  ERROR {r['error']}"
                                                                                      if r["error"] else ""))
     return "\n".join(lines)
 
@@ -384,7 +438,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.compile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", nargs="+", default=list(TARGETS), choices=list(TARGETS))
-    p.add_argument("--units", nargs="+", default=None, help="policy units (default: all of kernels/_launch.SHIPPED)")
+    p.add_argument("--units", nargs="+", default=None, help="policy units (default: all of kernels/_launch.CANDIDATES)")
     p.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--head-dim", nargs="+", type=int, default=list(HEAD_DIMS))
     p.add_argument("--variants", nargs="+", default=None, help="e.g. keep, mask, M100 (default: all of each unit)")
@@ -392,14 +446,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--jobs", type=int, default=0, help="worker processes (default: every core)")
     p.add_argument("--out", default=None, help="directory for compile-<target>.jsonl (rewritten) and the table")
     p.add_argument("--quiet", action="store_true", help="no table, no progress")
+    p.add_argument("--write-policy", default=None, metavar="PATH",
+                   help="write the shipped table (kernels/_shipped.py) from this run's clean cases")
+    p.add_argument("--shipped-only", action="store_true",
+                   help="budget violations of the cases kernels/_shipped.py ships only (exit status)")
     args = p.parse_args(argv)
     matrix = jobs(args.units, args.dtype, args.head_dim, args.variants, args.first_only)
-    rows = run(args.target, matrix, args.jobs, progress=not args.quiet)
+    rows = mark_shipped(run(args.target, matrix, args.jobs, progress=not args.quiet))
+    if args.write_policy:
+        write_policy(rows, args.write_policy)
     text = table(rows)
-    bad = violations(rows)
+    bad = violations(rows, shipped_only=args.shipped_only)
     if not args.quiet:
         print(text)
-        print(f"\n{len(rows)} rows, {len(bad)} budget violations")
+        print(f"\n{len(rows)} rows, {sum(r['shipped'] for r in rows)} of shipped cases, {len(bad)} budget violations"
+              + (" in shipped cases" if args.shipped_only else ""))
         for b in bad:
             print("  " + b)
     if args.out:

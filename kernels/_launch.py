@@ -15,12 +15,16 @@ Every kernel file and the compile gate (``python -m bench.compile``) read this m
   float32 accuracy), ``"high"`` and ``"medium"`` give one-pass TF32. ``exact=True`` (WinfT's
   gate logits, a hard threshold) is ``tf32x3`` whatever the setting. IEEE float32 dots are never
   used: they run on FMA units and spill at useful tile sizes.
-* **Shipped configurations** (:data:`SHIPPED`): per tuning unit, the candidate launch
-  configurations with the dtypes and head widths they ship for; :func:`configs` filters them.
-  Launchers pick among them (the window kernels with their own tuner, the PaCa kernels through
-  ``triton.autotune``, WinfT takes the single one), the compile gate compiles every one of them
-  and :data:`PRUNED` lists, with the gate's reason, the candidates that were dropped.
-  :data:`INTERPRET` holds the one small pinned configuration each unit runs in the interpreter.
+* **Configurations** (:data:`CANDIDATES`): per tuning unit, the candidate launch
+  configurations. Which of them ship, per target (sm_90a, sm_80), precision label and
+  head-width bucket, is the table ``kernels/_shipped.py`` that the compile gate writes from its
+  own results (``python -m bench.compile --write-policy``): only candidates with 0 spill bytes,
+  shared memory within the limit and wgmma (sm_90a, half precision) ship; the gate's reports in
+  ``bench/results/`` show every candidate, pruned ones included. :func:`configs` gives what a
+  launch may use now, :func:`supports` why a case is declined. Launchers pick among them (the
+  window kernels with their own tuner, the PaCa kernels through ``triton.autotune``, WinfT the
+  first). :data:`INTERPRET` holds the one small pinned configuration each unit runs in the
+  interpreter.
 * **The compile gate's hooks**: :func:`recording` collects the launches a launcher would make
   (on ``meta`` tensors, with nothing run) and :func:`forcing` pins a unit's configuration, so
   the gate compiles exactly what the launchers launch, with their own argument lists.
@@ -42,8 +46,9 @@ from triton.runtime.jit import JITFunction
 from vitpatch import _env
 
 __all__ = ["interpreting", "interpreter", "kernel", "helper", "Kernel", "dot_precision", "precision_label",
-           "LaunchConfig", "SHIPPED", "PRUNED", "INTERPRET", "configs", "candidates", "supports", "forcing", "forced",
-           "recording", "Launch", "num_sms", "HALF", "FP32", "TF32", "ALL_DTYPES"]
+           "LaunchConfig", "CANDIDATES", "INTERPRET", "configs", "candidates", "shipped", "supports", "forcing",
+           "forced", "recording", "Launch", "num_sms", "current_target", "width_bucket", "TARGETS", "WIDTH_BUCKETS",
+           "HALF", "FP32", "TF32", "ALL_DTYPES"]
 
 # ================================================================================ interpreter
 _FORCE_INTERPRET: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("vitpatch_interpret",
@@ -200,79 +205,41 @@ def _c(num_warps: int, num_stages: int, dtypes=ALL_DTYPES, head_dims=(1, 1 << 30
     return LaunchConfig(tuple(params.items()), num_warps, num_stages, tuple(dtypes), tuple(head_dims))
 
 
-# What ships was sized with the compile gate (python -m bench.compile; reports in bench/results/):
-# 0 spill bytes on sm_90a and sm_80, wgmma on sm_90a for half precision. float32 operands spill
-# at head widths above 64 in every tile tried (three-pass TF32 keeps hi/lo copies of both
-# operands), the window backward spills with three-pass TF32 even at 64, and the PaCa attention
-# (all clusters in one tile) spills in float32 at every width, so those cases ship no
-# configuration: the kernels decline them (:func:`supports`) and the PyTorch path runs.
-D64 = (1, 64)
-# Window attention (kernels/window_attention.py). BLOCK_M / BLOCK_N are the query and key tiles
-# of the patch slots; ORDER 1 = tiled key layout in UNIT-slot squares (8 x 8 for 64); QUERY_ORDER
-# "auto" picks spatial or window-sorted query tiles per image. "fwd" covers the schedule and
-# forward kernels, "bwd" the backward ones (the schedule depends on the block sizes, so these
-# units are tuned by the window kernel itself, schedule build included).
+# The candidates of every unit. What ships is what the compile gate found clean
+# (python -m bench.compile --write-policy): kernels/_shipped.py lists, per candidate, target,
+# precision label and head-width bucket (32, 64, 96, 128: a width is rounded up to one), the cases
+# in which every kernel of the unit compiled with 0 spill bytes, shared memory within the
+# target's limit and (sm_90a, half precision) wgmma in its dot kernels, in every variant the gate
+# tries (key_keep or not, both WinfT modes, 49 and 100 clusters). A case that no candidate covers
+# is declined (:func:`supports`) and the PyTorch path runs. ``dtypes`` / ``head_dims`` of a
+# candidate only say what the gate tries it for.
 _W = dict(ORDER=1, UNIT=64, QUERY_ORDER="auto")
-SHIPPED: Dict[str, List[LaunchConfig]] = {
-    "window_fwd": [
-        _c(4, 2, HALF, BLOCK_M=64, BLOCK_N=64, **_W),
-        _c(8, 2, HALF, BLOCK_M=64, BLOCK_N=64, **_W),
-        _c(8, 2, HALF + TF32, BLOCK_M=64, BLOCK_N=32, **_W),
-    ],
-    "window_bwd": [
-        _c(8, 2, HALF, BLOCK_M=64, BLOCK_N=64, **_W),
-        _c(8, 2, HALF, BLOCK_M=64, BLOCK_N=32, **_W),
-        _c(8, 2, TF32, D64, BLOCK_M=64, BLOCK_N=32, **_W),
-    ],
-    # WinfT (kernels/winft_attention.py): one configuration per (dtype, head width), untuned.
-    "winft_gate": [  # pass 1, pass 2a and the BCE gradient: GEMM tiles over the full width C
-        _c(8, 2, HALF, BLOCK_M=64, BLOCK_N=64),
-        _c(8, 2, FP32, D64, BLOCK_M=64, BLOCK_N=32),
-    ],
-    "winft_fwd": [
-        _c(4, 2, HALF, D64, BLOCK_M=64, BLOCK_N=64),
-        _c(8, 2, HALF, (65, 128), BLOCK_M=64, BLOCK_N=32),
-        _c(8, 2, FP32, D64, BLOCK_M=64, BLOCK_N=32),
-    ],
-    "winft_dkdv": [
-        _c(8, 2, HALF, BLOCK_M=64, BLOCK_N=64),
-        _c(8, 1, FP32, D64, BLOCK_M=64, BLOCK_N=32),
-    ],
-    "winft_dq": [
-        _c(8, 2, HALF, BLOCK_M=64, BLOCK_N=32),
-        _c(8, 2, FP32, D64, BLOCK_M=64, BLOCK_N=32),
-    ],
-    # PaCa (kernels/cluster_attention.py): triton.autotune candidates over BLOCK_N. "Head width"
+CANDIDATES: Dict[str, List[LaunchConfig]] = {
+    # Window attention (kernels/window_attention.py). BLOCK_M / BLOCK_N are the query and key tiles
+    # of the patch slots; ORDER 1 = tiled key layout in UNIT-slot squares (8 x 8 for 64);
+    # QUERY_ORDER "auto" picks spatial or window-sorted query tiles per image. "fwd" covers the
+    # schedule and forward kernels, "bwd" the backward ones (the schedule depends on the block
+    # sizes, so these units are tuned by the window kernel itself, schedule build included).
+    "window_fwd": [_c(4, 2, BLOCK_M=64, BLOCK_N=64, **_W), _c(8, 2, BLOCK_M=64, BLOCK_N=64, **_W),
+                   _c(8, 2, BLOCK_M=64, BLOCK_N=32, **_W), _c(4, 2, BLOCK_M=64, BLOCK_N=32, **_W)],
+    "window_bwd": [_c(8, 2, BLOCK_M=64, BLOCK_N=64, **_W), _c(8, 2, BLOCK_M=64, BLOCK_N=32, **_W),
+                   _c(4, 2, BLOCK_M=32, BLOCK_N=32, **_W)],
+    # WinfT (kernels/winft_attention.py): the first clean candidate runs, untuned.
+    "winft_gate": [_c(8, 2, BLOCK_M=64, BLOCK_N=64), _c(8, 2, BLOCK_M=64, BLOCK_N=32)],  # pass 1, 2a, BCE grad
+    "winft_fwd": [_c(4, 2, BLOCK_M=64, BLOCK_N=64), _c(8, 2, BLOCK_M=64, BLOCK_N=32)],
+    "winft_dkdv": [_c(8, 2, BLOCK_M=64, BLOCK_N=64), _c(8, 1, BLOCK_M=64, BLOCK_N=32),
+                   _c(8, 2, BLOCK_M=64, BLOCK_N=32)],
+    "winft_dq": [_c(8, 2, BLOCK_M=64, BLOCK_N=32), _c(4, 2, BLOCK_M=32, BLOCK_N=32)],
+    # PaCa (kernels/cluster_attention.py): triton.autotune over the clean candidates. "Head width"
     # is the channel count for the pooling units.
-    "paca_pool_fwd": [_c(4, 2, ALL_DTYPES, BLOCK_N=32), _c(8, 2, ALL_DTYPES, BLOCK_N=64),
-                      _c(4, 2, HALF, BLOCK_N=64), _c(8, 2, HALF, BLOCK_N=128)],
-    "paca_pool_dlogits": [_c(4, 2, ALL_DTYPES, BLOCK_N=32), _c(8, 2, ALL_DTYPES, BLOCK_N=64)],
-    "paca_pool_dx": [_c(4, 2, ALL_DTYPES, BLOCK_N=32), _c(8, 2, ALL_DTYPES, BLOCK_N=64),
-                     _c(4, 2, HALF, BLOCK_N=64)],
-    "paca_attn_fwd": [_c(4, 1, HALF, BLOCK_N=32), _c(4, 1, HALF, BLOCK_N=64), _c(8, 1, HALF, BLOCK_N=64)],
-    "paca_attn_bwd": [_c(8, 1, HALF, BLOCK_N=32)],
+    "paca_pool_fwd": [_c(4, 2, BLOCK_N=32), _c(8, 2, BLOCK_N=64), _c(4, 2, BLOCK_N=64), _c(8, 2, BLOCK_N=128)],
+    "paca_pool_dlogits": [_c(4, 2, BLOCK_N=32), _c(8, 2, BLOCK_N=64), _c(4, 2, BLOCK_N=16)],
+    "paca_pool_dx": [_c(4, 2, BLOCK_N=32), _c(8, 2, BLOCK_N=64), _c(4, 2, BLOCK_N=64)],
+    "paca_attn_fwd": [_c(4, 1, BLOCK_N=32), _c(4, 1, BLOCK_N=64), _c(8, 1, BLOCK_N=64)],
+    "paca_attn_bwd": [_c(8, 1, BLOCK_N=32), _c(8, 1, BLOCK_N=16)],
 }
-
-# Candidates dropped from SHIPPED, with what the compile gate reported on sm_90a at head width
-# 128 (100 clusters for PaCa): spill bytes per kernel.
-PRUNED: Dict[str, List[Tuple[LaunchConfig, str]]] = {
-    "window_fwd": [(_c(8, 1, FP32, BLOCK_M=64, BLOCK_N=16, **_W), "float32 (tf32x3) _fwd_kernel spills 868 B"),
-                   (_c(4, 2, FP32, BLOCK_M=64, BLOCK_N=64, **_W), "float32 _fwd_kernel spills 1,700 B, tf32 80 B")],
-    "window_bwd": [(_c(4, 2, HALF, BLOCK_M=64, BLOCK_N=64, **_W), "bfloat16 _bwd_dkdv_kernel spills 128 B"),
-                   (_c(8, 1, FP32, BLOCK_M=64, BLOCK_N=16, **_W),
-                    "float32 _bwd_dkdv_kernel spills 1,088 B at d = 64 (tf32x3), tf32 200 B at d = 128")],
-    "winft_gate": [(_c(4, 2, HALF, BLOCK_M=64, BLOCK_N=64), "bfloat16 _bce_grad_kernel spills 8 B at d = 64, 128 B at 128"),
-                   (_c(4, 2, FP32, BLOCK_M=32, BLOCK_N=32), "float32 _threshold_kernel spills 96 B, no wgmma at 32 rows")],
-    "winft_fwd": [(_c(4, 2, FP32, BLOCK_M=32, BLOCK_N=32), "float32: 32-row tiles lose wgmma and hit 255 registers")],
-    "winft_dkdv": [(_c(4, 2, HALF, BLOCK_M=32, BLOCK_N=64), "bfloat16 _attn_dkdv_kernel spills 56 B")],
-    "winft_dq": [(_c(4, 2, HALF, BLOCK_M=64, BLOCK_N=64), "bfloat16 _attn_dq_kernel spills 12 B")],
-    "paca_pool_fwd": [(_c(4, 2, FP32, BLOCK_N=64), "float32 _pool_fwd_kernel spills 24 B")],
-    "paca_pool_dlogits": [(_c(4, 2, HALF, BLOCK_N=64), "bfloat16 _pool_bwd_dlogits_kernel spills 72 B")],
-    "paca_attn_fwd": [(_c(4, 1, FP32, D64, BLOCK_N=32), "float32 _attn_fwd_kernel spills 236 B at d = 64, M = 100")],
-    "paca_attn_bwd": [(_c(4, 1, FP32, D64, BLOCK_N=16), "float32 _attn_bwd_kernel spills 1,780 B at d = 64, M = 100"),
-                      (_c(4, 1, HALF, BLOCK_N=16), "bfloat16 _attn_bwd_kernel spills 1,360 B"),
-                      (_c(8, 1, HALF, BLOCK_N=64), "bfloat16 _attn_bwd_kernel spills 464 B")],
-}
+TARGETS = ("sm_90a", "sm_80")
+WIDTH_BUCKETS = (32, 64, 96, 128)
 
 # The one configuration each unit runs under the interpreter: small tiles.
 INTERPRET: Dict[str, LaunchConfig] = {
@@ -294,43 +261,70 @@ EXACT_UNITS = ("winft_gate",)
 
 
 def candidates(unit: str) -> List[LaunchConfig]:
-    """Every shipped configuration of ``unit``, whatever dtype or head width."""
-    if unit not in SHIPPED:
-        raise ValueError(f"unit must be one of {sorted(SHIPPED)}, got {unit!r}")
-    return list(SHIPPED[unit])
+    """Every candidate configuration of ``unit``, whatever dtype, head width or target."""
+    if unit not in CANDIDATES:
+        raise ValueError(f"unit must be one of {sorted(CANDIDATES)}, got {unit!r}")
+    return list(CANDIDATES[unit])
+
+
+def width_bucket(head_dim: int) -> Optional[int]:
+    """The head-width bucket the gate checked for ``head_dim`` (rounded up), or None above 128."""
+    return next((w for w in WIDTH_BUCKETS if head_dim <= w), None)
+
+
+def current_target() -> str:
+    """The compile target whose table applies now: the gate's while recording, else the current GPU's
+    (compute capability 9.x: ``sm_90a``; 8.x: ``sm_80``, the Ampere build)."""
+    recorded = _TARGET.get()
+    if recorded is not None:
+        return recorded
+    major, _ = torch.cuda.get_device_capability()
+    return "sm_90a" if major >= 9 else "sm_80"
+
+
+def shipped(unit: str, dtype: torch.dtype, head_dim: int, target: Optional[str] = None) -> List[LaunchConfig]:
+    """The candidates of ``unit`` the gate found clean for this case on ``target`` (default: now)."""
+    from ._shipped import SHIPPED
+    target = target or current_target()
+    label = precision_label(dtype, unit in EXACT_UNITS)
+    bucket = width_bucket(head_dim)
+    table = SHIPPED.get(unit, {})
+    return [c for c in candidates(unit) if bucket in table.get(c.label, {}).get(target, {}).get(label, ())]
 
 
 def configs(unit: str, dtype: torch.dtype, head_dim: int) -> List[LaunchConfig]:
     """The configurations ``unit`` may launch now for ``dtype`` and ``head_dim``.
 
     In the interpreter: the pinned one. Under :func:`forcing`: the forced one. Otherwise the
-    shipped ones for the precision label and head width (see :func:`supports` first).
+    shipped ones for the current target, precision label and head width (see :func:`supports`).
     """
     pinned = forced(unit)
     if pinned is not None:
         return [pinned]
     if interpreting():
         return [INTERPRET[unit]]
-    label = precision_label(dtype, unit in EXACT_UNITS)
-    found = [c for c in candidates(unit) if c.ships(label, head_dim)]
+    found = shipped(unit, dtype, head_dim)
+    if not found and is_recording():  # the gate compiles one unit at a time; its neighbours just have to run
+        found = candidates(unit)[:1]
     if not found:
-        raise RuntimeError(f"no shipped {unit} configuration for {label} at head width {head_dim}")
+        raise RuntimeError(f"no shipped {unit} configuration for {precision_label(dtype, unit in EXACT_UNITS)} "
+                           f"at head width {head_dim} on {current_target()}")
     return found
 
 
 def supports(units, dtype: torch.dtype, head_dim: int) -> Optional[str]:
-    """Why the kernels of ``units`` cannot run ``dtype`` at ``head_dim`` on a GPU now, or ``None``.
+    """Why the kernels of ``units`` cannot run ``dtype`` at ``head_dim`` on this GPU now, or ``None``.
 
     Always ``None`` in the interpreter (its pinned configurations run every case).
     """
     if interpreting():
         return None
     for unit in units:
-        label = precision_label(dtype, unit in EXACT_UNITS)
-        if not any(c.ships(label, head_dim) for c in candidates(unit)):
+        if not shipped(unit, dtype, head_dim):
+            label = precision_label(dtype, unit in EXACT_UNITS)
             why = " at torch.get_float32_matmul_precision() 'highest'" if label == "float32" else ""
-            return (f"no spill-free {unit} configuration ships for {label} at head width {head_dim}{why} "
-                    "(see kernels/_launch.py)")
+            return (f"no spill-free {unit} configuration ships for {label} at head width {head_dim}{why} on "
+                    f"{current_target()} (kernels/_shipped.py, from the compile gate)")
     return None
 
 
@@ -371,18 +365,24 @@ def _record(rec: List[Launch], k: Kernel, grid, *args, **kwargs) -> None:
     rec.append(Launch(k, grid, args, kwargs))
 
 
+_TARGET: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("vitpatch_target", default=None)
+
+
 @contextlib.contextmanager
-def recording() -> Iterator[List[Launch]]:
+def recording(target: str = "sm_90a") -> Iterator[List[Launch]]:
     """Inside this block kernel launches are recorded, not run (launchers get ``meta`` tensors).
 
-    The launchers take their GPU branch (configurations, tiles), whatever ``TRITON_INTERPRET`` says.
+    The launchers take their GPU branch (configurations, tiles) for ``target``, whatever
+    ``TRITON_INTERPRET`` says.
     """
     launches: List[Launch] = []
     token = _RECORDER.set(launches)
     mode = _FORCE_INTERPRET.set(False)
+    tgt = _TARGET.set(target)
     try:
         yield launches
     finally:
+        _TARGET.reset(tgt)
         _FORCE_INTERPRET.reset(mode)
         _RECORDER.reset(token)
 

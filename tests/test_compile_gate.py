@@ -27,17 +27,20 @@ REPRESENTATIVE = """
 import json, sys
 from bench import compile as gate
 from vitpatch.kernels import _launch
+from vitpatch.kernels._shipped import SHIPPED
 VARIANT = {"window": "keep", "winft": "multiply", "paca": "M100"}
 jobs = []
-for unit, configs in _launch.SHIPPED.items():
-    for i, cfg in enumerate(configs):
-        dtype = next(d for d in ("bfloat16", "float16", "float32", "tf32") if d in cfg.dtypes)
-        width = max(w for w in (32, 64, 96, 128) if cfg.ships(dtype, w))
-        job = gate.Job(unit, i, dtype, width, VARIANT[unit.split("_")[0]])
-        jobs.append((job, gate._paca_fits(unit, cfg, width, job.variant)))
+for unit, configs in SHIPPED.items():
+    index = {c.label: i for i, c in enumerate(_launch.candidates(unit))}
+    for label, targets in configs.items():
+        cases = targets.get("sm_90a", {})
+        if not cases:
+            continue
+        dtype = next(d for d in ("bfloat16", "float16", "float32", "tf32") if d in cases)
+        job = gate.Job(unit, index[label], dtype, max(cases[dtype]), VARIANT[unit.split("_")[0]])
+        jobs.append((job, gate._paca_fits(unit, _launch.candidates(unit)[job.index], job.head_dim, job.variant)))
 rows = gate.run(["sm_90a"], jobs, jobs_n=2, progress=False)
-json.dump({"rows": rows, "violations": gate.violations(rows), "n_jobs": len(jobs),
-           "n_configs": sum(len(c) for c in _launch.SHIPPED.values())}, sys.stdout)
+json.dump({"rows": rows, "violations": gate.violations(rows), "n_jobs": len(jobs)}, sys.stdout)
 """
 
 BAD = """
@@ -46,8 +49,8 @@ from bench import compile as gate
 from vitpatch.kernels import _launch
 # NOT shipped: WinfT dq with 64 x 64 tiles and 4 warps spills at head width 128; the window
 # forward with 2 warps has no warpgroup, hence no wgmma
-_launch.SHIPPED["winft_dq"] = [_launch._c(4, 2, _launch.HALF, BLOCK_M=64, BLOCK_N=64)]
-_launch.SHIPPED["window_fwd"] = [_launch._c(2, 2, _launch.HALF, BLOCK_M=64, BLOCK_N=64, ORDER=1, UNIT=64,
+_launch.CANDIDATES["winft_dq"] = [_launch._c(4, 2, _launch.HALF, BLOCK_M=64, BLOCK_N=64)]
+_launch.CANDIDATES["window_fwd"] = [_launch._c(2, 2, _launch.HALF, BLOCK_M=64, BLOCK_N=64, ORDER=1, UNIT=64,
                                             QUERY_ORDER="auto")]
 rows = gate.run(["sm_90a"], [(gate.Job("winft_dq", 0, "bfloat16", 128, "multiply"), None),
                              (gate.Job("window_fwd", 0, "bfloat16", 64, "plain"), None)], jobs_n=1, progress=False)
@@ -73,12 +76,14 @@ def cuda_backend():
 
 
 def test_every_shipped_configuration_meets_the_budgets(cuda_backend):
+    """Each shipped candidate, at its most demanding shipped case on sm_90a, recompiled here."""
     out = _gate(REPRESENTATIVE)
     rows = out["rows"]
-    assert out["n_jobs"] == out["n_configs"]
     from vitpatch.kernels import _launch
+    from vitpatch.kernels._shipped import SHIPPED
+    assert out["n_jobs"] == sum(1 for configs in SHIPPED.values() for t in configs.values() if t.get("sm_90a"))
     compiled = [r for r in rows if not r["skipped"]]
-    assert {r["unit"] for r in compiled} == set(_launch.SHIPPED), "a unit compiled nothing"
+    assert {r["unit"] for r in compiled} == set(_launch.CANDIDATES), "a unit ships nothing"
     assert all(r["registers"] for r in compiled), "ptxas reported no register count"
     assert not out["violations"], "\n".join(out["violations"])
     dot_rows = [r for r in compiled if r["tc_expected"] and r["dtype"] in ("float16", "bfloat16")]
@@ -104,12 +109,37 @@ def test_gpu_check_dry_run(tmp_path):
     assert "imports: ok" in done.stdout and "== tests" in done.stdout and "bench-window_attention" in done.stdout
 
 
+def test_shipped_table_is_the_committed_gate_report():
+    """kernels/_shipped.py is exactly what the committed compile reports make of themselves, and
+    half precision ships at every head width on both targets for every unit, but for the PaCa
+    attention backward on sm_80 (all clusters and the dk/dv accumulators in registers: d <= 32)."""
+    import torch
+
+    from bench import compile as gate
+    from vitpatch.kernels import _launch
+    from vitpatch.kernels._shipped import SHIPPED
+    rows = []
+    for target in _launch.TARGETS:
+        with open(ROOT / "bench" / "results" / f"compile-{target}.jsonl") as f:
+            rows += [json.loads(line) for line in f]
+    assert gate.policy_table([dict(r) for r in rows]) == SHIPPED
+    marked = gate.mark_shipped([dict(r) for r in rows])
+    assert [r["shipped"] for r in marked] == [r["shipped"] for r in rows]  # the reports' own "shipped" column
+    for unit in _launch.CANDIDATES:
+        for target in _launch.TARGETS:
+            for d in _launch.WIDTH_BUCKETS:
+                expected = not (unit == "paca_attn_bwd" and target == "sm_80" and d > 32)
+                for dtype in (torch.bfloat16, torch.float16):
+                    assert bool(_launch.shipped(unit, dtype, d, target)) == expected, (unit, target, d, dtype)
+
+
 def test_float32_policy(monkeypatch):
     """float32 follows torch's matmul precision; what ships no spill-free configuration is declined on a GPU."""
     import torch
 
     from vitpatch.kernels import _launch
     monkeypatch.setattr(_launch, "interpreting", lambda: False)
+    monkeypatch.setattr(_launch, "current_target", lambda: "sm_90a")
     window = ("window_fwd", "window_bwd")
     winft = ("winft_gate", "winft_fwd", "winft_dq", "winft_dkdv")
     before = torch.get_float32_matmul_precision()
