@@ -348,11 +348,15 @@ def _case(r: dict) -> tuple:
 
 
 def mark_shipped(rows: List[dict]) -> List[dict]:
-    """Set each row's ``shipped``: its case compiled within every budget in every row (variants, kernels)."""
+    """Set each row's ``shipped``: its case compiled within every budget in every row (variants, kernels)
+    and its configuration is still a candidate of the unit."""
+    from vitpatch.kernels import _launch
+    labels = {u: {c.label for c in cs} for u, cs in _launch.CANDIDATES.items()}
     clean: Dict[tuple, bool] = {}
     for r in rows:
         if not r["skipped"]:
-            clean[_case(r)] = clean.get(_case(r), True) and not _row_violations(r)
+            current = r["configuration"] in labels.get(r["unit"], ())
+            clean[_case(r)] = clean.get(_case(r), current) and not _row_violations(r)
     for r in rows:
         r["shipped"] = bool(not r["skipped"] and clean.get(_case(r)))
     return rows

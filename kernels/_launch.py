@@ -220,8 +220,10 @@ CANDIDATES: Dict[str, List[LaunchConfig]] = {
     # QUERY_ORDER "auto" picks spatial or window-sorted query tiles per image. "fwd" covers the
     # schedule and forward kernels, "bwd" the backward ones (the schedule depends on the block
     # sizes, so these units are tuned by the window kernel itself, schedule build included).
+    # (64 x 32 tiles with 4 warps were dropped: with triton 3.6 the prefix-query forward spills 4 B
+    # at d = 128 on sm_90a; the reports keep their rows, marked not shipped)
     "window_fwd": [_c(4, 2, BLOCK_M=64, BLOCK_N=64, **_W), _c(8, 2, BLOCK_M=64, BLOCK_N=64, **_W),
-                   _c(8, 2, BLOCK_M=64, BLOCK_N=32, **_W), _c(4, 2, BLOCK_M=64, BLOCK_N=32, **_W)],
+                   _c(8, 2, BLOCK_M=64, BLOCK_N=32, **_W)],
     "window_bwd": [_c(8, 2, BLOCK_M=64, BLOCK_N=64, **_W), _c(8, 2, BLOCK_M=64, BLOCK_N=32, **_W),
                    _c(4, 2, BLOCK_M=32, BLOCK_N=32, **_W)],
     # WinfT (kernels/winft_attention.py): the first clean candidate runs, untuned.
