@@ -217,7 +217,7 @@ _W = dict(ORDER=1, UNIT=64, QUERY_ORDER="auto")
 CANDIDATES: Dict[str, List[LaunchConfig]] = {
     # Window attention (kernels/window_attention.py). BLOCK_M / BLOCK_N are the query and key tiles
     # of the patch slots; ORDER 1 = tiled key layout in UNIT-slot squares (8 x 8 for 64);
-    # QUERY_ORDER "auto" picks spatial or window-sorted query tiles per image. "fwd" covers the
+    # QUERY_ORDER "auto" picks spatial, window-sorted or grouped query tiles per image. "fwd" covers the
     # schedule and forward kernels, "bwd" the backward ones (the schedule depends on the block
     # sizes, so these units are tuned by the window kernel itself, schedule build included).
     # (64 x 32 tiles with 4 warps were dropped: with triton 3.6 the prefix-query forward spills 4 B

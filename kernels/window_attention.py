@@ -123,7 +123,7 @@ def _fwd_kernel(Q, K, V, O, LSE, WIN, KEEP, PERM, CHOICE, LIST, CNT, REC,
         vsel = 0
         if QMODE == 2:
             vsel = tl.load(CHOICE + bsch)
-        pq, qv = _query_patch(pid * BM + tl.arange(0, BM), PERM + b * perm_sb, GH * GW, GH, GW, NBX, vsel != 0,
+        pq, qv = _query_patch(pid * BM + tl.arange(0, BM), PERM + b * perm_sb, TQ * BM, GH, GW, NBX, vsel != 0,
                               ORDER, TW, TH, QMODE)
         tok_q = P + pq
         wx0, wy0, wx1, wy1 = _load_window(WIN, b * win_sb, pq, qv)
@@ -239,7 +239,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, WIN, KEEP, PERM, CHOICE, LIST, C
         vsel = 0
         if QMODE == 2:
             vsel = tl.load(CHOICE + bsch)
-        pq, qv = _query_patch(pid * BM + tl.arange(0, BM), PERM + b * perm_sb, GH * GW, GH, GW, NBX, vsel != 0,
+        pq, qv = _query_patch(pid * BM + tl.arange(0, BM), PERM + b * perm_sb, TQ * BM, GH, GW, NBX, vsel != 0,
                               ORDER, TW, TH, QMODE)
         tok_q = P + pq
         wx0, wy0, wx1, wy1 = _load_window(WIN, b * win_sb, pq, qv)
@@ -353,7 +353,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, WIN, KEEP, PERM, CHOICE, L
     if PREFIX_K:
         # every patch query attends the prefix keys
         for qt in range(0, TQ):
-            pq, qv = _query_patch(qt * BM + tl.arange(0, BM), perm_b, GH * GW, GH, GW, NBX, vsel != 0, ORDER, TW, TH,
+            pq, qv = _query_patch(qt * BM + tl.arange(0, BM), perm_b, TQ * BM, GH, GW, NBX, vsel != 0, ORDER, TW, TH,
                                   QMODE)
             q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
             dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, kok[None, :], qk_scale, True, DOT_PREC)
@@ -364,7 +364,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, WIN, KEEP, PERM, CHOICE, L
         rec = REC + ((b * H + h) * TK + pid) * TQ
         for i in range(0, n_m):
             qt = tl.load(LIST_T + row * TQ + i)
-            pq, qv = _query_patch(qt * BM + tl.arange(0, BM), perm_b, GH * GW, GH, GW, NBX, vsel != 0, ORDER, TW, TH,
+            pq, qv = _query_patch(qt * BM + tl.arange(0, BM), perm_b, TQ * BM, GH, GW, NBX, vsel != 0, ORDER, TW, TH,
                                   QMODE)
             q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
             wx0, wy0, wx1, wy1 = _load_window(WIN, b * win_sb, pq, qv)
@@ -374,7 +374,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, WIN, KEEP, PERM, CHOICE, L
                 tl.store(rec + qt, 1)
         for i in range(TQ - n_f, TQ):
             qt = tl.load(LIST_T + row * TQ + i)
-            pq, qv = _query_patch(qt * BM + tl.arange(0, BM), perm_b, GH * GW, GH, GW, NBX, vsel != 0, ORDER, TW, TH,
+            pq, qv = _query_patch(qt * BM + tl.arange(0, BM), perm_b, TQ * BM, GH, GW, NBX, vsel != 0, ORDER, TW, TH,
                                   QMODE)
             q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
             dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, kok[None, :], qk_scale, False, DOT_PREC)

@@ -11,12 +11,29 @@ which tiles, on the device, before the attention kernels run:
   far more often than a strip of rows. Slots past the grid's edge are padding. The layout is
   index arithmetic in the kernels (``_slot_patch``): nothing is copied, results land in token
   order.
-* **Query tiles** are ``spatial`` (the same squares) or ``sorted``: the patch queries ordered
-  by a 4-D Morton code of their windows ``(x_left, y_top, x_right, y_bottom)``, so a tile holds
-  queries with similar windows and the union of its windows stays small. AWD windows (a patch
-  plus far-away partners) defeat spatial query tiles, large square windows favour them
-  (``bench/window_tile_order.py``), so by default (``auto``) both schedules are built and each
-  image uses the one with fewer visited tiles, decided on the device (no host sync).
+* **Query tiles** (``Config.query_order``) are ``spatial`` (the same squares), ``sorted``,
+  ``grouped`` or ``auto``:
+
+  - ``sorted``: the patch queries ordered by a 4-D Morton code of their windows ``(x_left,
+    y_top, x_right, y_bottom)`` and cut into chunks of ``BM``, so a tile holds queries with
+    similar windows and the union of its windows stays small.
+  - ``grouped``: a cover greedy on the host (:func:`grouped_perm`). A query's *signature* is its
+    window quantised to the key-tile grid, exactly the rectangle of key tiles it touches; each
+    new tile takes up to ``BM`` queries whose signatures lie inside one signature rectangle
+    ``R``, the ``R`` with the most such queries (at most ``BM``) per key tile. Tiles may be partly filled
+    (padding slots, ``-1`` in ``perm``), so there can be more than ``cdiv(n, BM)`` of them (1.0
+    to 1.5x on AWD windows, up to 2.8x on radius-1 squares); ``TQ`` is the largest count over
+    the images. Only for ``TILED`` keys with ``BN <= unit`` (a key tile is one rectangle). It
+    costs one device-to-host copy of the windows per schedule build (one sync on CUDA; the
+    schedule is cached, see below).
+  - ``auto`` (default): every order that applies is scheduled and each image runs the one with
+    the fewest visited tiles (ties: spatial, then sorted), decided on the device. No single
+    order wins: AWD windows (a patch plus far-away partners) defeat spatial tiles and favour
+    ``grouped`` from ``n = 576`` on, large square windows favour spatial, small squares and
+    small grids often ``sorted`` (``bench/window_tile_order.py``).
+
+  Every ``perm`` has ``TQ * BM`` slots; the kernels bound their ``perm`` reads by that length,
+  so a valid query may sit in a slot ``>= n``, and a tile with no valid query visits nothing.
 * **Prefix tokens** stay out of the tiles: every patch-query tile visits the ``P`` prefix keys
   in one narrow block (16 to 64 wide), and the prefix queries have their own narrow block that
   visits every key tile.
@@ -47,6 +64,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -54,11 +72,11 @@ import triton.language as tl
 from ._launch import LaunchConfig, helper, interpreting, kernel
 
 __all__ = ["Config", "ROW_MAJOR", "TILED", "ORDERS", "QUERY_ORDERS", "slot_tokens", "tile_codes", "tile_schedule",
-           "visited_fraction", "query_tokens", "build_schedule", "cached_schedule", "Schedule"]
+           "visited_fraction", "query_tokens", "grouped_perm", "build_schedule", "cached_schedule", "Schedule"]
 
 ROW_MAJOR, TILED = 0, 1
 ORDERS = {"row_major": ROW_MAJOR, "tiled": TILED}
-QUERY_ORDERS = ("spatial", "sorted", "auto")
+QUERY_ORDERS = ("spatial", "sorted", "grouped", "auto")
 
 
 # ================================================================================ configuration
@@ -75,7 +93,8 @@ class Config:
     ``block_m`` query slots and ``block_n`` key slots per tile (powers of two, >= 16);
     ``order`` the key layout, ``ROW_MAJOR`` or ``TILED``; ``unit`` the slots of one ``TILED``
     square (``TH x TW``, ``TW = 2^ceil(log2(unit) / 2)``: 8 x 8 for 64); ``query_order``
-    ``"spatial"``, ``"sorted"`` or ``"auto"``; ``num_warps``, ``num_stages`` (GPU only).
+    ``"spatial"``, ``"sorted"``, ``"grouped"`` (``TILED`` with ``block_n <= unit`` only) or
+    ``"auto"`` (see the module docstring); ``num_warps``, ``num_stages`` (GPU only).
     """
 
     block_m: int
@@ -106,7 +125,24 @@ class Config:
                 b = getattr(self, name)
                 if b < self.unit and b % tw:
                     raise ValueError(f"{name} = {b} must be a multiple of the square width {tw} (unit {self.unit})")
+        if self.query_order == "grouped" and not self.groups_queries:
+            raise ValueError("query_order 'grouped' needs the TILED key layout with block_n <= unit (a key tile is "
+                             f"then one rectangle of the grid), got order {self.order}, block_n {self.block_n}, "
+                             f"unit {self.unit}")
 
+    @property
+    def groups_queries(self) -> bool:
+        """Whether the ``grouped`` query order applies: ``TILED`` keys with ``block_n <= unit``, so that
+        every key tile is one rectangle of the grid (``block_n / TW`` rows of a square)."""
+        return self.order == TILED and self.block_n <= self.unit
+
+    @property
+    def perm_orders(self) -> Tuple[str, ...]:
+        """The query orders given by a ``perm`` that this config schedules, besides ``spatial``:
+        ``auto`` builds ``sorted`` and ``grouped`` (``sorted`` only where ``grouped`` does not apply)."""
+        if self.query_order == "auto":
+            return ("sorted", "grouped") if self.groups_queries else ("sorted",)
+        return () if self.query_order == "spatial" else (self.query_order,)
 
     @classmethod
     def of(cls, launch: LaunchConfig) -> "Config":
@@ -162,6 +198,108 @@ def _prefix_block(P: int) -> int:
 
 
 
+# ================================================================================ grouped query order (host)
+def _contains(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """``[i, j]``: rectangle ``inner[j]`` lies inside ``outer[i]`` (rows ``(x0, y0, x1, y1)``, inclusive)."""
+    return ((outer[:, None, 0] <= inner[None, :, 0]) & (outer[:, None, 1] <= inner[None, :, 1]) &
+            (outer[:, None, 2] >= inner[None, :, 2]) & (outer[:, None, 3] >= inner[None, :, 3]))
+
+
+def _grouped_tiles(win: np.ndarray, bm: int, kw: int, kh: int) -> np.ndarray:
+    """One image's ``grouped`` query tiles: int64 ``(m * bm,)`` patch indices, ``-1`` in padding slots.
+
+    Cover greedy with padding over *signatures*, the windows quantised to the key-tile grid
+    (``kw`` columns x ``kh`` rows per key tile): ``(x0 // kw, y0 // kh, x1 // kw, y1 // kh)`` is
+    exactly the rectangle of key tiles a window touches. While queries are left, every distinct
+    signature ``R`` is a candidate with ``cov(R) = min(bm, unassigned queries whose signature lies
+    inside R)``; the one with the largest ``cov(R) / area(R)`` (the first such in lexicographic
+    order of signatures) gets a new tile of up to ``bm`` of those queries, larger signatures first,
+    then lower patch index. A tile takes at least one query, so ``m <= n``. ``cov`` is updated
+    incrementally from the queries a tile took: ``O(S^2)`` once for ``S`` distinct signatures,
+    then ``O(S * bm)`` per tile, no loop over queries. Empty windows (touching nothing) fill the
+    padding slots last.
+    """
+    n = win.shape[0]
+    x0, y0, x1, y1 = (win[:, c].astype(np.int64) for c in range(4))
+    empty = (x0 > x1) | (y0 > y1)
+    real = np.flatnonzero(~empty)
+    perm_tiles = []
+    if real.size:
+        sig = np.stack([x0 // kw, y0 // kh, x1 // kw, y1 // kh], 1)[real]
+        us, inv, cnt = np.unique(sig, axis=0, return_inverse=True, return_counts=True)
+        inv = inv.reshape(-1)
+        S = us.shape[0]
+        area = ((us[:, 2] - us[:, 0] + 1) * (us[:, 3] - us[:, 1] + 1)).astype(np.float64)
+        # raw[r]: unassigned queries whose signature lies inside candidate r (chunked: memory O(S * 4096))
+        raw = np.empty(S, np.int64)
+        step = max(1, (1 << 22) // S)
+        for a in range(0, S, step):
+            raw[a:a + step] = _contains(us[a:a + step], us).astype(np.int64) @ cnt
+        left = cnt.astype(np.int64)
+        by_size = np.argsort(-area, kind="stable")               # larger signatures first, then lexicographic
+        queue = real[np.argsort(inv, kind="stable")]             # queries by signature, then patch index
+        start = np.cumsum(cnt) - cnt
+        remaining = int(left.sum())
+        while remaining:
+            r = int(np.argmax(np.minimum(raw, bm) / area))
+            inside = _contains(us[r:r + 1], us)[0]
+            cand = by_size[inside[by_size] & (left[by_size] > 0)]
+            lc = left[cand]
+            take = np.clip(bm - (np.cumsum(lc) - lc), 0, lc)
+            cand, take = cand[take > 0], take[take > 0]
+            if not take.size:  # cannot happen: signature r lies inside itself and raw[r] > 0
+                raise RuntimeError("grouped query order: a tile took no query")
+            total = int(take.sum())
+            first = np.repeat(start[cand] + (cnt[cand] - left[cand]), take)
+            within = np.arange(total) - np.repeat(np.cumsum(take) - take, take)
+            tile = np.full(bm, -1, np.int64)
+            tile[:total] = queue[first + within]
+            perm_tiles.append(tile)
+            left[cand] -= take
+            raw -= _contains(us, us[cand]).astype(np.int64) @ take
+            remaining -= total
+    perm = np.concatenate(perm_tiles) if perm_tiles else np.empty(0, np.int64)
+    spare = np.flatnonzero(empty)
+    if spare.size:
+        holes = np.flatnonzero(perm < 0)[:spare.size]
+        perm[holes] = spare[:holes.size]
+        rest = spare[holes.size:]
+        if rest.size:
+            perm = np.concatenate([perm, rest, np.full((-rest.size) % bm, -1, np.int64)])
+    assert perm.size % bm == 0 and np.count_nonzero(perm >= 0) == n
+    return perm
+
+
+def grouped_perm(windows: torch.Tensor, grid: Tuple[int, int], cfg: Config) -> torch.Tensor:
+    """The ``grouped`` query order of each image: int64 ``(Bw, tq * block_m)`` on the windows' device,
+    patch indices (``0 .. n-1``, each once per row) or ``-1`` for padding slots; ``tq`` is the
+    largest tile count over the images (shorter rows end in whole padding tiles).
+
+    Computed on the host (:func:`_grouped_tiles`): CUDA windows cost one device-to-host copy of
+    the ``(Bw, n, 4)`` windows, i.e. one synchronisation per schedule build (``cached_schedule``
+    builds once per mask). ``meta`` windows (the compile gate) give ``tq = cdiv(n, block_m)``
+    padding-only rows. Needs :attr:`Config.groups_queries`.
+    """
+    if not cfg.groups_queries:
+        raise ValueError(f"query_order 'grouped' needs the TILED key layout with block_n <= unit, got {cfg}")
+    gh, gw = grid
+    n = gh * gw
+    bm = cfg.block_m
+    win = windows if windows.dim() == 3 else windows[None]
+    if win.device.type == "meta":
+        return torch.full((win.shape[0], triton.cdiv(n, bm) * bm), -1, dtype=torch.int64, device=win.device)
+    kw = _unit_shape(cfg.unit)[0]
+    kh = cfg.block_n // kw
+    host = win.detach().to("cpu", torch.int64).numpy()
+    rows = [_grouped_tiles(host[b], bm, kw, kh) for b in range(host.shape[0])]
+    width = max(r.size for r in rows) if rows else 0
+    out = np.full((len(rows), width), -1, np.int64)
+    for b, r in enumerate(rows):
+        out[b, :r.size] = r
+    return torch.from_numpy(out).to(win.device)
+
+
+
 @helper
 def _slot_patch(slot, GH, GW, NBX, ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr):
     """Patch index, column, row and validity of key-layout slots (the in-kernel ``slot_tokens``)."""
@@ -183,8 +321,9 @@ def _slot_patch(slot, GH, GW, NBX, ORDER: tl.constexpr, TW: tl.constexpr, TH: tl
 @helper
 def _query_patch(slot, PERM, n, GH, GW, NBX, use_sorted, ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr,
                  QMODE: tl.constexpr):
-    """Patch index and validity of query slots: ``QMODE`` 0 spatial (the key layout), 1 sorted
-    (``PERM``, this image's queries by window code), 2 per image (``use_sorted`` picks)."""
+    """Patch index and validity of query slots: ``QMODE`` 0 spatial (the key layout), 1 ``PERM``
+    (this image's ``sorted`` or ``grouped`` order, ``n`` slots long, ``-1`` = padding), 2 per image
+    (``use_sorted`` picks ``PERM``)."""
     if QMODE != 1:
         ps, _, _, vs = _slot_patch(slot, GH, GW, NBX, ORDER, TW, TH)
     if QMODE != 0:
@@ -279,17 +418,18 @@ def _window_code_kernel(WIN, CODE, n, win_sb, BITS: tl.constexpr, BR: tl.constex
 
 
 @kernel
-def _schedule_kernel(WIN, KEEP, PERM, CODES, LIST, CNT, win_sb, keep_sb, perm_sb, P, GH, GW, NBX, TQ, TK, BS,
+def _schedule_kernel(WIN, KEEP, PERM, CODES, LIST, CNT, win_sb, keep_sb, perm_sb, perm_vs, P, GH, GW, NBX, TQ, TK, BS,
                      BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, R: tl.constexpr, ORDER: tl.constexpr,
                      TW: tl.constexpr, TH: tl.constexpr, HAS_KEEP: tl.constexpr, QMODE: tl.constexpr):
     """Row ``qt`` of image ``b`` (query order ``v``) of the schedule: codes (0 skip, 1 masked,
     2 full) and the visit list. ``O(BM * TK * R)`` integer tests: windows against key-tile
-    rectangles, never against individual keys (apart from the tile's ``key_keep`` bits)."""
+    rectangles, never against individual keys (apart from the tile's ``key_keep`` bits).
+    ``QMODE`` 2: order ``v = 0`` is spatial, ``v >= 1`` reads perm ``v - 1`` (stride ``perm_vs``)."""
     qt = tl.program_id(0)
     b = tl.program_id(1)
     v = tl.program_id(2)
-    pq, qv = _query_patch(qt * BM + tl.arange(0, BM), PERM + b * perm_sb, GH * GW, GH, GW, NBX, v == 1, ORDER, TW,
-                          TH, QMODE)
+    perm_v = PERM + tl.maximum(v - 1, 0) * perm_vs + b * perm_sb
+    pq, qv = _query_patch(qt * BM + tl.arange(0, BM), perm_v, TQ * BM, GH, GW, NBX, v >= 1, ORDER, TW, TH, QMODE)
     wp = WIN + b * win_sb + pq * 4
     wx0 = tl.load(wp + 0, mask=qv, other=0)
     wy0 = tl.load(wp + 1, mask=qv, other=0)
@@ -330,17 +470,24 @@ def _schedule_kernel(WIN, KEEP, PERM, CODES, LIST, CNT, win_sb, keep_sb, perm_sb
 
 
 @kernel
-def _choice_kernel(CNT, CHOICE, BS, TQ, C: tl.constexpr):
-    """Per image: 1 if the sorted query order visits fewer tiles than the spatial one, else 0."""
+def _choice_kernel(CNT, CHOICE, BS, TQ, NV: tl.constexpr, C: tl.constexpr):
+    """Per image: the query order ``v`` (0 spatial, then the perm orders) that visits the fewest tiles
+    (the first such: ties keep the earlier order)."""
     b = tl.program_id(0)
-    tot0 = 0
-    tot1 = 0
-    for c in range(0, TQ * 2, C):
-        i = c + tl.arange(0, C)
-        m = i < TQ * 2
-        tot0 += tl.sum(tl.load(CNT + b * TQ * 2 + i, mask=m, other=0), 0)
-        tot1 += tl.sum(tl.load(CNT + (BS + b) * TQ * 2 + i, mask=m, other=0), 0)
-    tl.store(CHOICE + b, (tot1 < tot0).to(tl.int32))
+    best = b * 0
+    choice = b * 0
+    for v in tl.static_range(NV):
+        tot = 0
+        for c in range(0, TQ * 2, C):
+            i = c + tl.arange(0, C)
+            tot += tl.sum(tl.load(CNT + (v * BS + b) * TQ * 2 + i, mask=i < TQ * 2, other=0), 0)
+        if v == 0:
+            best = tot
+        else:
+            better = tot < best
+            choice = tl.where(better, v, choice)
+            best = tl.where(better, tot, best)
+    tl.store(CHOICE + b, choice)
 
 
 @kernel
@@ -371,15 +518,18 @@ def _keep_arg(key_keep: Optional[torch.Tensor], like: torch.Tensor) -> torch.Ten
     return key_keep.contiguous().view(torch.uint8)
 
 
-_QMODES = {"spatial": 0, "sorted": 1, "auto": 2}
+_QMODES = {"spatial": 0, "sorted": 1, "grouped": 1, "auto": 2}
 
 
 @dataclass
 class Schedule:
     """The tile schedule of one (mask, batch, config): what every kernel launch reads.
 
-    ``V`` query orders are scheduled (2 for ``auto``: spatial then sorted, else 1); ``Bs`` is 1
-    for shared windows without ``key_keep``, else the batch.
+    ``V`` query orders are scheduled (``auto``: spatial, then ``cfg.perm_orders``, i.e. 3 with
+    ``sorted`` and ``grouped``; else 1); ``Bs`` is 1 for shared windows without ``key_keep``,
+    else the batch. ``TQ`` is the largest
+    number of query tiles of the orders built: ``grouped`` tiles may be partly filled, so it can
+    exceed ``cdiv(n, BM)``; rows without a valid query visit nothing and store nothing.
     """
 
     cfg: Config
@@ -394,9 +544,9 @@ class Schedule:
     win_sb: int
     keep: torch.Tensor     # uint8 key_keep (B, N), or a dummy
     keep_sb: int
-    perm: torch.Tensor     # (Bw, n) int64: queries sorted by window code (sorted/auto), or a dummy
-    perm_sb: int
-    choice: torch.Tensor   # (Bs,) int32: 1 = sorted order (auto), or a dummy
+    perm: torch.Tensor     # (Bw or Bs, TQ * BM) int64: patch per query slot, -1 padding (sorted / grouped; auto:
+    perm_sb: int           #   the chosen perm order's per image), or a dummy
+    choice: torch.Tensor   # (Bs,) int32 (auto): the order each image runs, 0 spatial, v >= 1 cfg.perm_orders[v-1]
     codes: torch.Tensor    # (V, Bs, TQ, TK) int8: 0 skip, 1 masked, 2 full
     lst: torch.Tensor      # (V, Bs, TQ, TK) int32: visited key tiles, masked ones first, full ones last
     cnt: torch.Tensor      # (V, Bs, TQ, 2) int32: numbers of masked and full key tiles
@@ -427,7 +577,6 @@ class Schedule:
 
     def query_tokens(self) -> torch.Tensor:
         """``(Bs, TQ * BM)`` int64: the token in each query slot of each image (``-1`` padding)."""
-        n = self.grid[0] * self.grid[1]
         S = self.tq * self.cfg.block_m
         dev = self.codes.device
         if self.qmode != 1:
@@ -435,59 +584,81 @@ class Schedule:
             spatial = torch.cat([spatial, spatial.new_full((S - spatial.numel(),), -1)])[None].expand(self.bs, S)
             if self.qmode == 0:
                 return spatial
-        perm = self.perm.expand(self.bs, n) if self.perm_sb == 0 else self.perm
-        srt = torch.cat([perm + self.P, perm.new_full((self.bs, S - n), -1)], 1)
+        perm = self.perm.expand(self.bs, S) if self.perm_sb == 0 else self.perm
+        srt = torch.where(perm >= 0, perm + self.P, -1)
         if self.qmode == 1:
             return srt
         return torch.where(self.choice[:, None] != 0, srt, spatial)
 
 
+def _sorted_perm(win: torch.Tensor, grid: Tuple[int, int], win_sb: int) -> torch.Tensor:
+    """The ``sorted`` query order: per image, the patches by 4-D Morton code of their windows, ``(Bw, n)``."""
+    gh, gw = grid
+    n = gh * gw
+    bw = win.shape[0] if win.dim() == 3 else 1
+    code = torch.empty((bw, n), dtype=torch.int64, device=win.device)
+    br = 16 if interpreting() else 256
+    _window_code_kernel[(triton.cdiv(n, br), bw)](win, code, n, win_sb, BITS=max(1, (max(gh, gw) - 1).bit_length()),
+                                                  BR=br)
+    return torch.argsort(code, dim=1, stable=True)
+
+
 def build_schedule(windows: torch.Tensor, key_keep: Optional[torch.Tensor], grid: Tuple[int, int], P: int,
                    batch_size: int, cfg: Config) -> Schedule:
-    """The query order(s) and the tile schedule: at most four small launches and one sort.
+    """The query order(s) and the tile schedule: at most four small launches, a sort and a host grouping.
 
-    ``sorted``/``auto``: ``_window_code_kernel`` (Morton codes of the windows) and an argsort
-    per image; ``_schedule_kernel`` for each query order; ``auto``: ``_choice_kernel``.
+    ``sorted``: ``_window_code_kernel`` (Morton codes of the windows) and an argsort per image;
+    ``grouped``: :func:`grouped_perm` on the host (one device-to-host copy of the windows). Every
+    ``perm`` is padded with ``-1`` to ``TQ * BM`` slots, ``TQ`` the largest tile count of the
+    orders built (the spatial order's tiles past its slots and a short ``grouped`` image's last
+    tiles hold no query). Then one ``_schedule_kernel`` launch schedules every order; ``auto``
+    (spatial, ``sorted`` and, where it applies, ``grouped``) then runs ``_choice_kernel`` and
+    gathers the chosen perm of each image on the device.
     """
     gh, gw = grid
     n = gh * gw
     lay = _layout(grid, cfg)
     qmode = _QMODES[cfg.query_order]
-    tq = triton.cdiv(n if qmode == 1 else lay.slots, cfg.block_m)
-    tk = triton.cdiv(lay.slots, cfg.block_n)
     per_image = windows.dim() == 3 or key_keep is not None
     bs = batch_size if per_image else 1
-    nv = 2 if qmode == 2 else 1
     dev = windows.device
     interp = interpreting()
     win = windows.contiguous()
     win_sb = n * 4 if win.dim() == 3 else 0
     keep = _keep_arg(key_keep, win)
     keep_sb = P + n if key_keep is not None else 0
-    if qmode:
-        bw = win.shape[0] if win.dim() == 3 else 1
-        code = torch.empty((bw, n), dtype=torch.int64, device=dev)
-        br = 16 if interp else 256
-        _window_code_kernel[(triton.cdiv(n, br), bw)](win, code, n, win_sb, BITS=max(1, (max(gh, gw) - 1).bit_length()),
-                                                      BR=br)
-        perm = torch.argsort(code, dim=1, stable=True)
-        perm_sb = n if win.dim() == 3 else 0
+    tq = triton.cdiv(lay.slots, cfg.block_m) if qmode != 1 else 0  # the spatial order's tiles
+    orders = cfg.perm_orders
+    nv = 1 + len(orders) if qmode == 2 else 1
+    if orders:
+        built = [grouped_perm(win, grid, cfg) if o == "grouped" else _sorted_perm(win, grid, win_sb) for o in orders]
+        tq = max([tq] + [triton.cdiv(p.shape[1], cfg.block_m) for p in built])
+        S = tq * cfg.block_m
+        perms = torch.stack([torch.cat([p, p.new_full((p.shape[0], S - p.shape[1]), -1)], 1) for p in built])
+        bw = perms.shape[1]
+        perm_sb, perm_vs = (S if bw > 1 else 0), bw * S
     else:
-        perm, perm_sb = torch.empty(1, dtype=torch.int64, device=dev), 0
+        perms, perm_sb, perm_vs = torch.empty(1, dtype=torch.int64, device=dev), 0, 0
+    tk = triton.cdiv(lay.slots, cfg.block_n)
     codes = torch.empty((nv, bs, tq, tk), dtype=torch.int8, device=dev)
     lst = torch.empty((nv, bs, tq, tk), dtype=torch.int32, device=dev)
     cnt = torch.empty((nv, bs, tq, 2), dtype=torch.int32, device=dev)
     rects = 3 if lay.order == ROW_MAJOR else max(1, cfg.block_n // lay.unit)
     kc = min(triton.next_power_of_2(tk), 64)
-    _schedule_kernel[(tq, bs, nv)](win, keep, perm, codes, lst, cnt, win_sb, keep_sb, perm_sb, P, gh, gw, lay.nbx,
-                                   tq, tk, bs, BM=cfg.block_m, BN=cfg.block_n, KC=kc, R=rects, ORDER=lay.order,
-                                   TW=lay.tw, TH=lay.th, HAS_KEEP=key_keep is not None, QMODE=qmode)
+    _schedule_kernel[(tq, bs, nv)](win, keep, perms, codes, lst, cnt, win_sb, keep_sb, perm_sb, perm_vs, P, gh, gw,
+                                   lay.nbx, tq, tk, bs, BM=cfg.block_m, BN=cfg.block_n, KC=kc, R=rects,
+                                   ORDER=lay.order, TW=lay.tw, TH=lay.th, HAS_KEEP=key_keep is not None, QMODE=qmode)
     choice = torch.empty(1, dtype=torch.int32, device=dev)  # unused unless auto
+    perm = perms[0] if orders else perms
     if qmode == 2:
         choice = torch.empty(bs, dtype=torch.int32, device=dev)
-        _choice_kernel[(bs,)](cnt, choice, bs, tq, C=min(triton.next_power_of_2(2 * tq), 16 if interp else 1024))
+        _choice_kernel[(bs,)](cnt, choice, bs, tq, NV=nv, C=min(triton.next_power_of_2(2 * tq), 16 if interp else 1024))
+        if len(orders) > 1:  # the kernels read one perm per image: the chosen order's (on the device, no sync)
+            img = torch.arange(bs, device=dev) if bw > 1 else torch.zeros(bs, dtype=torch.int64, device=dev)
+            perm = perms[(choice.long() - 1).clamp(min=0), img]
+            perm_sb = S if bs > 1 else 0
     return Schedule(cfg, lay, grid, P, tq, tk, bs, qmode, win, win_sb, keep, keep_sb, perm, perm_sb, choice, codes,
-                     lst, cnt)
+                    lst, cnt)
 
 
 _SCHEDULES: "OrderedDict[tuple, tuple]" = OrderedDict()
@@ -548,7 +719,7 @@ def tile_codes(windows: torch.Tensor, key_keep: Optional[torch.Tensor], grid: Tu
     of it: the kernels always visit the prefix keys (one narrow block) and the prefix queries
     visit every key tile. ``order`` ``"tiled"`` (default) or ``"row_major"`` (key layout);
     ``unit`` the tiled square (default 64, 8 x 8); ``query_order`` ``"auto"`` (default),
-    ``"spatial"`` or ``"sorted"``.
+    ``"spatial"``, ``"sorted"`` or ``"grouped"`` (``TQ`` may then exceed ``cdiv(n, block_m)``).
     """
     sched = _schedule_for(windows, key_keep, grid, num_prefix_tokens, batch_size, block_m, block_n, order, unit,
                           query_order)
@@ -569,6 +740,20 @@ def tile_schedule(*args, **kwargs) -> torch.Tensor:
     return tile_codes(*args, **kwargs) > 0
 
 
-def visited_fraction(*args, **kwargs) -> float:
-    """Fraction of the patch tile pairs the kernels visit, averaged over images (args of :func:`tile_codes`)."""
-    return float(tile_schedule(*args, **kwargs).double().mean())
+def visited_fraction(windows: torch.Tensor, key_keep: Optional[torch.Tensor], grid: Tuple[int, int],
+                     num_prefix_tokens: int, batch_size: int, block_m: int = 64, block_n: int = 64, **layout) -> float:
+    """Visited patch tile pairs over the dense count ``cdiv(n, block_m) * TK``, averaged over images
+    (args of :func:`tile_codes`).
+
+    The denominator is the dense query-tile count, not the schedule's ``TQ``: ``TQ`` includes the
+    spatial order's padding tiles and partly filled ``grouped`` tiles, and would shrink the
+    fraction by adding tiles that visit nothing.
+    """
+    vis = tile_schedule(windows, key_keep, grid, num_prefix_tokens, batch_size, block_m, block_n, **layout)
+    return _dense_fraction(vis, grid, block_m)
+
+
+def _dense_fraction(vis: torch.Tensor, grid: Tuple[int, int], block_m: int) -> float:
+    """``vis (B, TQ, TK)``: visited pairs per image over ``cdiv(n, block_m) * TK``, mean over images."""
+    dense = triton.cdiv(grid[0] * grid[1], block_m) * vis.shape[-1]
+    return float(vis.sum((1, 2)).double().mean()) / dense

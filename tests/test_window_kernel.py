@@ -1,7 +1,9 @@
 """The window-attention Triton kernel itself (docs/math.md §1): tile skipping, both tile branches, layouts,
 head widths, torch.compile. Runs in Triton's interpreter on CPU (fp32, small tiles)."""
 import importlib.util
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,10 +87,13 @@ CONFIGS = {
     "row_major_32x16_sorted": (32, 16, 0, 64, "sorted"),
     "tiled4x4_16x32_spatial": (16, 32, 1, 16, "spatial"),
     "tiled8x8_32x16_auto": (32, 16, 1, 64, "auto"),
+    "tiled4x4_grouped": (16, 16, 1, 16, "grouped"),
+    "tiled8x8_16x16_grouped": (16, 16, 1, 64, "grouped"),  # key tiles of 8 x 2 patches
 }
 CASES = [("pinned", "local"), ("pinned", "keep"), ("pinned", "awd"), ("tiled4x4_sorted", "shared_square"),
          ("row_major_spatial", "keep"), ("row_major_32x16_sorted", "local"), ("tiled4x4_16x32_spatial", "keep"),
-         ("tiled8x8_32x16_auto", "shared_square")]
+         ("tiled8x8_32x16_auto", "shared_square"), ("tiled4x4_grouped", "keep"), ("tiled4x4_grouped", "awd"),
+         ("tiled8x8_16x16_grouped", "local")]
 
 
 def masks_for(kind, B, grid, P):
@@ -135,20 +140,15 @@ def test_slot_layout(ws, grid, order, unit):
 
 
 # ----------------------------------------------------------------------------------- skipping
-@pytest.mark.parametrize("config,kind", CASES, ids=lambda c: c if isinstance(c, str) else None)
-def test_visited_tiles_are_the_touched_tiles(wa, ws, tiles, config, kind):
-    """The key tiles each program visits (recorded by the kernels themselves: forward, dq and dk/dv)
-    equal the tiles the windows touch in mask.dense() (a superset with key_keep); the "full" tiles
-    are exactly those every query of the tile fully allows; the results match the reference."""
-    bm, bn, order, unit, query_order = CONFIGS[config]
-    B, h, d, P = 2, 1, 16, 1
-    grid = (8, 9) if kind != "awd" else (8, 8)
-    mask = masks_for(kind, B, grid, P).to(DEVICE)
-    N = P + grid[0] * grid[1]
-    cfg = ws.Config(bm, bn, order, unit, query_order)
+def check_schedule_and_values(wa, ws, tiles, cfg, mask, B, P, h=1, d=16, scale=0.3):
+    """Run the forward and backward kernels with ``record``: every patch query sits in exactly one
+    query slot; the schedule's codes equal the tiles ``mask.dense()`` touches for that slot assignment
+    (a superset with key_keep); every program visits exactly its schedule row; output, LSE and
+    dq, dk, dv match the float64 reference for every token. Returns the schedule."""
+    bm, bn = cfg.block_m, cfg.block_n
+    N = P + mask.num_patches
     sched = ws.build_schedule(mask.windows, mask.key_keep, mask.grid, P, B, cfg)
     q, k, v = qkv(B, h, N, d)
-    scale = 0.3
     out, lse, rec = wa._forward(q, k, v, mask.windows, mask.key_keep, mask.grid, P, scale, cfg, record=True,
                                 sched=sched)
     dout = torch.randn(B, h, N, d, dtype=torch.float64).to(q)
@@ -156,11 +156,13 @@ def test_visited_tiles_are_the_touched_tiles(wa, ws, tiles, config, kind):
                                             scale, cfg, record=True, sched=sched)
 
     q_slots = sched.query_tokens().expand(B, -1).cpu()
+    assert q_slots.shape[1] == sched.tq * bm
     for b in range(B):  # every patch query sits in exactly one slot
         assert torch.equal(q_slots[b][q_slots[b] >= 0].sort().values, torch.arange(P, N))
-    expected = dense_tile_codes(mask, B, q_slots, ws.slot_tokens(mask.grid, P, order, unit), bm, bn)
+    expected = dense_tile_codes(mask, B, q_slots, ws.slot_tokens(mask.grid, P, cfg.order, cfg.unit), bm, bn)
     codes = sched.chosen_codes().expand(B, -1, -1).cpu()
-    assert torch.equal(codes, tiles.tile_codes(mask, B, bm, bn, order=order, unit=unit, query_order=query_order).cpu())
+    assert torch.equal(codes, tiles.tile_codes(mask, B, bm, bn, order=cfg.order, unit=cfg.unit,
+                                               query_order=cfg.query_order).cpu())
     rec, rec_q, rec_k = rec.cpu(), rec_q.cpu(), rec_k.cpu()
     assert codes.shape == expected.shape
     for r in (rec, rec_q):  # every head visits the schedule's tiles, with the schedule's branch
@@ -177,10 +179,29 @@ def test_visited_tiles_are_the_touched_tiles(wa, ws, tiles, config, kind):
     assert_close(out, ref_out, TOL[torch.float32], "output")
     for name, g, gr in zip("qkv", (dq, dk, dv), ref_grads):
         assert_close(g, gr, TOL[torch.float32], f"d{name}")
+    logits = scale * (q.double() @ k.double().transpose(-1, -2))
+    allowed = mask.dense(B).to(logits.device)[:, None]
+    ref_lse = logits.masked_fill(~allowed, float("-inf")).logsumexp(-1) / math.log(2)
+    has = allowed.any(-1).expand_as(ref_lse)
+    assert bool(torch.isinf(lse[~has]).all() and (lse[~has] > 0).all()), "LSE of a query with no allowed key"
+    assert_close(lse[has], ref_lse[has], TOL[torch.float32], "LSE")
+    return sched
+
+
+@pytest.mark.parametrize("config,kind", CASES, ids=lambda c: c if isinstance(c, str) else None)
+def test_visited_tiles_are_the_touched_tiles(wa, ws, tiles, config, kind):
+    """The key tiles each program visits (recorded by the kernels themselves: forward, dq and dk/dv)
+    equal the tiles the windows touch in mask.dense() (a superset with key_keep); the "full" tiles
+    are exactly those every query of the tile fully allows; the results match the reference."""
+    bm, bn, order, unit, query_order = CONFIGS[config]
+    B, P = 2, 1
+    grid = (8, 9) if kind != "awd" else (8, 8)
+    mask = masks_for(kind, B, grid, P).to(DEVICE)
+    check_schedule_and_values(wa, ws, tiles, ws.Config(bm, bn, order, unit, query_order), mask, B, P)
 
 
 def test_auto_query_order_takes_the_cheaper_schedule_per_image(tiles):
-    """``auto`` builds both query orders and each image runs the one that visits fewer tiles."""
+    """``auto`` builds every query order and each image runs the one that visits fewest tiles."""
     grid, B = (12, 12), 2
     p = torch.arange(144)
     x, y = p % 12, p // 12
@@ -188,10 +209,100 @@ def test_auto_query_order_takes_the_cheaper_schedule_per_image(tiles):
     w = torch.stack([big, synthetic_awd_windows(grid, 1, 0.23, seed=4)[0]])
     mask = WindowMask(w, grid, 0).to(DEVICE)
     visited = {qo: (tiles.tile_codes(mask, B, 16, 16, unit=16, query_order=qo) > 0).sum((1, 2)).cpu()
-               for qo in ("spatial", "sorted", "auto")}
-    assert torch.equal(visited["auto"], torch.minimum(visited["spatial"], visited["sorted"]))
-    winner = (visited["sorted"] < visited["spatial"]).tolist()
-    assert winner == [False, True], visited  # the two images pick different orders
+               for qo in ("spatial", "sorted", "grouped", "auto")}
+    best = torch.minimum(visited["spatial"], torch.minimum(visited["sorted"], visited["grouped"]))
+    assert torch.equal(visited["auto"], best)
+    assert visited["spatial"][0] == best[0] and visited["spatial"][1] > best[1], visited  # different orders
+
+
+def square_windows(grid, r):
+    gh, gw = grid
+    p = torch.arange(gh * gw)
+    x, y = p % gw, p // gw
+    return torch.stack([(x - r).clamp(min=0), (y - r).clamp(min=0), (x + r).clamp(max=gw - 1),
+                        (y + r).clamp(max=gh - 1)], -1)
+
+
+# (config, windows of image 0): image 1 always has AWD windows whose grouped order needs 9 tiles of
+# 16 on the 8 x 9 grid (n = 72, cdiv(n, 16) = 5), so every other row of TQ = 9 ends in empty tiles
+PADDED = {
+    "grouped_r0": ((16, 16, 1, 16, "grouped"), 0, False),   # image 0: 6 grouped tiles, 3 empty ones
+    "grouped_r1_keep": ((16, 16, 1, 16, "grouped"), 1, True),
+    "auto_spatial_r0": ((16, 16, 1, 16, "auto"), 0, False),  # image 0 runs spatial: rows 6..8 hold no slot
+    "auto_grouped_r1": ((16, 16, 1, 16, "auto"), 1, False),  # image 0 runs grouped (6 tiles), image 1 sorted
+}
+
+
+@pytest.mark.parametrize("case", list(PADDED))
+def test_padded_and_empty_query_tiles(wa, ws, tiles, case):
+    """Partly filled and empty query tiles (``grouped``, and ``auto`` mixing orders of different tile
+    counts): an empty tile visits nothing and stores nothing; every patch query is in exactly one slot
+    (some past slot n); outputs, LSE and gradients of every token match the reference."""
+    (bm, bn, order, unit, query_order), r, with_keep = PADDED[case]
+    grid, P, B = (8, 9), 1, 2
+    w = torch.stack([square_windows(grid, r), synthetic_awd_windows(grid, 1, 0.23, seed=2)[0]])
+    keep = None
+    if with_keep:
+        keep = torch.rand(B, P + 72, generator=torch.Generator().manual_seed(3)) > 0.3
+    mask = WindowMask(w, grid, P, keep).to(DEVICE)
+    cfg = ws.Config(bm, bn, order, unit, query_order)
+    sched = check_schedule_and_values(wa, ws, tiles, cfg, mask, B, P, h=2)
+    assert sched.tq == 9
+    slots = sched.query_tokens().cpu().reshape(B, sched.tq, bm)
+    filled = (slots >= 0).sum(2)
+    codes = sched.chosen_codes().cpu()
+    assert bool((filled == 0).any()), "no empty query tile"
+    assert bool(((filled > 0) & (filled < bm)).any()), "no partly filled query tile"
+    cnt = sched.cnt[sched.choice.long(), torch.arange(B)] if query_order == "auto" else sched.cnt[0]
+    assert bool((codes[filled == 0] == 0).all()) and bool((cnt.cpu()[filled == 0] == 0).all())
+    assert bool((slots[:, 72 // bm + 1:] >= 0).any()), "no valid query past slot n"
+    if query_order == "auto":
+        expect = {"auto_spatial_r0": [0, 1], "auto_grouped_r1": [2, 1]}[case]
+        assert sched.choice.cpu().tolist() == expect
+
+
+def test_grouped_order_is_a_permutation_and_beats_sorted_on_awd(ws, tiles):
+    """At n = 576 (24 x 24) with 64 x 64 tiles, the grouped order holds every patch exactly once and
+    visits fewer tiles than the window-sorted order on AWD windows; auto is never worse than any."""
+    grid, B = (24, 24), 2
+    mask = WindowMask(synthetic_awd_windows(grid, B, 0.23, seed=0), grid, 1).to(DEVICE)
+    cfg = ws.Config(64, 64, ws.TILED, 64, "grouped")
+    perm = ws.grouped_perm(mask.windows, grid, cfg).cpu()
+    assert perm.shape[1] % 64 == 0
+    for b in range(B):
+        assert torch.equal(perm[b][perm[b] >= 0].sort().values, torch.arange(576))
+    visited = {qo: (tiles.tile_codes(mask, B, 64, 64, query_order=qo) > 0).sum((1, 2)).cpu()
+               for qo in ("spatial", "sorted", "grouped", "auto")}
+    assert visited["grouped"].sum() < visited["sorted"].sum(), visited
+    assert bool((visited["auto"] <= torch.minimum(visited["sorted"], visited["grouped"])).all()), visited
+    assert bool((visited["auto"] <= visited["spatial"]).all()), visited
+
+
+def test_grouped_tiles_on_the_host(ws):
+    """The greedy itself: whole tiles, each query once, deterministic, empty windows only in spare slots."""
+    grid = (16, 16)
+    w = synthetic_awd_windows(grid, 1, 0.23, seed=1)[0].numpy()
+    a = ws._grouped_tiles(w, 64, 8, 8)
+    assert a.size % 64 == 0 and sorted(a[a >= 0].tolist()) == list(range(256))
+    assert (a == ws._grouped_tiles(w.copy(), 64, 8, 8)).all()
+    tiles_ = a.reshape(-1, 64)
+    assert all(t[t >= 0].size for t in tiles_), "a tile without a query"
+    e = w.copy()
+    e[:5] = [3, 3, 2, 2]  # empty windows (raw tensors are not validated here)
+    b = ws._grouped_tiles(e, 64, 8, 8)
+    assert sorted(b[b >= 0].tolist()) == list(range(256))
+    assert np.isin(np.arange(5), b).all()
+
+
+def test_grouped_needs_rectangular_key_tiles(ws, tiles):
+    mask = WindowMask.square((4, 4), 1)
+    with pytest.raises(ValueError, match="grouped"):
+        ws.Config(16, 32, ws.TILED, 16, "grouped")  # a key tile of two squares
+    with pytest.raises(ValueError, match="grouped"):
+        ws.Config(16, 16, ws.ROW_MAJOR, 64, "grouped")
+    with pytest.raises(ValueError, match="grouped"):
+        tiles.tile_schedule(mask, 1, 16, 64, unit=16, query_order="grouped")
+    assert ws.Config(16, 32, ws.TILED, 16, "auto").perm_orders == ("sorted",)  # auto falls back
 
 
 def test_full_and_masked_branches_in_one_call(wa, ws):
@@ -228,7 +339,9 @@ def test_shared_windows_have_one_schedule_for_the_batch(tiles):
     assert per_image.per_image and tiles.tile_codes(per_image, 5, 16, 16).stride(0) != 0
     assert torch.equal(tiles.tile_codes(per_image, 5, 16, 16), codes)
     frac = tiles.visited_fraction(shared, 5, 16, 16)
-    assert 0 < frac < 1 and frac == pytest.approx(float(tiles.tile_schedule(shared, 5, 16, 16).double().mean()))
+    vis = tiles.tile_schedule(shared, 5, 16, 16)
+    dense = -(-36 // 16) * vis.shape[2]  # the dense query-tile count, not the schedule's (padded) TQ
+    assert 0 < frac < 1 and frac == pytest.approx(float(vis.sum((1, 2)).double().mean()) / dense)
 
 
 def test_no_dense_mask_is_built(wa, monkeypatch):

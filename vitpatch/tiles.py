@@ -9,8 +9,11 @@ that has it (a few seconds).
 
 ``block_m`` / ``block_n`` are the query / key tiles in patch slots; ``order`` ``"tiled"``
 (default) or ``"row_major"`` is the key layout; ``unit`` the tiled square (default 64 = 8 x 8);
-``query_order`` ``"auto"`` (default), ``"spatial"`` or ``"sorted"``. See docs/math.md §1 for
-what is allowed and the kernel module's docstring for what the codes mean.
+``query_order`` ``"spatial"``, ``"sorted"``, ``"grouped"`` (``TILED`` keys with ``block_n <=
+unit`` only; its tiles may be partly filled, so ``TQ`` can exceed ``cdiv(n, block_m)``) or
+``"auto"`` (default: each image runs whichever of them that applies visits the fewest tiles).
+See docs/math.md §1 for what is allowed and the kernel module's docstring for what the codes
+and orders mean.
 """
 from __future__ import annotations
 
@@ -87,9 +90,12 @@ def tile_schedule(mask: WindowMask, batch_size: Optional[int] = None, block_m: i
 
 def visited_fraction(mask: WindowMask, batch_size: Optional[int] = None, block_m: int = 64, block_n: int = 64, *,
                      order=None, unit: Optional[int] = None, query_order: Optional[str] = None) -> float:
-    """Fraction of the patch tile pairs the kernels visit, averaged over images."""
+    """Visited patch tile pairs over the dense tile count ``cdiv(n, block_m) * TK``, averaged over images.
+
+    Dense, not the schedule's ``TQ`` (which counts the padding tiles of the spatial and ``grouped``
+    orders): the same denominator for every query order."""
     vis = tile_schedule(mask, batch_size, block_m, block_n, order=order, unit=unit, query_order=query_order)
-    return float(vis.double().mean())
+    return _schedule_module()._dense_fraction(vis, mask.grid, block_m)
 
 
 def query_tokens(mask: WindowMask, batch_size: Optional[int] = None, block_m: int = 64, block_n: int = 64, *,
