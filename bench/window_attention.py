@@ -143,7 +143,8 @@ def cpu_plan_info(mask, q) -> Dict[str, Any]:
     pairs = B * h * N * N if plan.kind == "dense" else sum(p.Bt * p.G * p.K for p in plan.packs) * heads
     return {"cpu_plan": plan.kind + (str(plan.group_size) if plan.group_size else ""),
             "cpu_packs": len(plan.packs), "cpu_pair_fraction": pairs / (B * h * N * N),
-            "cpu_estimates_ms": {k: round(v / 1e6, 4) for k, v in plan.estimates.items()}}
+            "cpu_estimates_ms": {k: round(v / 1e6, 4) for k, v in plan.estimates.items()},
+            "cpu_footprint_kb": {k: round(v / 1024, 1) for k, v in plan.footprint.items()}}
 
 
 # ------------------------------------------------------------------------------------ flex

@@ -67,7 +67,7 @@ def _unsupported(op: str, args: tuple) -> Optional[str]:
 
 def _debug(msg: str, *args) -> None:
     # logging cannot be traced by torch.compile; the choice is logged in eager calls only
-    if not torch.compiler.is_compiling():
+    if log.isEnabledFor(logging.DEBUG) and not torch.compiler.is_compiling():
         log.debug(msg, *args)
 
 
@@ -81,8 +81,11 @@ def choose(op: str, *tensors: torch.Tensor, args: tuple = ()) -> Tuple[str, Opti
     if forced in ("torch", "reference"):
         _debug("%s: backend %s forced by VITPATCH_BACKEND", op, forced)
         return forced, None
-    fn = kernel(op)
     on_cuda = all(t.is_cuda for t in tensors)
+    if forced is None and not on_cuda:  # the common CPU call: no kernel lookup (it costs more than a small op)
+        _debug("%s: backend torch (CPU tensors)", op)
+        return "torch", None
+    fn = kernel(op)
     if forced == "triton":
         if fn is None:
             raise RuntimeError(f"VITPATCH_BACKEND=triton but no Triton kernel for {op} is available "

@@ -26,13 +26,20 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 
+_BUDGET = ("64", 64 * 2**20)  # the last value read and its parse: every op call reads the flag
+
+
 def chunk_budget_bytes() -> int:
     """Bytes one query chunk of the PyTorch path may use for its logits (``VITPATCH_CHUNK_MB``)."""
+    global _BUDGET
     value = os.environ.get("VITPATCH_CHUNK_MB", "64")
+    if value == _BUDGET[0]:
+        return _BUDGET[1]
     try:
         mb = float(value)
     except ValueError:
         raise ValueError(f"VITPATCH_CHUNK_MB must be a number of megabytes, got {value!r}") from None
     if mb <= 0:
         raise ValueError(f"VITPATCH_CHUNK_MB must be positive, got {value!r}")
-    return int(mb * 2**20)
+    _BUDGET = (value, int(mb * 2**20))
+    return _BUDGET[1]

@@ -64,12 +64,16 @@ _GROUP_SIZES = (16, 32, 64, 128)
 _PAD_SLACK = 1.10         # a pack's padded keys may exceed its groups' own keys by 10%
 _GROUPED_MARGIN = 0.85    # grouped must beat dense by 15%: dense is never slower than SDPA with a bool mask
 _PACK_BYTES = 1 << 20     # a pack's working set: in cache between gather and SDPA; small next to the inputs
+_MIN_PACK_BYTES = 64 << 10  # ... but at least this (fewer calls), when the dense mask is small
 _FORCE_PLAN = None        # tests: None, "dense" or ("grouped", G) overrides the cost estimate
 
 
 def _pair_ns(pairs: float, G: int, K: int, d: int, masked: bool) -> float:
-    """Estimated time of ``pairs`` query-key pairs in groups of ``G`` queries over ``K`` keys."""
-    small = (1.0 + 0.35 * 32.0 / max(G, 1)) * (1.0 + 16.0 / max(K, 1))
+    """Estimated time of ``pairs`` query-key pairs in groups of ``G`` queries over ``K`` keys.
+
+    The fused CPU kernel's cost per pair grows as the query groups shrink (measured, one
+    thread, d = 64: 1.3x the dense rate at G = 64, 1.7x at G = 32, 2x at G = 16)."""
+    small = (1.0 + 20.0 / max(G, 1)) * (1.0 + 16.0 / max(K, 1))
     return pairs * _NS_PER_PAIR_D * (d + _PAIR_D0) * small * (_MASK_FACTOR if masked else 1.0)
 
 
@@ -109,7 +113,8 @@ class _Plan:
     bias: Optional[torch.Tensor] = None   # dense: (Bm, 1, N, N) additive
     ok: Optional[torch.Tensor] = None     # dense: (B, 1, N, 1), 0 on empty rows
     zero_rows: bool = False               # grouped: some queries are in no pack (no allowed key)
-    estimates: Dict[str, float] = field(default_factory=dict)
+    estimates: Dict[str, float] = field(default_factory=dict)   # estimated ns per candidate plan
+    footprint: Dict[str, float] = field(default_factory=dict)   # estimated bytes it holds / works in
 
 
 def _rows(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -257,6 +262,11 @@ def _build_plan(mask: WindowMask, B: int, h: int, d: int, acc: torch.dtype) -> _
     (``_GROUPED_MARGIN``): the dense call is the user's SDPA-with-a-mask one-liner minus the
     per-call bool-to-float conversion, so it is never slower than it. Dense with a mask is only
     allowed while its ``N x N`` additive mask fits half the chunk budget (the memory bound).
+
+    Memory: a grouped candidate that would hold and work in more bytes than the dense call's
+    additive mask (``footprint``: the groups' masks and gather indices plus one pack) is
+    not taken while the dense call is allowed, and a pack's working set is at most half
+    of that mask (at least ``_MIN_PACK_BYTES``), so choosing groups never costs memory.
     """
     budget = _env.chunk_budget_bytes()
     P, grid, N, n = mask.num_prefix_tokens, mask.grid, mask.seq_len, mask.num_patches
@@ -268,7 +278,12 @@ def _build_plan(mask: WindowMask, B: int, h: int, d: int, acc: torch.dtype) -> _
     empty = counts == 0                                       # (B, N): no allowed key -> zeros
     esize = torch.finfo(acc).bits // 8
     estimates = {"dense": _pair_ns(B * h * N * N, N, N, d, needs_mask) + _CALL_NS}
-    dense_ok = not needs_mask or (B if per_image else 1) * N * N * esize <= budget // 2
+    # what the dense plan holds: its (Bm, 1, N, N) additive mask (the one-liner holds a bool
+    # mask and converts it to that at every call). A grouped plan may not hold more.
+    mask_bytes = (B if per_image else 1) * N * N * esize if needs_mask else 0
+    dense_ok = mask_bytes <= budget // 2
+    limit = max(min(budget // 4, _PACK_BYTES, max(mask_bytes // 2, _MIN_PACK_BYTES)), 1)
+    footprint = {"dense": float(mask_bytes)}
 
     keep = None if mask.key_keep is None else mask.key_keep.cpu()
     best = None
@@ -303,10 +318,18 @@ def _build_plan(mask: WindowMask, B: int, h: int, d: int, acc: torch.dtype) -> _
             pairs = float(Ka.sum()) * G * H * _PAD_SLACK
             kmean = float(Ka.mean()) if Ka.numel() else 1.0
             group_bytes = esize * (H * d * 4 * (G + kmean) + G * kmean)
-            packs = max(1.0, float(active.sum()) * group_bytes / max(min(budget // 4, _PACK_BYTES), 1)) + 2
+            per_pack = max(1, int(limit // group_bytes))                  # groups per pack (at least one)
+            packs = -(-int(active.sum()) // per_pack) + 2
             cost = (_pair_ns(pairs, G, int(kmean), d, True) + packs * _CALL_NS
                     + _GATHER_NS * H * d * float((2 * G + 2 * Ka).sum()) + prefix_cost)
             estimates[f"grouped{G}"] = cost
+            # held by the plan: the groups' additive masks and gather indices (int64, with heads);
+            # while it runs: one pack's gathered q/k/v, outputs and gradients (group_bytes per group)
+            held = float(Ka.sum()) * (G * esize + 8 * H) + 8 * H * G * float(active.sum())
+            working = float(min(limit, per_pack * group_bytes) if per_pack > 1 else group_bytes)
+            footprint[f"grouped{G}"] = held + working
+            if needs_mask and dense_ok and held + working > mask_bytes and not isinstance(_FORCE_PLAN, tuple):
+                continue  # more memory than the dense call would take
             if best is None or cost < best[0]:
                 best = (cost, G, qloc, valid, cov, K, active)
 
@@ -314,7 +337,7 @@ def _build_plan(mask: WindowMask, B: int, h: int, d: int, acc: torch.dtype) -> _
     if _FORCE_PLAN is not None:
         use_dense = _FORCE_PLAN == "dense" or best is None
     if use_dense:
-        plan = _Plan("dense", per_image, estimates=estimates)
+        plan = _Plan("dense", per_image, estimates=estimates, footprint=footprint)
         if needs_mask:  # (Bm, 1, N, N) additive, within half the budget; built a few rows at a time
             Bm = B if per_image else 1
             plan.bias = torch.zeros(Bm, 1, N, N, dtype=acc, device=dev)
@@ -327,9 +350,8 @@ def _build_plan(mask: WindowMask, B: int, h: int, d: int, acc: torch.dtype) -> _
         return plan
 
     _, G, qloc, valid, cov, K, active = best
-    plan = _Plan("grouped", per_image, G, estimates=estimates, zero_rows=bool(empty.any()))
+    plan = _Plan("grouped", per_image, G, estimates=estimates, footprint=footprint, zero_rows=bool(empty.any()))
     w = mask.batch_windows(Bw).cpu().long()
-    limit = max(min(budget // 4, _PACK_BYTES), 1)
 
     def group_bytes(g: int, k: int) -> int:
         return esize * (H * d * 4 * (g + k) + g * k)

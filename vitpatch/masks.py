@@ -203,6 +203,8 @@ class WindowMask:
 
     def to(self, device) -> "WindowMask":
         """This mask on ``device`` (cached: moving it again costs nothing)."""
+        if device == self.windows.device:  # the common call: already there
+            return self
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
