@@ -67,7 +67,7 @@ def _unsupported(op: str, args: tuple) -> Optional[str]:
 
 def _debug(msg: str, *args) -> None:
     # logging cannot be traced by torch.compile; the choice is logged in eager calls only
-    if log.isEnabledFor(logging.DEBUG) and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
         log.debug(msg, *args)
 
 

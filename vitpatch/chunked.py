@@ -548,7 +548,7 @@ def window_attention(q, k, v, mask: WindowMask, scale: float) -> torch.Tensor:
     alike windows, each over the keys its windows reach, packed into a few fused SDPA calls.
     Memory ``O(B h N d)`` plus one pack (or the dense call's mask, at most half the budget).
     """
-    plan = window_plan(mask, q)
+    plan = _window_plan(mask, *q.shape[:2], q.shape[3], _acc_dtype(q))  # inputs checked by the caller
     if plan.kind == "dense":
         acc, dtype = _acc_dtype(q), q.dtype
         if dtype != acc:
