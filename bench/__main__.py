@@ -48,7 +48,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="torch CPU threads, recorded in every row (default: 1 for --quick on CPU, where a "
                         "shared machine makes multi-threaded timings erratic; torch's own choice otherwise)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--memory-runs", type=int, default=3, help="CPU: peak memory is the median of this many children")
+    p.add_argument("--memory-runs", type=int, default=1, help="CPU: peak memory is the median of this many children")
     p.add_argument("--no-check", action="store_true", help="skip the max_abs_err check against the reference")
     p.add_argument("--filter", default=None, metavar="REGEX",
                    help="run only cases whose description matches, e.g. 'N=(197|577) ' or 'impl|vitpatch/'")

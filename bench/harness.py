@@ -20,9 +20,9 @@ Peak memory:
     the inputs again, runs the untimed set-up (the forward of a backward-only case), resets
     the kernel's high-water mark (``/proc/self/clear_refs``), runs the step once and reports
     ``VmHWM`` minus that ``VmRSS``. Where the reset is unavailable, the row's ``mem_method``
-    says what was measured instead. RSS moves by 0.1 MiB (small cases) to several MiB between
-    identical children (allocator state), so a row is the median of ``Config.memory_runs``
-    children (default 3; ``extra.peak_mem_runs_mb`` lists them).
+    says what was measured instead. Children forked from the same server measure the same
+    bytes; ``Config.memory_runs`` (``--memory-runs``, default 1) takes the median of several
+    (``extra.peak_mem_runs_mb`` lists them).
   * CPU timing runs up to 200 timed calls within about a second (quick runs): a
     sub-millisecond call's median over 5 calls is mostly noise.
 
@@ -109,7 +109,7 @@ class Config:
     repeats: Optional[int] = None       # fixed number of timed calls (CPU) instead of the budget
     warmup: Optional[int] = None        # warm-up calls (CPU)
     memory: bool = True                 # measure peak memory
-    memory_runs: int = 3                # CPU: median of this many child measurements (RSS is noisy)
+    memory_runs: int = 1                # CPU: median of this many child measurements
     check: bool = True                  # compare outputs with the reference (max_abs_err)
     limit: Optional[int] = None         # at most this many cases per module (smoke runs)
     deadline: Optional[float] = None    # time.monotonic() after which no new case starts

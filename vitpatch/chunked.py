@@ -458,6 +458,26 @@ def _window_chunk_graph(qf, kf, vf, p: _Pack, H: int, N: int, scale: float, ws=(
     return [qg, kg, vg], (out, lse, qflat)
 
 
+def _token_major(idx: torch.Tensor, g: torch.Tensor) -> Optional[torch.Tensor]:
+    """``idx`` (rows of ``g (Bt, H, L, d)`` in head-major order) in ``g``'s memory order when ``g``
+    is stored token-major (``(Bt, L, H, d)``, as the fused CPU backward returns its gradients), else ``None``."""
+    if not g.transpose(1, 2).is_contiguous() or g.is_contiguous():
+        return None
+    Bt, H, L, _ = g.shape
+    return idx.view(Bt, H, L).transpose(1, 2).reshape(-1)
+
+
+def _scatter_add(dst: torch.Tensor, idx: torch.Tensor, g: torch.Tensor, idx_t: Optional[torch.Tensor] = None) -> None:
+    """``dst[idx] += g`` for ``g (Bt, H, L, d)`` without copying a token-major ``g`` (the index is
+    permuted instead: a pack's gradients are far larger than its indices)."""
+    if idx_t is None:
+        idx_t = _token_major(idx, g)
+    if idx_t is None:
+        dst.index_add_(0, idx, g.reshape(-1, g.shape[-1]))
+    else:
+        dst.index_add_(0, idx_t, g.transpose(1, 2).reshape(-1, g.shape[-1]))
+
+
 def _heads(plan: _Plan, B: int, h: int) -> int:
     return h if plan.per_image else B * h
 
@@ -522,13 +542,14 @@ class _WindowAttention(torch.autograd.Function):
                     leaves = [t.detach().requires_grad_() for t in (qg, kg, vg)]
                     o = F.scaled_dot_product_attention(*leaves, attn_mask=p.bias, scale=scale)
                     gq, gk, gv = torch.autograd.grad(o, leaves, dg)
-            dqf.index_add_(0, qflat, gq.reshape(-1, d))
+            _scatter_add(dqf, qflat, gq)
             if p.kidx is None:
                 dk.view(-1, H, N, d)[p.img0:p.img0 + p.Bt] += gk
                 dv.view(-1, H, N, dv.shape[-1])[p.img0:p.img0 + p.Bt] += gv
             else:
-                dkf.index_add_(0, kflat, gk.reshape(-1, d))
-                dvf.index_add_(0, kflat, gv.reshape(-1, dvf.shape[1]))
+                kflat_t = _token_major(kflat, gk)
+                _scatter_add(dkf, kflat, gk, kflat_t)
+                _scatter_add(dvf, kflat, gv, kflat_t)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
