@@ -570,7 +570,9 @@ def _measure_in_child(req: Dict[str, Any]) -> Dict[str, Any]:
         method = ("cpu child process forked from a torch-preloaded server: "
                   + ("one warm-up build+step first, then " if warm else "no warm-up pass, then ") +
                   "VmHWM after a /proc/self/clear_refs reset (after the untimed set-up) during one step, minus "
-                  "VmRSS before building the inputs" + ("; glibc malloc_trim before both readings" if trimmed else ""))
+                  "VmRSS before building the inputs" + ("; glibc malloc_trim before both readings" if trimmed else "")
+                  + (f"; MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
+                     if os.environ.get("MALLOC_MMAP_THRESHOLD_") else ""))
         mb = (peak_kb - base_kb) / 1024
     else:
         method = ("cpu child process forked from a torch-preloaded server: getrusage ru_maxrss minus its value "
@@ -629,6 +631,9 @@ def memory_worker_main() -> None:
     os._exit(0)  # skip interpreter teardown of the frozen, preloaded objects
 
 
+MMAP_THRESHOLD = 128 * 1024  # bytes: the memory server's glibc M_MMAP_THRESHOLD (MALLOC_MMAP_THRESHOLD_)
+
+
 class MemoryWorker:
     """Handle on the memory fork server (:func:`memory_worker_main`), started on first use."""
 
@@ -641,6 +646,10 @@ class MemoryWorker:
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        # a fixed mmap threshold: glibc otherwise raises it after freeing a large block, later
+        # blocks of that size then stay resident after free and the same step measures 3 MiB
+        # more or less from one run to the next; with it, RSS follows the live tensors
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
         self.proc = subprocess.Popen([sys.executable, "-c", "from bench.harness import memory_worker_main as m; m()"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
                                      start_new_session=True, text=True, bufsize=1)

@@ -64,7 +64,6 @@ _GROUP_SIZES = (16, 32, 64, 128)
 _PAD_SLACK = 1.10         # a pack's padded keys may exceed its groups' own keys by 10%
 _GROUPED_MARGIN = 0.85    # grouped must beat dense by 15%: dense is never slower than SDPA with a bool mask
 _PACK_BYTES = 1 << 20     # a pack's working set: in cache between gather and SDPA; small next to the inputs
-_MIN_PACK_BYTES = 64 << 10  # ... but at least this (fewer calls), when the dense mask is small
 _FORCE_PLAN = None        # tests: None, "dense" or ("grouped", G) overrides the cost estimate
 
 
@@ -263,10 +262,13 @@ def _build_plan(mask: WindowMask, B: int, h: int, d: int, acc: torch.dtype) -> _
     per-call bool-to-float conversion, so it is never slower than it. Dense with a mask is only
     allowed while its ``N x N`` additive mask fits half the chunk budget (the memory bound).
 
-    Memory: a grouped candidate that would hold and work in more bytes than the dense call's
-    additive mask (``footprint``: the groups' masks and gather indices plus one pack) is
-    not taken while the dense call is allowed, and a pack's working set is at most half
-    of that mask (at least ``_MIN_PACK_BYTES``), so choosing groups never costs memory.
+    Memory: while the dense call is allowed, a grouped candidate must fit what it holds and
+    works in (``footprint``: the groups' masks and gather indices plus twice one pack) into half
+    the dense call's additive mask; its packs are made small enough for that (more calls, in
+    the cost), and a candidate whose single group does not fit is dropped. Measured (N = 577,
+    B = 2, h = 6), a grouped step's peak RSS exceeds this estimate by up to 2x (the fused
+    backward's own buffers), hence the half: choosing groups does not cost memory against the
+    dense call or the one-liner.
     """
     budget = _env.chunk_budget_bytes()
     P, grid, N, n = mask.num_prefix_tokens, mask.grid, mask.seq_len, mask.num_patches
@@ -282,7 +284,8 @@ def _build_plan(mask: WindowMask, B: int, h: int, d: int, acc: torch.dtype) -> _
     # mask and converts it to that at every call). A grouped plan may not hold more.
     mask_bytes = (B if per_image else 1) * N * N * esize if needs_mask else 0
     dense_ok = mask_bytes <= budget // 2
-    limit = max(min(budget // 4, _PACK_BYTES, max(mask_bytes // 2, _MIN_PACK_BYTES)), 1)
+    base_limit = max(min(budget // 4, _PACK_BYTES), 1)
+    capped = needs_mask and dense_ok and not isinstance(_FORCE_PLAN, tuple)  # the memory rule applies
     footprint = {"dense": float(mask_bytes)}
 
     keep = None if mask.key_keep is None else mask.key_keep.cpu()
@@ -317,21 +320,25 @@ def _build_plan(mask: WindowMask, B: int, h: int, d: int, acc: torch.dtype) -> _
             Ka = K[active].double()
             pairs = float(Ka.sum()) * G * H * _PAD_SLACK
             kmean = float(Ka.mean()) if Ka.numel() else 1.0
-            group_bytes = esize * (H * d * 4 * (G + kmean) + G * kmean)
+            group_bytes = esize * (H * d * 4 * (G + kmean) + G * kmean)  # a group's q/k/v/out and grads
+            # held by the plan: the groups' additive masks and gather indices (int64, with heads)
+            held = float(Ka.sum()) * (G * esize + 8 * H) + 8 * H * G * float(active.sum())
+            limit = base_limit
+            if capped:
+                # held + twice a pack (its tensors, and as much inside the fused backward: measured,
+                # a grouped step's peak RSS exceeds this estimate by up to 2x) <= half the dense mask
+                limit = min(limit, int((mask_bytes / 2 - held) / 2))
+                if limit < group_bytes:
+                    footprint[f"grouped{G}"] = held + 2 * group_bytes
+                    continue  # even one group per pack may take more memory than the dense call
             per_pack = max(1, int(limit // group_bytes))                  # groups per pack (at least one)
             packs = -(-int(active.sum()) // per_pack) + 2
             cost = (_pair_ns(pairs, G, int(kmean), d, True) + packs * _CALL_NS
                     + _GATHER_NS * H * d * float((2 * G + 2 * Ka).sum()) + prefix_cost)
             estimates[f"grouped{G}"] = cost
-            # held by the plan: the groups' additive masks and gather indices (int64, with heads);
-            # while it runs: one pack's gathered q/k/v, outputs and gradients (group_bytes per group)
-            held = float(Ka.sum()) * (G * esize + 8 * H) + 8 * H * G * float(active.sum())
-            working = float(min(limit, per_pack * group_bytes) if per_pack > 1 else group_bytes)
-            footprint[f"grouped{G}"] = held + working
-            if needs_mask and dense_ok and held + working > mask_bytes and not isinstance(_FORCE_PLAN, tuple):
-                continue  # more memory than the dense call would take
+            footprint[f"grouped{G}"] = held + 2 * min(float(limit), per_pack * group_bytes)
             if best is None or cost < best[0]:
-                best = (cost, G, qloc, valid, cov, K, active)
+                best = (cost, G, qloc, valid, cov, K, active, limit)
 
     use_dense = best is None or (dense_ok and estimates["dense"] * _GROUPED_MARGIN <= best[0])
     if _FORCE_PLAN is not None:
@@ -349,7 +356,7 @@ def _build_plan(mask: WindowMask, B: int, h: int, d: int, acc: torch.dtype) -> _
                 plan.ok = (~empty).to(acc).to(dev)[:, None, :, None]
         return plan
 
-    _, G, qloc, valid, cov, K, active = best
+    _, G, qloc, valid, cov, K, active, limit = best
     plan = _Plan("grouped", per_image, G, estimates=estimates, footprint=footprint, zero_rows=bool(empty.any()))
     w = mask.batch_windows(Bw).cpu().long()
 
