@@ -8,14 +8,25 @@ kernel's choice, on both sides:
   2-D squares: ``tiled_8x8`` = 64 patches per square; ``tiled_4x4`` = 16-patch squares, so a
   64-token tile is a 16 x 4 strip of four of them);
 * query tiles: ``spatial`` (the same layout as the keys), ``sorted`` (queries ordered by a 4-D
-  Morton code of their windows, so a tile holds queries with similar windows), or ``auto``
-  (both schedules built, each image runs the one that visits fewer tiles).
+  Morton code of their windows, so a tile holds queries with similar windows), ``grouped`` (a
+  cover greedy: each tile takes up to BM queries whose key-tile rectangles lie inside one
+  rectangle; tiles may be partly filled, so there can be more than ``cdiv(n, BM)``), or ``auto``
+  (every schedule built, each image runs the one that visits the fewest tiles).
+  ``tiled_8x8/auto_2way`` is the ``auto`` of before ``grouped`` existed (per image the cheaper of
+  the spatial and sorted rows, ties to spatial), derived from those two rows.
 
 This script counts, with no timing, for AWD-like windows (``synthetic_awd_windows`` at
 density 0.23) and square windows of radius 1, 3, 7, at n = 196, 576, 1024, 4096 patches:
 
-* ``visited_tiles``: patch tile pairs visited per image (mean over images), ``total_tiles``;
-* ``visited_fraction``: their ratio;
+* ``visited_tiles``: patch tile pairs visited per image (mean over images); ``query_tiles`` and
+  ``total_tiles`` (``TQ * TK``) of the schedule; ``dense_tiles = cdiv(n, BM) * TK``;
+* ``visited_fraction``: ``visited_tiles / dense_tiles``. The dense count, not ``total_tiles``:
+  the padded schedule's ``TQ`` (the spatial order's padding tiles, partly filled ``grouped``
+  tiles) would shrink the fraction by adding tiles that visit nothing;
+* ``density_over_visited``: ``mask_density / visited_fraction`` (higher is better; at most
+  about 1 when every visited tile pair were fully allowed);
+* ``lower_bound_visited``: ``sum over patch queries of the key tiles their window touches / BM
+  / dense_tiles``: no query order can visit fewer tile pairs (mean over images);
 * ``work_vs_dense``: ``visited_tiles * BM * BN / n^2``: the kernel's patch-to-patch work
   relative to dense attention (padding slots included). This decides the order;
 * ``tile_efficiency``: allowed patch pairs / (``visited_tiles * BM * BN``);
@@ -29,7 +40,7 @@ is counted from the dense mask only, as an outside reference. Prefix tokens are 
 table: the kernel handles them in separate narrow blocks for every order.
 
 Run: ``python bench/window_tile_order.py`` (CPU: the schedule runs in Triton's interpreter;
-about 15 to 30 minutes on 2 busy cores). Writes ``bench/results/window_tile_order.json`` and
+about 15 to 40 minutes on 2 busy cores). Writes ``bench/results/window_tile_order.json`` and
 prints a table.
 """
 from __future__ import annotations
@@ -63,7 +74,9 @@ ORDERS = {
     "tiled_4x4/spatial": (wa.TILED, 16, "spatial"),
     "tiled_8x8/spatial": (wa.TILED, 64, "spatial"),
     "tiled_8x8/sorted": (wa.TILED, 64, "sorted"),
+    "tiled_8x8/grouped": (wa.TILED, 64, "grouped"),
     "tiled_8x8/auto": (wa.TILED, 64, "auto"),
+    "tiled_8x8/auto_2way": "derived",
     "morton_packed": None,
 }
 IMAGES = 2
@@ -122,6 +135,20 @@ def git_commit() -> str:
         return "unknown"
 
 
+def touched_bound(mask: WindowMask, k_slots: torch.Tensor, bm: int, bn: int, dense_tiles: int) -> float:
+    """``lower_bound_visited``: per patch query the key tiles it touches (dense mask), summed, over
+    ``bm * dense_tiles``; mean over images."""
+    k_slots = k_slots.cpu()
+    k_slots = torch.cat([k_slots, k_slots.new_full((triton.cdiv(k_slots.numel(), bn) * bn - k_slots.numel(),), -1)])
+    dense = mask.dense(IMAGES).cpu()
+    kv = k_slots >= 0
+    out = []
+    for b in range(IMAGES):
+        a = dense[b][PREFIX:][:, k_slots.clamp(min=0)] & kv[None, :]
+        out.append(float(a.reshape(a.shape[0], -1, bn).any(2).sum()) / bm / dense_tiles)
+    return sum(out) / len(out)
+
+
 def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meta = {"device": "cpu (counting, no timing)" if device.type == "cpu" else
@@ -136,13 +163,26 @@ def main() -> int:
             allowed_patch = float(mask.effective_operations())  # patch-to-patch allowed pairs per image
             density = mask.density(IMAGES)
             for bm, bn in BLOCKS:
+                per_order = {}
+                bounds = {}
                 for order, spec in ORDERS.items():
+                    auto_choice = None
                     if spec is None:
                         slots = morton_slots(grid, max(bm, bn))
                         codes = dense_codes(mask, slots.expand(IMAGES, -1), slots, bm, bn)
+                        k_slots, layout = slots, "morton"
                         source = "dense mask"
                         key_order = query_order = "morton_packed"
-                        sorted_images = None
+                    elif spec == "derived":
+                        sp, so = per_order["tiled_8x8/spatial"], per_order["tiled_8x8/sorted"]
+                        vs, vo = (sp > 0).sum((1, 2)), (so > 0).sum((1, 2))
+                        tq = max(sp.shape[1], so.shape[1])
+                        pad = lambda c: torch.cat([c, c.new_zeros(c.shape[0], tq - c.shape[1], c.shape[2])], 1)
+                        codes = torch.where((vo < vs)[:, None, None], pad(so), pad(sp))
+                        k_slots, layout = wa.slot_tokens(grid, PREFIX, wa.TILED, 64), (wa.TILED, 64)
+                        source = "derived: per image the tiled_8x8 spatial or sorted row (the auto before grouped)"
+                        key_order, query_order = order.split("/")
+                        auto_choice = {"spatial": int((vo >= vs).sum()), "sorted": int((vo < vs).sum())}
                     else:
                         k_order, unit, q_order = spec
                         # one schedule launch, as in tile_codes / query_tokens
@@ -150,25 +190,37 @@ def main() -> int:
                                                  k_order, unit, q_order)
                         codes = sched.chosen_codes().expand(IMAGES, -1, -1).cpu()
                         q_slots = sched.query_tokens().expand(IMAGES, -1)
-                        ref = dense_codes(mask, q_slots, wa.slot_tokens(grid, PREFIX, k_order, unit), bm, bn)
+                        k_slots, layout = wa.slot_tokens(grid, PREFIX, k_order, unit), (k_order, unit)
+                        ref = dense_codes(mask, q_slots, k_slots, bm, bn)
                         if not torch.equal(codes, ref):
                             raise AssertionError(f"kernel schedule differs from the dense mask: {grid} {kind} "
                                                  f"{order} {bm}x{bn}")
                         source = "kernel schedule (checked against the dense mask)"
                         key_order, query_order = order.split("/")
-                        sorted_images = (int(sched.choice.sum()) * IMAGES // sched.bs) if q_order == "auto" else None
+                        if q_order == "auto":
+                            names = ("spatial",) + sched.cfg.perm_orders
+                            chosen = sched.choice.cpu().expand(IMAGES).tolist() if sched.bs == 1 else \
+                                sched.choice.cpu().tolist()
+                            auto_choice = {name: chosen.count(v) for v, name in enumerate(names)}
                     codes = codes.cpu()
+                    per_order[order] = codes
+                    tk = codes.shape[2]
+                    dense_tiles = triton.cdiv(n, bm) * tk
+                    if layout not in bounds:
+                        bounds[layout] = touched_bound(mask, k_slots, bm, bn, dense_tiles)
                     visited = float((codes > 0).sum((1, 2)).double().mean())
                     full = float((codes == 2).sum((1, 2)).double().mean())
-                    total = codes.shape[1] * codes.shape[2]
+                    fraction = visited / dense_tiles
                     rows.append({
                         "n": n, "grid": list(grid), "num_prefix_tokens": PREFIX, "window": kind, "order": order,
-                        "key_order": key_order, "query_order": query_order, "auto_sorted_images": sorted_images,
-                        "block_m": bm, "block_n": bn, "visited_tiles": visited, "total_tiles": total,
-                        "visited_fraction": visited / total, "work_vs_dense": visited * bm * bn / n ** 2,
+                        "key_order": key_order, "query_order": query_order, "auto_choice": auto_choice,
+                        "block_m": bm, "block_n": bn, "visited_tiles": visited, "query_tiles": codes.shape[1],
+                        "total_tiles": codes.shape[1] * tk, "dense_tiles": dense_tiles,
+                        "visited_fraction": fraction, "density_over_visited": density / fraction,
+                        "lower_bound_visited": bounds[layout], "work_vs_dense": visited * bm * bn / n ** 2,
                         "tile_efficiency": allowed_patch / (visited * bm * bn), "full_fraction": full / visited,
                         "mask_density": density, "images": IMAGES, "source": source, **meta})
-            print(f"  {grid} {kind} done ({time.time() - t0:.0f}s)", file=sys.stderr)
+            print(f"  {grid} {kind} done ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(rows, indent=1) + "\n")
     print_table(rows)
@@ -177,18 +229,19 @@ def main() -> int:
 
 
 def print_table(rows) -> None:
-    head = f"{'n':>5} {'window':<10} {'BMxBN':>7} " + " ".join(f"{o:>17}" for o in ORDERS)
-    print("\nwork_vs_dense (visited tiles x BM x BN / n^2; lower is better) | visited fraction | full fraction")
-    print(head)
+    names = [o.replace("tiled_8x8/", "8x8/").replace("row_major/", "rm/").replace("tiled_4x4/", "4x4/") for o in ORDERS]
     key = {(r["n"], r["window"], r["block_m"], r["block_n"], r["order"]): r for r in rows}
-    for n in sorted({r["n"] for r in rows}):
-        for kind in dict.fromkeys(r["window"] for r in rows if r["n"] == n):
-            for bm, bn in BLOCKS:
-                cells = []
-                for o in ORDERS:
-                    r = key[(n, kind, bm, bn, o)]
-                    cells.append(f"{r['work_vs_dense']:.3f}|{r['visited_fraction']:.2f}|{r['full_fraction']:.2f}")
-                print(f"{n:>5} {kind:<10} {bm:>3}x{bn:<3} " + " ".join(f"{c:>17}" for c in cells))
+    for title, field in (("visited_fraction (visited / (cdiv(n, BM) * TK); lower is better)", "visited_fraction"),
+                         ("density_over_visited (mask density / visited fraction; higher is better)",
+                          "density_over_visited")):
+        print(f"\n{title}; lb = lower_bound_visited of the tiled_8x8 key layout")
+        print(f"{'n':>5} {'window':<10} {'BMxBN':>7} " + " ".join(f"{o:>12}" for o in names) + f" {'lb':>6}")
+        for n in sorted({r["n"] for r in rows}):
+            for kind in dict.fromkeys(r["window"] for r in rows if r["n"] == n):
+                for bm, bn in BLOCKS:
+                    cells = [f"{key[(n, kind, bm, bn, o)][field]:.3f}" for o in ORDERS]
+                    lb = key[(n, kind, bm, bn, "tiled_8x8/spatial")]["lower_bound_visited"]
+                    print(f"{n:>5} {kind:<10} {bm:>3}x{bn:<3} " + " ".join(f"{c:>12}" for c in cells) + f" {lb:>6.3f}")
     dens = {(r["n"], r["window"]): r["mask_density"] for r in rows}
     print("\nmask density (N = n + 1): " + ", ".join(f"n={n} {k}: {d:.3f}" for (n, k), d in dens.items()))
 
