@@ -299,7 +299,6 @@ def grouped_perm(windows: torch.Tensor, grid: Tuple[int, int], cfg: Config) -> t
     return torch.from_numpy(out).to(win.device)
 
 
-
 @helper
 def _slot_patch(slot, GH, GW, NBX, ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr):
     """Patch index, column, row and validity of key-layout slots (the in-kernel ``slot_tokens``)."""
@@ -527,9 +526,9 @@ class Schedule:
 
     ``V`` query orders are scheduled (``auto``: spatial, then ``cfg.perm_orders``, i.e. 3 with
     ``sorted`` and ``grouped``; else 1); ``Bs`` is 1 for shared windows without ``key_keep``,
-    else the batch. ``TQ`` is the largest
-    number of query tiles of the orders built: ``grouped`` tiles may be partly filled, so it can
-    exceed ``cdiv(n, BM)``; rows without a valid query visit nothing and store nothing.
+    else the batch. ``TQ`` is the largest number of query tiles of the orders built: ``grouped``
+    tiles may be partly filled, so it can exceed ``cdiv(n, BM)``; rows without a valid query
+    visit nothing and store nothing.
     """
 
     cfg: Config
