@@ -230,11 +230,13 @@ def _grouped_tiles(win: np.ndarray, bm: int, kw: int, kh: int) -> np.ndarray:
         inv = inv.reshape(-1)
         S = us.shape[0]
         area = ((us[:, 2] - us[:, 0] + 1) * (us[:, 3] - us[:, 1] + 1)).astype(np.float64)
-        # raw[r]: unassigned queries whose signature lies inside candidate r (chunked: memory O(S * 4096))
+        # raw[r]: unassigned queries whose signature lies inside candidate r (chunked: memory O(S * 4096));
+        # float32 products (BLAS) are exact: every partial sum is an integer <= n < 2^24
         raw = np.empty(S, np.int64)
+        cnt_f = cnt.astype(np.float32)
         step = max(1, (1 << 22) // S)
         for a in range(0, S, step):
-            raw[a:a + step] = _contains(us[a:a + step], us).astype(np.int64) @ cnt
+            raw[a:a + step] = np.rint(_contains(us[a:a + step], us).astype(np.float32) @ cnt_f)
         left = cnt.astype(np.int64)
         by_size = np.argsort(-area, kind="stable")               # larger signatures first, then lexicographic
         queue = real[np.argsort(inv, kind="stable")]             # queries by signature, then patch index
@@ -256,7 +258,7 @@ def _grouped_tiles(win: np.ndarray, bm: int, kw: int, kh: int) -> np.ndarray:
             tile[:total] = queue[first + within]
             perm_tiles.append(tile)
             left[cand] -= take
-            raw -= _contains(us, us[cand]).astype(np.int64) @ take
+            raw -= np.rint(_contains(us, us[cand]).astype(np.float32) @ take.astype(np.float32)).astype(np.int64)
             remaining -= total
     perm = np.concatenate(perm_tiles) if perm_tiles else np.empty(0, np.int64)
     spare = np.flatnonzero(empty)
