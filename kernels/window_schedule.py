@@ -12,7 +12,7 @@ which tiles, on the device, before the attention kernels run:
   index arithmetic in the kernels (``_slot_patch``): nothing is copied, results land in token
   order.
 * **Query tiles** (``Config.query_order``) are ``spatial`` (the same squares), ``sorted``,
-  ``grouped`` or ``auto``:
+  ``grouped``, ``auto`` or ``best``:
 
   - ``sorted``: the patch queries ordered by a 4-D Morton code of their windows ``(x_left,
     y_top, x_right, y_bottom)`` and cut into chunks of ``BM``, so a tile holds queries with
@@ -26,11 +26,16 @@ which tiles, on the device, before the attention kernels run:
     the images. Only for ``TILED`` keys with ``BN <= unit`` (a key tile is one rectangle). It
     costs one device-to-host copy of the windows per schedule build (one sync on CUDA; the
     schedule is cached, see below).
-  - ``auto`` (default): every order that applies is scheduled and each image runs the one with
-    the fewest visited tiles (ties: spatial, then sorted), decided on the device. No single
-    order wins: AWD windows (a patch plus far-away partners) defeat spatial tiles and favour
-    ``grouped`` from ``n = 576`` on, large square windows favour spatial, small squares and
-    small grids often ``sorted`` (``bench/window_tile_order.py``).
+  - ``auto`` (default): ``spatial`` and ``sorted`` are scheduled and each image runs the one
+    with fewer visited tiles (ties: spatial), decided on the device: no host work, no sync.
+  - ``best``: ``auto`` plus ``grouped`` (where it applies), ties to spatial, then sorted. No
+    single order wins: AWD windows (a patch plus far-away partners) defeat spatial tiles and
+    favour ``grouped`` from ``n = 576`` on (0.69 instead of 0.73 of the 64 x 64 tiles at
+    ``n = 576``, 0.43 instead of 0.50 at ``n = 4096``), large square windows favour spatial,
+    small squares and small grids often ``sorted`` (``bench/window_tile_order.py``). It is not
+    the default because ``grouped`` runs on the host: about 3 ms per image at ``n = 576`` and
+    30-50 ms at ``n = 4096`` (one CPU thread) plus a sync, every time per-image windows change,
+    against a 10-15% cut of the attention kernels' tile visits; whether that pays needs GPU timings.
 
   Every ``perm`` has ``TQ * BM`` slots; the kernels bound their ``perm`` reads by that length,
   so a valid query may sit in a slot ``>= n``, and a tile with no valid query visits nothing.
@@ -76,7 +81,7 @@ __all__ = ["Config", "ROW_MAJOR", "TILED", "ORDERS", "QUERY_ORDERS", "slot_token
 
 ROW_MAJOR, TILED = 0, 1
 ORDERS = {"row_major": ROW_MAJOR, "tiled": TILED}
-QUERY_ORDERS = ("spatial", "sorted", "grouped", "auto")
+QUERY_ORDERS = ("spatial", "sorted", "grouped", "auto", "best")
 
 
 # ================================================================================ configuration
@@ -94,7 +99,7 @@ class Config:
     ``order`` the key layout, ``ROW_MAJOR`` or ``TILED``; ``unit`` the slots of one ``TILED``
     square (``TH x TW``, ``TW = 2^ceil(log2(unit) / 2)``: 8 x 8 for 64); ``query_order``
     ``"spatial"``, ``"sorted"``, ``"grouped"`` (``TILED`` with ``block_n <= unit`` only) or
-    ``"auto"`` (see the module docstring); ``num_warps``, ``num_stages`` (GPU only).
+    ``"auto"`` or ``"best"`` (see the module docstring); ``num_warps``, ``num_stages`` (GPU only).
     """
 
     block_m: int
@@ -139,8 +144,11 @@ class Config:
     @property
     def perm_orders(self) -> Tuple[str, ...]:
         """The query orders given by a ``perm`` that this config schedules, besides ``spatial``:
-        ``auto`` builds ``sorted`` and ``grouped`` (``sorted`` only where ``grouped`` does not apply)."""
+        ``auto`` builds ``sorted``; ``best`` builds ``sorted`` and ``grouped`` (``sorted`` only where
+        ``grouped`` does not apply)."""
         if self.query_order == "auto":
+            return ("sorted",)
+        if self.query_order == "best":
             return ("sorted", "grouped") if self.groups_queries else ("sorted",)
         return () if self.query_order == "spatial" else (self.query_order,)
 
@@ -519,15 +527,15 @@ def _keep_arg(key_keep: Optional[torch.Tensor], like: torch.Tensor) -> torch.Ten
     return key_keep.contiguous().view(torch.uint8)
 
 
-_QMODES = {"spatial": 0, "sorted": 1, "grouped": 1, "auto": 2}
+_QMODES = {"spatial": 0, "sorted": 1, "grouped": 1, "auto": 2, "best": 2}
 
 
 @dataclass
 class Schedule:
     """The tile schedule of one (mask, batch, config): what every kernel launch reads.
 
-    ``V`` query orders are scheduled (``auto``: spatial, then ``cfg.perm_orders``, i.e. 3 with
-    ``sorted`` and ``grouped``; else 1); ``Bs`` is 1 for shared windows without ``key_keep``,
+    ``V`` query orders are scheduled (``auto``/``best``: spatial, then ``cfg.perm_orders``, i.e. 2,
+    or 3 for ``best`` with ``grouped``; else 1); ``Bs`` is 1 for shared windows without ``key_keep``,
     else the batch. ``TQ`` is the largest number of query tiles of the orders built: ``grouped``
     tiles may be partly filled, so it can exceed ``cdiv(n, BM)``; rows without a valid query
     visit nothing and store nothing.
@@ -720,7 +728,8 @@ def tile_codes(windows: torch.Tensor, key_keep: Optional[torch.Tensor], grid: Tu
     of it: the kernels always visit the prefix keys (one narrow block) and the prefix queries
     visit every key tile. ``order`` ``"tiled"`` (default) or ``"row_major"`` (key layout);
     ``unit`` the tiled square (default 64, 8 x 8); ``query_order`` ``"auto"`` (default),
-    ``"spatial"``, ``"sorted"`` or ``"grouped"`` (``TQ`` may then exceed ``cdiv(n, block_m)``).
+    ``"spatial"``, ``"sorted"``, ``"grouped"`` or ``"best"`` (with ``grouped``, ``TQ`` may exceed
+    ``cdiv(n, block_m)``).
     """
     sched = _schedule_for(windows, key_keep, grid, num_prefix_tokens, batch_size, block_m, block_n, order, unit,
                           query_order)

@@ -87,13 +87,14 @@ CONFIGS = {
     "row_major_32x16_sorted": (32, 16, 0, 64, "sorted"),
     "tiled4x4_16x32_spatial": (16, 32, 1, 16, "spatial"),
     "tiled8x8_32x16_auto": (32, 16, 1, 64, "auto"),
+    "tiled4x4_best": (16, 16, 1, 16, "best"),
     "tiled4x4_grouped": (16, 16, 1, 16, "grouped"),
     "tiled8x8_16x16_grouped": (16, 16, 1, 64, "grouped"),  # key tiles of 8 x 2 patches
 }
 CASES = [("pinned", "local"), ("pinned", "keep"), ("pinned", "awd"), ("tiled4x4_sorted", "shared_square"),
          ("row_major_spatial", "keep"), ("row_major_32x16_sorted", "local"), ("tiled4x4_16x32_spatial", "keep"),
          ("tiled8x8_32x16_auto", "shared_square"), ("tiled4x4_grouped", "keep"), ("tiled4x4_grouped", "awd"),
-         ("tiled8x8_16x16_grouped", "local")]
+         ("tiled8x8_16x16_grouped", "local"), ("tiled4x4_best", "awd")]
 
 
 def masks_for(kind, B, grid, P):
@@ -200,8 +201,9 @@ def test_visited_tiles_are_the_touched_tiles(wa, ws, tiles, config, kind):
     check_schedule_and_values(wa, ws, tiles, ws.Config(bm, bn, order, unit, query_order), mask, B, P)
 
 
-def test_auto_query_order_takes_the_cheaper_schedule_per_image(tiles):
-    """``auto`` builds every query order and each image runs the one that visits fewest tiles."""
+def test_auto_and_best_query_orders_take_the_cheaper_schedule_per_image(tiles):
+    """``best`` builds every query order, ``auto`` spatial and sorted; each image runs the one that
+    visits fewest tiles."""
     grid, B = (12, 12), 2
     p = torch.arange(144)
     x, y = p % 12, p // 12
@@ -209,9 +211,10 @@ def test_auto_query_order_takes_the_cheaper_schedule_per_image(tiles):
     w = torch.stack([big, synthetic_awd_windows(grid, 1, 0.23, seed=4)[0]])
     mask = WindowMask(w, grid, 0).to(DEVICE)
     visited = {qo: (tiles.tile_codes(mask, B, 16, 16, unit=16, query_order=qo) > 0).sum((1, 2)).cpu()
-               for qo in ("spatial", "sorted", "grouped", "auto")}
+               for qo in ("spatial", "sorted", "grouped", "auto", "best")}
     best = torch.minimum(visited["spatial"], torch.minimum(visited["sorted"], visited["grouped"]))
-    assert torch.equal(visited["auto"], best)
+    assert torch.equal(visited["best"], best)
+    assert torch.equal(visited["auto"], torch.minimum(visited["spatial"], visited["sorted"]))
     assert visited["spatial"][0] == best[0] and visited["spatial"][1] > best[1], visited  # different orders
 
 
@@ -228,14 +231,14 @@ def square_windows(grid, r):
 PADDED = {
     "grouped_r0": ((16, 16, 1, 16, "grouped"), 0, False),   # image 0: 6 grouped tiles, 3 empty ones
     "grouped_r1_keep": ((16, 16, 1, 16, "grouped"), 1, True),
-    "auto_spatial_r0": ((16, 16, 1, 16, "auto"), 0, False),  # image 0 runs spatial: rows 6..8 hold no slot
-    "auto_grouped_r1": ((16, 16, 1, 16, "auto"), 1, False),  # image 0 runs grouped (6 tiles), image 1 sorted
+    "best_spatial_r0": ((16, 16, 1, 16, "best"), 0, False),  # image 0 runs spatial: rows 6..8 hold no slot
+    "best_grouped_r1": ((16, 16, 1, 16, "best"), 1, False),  # image 0 runs grouped (6 tiles), image 1 sorted
 }
 
 
 @pytest.mark.parametrize("case", list(PADDED))
 def test_padded_and_empty_query_tiles(wa, ws, tiles, case):
-    """Partly filled and empty query tiles (``grouped``, and ``auto`` mixing orders of different tile
+    """Partly filled and empty query tiles (``grouped``, and ``best`` mixing orders of different tile
     counts): an empty tile visits nothing and stores nothing; every patch query is in exactly one slot
     (some past slot n); outputs, LSE and gradients of every token match the reference."""
     (bm, bn, order, unit, query_order), r, with_keep = PADDED[case]
@@ -253,17 +256,17 @@ def test_padded_and_empty_query_tiles(wa, ws, tiles, case):
     codes = sched.chosen_codes().cpu()
     assert bool((filled == 0).any()), "no empty query tile"
     assert bool(((filled > 0) & (filled < bm)).any()), "no partly filled query tile"
-    cnt = sched.cnt[sched.choice.long(), torch.arange(B)] if query_order == "auto" else sched.cnt[0]
+    cnt = sched.cnt[sched.choice.long(), torch.arange(B)] if query_order in ("auto", "best") else sched.cnt[0]
     assert bool((codes[filled == 0] == 0).all()) and bool((cnt.cpu()[filled == 0] == 0).all())
     assert bool((slots[:, 72 // bm + 1:] >= 0).any()), "no valid query past slot n"
-    if query_order == "auto":
-        expect = {"auto_spatial_r0": [0, 1], "auto_grouped_r1": [2, 1]}[case]
+    if query_order in ("auto", "best"):
+        expect = {"best_spatial_r0": [0, 1], "best_grouped_r1": [2, 1]}[case]
         assert sched.choice.cpu().tolist() == expect
 
 
 def test_grouped_order_is_a_permutation_and_beats_sorted_on_awd(ws, tiles):
     """At n = 576 (24 x 24) with 64 x 64 tiles, the grouped order holds every patch exactly once and
-    visits fewer tiles than the window-sorted order on AWD windows; auto is never worse than any."""
+    visits fewer tiles than the window-sorted order on AWD windows; best is never worse than any."""
     grid, B = (24, 24), 2
     mask = WindowMask(synthetic_awd_windows(grid, B, 0.23, seed=0), grid, 1).to(DEVICE)
     cfg = ws.Config(64, 64, ws.TILED, 64, "grouped")
@@ -272,10 +275,10 @@ def test_grouped_order_is_a_permutation_and_beats_sorted_on_awd(ws, tiles):
     for b in range(B):
         assert torch.equal(perm[b][perm[b] >= 0].sort().values, torch.arange(576))
     visited = {qo: (tiles.tile_codes(mask, B, 64, 64, query_order=qo) > 0).sum((1, 2)).cpu()
-               for qo in ("spatial", "sorted", "grouped", "auto")}
+               for qo in ("spatial", "sorted", "grouped", "best")}
     assert visited["grouped"].sum() < visited["sorted"].sum(), visited
-    assert bool((visited["auto"] <= torch.minimum(visited["sorted"], visited["grouped"])).all()), visited
-    assert bool((visited["auto"] <= visited["spatial"]).all()), visited
+    assert bool((visited["best"] <= torch.minimum(visited["sorted"], visited["grouped"])).all()), visited
+    assert bool((visited["best"] <= visited["spatial"]).all()), visited
 
 
 def test_grouped_tiles_on_the_host(ws):
@@ -302,7 +305,8 @@ def test_grouped_needs_rectangular_key_tiles(ws, tiles):
         ws.Config(16, 16, ws.ROW_MAJOR, 64, "grouped")
     with pytest.raises(ValueError, match="grouped"):
         tiles.tile_schedule(mask, 1, 16, 64, unit=16, query_order="grouped")
-    assert ws.Config(16, 32, ws.TILED, 16, "auto").perm_orders == ("sorted",)  # auto falls back
+    assert ws.Config(16, 32, ws.TILED, 16, "best").perm_orders == ("sorted",)  # best falls back
+    assert ws.Config(16, 16, ws.TILED, 16, "auto").perm_orders == ("sorted",)  # auto: no host work
 
 
 def test_full_and_masked_branches_in_one_call(wa, ws):

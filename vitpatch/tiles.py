@@ -11,7 +11,8 @@ that has it (a few seconds).
 (default) or ``"row_major"`` is the key layout; ``unit`` the tiled square (default 64 = 8 x 8);
 ``query_order`` ``"spatial"``, ``"sorted"``, ``"grouped"`` (``TILED`` keys with ``block_n <=
 unit`` only; its tiles may be partly filled, so ``TQ`` can exceed ``cdiv(n, block_m)``) or
-``"auto"`` (default: each image runs whichever of them that applies visits the fewest tiles).
+``"auto"`` (default: each image runs whichever of spatial and sorted visits fewer tiles, on the
+device) or ``"best"`` (the same among all three; ``grouped`` runs on the host).
 See docs/math.md §1 for what is allowed and the kernel module's docstring for what the codes
 and orders mean.
 """
