@@ -775,13 +775,15 @@ def run_case(case: Case, cfg: Config, meta: Dict[str, Any], module) -> Dict[str,
                 gc.collect()
                 runs = []
                 for _ in range(max(1, cfg.memory_runs)):
-                    mem, method, note = peak_memory_child(case, cfg.child_timeout_s, cfg.threads)
-                    if mem is None:
-                        break
-                    runs.append(mem)
+                    mb, how, note = peak_memory_child(case, cfg.child_timeout_s, cfg.threads)
+                    if mb is None:
+                        break  # the note says why; the runs so far still count
+                    runs.append(mb)
+                    method = how
                 if runs:
                     mem = sorted(runs)[len(runs) // 2]
-                    method = f"median of {len(runs)} children, each: {method}"
+                    if len(runs) > 1:
+                        method = f"median of {len(runs)} children, each: {method}"
                     info.setdefault("extra", {})["peak_mem_runs_mb"] = [round(r, 3) for r in runs]
         except Exception as e:  # noqa: BLE001
             note = "memory: " + _short(e)

@@ -621,8 +621,8 @@ def build_schedule(windows: torch.Tensor, key_keep: Optional[torch.Tensor], grid
     ``perm`` is padded with ``-1`` to ``TQ * BM`` slots, ``TQ`` the largest tile count of the
     orders built (the spatial order's tiles past its slots and a short ``grouped`` image's last
     tiles hold no query). Then one ``_schedule_kernel`` launch schedules every order; ``auto``
-    (spatial, ``sorted`` and, where it applies, ``grouped``) then runs ``_choice_kernel`` and
-    gathers the chosen perm of each image on the device.
+    (spatial and ``sorted``) and ``best`` (also ``grouped``, where it applies) then run
+    ``_choice_kernel``, and ``best`` gathers the chosen perm of each image on the device.
     """
     gh, gw = grid
     n = gh * gw

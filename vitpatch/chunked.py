@@ -288,6 +288,10 @@ def _build_plan(mask: WindowMask, B: int, h: int, d: int, acc: torch.dtype) -> _
     capped = needs_mask and dense_ok and not isinstance(_FORCE_PLAN, tuple)  # the memory rule applies
     footprint = {"dense": float(mask_bytes)}
 
+    def group_bytes(g: float, k: float) -> float:
+        """Bytes of one group of ``g`` queries over ``k`` keys in a pack: q/k/v/out and grads, its mask."""
+        return esize * (H * d * 4 * (g + k) + g * k)
+
     keep = None if mask.key_keep is None else mask.key_keep.cpu()
     best = None
     if n > _GROUP_SIZES[0] or isinstance(_FORCE_PLAN, tuple):
@@ -320,7 +324,7 @@ def _build_plan(mask: WindowMask, B: int, h: int, d: int, acc: torch.dtype) -> _
             Ka = K[active].double()
             pairs = float(Ka.sum()) * G * H * _PAD_SLACK
             kmean = float(Ka.mean()) if Ka.numel() else 1.0
-            group_bytes = esize * (H * d * 4 * (G + kmean) + G * kmean)  # a group's q/k/v/out and grads
+            gbytes = group_bytes(G, kmean)
             # held by the plan: the groups' additive masks and gather indices (int64, with heads)
             held = float(Ka.sum()) * (G * esize + 8 * H) + 8 * H * G * float(active.sum())
             limit = base_limit
@@ -328,15 +332,15 @@ def _build_plan(mask: WindowMask, B: int, h: int, d: int, acc: torch.dtype) -> _
                 # held + twice a pack (its tensors, and as much inside the fused backward: measured,
                 # a grouped step's peak RSS exceeds this estimate by up to 2x) <= half the dense mask
                 limit = min(limit, int((mask_bytes / 2 - held) / 2))
-                if limit < group_bytes:
-                    footprint[f"grouped{G}"] = held + 2 * group_bytes
+                if limit < gbytes:
+                    footprint[f"grouped{G}"] = held + 2 * gbytes
                     continue  # even one group per pack may take more memory than the dense call
-            per_pack = max(1, int(limit // group_bytes))                  # groups per pack (at least one)
+            per_pack = max(1, int(limit // gbytes))                       # groups per pack (at least one)
             packs = -(-int(active.sum()) // per_pack) + 2
             cost = (_pair_ns(pairs, G, int(kmean), d, True) + packs * _CALL_NS
                     + _GATHER_NS * H * d * float((2 * G + 2 * Ka).sum()) + prefix_cost)
             estimates[f"grouped{G}"] = cost
-            footprint[f"grouped{G}"] = held + 2 * min(float(limit), per_pack * group_bytes)
+            footprint[f"grouped{G}"] = held + 2 * min(float(limit), per_pack * gbytes)
             if best is None or cost < best[0]:
                 best = (cost, G, qloc, valid, cov, K, active, limit)
 
@@ -359,9 +363,6 @@ def _build_plan(mask: WindowMask, B: int, h: int, d: int, acc: torch.dtype) -> _
     _, G, qloc, valid, cov, K, active, limit = best
     plan = _Plan("grouped", per_image, G, estimates=estimates, footprint=footprint, zero_rows=bool(empty.any()))
     w = mask.batch_windows(Bw).cpu().long()
-
-    def group_bytes(g: int, k: int) -> int:
-        return esize * (H * d * 4 * (g + k) + g * k)
 
     if P:
         plan.packs += _prefix_packs(mask, B, Bw, N, P, keep, empty, acc, limit, group_bytes, h * N)
