@@ -416,23 +416,46 @@ def quantiles_ms(times_ms: Sequence[float]) -> Tuple[float, float, float]:
 def time_cpu(prep: Prepared, warmup: int, min_reps: int, max_reps: int, budget_s: float) -> Timing:
     """Wall-clock median of ``step`` on CPU: ``warmup`` untimed calls, then at least ``min_reps``
     and at most ``max_reps`` timed calls, stopping once ``budget_s`` of timed calls is spent."""
-    for _ in range(warmup):
-        prep.run_setup()
-        prep.clear_grads()
-        prep.run_step()
-    times = []
+    return time_cpu_interleaved([prep], warmup, min_reps, max_reps, budget_s)[0]
+
+
+def time_cpu_interleaved(preps: Sequence[Prepared], warmup: int, min_reps: int, max_reps: int,
+                         budget_s: float) -> List[Timing]:
+    """:func:`time_cpu` for several prepared cases at once, in rounds: each round times one call
+    of every case in turn (starting one case later each round), so a slow phase of the machine
+    (frequency, other tenants) falls on all of them alike and their ratios keep only the cases'
+    own difference. At least ``min_reps`` and at most ``max_reps`` rounds, stopping once
+    ``budget_s`` per case is spent."""
+    for prep in preps:
+        for _ in range(warmup):
+            prep.run_setup()
+            prep.clear_grads()
+            prep.run_step()
+    times: List[List[float]] = [[] for _ in preps]
     spent = 0.0
-    while len(times) < max_reps and (len(times) < min_reps or spent < budget_s):
-        prep.run_setup()
-        prep.clear_grads()
-        with prep._ctx():
-            t0 = time.perf_counter()
-            prep.step()
-            dt = time.perf_counter() - t0
-        times.append(dt * 1e3)
-        spent += dt
-    med, p20, p80 = quantiles_ms(times)
-    return Timing(med, p20, p80, len(times), f"cpu wall-clock perf_counter, {warmup} warm-up, median of {len(times)}")
+    budget = budget_s * len(preps)
+    rounds = 0
+    while rounds < max_reps and (rounds < min_reps or spent < budget):
+        first = rounds % len(preps)  # each round starts one case later: no case always follows the same one
+        for i in list(range(first, len(preps))) + list(range(first)):
+            prep, ts = preps[i], times[i]
+            prep.run_setup()
+            prep.clear_grads()
+            with prep._ctx():
+                t0 = time.perf_counter()
+                prep.step()
+                dt = time.perf_counter() - t0
+            ts.append(dt * 1e3)
+            spent += dt
+        rounds += 1
+    how = "cpu wall-clock perf_counter, {w} warm-up, median of {n}" + (
+        f", interleaved round-robin with {len(preps) - 1} other case(s) of the same shape and mode"
+        if len(preps) > 1 else "")
+    out = []
+    for ts in times:
+        med, p20, p80 = quantiles_ms(ts)
+        out.append(Timing(med, p20, p80, len(ts), how.format(w=warmup, n=len(ts))))
+    return out
 
 
 def time_cuda(prep: Prepared, warmup_ms: int, rep_ms: int) -> Timing:
@@ -731,13 +754,21 @@ def _short(e: BaseException) -> str:
     return re.sub(r"\s+", " ", text)[:400]
 
 
-def run_case(case: Case, cfg: Config, meta: Dict[str, Any], module) -> Dict[str, Any]:
-    """Build, time and measure one case; always returns a row (status says whether it ran)."""
+def _cpu_timing_args(case: Case, cfg: Config) -> Tuple[int, int, int, float]:
+    warmup, lo, hi, budget = cfg.cpu_timing()
+    if cfg.repeats is None and "repeats" in case.options:
+        lo = hi = int(case.options["repeats"])
+    if cfg.warmup is None and "warmup" in case.options:
+        warmup = int(case.options["warmup"])
+    return warmup, lo, hi, budget
+
+
+def _build(case: Case, cfg: Config, meta: Dict[str, Any], module):
+    """``(prep, info, base_bytes, None)`` or ``(None, info, 0, failure row)``."""
     torch = _torch()
     on_cuda = case.device == "cuda"
     info: Dict[str, Any] = {}
     base = 0
-    prep = None
     try:
         if on_cuda:
             gc.collect()
@@ -745,30 +776,29 @@ def run_case(case: Case, cfg: Config, meta: Dict[str, Any], module) -> Dict[str,
             base = torch.cuda.memory_allocated()
         torch.manual_seed(0)
         prep = module.build(case, check=cfg.check)
-        info = dict(prep.info)
-        if on_cuda:
-            timing = time_cuda(prep, *cfg.cuda_timing(case.op))
-        else:
-            warmup, lo, hi, budget = cfg.cpu_timing()
-            if cfg.repeats is None and "repeats" in case.options:
-                lo = hi = int(case.options["repeats"])
-            if cfg.warmup is None and "warmup" in case.options:
-                warmup = int(case.options["warmup"])
-            timing = time_cpu(prep, warmup, lo, hi, budget)
-    except Unsupported as e:
-        return make_row(meta, case, info=info, status="unsupported", note=str(e))
-    except NotImplementedError as e:
-        return make_row(meta, case, info=info, status="unsupported", note=_short(e))
+        return prep, dict(prep.info), base, None
     except Exception as e:  # noqa: BLE001 - one failing case must not end the run
-        prep = None
-        if on_cuda:
-            torch.cuda.empty_cache()
-        return make_row(meta, case, info=info, status="oom" if _is_oom(e) else "error", note=_short(e))
+        return None, info, 0, _failure_row(case, meta, info, e)
+
+
+def _failure_row(case: Case, meta: Dict[str, Any], info: Dict[str, Any], e: BaseException) -> Dict[str, Any]:
+    if isinstance(e, Unsupported):
+        return make_row(meta, case, info=info, status="unsupported", note=str(e))
+    if isinstance(e, NotImplementedError):
+        return make_row(meta, case, info=info, status="unsupported", note=_short(e))
+    if case.device == "cuda":
+        _torch().cuda.empty_cache()
+    return make_row(meta, case, info=info, status="oom" if _is_oom(e) else "error", note=_short(e))
+
+
+def _finish(case: Case, cfg: Config, meta: Dict[str, Any], prep: Prepared, info: Dict[str, Any], base: int,
+            timing: Timing) -> Dict[str, Any]:
+    """Peak memory of a timed case and its row; drops ``prep`` before the CPU memory children run."""
     items = prep.items_per_step
     mem, method, note = None, None, None
     if cfg.memory:
         try:
-            if on_cuda:
+            if case.device == "cuda":
                 mem, method = peak_memory_cuda(prep, base), CUDA_MEM_METHOD
             else:
                 prep = None
@@ -792,31 +822,107 @@ def run_case(case: Case, cfg: Config, meta: Dict[str, Any], module) -> Dict[str,
                     items_per_step=items)
 
 
+def run_case(case: Case, cfg: Config, meta: Dict[str, Any], module) -> Dict[str, Any]:
+    """Build, time and measure one case; always returns a row (status says whether it ran)."""
+    return run_group([case], cfg, meta, module)[0]
+
+
+def run_group(cases: Sequence[Case], cfg: Config, meta: Dict[str, Any], module) -> List[Dict[str, Any]]:
+    """Build, time and measure cases that are compared with each other; one row per case, in order.
+
+    On CPU the cases that build are timed together (:func:`time_cpu_interleaved`, with the first
+    case's timer settings); on CUDA, or for a single case, each is timed alone. Memory is measured
+    per case after all the timing.
+    """
+    if len(cases) > 1 and cases[0].device == "cpu":
+        built = [_build(c, cfg, meta, module) for c in cases]
+        live = [i for i, b in enumerate(built) if b[0] is not None]
+        rows: List[Optional[Dict[str, Any]]] = [b[3] for b in built]
+        if live:
+            try:
+                timings = time_cpu_interleaved([built[i][0] for i in live], *_cpu_timing_args(cases[live[0]], cfg))
+            except Exception:  # noqa: BLE001 - find the failing case: time each alone
+                timings = None
+            for j, i in enumerate(live):
+                prep, info, base, _ = built[i]
+                built[i] = (None, info, base, None)
+                if timings is None:
+                    rows[i] = _time_and_finish(cases[i], cfg, meta, prep, info, base)
+                else:
+                    rows[i] = _finish(cases[i], cfg, meta, prep, info, base, timings[j])
+                prep = None
+        return rows  # type: ignore[return-value]
+    out = []
+    for case in cases:
+        prep, info, base, failed = _build(case, cfg, meta, module)
+        out.append(failed if prep is None else _time_and_finish(case, cfg, meta, prep, info, base))
+    return out
+
+
+def _time_and_finish(case: Case, cfg: Config, meta: Dict[str, Any], prep: Prepared, info: Dict[str, Any],
+                     base: int) -> Dict[str, Any]:
+    try:
+        if case.device == "cuda":
+            timing = time_cuda(prep, *cfg.cuda_timing(case.op))
+        else:
+            timing = time_cpu(prep, *_cpu_timing_args(case, cfg))
+    except Exception as e:  # noqa: BLE001
+        return _failure_row(case, meta, info, e)
+    return _finish(case, cfg, meta, prep, info, base, timing)
+
+
+def timing_groups(cases: Sequence[Case], module) -> List[List[Case]]:
+    """``cases`` in groups timed together: ``module.timing_group(case)`` (a hashable, or ``None`` for
+    a case timed alone) collects cases compared with each other; a group sits where its first case
+    was. A module without ``timing_group`` times every case alone."""
+    key_of = getattr(module, "timing_group", None)
+    groups: List[List[Case]] = []
+    index: Dict[Any, int] = {}
+    for case in cases:
+        key = key_of(case) if key_of is not None else None
+        if key is None:
+            groups.append([case])
+        elif key in index:
+            groups[index[key]].append(case)
+        else:
+            index[key] = len(groups)
+            groups.append([case])
+    return groups
+
+
 def run_cases(cases: Sequence[Case], cfg: Config, meta: Dict[str, Any], module, out_dir=None,
               log: Callable[[str], None] = print) -> Tuple[List[Dict[str, Any]], int]:
-    """Run ``cases`` of one module; append each row to ``out_dir`` as soon as it exists.
+    """Run ``cases`` of one module (:func:`timing_groups`, :func:`run_group`); append each row to
+    ``out_dir`` as soon as its group has run.
 
     Returns ``(rows, skipped)``: cases not started because the deadline passed write no row.
     """
     rows: List[Dict[str, Any]] = []
     skipped = 0
+    done = 0
     names: Dict[str, str] = {}
-    for i, case in enumerate(cases):
+    groups = timing_groups(cases, module) if cfg.device == "cpu" else [[c] for c in cases]
+    for group in groups:
         if cfg.deadline is not None and time.monotonic() > cfg.deadline:
-            skipped = len(cases) - i
+            skipped = len(cases) - done
             log(f"  time limit reached: {skipped} case(s) of {module.__name__} not run (no rows written for them)")
             break
-        if case.device not in names:
-            names[case.device] = device_name(case.device)
+        for case in group:
+            if case.device not in names:
+                names[case.device] = device_name(case.device)
         t0 = time.perf_counter()
-        row = run_case(case, cfg, meta, module)
-        rows.append(row)
-        if out_dir is not None:
-            append_rows(rows_path(out_dir, row["device"]), [row])
-        what = (f"{row['median_ms']:.3f} ms" if row["median_ms"] is not None else row["status"])
-        mem = f", {row['peak_mem_mb']:.1f} MiB" if row["peak_mem_mb"] is not None else ""
-        log(f"  [{i + 1}/{len(cases)}] {case.describe()}: {what}{mem} ({time.perf_counter() - t0:.1f} s)"
-            + (f" - {row['note']}" if row["status"] != "ok" and row["note"] else ""))
+        group_rows = run_group(group, cfg, meta, module)
+        dt = time.perf_counter() - t0
+        for case, row in zip(group, group_rows):
+            done += 1
+            rows.append(row)
+            if out_dir is not None:
+                append_rows(rows_path(out_dir, row["device"]), [row])
+            what = (f"{row['median_ms']:.3f} ms" if row["median_ms"] is not None else row["status"])
+            mem = f", {row['peak_mem_mb']:.1f} MiB" if row["peak_mem_mb"] is not None else ""
+            log(f"  [{done}/{len(cases)}] {case.describe()}: {what}{mem} ({dt:.1f} s"
+                + (f" for {len(group)} interleaved" if len(group) > 1 else "") + ")"
+                + (f" - {row['note']}" if row["status"] != "ok" and row["note"] else ""))
     return rows, skipped
 
 

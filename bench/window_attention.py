@@ -84,6 +84,14 @@ def cases(cfg: Config) -> List[Case]:
     return out
 
 
+def timing_group(case: Case):
+    """Cases timed together on CPU (:func:`bench.harness.time_cpu_interleaved`): every impl and
+    window of one problem size and mode, so the ratios to ``sdpa_mask`` and ``sdpa_dense`` come
+    from calls made in the same rounds."""
+    s = case.shape
+    return (case.op, case.mode, case.dtype, s["B"], s["h"], s["N"], s["d"])
+
+
 # ------------------------------------------------------------------------------------ masks
 @functools.lru_cache(maxsize=8)
 def _awd_windows(side: int, batch: int, density: float):

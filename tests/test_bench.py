@@ -232,3 +232,60 @@ def test_non_finite_values_become_null_and_are_reported():
     assert row["max_abs_err"] is None and row["extra"]["non_finite"] == {"max_abs_err": "nan"}
     assert harness.validate_row(row) == []
     json.dumps(row, allow_nan=False)
+
+
+def test_interleaved_timing_runs_cases_in_rotating_rounds():
+    calls = []
+
+    def prep(name):
+        return harness.Prepared(step=lambda: calls.append(name), setup=lambda: calls.append(name + ".setup"))
+
+    a, b, c = prep("a"), prep("b"), prep("c")
+    timings = harness.time_cpu_interleaved([a, b, c], warmup=1, min_reps=4, max_reps=4, budget_s=0.0)
+    steps = [x for x in calls if "." not in x]
+    assert steps[:3] == ["a", "b", "c"]  # the warm-up, one call each
+    # four timed rounds, each starting one case later
+    assert steps[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert calls.count("a.setup") == 5  # every call, warm-up included, gets its untimed set-up
+    assert [t.n_repeats for t in timings] == [4, 4, 4]
+    assert all("interleaved" in t.timer and t.median_ms >= 0 for t in timings)
+    alone = harness.time_cpu(a, warmup=0, min_reps=2, max_reps=2, budget_s=0.0)
+    assert alone.n_repeats == 2 and "interleaved" not in alone.timer
+
+
+def test_timing_groups_collect_one_size_and_mode_in_first_seen_order():
+    from bench import window_attention
+
+    def case(impl, mode, N, window=None):
+        shape = {"B": 2, "h": 4, "N": N, "d": 32}
+        if window:
+            shape.update(window=window, grid=[8, 8], P=1)
+        return harness.Case(window_attention.MODULE, window_attention.OP, impl, mode, shape)
+
+    cases = [case("sdpa_dense", "fwd", 65), case("sdpa_dense", "bwd", 65), case("vitpatch", "fwd", 65, "r0"),
+             case("sdpa_mask", "fwd", 65, "r0"), case("vitpatch", "fwd", 197, "r0"), case("vitpatch", "bwd", 65, "r0")]
+    groups = harness.timing_groups(cases, window_attention)
+    assert [[c.impl + "/" + c.mode + "/" + str(c.shape["N"]) for c in g] for g in groups] == [
+        ["sdpa_dense/fwd/65", "vitpatch/fwd/65", "sdpa_mask/fwd/65"],
+        ["sdpa_dense/bwd/65", "vitpatch/bwd/65"],
+        ["vitpatch/fwd/197"]]
+    assert [len(g) for g in harness.timing_groups(cases, object())] == [1] * len(cases)  # no timing_group
+
+
+def test_a_group_with_a_failing_build_still_times_the_rest():
+    import types
+
+    def build(case, check=True):
+        if case.impl == "broken":
+            raise RuntimeError("cannot build")
+        return harness.Prepared(step=lambda: None)
+
+    module = types.SimpleNamespace(build=build, __name__="fake")
+    cfg = harness.Config(quick=True, memory=False, repeats=3)
+    cases = [harness.Case("fake", "window_attention", impl, "fwd", {"B": 1, "h": 1, "N": 4, "d": 2})
+             for impl in ("a", "broken", "b")]
+    rows = harness.run_group(cases, cfg, META, module)
+    assert [r["impl"] for r in rows] == ["a", "broken", "b"]
+    assert [r["status"] for r in rows] == ["ok", "error", "ok"]
+    assert rows[0]["n_repeats"] == 3 and "interleaved round-robin with 1 other" in rows[0]["timer"]
+    assert "cannot build" in rows[1]["note"]
