@@ -59,3 +59,21 @@ def test_import_does_no_work():
             "'triton', 'vitpatch.analysis') if m in sys.modules]; print(mods)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_flags_are_read_at_call_time(monkeypatch):
+    from vitpatch import _env
+    q, k, v = qkv(1, 1, 4, 8, device="cpu")
+    monkeypatch.delenv("VITPATCH_BACKEND", raising=False)
+    monkeypatch.delenv("VITPATCH_CHUNK_MB", raising=False)
+    assert functional.backend_for("window_attention", q) == "torch"
+    assert _env.chunk_budget_bytes() == 64 * 2**20
+    monkeypatch.setenv("VITPATCH_BACKEND", " Reference ")
+    monkeypatch.setenv("VITPATCH_CHUNK_MB", "0.5")
+    assert functional.backend_for("window_attention", q) == "reference"
+    assert _env.chunk_budget_bytes() == 2**19
+    monkeypatch.setenv("VITPATCH_BACKEND", "  ")  # blank: no override
+    assert _env.backend_override() is None
+    monkeypatch.delenv("VITPATCH_BACKEND")
+    monkeypatch.delenv("VITPATCH_CHUNK_MB")
+    assert _env.backend_override() is None and _env.chunk_budget_bytes() == 64 * 2**20

@@ -38,7 +38,7 @@ def check_same(tensors, names) -> None:
 def check_qkv(q, k, v, *, self_attention: bool = True) -> Tuple[int, int, int, int]:
     """Check ``q (B, h, N, d)``, ``k, v (B, h, Nk, d)``; ``Nk == N`` when ``self_attention``."""
     if not (type(q) is type(k) is type(v) is torch.Tensor and q.dim() == k.dim() == v.dim() == 4
-            and q.dtype == k.dtype == v.dtype and q.dtype in FLOAT_DTYPES and q.device == k.device == v.device):
+            and q.dtype is k.dtype is v.dtype and q.dtype in FLOAT_DTYPES and q.device == k.device == v.device):
         for t, n in ((q, "q"), (k, "k"), (v, "v")):  # the slow path says what is wrong
             check_tensor(t, n, 4)
         check_same((q, k, v), ("q", "k", "v"))
@@ -67,6 +67,8 @@ def check_scale(scale, d: int) -> float:
     """The softmax scale: ``d ** -0.5`` by default, else a positive finite number."""
     if scale is None:
         return d ** -0.5
+    if type(scale) is float and 0.0 < scale < float("inf"):  # the common call, without the ABC check
+        return scale
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (0 < float(scale) < float("inf")):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     return float(scale)

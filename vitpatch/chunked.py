@@ -577,15 +577,17 @@ def window_attention(q, k, v, mask: WindowMask, scale: float) -> torch.Tensor:
     alike windows, each over the keys its windows reach, packed into a few fused SDPA calls.
     Memory ``O(B h N d)`` plus one pack (or the dense call's mask, at most half the budget).
     """
-    plan = _window_plan(mask, *q.shape[:2], q.shape[3], _acc_dtype(q))  # inputs checked by the caller
+    B, h, _, d = q.shape  # inputs checked by the caller
+    dtype = q.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    plan = _window_plan(mask, B, h, d, acc)
     if plan.kind == "dense":
-        acc, dtype = _acc_dtype(q), q.dtype
         if dtype != acc:
             q, k, v = q.to(acc), k.to(acc), v.to(acc)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.bias, scale=scale)
         if plan.ok is not None:
             out = out * plan.ok
-        return out if out.dtype == dtype else out.to(dtype)
+        return out if dtype == acc else out.to(dtype)
     return _WindowAttention.apply(q, k, v, plan, scale)
 
 
