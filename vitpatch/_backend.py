@@ -81,7 +81,7 @@ def choose(op: str, *tensors: torch.Tensor, args: tuple = ()) -> Tuple[str, Opti
     if forced in ("torch", "reference"):
         _debug("%s: backend %s forced by VITPATCH_BACKEND", op, forced)
         return forced, None
-    on_cuda = not tensors or (tensors[0].is_cuda and all(t.is_cuda for t in tensors[1:]))
+    on_cuda = len(tensors) == 0 or (tensors[0].is_cuda and all(t.is_cuda for t in tensors[1:]))
     if forced is None and not on_cuda:  # the common CPU call: no kernel lookup (it costs more than a small op)
         _debug("%s: backend torch (CPU tensors)", op)
         return "torch", None
