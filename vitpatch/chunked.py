@@ -578,8 +578,7 @@ def window_attention(q, k, v, mask: WindowMask, scale: float) -> torch.Tensor:
     Memory ``O(B h N d)`` plus one pack (or the dense call's mask, at most half the budget).
     """
     B, h, _, d = q.shape  # inputs checked by the caller
-    dtype = q.dtype
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    dtype, acc = q.dtype, _acc_dtype(q)
     plan = _window_plan(mask, B, h, d, acc)
     if plan.kind == "dense":
         if dtype != acc:
