@@ -32,10 +32,7 @@ _KEYS: dict = {}   # flag name -> its key in os.environ._data, filled on first r
 
 def backend_override() -> str | None:
     """The backend forced by ``VITPATCH_BACKEND``, or ``None`` when it is unset or empty."""
-    value = _get("VITPATCH_BACKEND", "")
-    if not value:
-        return None
-    value = value.strip().lower()
+    value = _get("VITPATCH_BACKEND", "").strip().lower()
     if not value:
         return None
     if value not in BACKENDS:
