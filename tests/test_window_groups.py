@@ -137,6 +137,27 @@ def test_half_precision_and_noncontiguous_inputs(force):
                             [q, k, v], noncontig=True)
 
 
+@pytest.mark.parametrize("layout", ["padded_rows", "strided_d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dense_plan_on_strided_inputs(force, layout, dtype):
+    """The dense plan calls PyTorch's fused CPU kernel directly when ``d`` has unit stride (rows of a
+    padded buffer, as q/k/v sliced out of a qkv projection are) and SDPA otherwise (``d`` strided)."""
+    force("dense")
+    grid, P, B = (5, 7), 1, 2
+    mask = WindowMask(_windows("per_image", B, grid, seed=11), grid, P)
+
+    def run(q, k, v):
+        if layout == "strided_d":  # the same values with stride(-1) = N: SDPA's own choice
+            q, k, v = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v))
+            assert q.stride(-1) != 1
+        return chunked.window_attention(q, k, v, mask, 0.3)
+
+    q, k, v = qkv(B, 2, mask.seq_len, 8, dtype=dtype, device="cpu")
+    check_against_reference(run, lambda q, k, v: reference.window_attention(q, k, v, mask, scale=0.3),
+                            [q, k, v], noncontig=layout == "padded_rows")
+    assert chunked.window_plan(mask, q).kind == "dense"
+
+
 def test_cost_estimate_picks_groups_for_small_windows_and_dense_for_full(monkeypatch):
     """The choice is made from the O(n) windows: no N x N mask is built on the grouped side."""
     grid, P = (32, 32), 1

@@ -37,13 +37,18 @@ def check_same(tensors, names) -> None:
 
 def check_qkv(q, k, v, *, self_attention: bool = True) -> Tuple[int, int, int, int]:
     """Check ``q (B, h, N, d)``, ``k, v (B, h, Nk, d)``; ``Nk == N`` when ``self_attention``."""
-    if not (type(q) is type(k) is type(v) is torch.Tensor and q.dim() == k.dim() == v.dim() == 4
-            and q.dtype is k.dtype is v.dtype and q.dtype in FLOAT_DTYPES and q.device == k.device == v.device):
-        for t, n in ((q, "q"), (k, "k"), (v, "v")):  # the slow path says what is wrong
-            check_tensor(t, n, 4)
-        check_same((q, k, v), ("q", "k", "v"))
+    if type(q) is type(k) is type(v) is torch.Tensor and q.dtype is k.dtype is v.dtype \
+            and q.dtype in FLOAT_DTYPES and q.device == k.device == v.device:
+        shape = q.shape
+        if len(shape) == 4 and k.shape == shape and v.shape == shape:  # the common self-attention call
+            if shape[2] == 0:
+                raise ValueError("k and v must have at least one key")
+            return shape
+    for t, n in ((q, "q"), (k, "k"), (v, "v")):  # the slow path says what is wrong
+        check_tensor(t, n, 4)
+    check_same((q, k, v), ("q", "k", "v"))
     B, h, N, d = q.shape
-    if k.shape == v.shape == q.shape:  # the common self-attention call
+    if k.shape == v.shape == q.shape:
         if k.shape[2] == 0:
             raise ValueError("k and v must have at least one key")
         return B, h, N, d

@@ -16,14 +16,12 @@ def _get(name: str, default: str) -> str:
     one (POSIX ``os.environ._data``, which every ``os.environ[...] = ...`` updates). Every op call
     reads two flags; through ``os.environ.get`` (three Python frames) that cost 7-10 us per flag
     after an attention call had evicted them from the caches, measured at N = 65."""
-    data = getattr(os.environ, "_data", None)
-    encode = getattr(os.environ, "encodekey", None)
-    if data is None or encode is None:
-        return os.environ.get(name, default)
     key = _KEYS.get(name)
     if key is None:
-        key = _KEYS[name] = encode(name)
-    raw = data.get(key)
+        if getattr(os.environ, "_data", None) is None or getattr(os.environ, "encodekey", None) is None:
+            return os.environ.get(name, default)
+        key = _KEYS[name] = os.environ.encodekey(name)
+    raw = os.environ._data.get(key)
     return default if raw is None else os.environ.decodevalue(raw)
 
 
@@ -32,7 +30,10 @@ _KEYS: dict = {}   # flag name -> its key in os.environ._data, filled on first r
 
 def backend_override() -> str | None:
     """The backend forced by ``VITPATCH_BACKEND``, or ``None`` when it is unset or empty."""
-    value = _get("VITPATCH_BACKEND", "").strip().lower()
+    value = _get("VITPATCH_BACKEND", "")
+    if not value:  # the common call: unset
+        return None
+    value = value.strip().lower()
     if not value:
         return None
     if value not in BACKENDS:

@@ -10,7 +10,8 @@ The PyTorch path (:mod:`vitpatch.chunked`) takes the validated inputs with a
 ``winft_attention(q, k, v, scale, mode, target) -> (out, loss, gate_sum)``,
 ``cluster_pool(logits, x)``, ``cluster_attention(q, k, v, scale)``. The Triton kernels are
 the bottom layer and take raw tensors and sizes instead of a mask
-(:func:`_window_args`, :func:`_target_args` unpack it).
+(``q, k, v, windows, key_keep, grid, num_prefix_tokens, scale`` for window attention;
+:func:`_target_args` unpacks a WinfT target).
 """
 from __future__ import annotations
 
@@ -29,11 +30,6 @@ def backend_for(op: str, *tensors: torch.Tensor, args: tuple = ()) -> str:
     if op not in _backend.KERNEL_MODULES:
         raise ValueError(f"op must be one of {sorted(_backend.KERNEL_MODULES)}, got {op!r}")
     return _backend.choose(op, *tensors, args=args)[0]
-
-
-def _window_args(mask: WindowMask) -> tuple:
-    """What the window kernel takes in place of a mask: ``(windows, key_keep, grid, num_prefix_tokens)``."""
-    return mask.windows, mask.key_keep, mask.grid, mask.num_prefix_tokens
 
 
 def _target_args(target: Optional[WindowMask]) -> tuple:
@@ -66,10 +62,14 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows,
         ``(B, h, N, d)`` in the dtype of ``q``.
     """
     B, h, N, d = _checks.check_qkv(q, k, v)
-    mask = _checks.as_window_mask(windows, grid, num_prefix_tokens, key_keep, q.device)
-    mask.check(B, N)
-    scale = _checks.check_scale(scale, d)
-    raw = (q, k, v, *_window_args(mask), scale)
+    if type(windows) is WindowMask and grid is None and key_keep is None and not num_prefix_tokens \
+            and windows.seq_len == N and windows.batch_size in (None, B) and windows.windows.device == q.device:
+        mask = windows  # the common call (every block of a ViT), without the checks' frames: it passes them
+    else:
+        mask = _checks.as_window_mask(windows, grid, num_prefix_tokens, key_keep, q.device)
+        mask.check(B, N)
+    scale = d ** -0.5 if scale is None else _checks.check_scale(scale, d)
+    raw = (q, k, v, mask.windows, mask.key_keep, mask.grid, mask.num_prefix_tokens, scale)  # what the kernel takes
     backend, fn = _backend.choose("window_attention", q, k, v, args=raw)
     if backend == "reference":
         return reference.window_attention(q, k, v, mask, scale=scale)

@@ -217,13 +217,13 @@ class WindowMask:
                 self.windows.to(device, non_blocking=True), self.grid, self.num_prefix_tokens, kk, self.batch_size)
         return self._device_cache[key]
 
-    def memo(self, key, build):
-        """``build()``, computed once per ``key`` for this mask (e.g. a chunk plan shared by every block
-        of a ViT); recomputed if the windows or ``key_keep`` tensors were modified in place."""
+    def memo(self, key, build, *args):
+        """``build(*args)``, computed once per ``key`` for this mask (e.g. a chunk plan shared by every
+        block of a ViT); recomputed if the windows or ``key_keep`` tensors were modified in place."""
         version = (self.windows._version, None if self.key_keep is None else self.key_keep._version)
         hit = self._memo.get(key)
         if hit is None or hit[0] != version:
-            hit = self._memo[key] = (version, build())
+            hit = self._memo[key] = (version, build(*args))
         return hit[1]
 
     def check(self, batch_size: int, seq_len: int, name: str = "windows") -> None:
