@@ -226,13 +226,14 @@ def square_windows(grid, r):
                         (y + r).clamp(max=gh - 1)], -1)
 
 
-# (config, windows of image 0): image 1 always has AWD windows whose grouped order needs 9 tiles of
-# 16 on the 8 x 9 grid (n = 72, cdiv(n, 16) = 5), so every other row of TQ = 9 ends in empty tiles
+# (config, windows of image 0): image 1 always has AWD windows whose grouped order needs 7 tiles of
+# 16 on the 8 x 9 grid (n = 72, cdiv(n, 16) = 5) and visits fewer tiles than sorted and spatial, so
+# every other row of TQ = 7 ends in empty tiles
 PADDED = {
-    "grouped_r0": ((16, 16, 1, 16, "grouped"), 0, False),   # image 0: 6 grouped tiles, 3 empty ones
+    "grouped_r0": ((16, 16, 1, 16, "grouped"), 0, False),   # image 0: 6 grouped tiles, 1 empty one
     "grouped_r1_keep": ((16, 16, 1, 16, "grouped"), 1, True),
-    "best_spatial_r0": ((16, 16, 1, 16, "best"), 0, False),  # image 0 runs spatial: rows 6..8 hold no slot
-    "best_grouped_r1": ((16, 16, 1, 16, "best"), 1, False),  # image 0 runs grouped (6 tiles), image 1 sorted
+    "best_spatial_r0": ((16, 16, 1, 16, "best"), 0, False),  # image 0 runs spatial: row 6 holds no slot
+    "best_grouped_r1": ((16, 16, 1, 16, "best"), 1, False),  # image 0 runs grouped (5 tiles), image 1 too (7)
 }
 
 
@@ -243,14 +244,14 @@ def test_padded_and_empty_query_tiles(wa, ws, tiles, case):
     (some past slot n); outputs, LSE and gradients of every token match the reference."""
     (bm, bn, order, unit, query_order), r, with_keep = PADDED[case]
     grid, P, B = (8, 9), 1, 2
-    w = torch.stack([square_windows(grid, r), synthetic_awd_windows(grid, 1, 0.23, seed=2)[0]])
+    w = torch.stack([square_windows(grid, r), synthetic_awd_windows(grid, 1, 0.23, seed=23)[0]])
     keep = None
     if with_keep:
         keep = torch.rand(B, P + 72, generator=torch.Generator().manual_seed(3)) > 0.3
     mask = WindowMask(w, grid, P, keep).to(DEVICE)
     cfg = ws.Config(bm, bn, order, unit, query_order)
     sched = check_schedule_and_values(wa, ws, tiles, cfg, mask, B, P, h=2)
-    assert sched.tq == 9
+    assert sched.tq == 7
     slots = sched.query_tokens().cpu().reshape(B, sched.tq, bm)
     filled = (slots >= 0).sum(2)
     codes = sched.chosen_codes().cpu()
@@ -260,7 +261,7 @@ def test_padded_and_empty_query_tiles(wa, ws, tiles, case):
     assert bool((codes[filled == 0] == 0).all()) and bool((cnt.cpu()[filled == 0] == 0).all())
     assert bool((slots[:, 72 // bm + 1:] >= 0).any()), "no valid query past slot n"
     if query_order in ("auto", "best"):
-        expect = {"best_spatial_r0": [0, 1], "best_grouped_r1": [2, 1]}[case]
+        expect = {"best_spatial_r0": [0, 2], "best_grouped_r1": [2, 2]}[case]
         assert sched.choice.cpu().tolist() == expect
 
 
@@ -296,6 +297,80 @@ def test_grouped_tiles_on_the_host(ws):
     assert sorted(b[b >= 0].tolist()) == list(range(256))
     assert np.isin(np.arange(5), b).all()
 
+
+def union_cost(w, perm, bm, kw, kh):
+    """Sum over the tiles of ``perm`` of the key tiles (kw x kh patches) their windows touch, counted
+    cell by cell (independent of the schedule's own helpers); empty windows touch nothing."""
+    total = 0
+    for tile in perm.reshape(-1, bm):
+        cells = set()
+        for x0, y0, x1, y1 in w[tile[tile >= 0]].tolist():
+            cells.update((cx, cy) for cx in range(x0 // kw, x1 // kw + 1) for cy in range(y0 // kh, y1 // kh + 1))
+        total += len(cells)
+    return total
+
+
+def random_windows(rng, grid, n_empty):
+    """Random rectangles anywhere on the grid (not around their patch), ``n_empty`` of them empty."""
+    gh, gw = grid
+    n = gh * gw
+    xs, ys = np.sort(rng.integers(0, gw, (n, 2)), 1), np.sort(rng.integers(0, gh, (n, 2)), 1)
+    small = rng.random(n) < 0.6  # most windows small, so that tiles have something to share
+    xs[small, 1] = np.minimum(xs[small, 0] + rng.integers(0, 3, small.sum()), gw - 1)
+    ys[small, 1] = np.minimum(ys[small, 0] + rng.integers(0, 3, small.sum()), gh - 1)
+    w = np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], 1).astype(np.int64)
+    e = rng.choice(n, n_empty, replace=False)
+    w[e[: n_empty // 2]] = [3, 3, 2, 2]                        # x0 > x1
+    w[e[n_empty // 2:], 1], w[e[n_empty // 2:], 3] = 4, 1      # y0 > y1
+    return w
+
+
+@pytest.mark.parametrize("bm,kw,kh", [(16, 4, 4), (32, 8, 2), (64, 8, 8), (64, 8, 4)])
+def test_grouped_tiles_contract_on_random_windows(ws, bm, kw, kh):
+    """The refined grouped tiles keep the contract on arbitrary windows with empty ones: int64, whole
+    tiles of bm slots, every query exactly once, no tile without a non-empty window before the spare
+    tiles, empty windows only in slots the non-empty windows leave as padding (the tiles of the others
+    are exactly those computed without the empty windows), deterministic, never more tiles nor a
+    larger union cost than the plain cover greedy."""
+    rng = np.random.default_rng(bm + kh)
+    for grid, n_empty in [((5, 7), 4), ((16, 16), 0), ((13, 29), 40), ((4, 4), 16), ((1, 1), 0)]:
+        n = grid[0] * grid[1]
+        w = random_windows(rng, grid, n_empty)
+        perm = ws._grouped_tiles(w, bm, kw, kh)
+        assert perm.dtype == np.int64 and perm.ndim == 1 and perm.size % bm == 0
+        assert np.array_equal(np.sort(perm[perm >= 0]), np.arange(n))
+        assert np.array_equal(perm, ws._grouped_tiles(w.copy(), bm, kw, kh))
+        empty = (w[:, 0] > w[:, 2]) | (w[:, 1] > w[:, 3])
+        real = np.flatnonzero(~empty)
+        sub = ws._grouped_tiles(w[real], bm, kw, kh)             # the same queries, renumbered
+        alone = np.where(sub >= 0, real[np.maximum(sub, 0)], -1)
+        head = perm[:alone.size].copy()
+        head[(head >= 0) & empty[np.maximum(head, 0)]] = -1
+        assert np.array_equal(head, alone), "empty windows moved a query of a non-empty window"
+        tail = perm[alone.size:]
+        assert empty[tail[tail >= 0]].all(), "a non-empty window in a spare tile"
+        assert all((t >= 0).any() for t in alone.reshape(-1, bm)), "a tile without a query"
+        greedy = ws._greedy_tiles(w, bm, kw, kh)
+        assert perm.size <= greedy.size
+        assert union_cost(w, perm, bm, kw, kh) <= union_cost(w, greedy, bm, kw, kh)
+
+
+def test_grouped_tiles_refinement_beats_the_cover_greedy_on_awd(ws):
+    """At n = 576 (24 x 24) on AWD windows with 64 x 64 and 64 x 32 tiles of 8 x 8 squares, the refined
+    tiles visit strictly fewer key tiles than the plain cover greedy's in every image, at least 5% fewer
+    in all (measured: 112 -> 101 and 208 -> 195 over the two images); no tile holds more than 64 queries."""
+    grid = (24, 24)
+    windows = synthetic_awd_windows(grid, 2, 0.23, seed=0).numpy()
+    for kh in (8, 4):
+        new = old = 0
+        for w in windows:
+            perm, greedy = ws._grouped_tiles(w, 64, 8, kh), ws._greedy_tiles(w, 64, 8, kh)
+            assert perm.size % 64 == 0 and np.array_equal(np.sort(perm[perm >= 0]), np.arange(576))
+            assert int((perm.reshape(-1, 64) >= 0).sum(1).max()) <= 64
+            c, g = union_cost(w, perm, 64, 8, kh), union_cost(w, greedy, 64, 8, kh)
+            assert c < g, (kh, c, g)
+            new, old = new + c, old + g
+        assert new <= 0.95 * old, (kh, new, old)
 
 def test_grouped_needs_rectangular_key_tiles(ws, tiles):
     mask = WindowMask.square((4, 4), 1)
