@@ -372,6 +372,7 @@ def test_grouped_tiles_refinement_beats_the_cover_greedy_on_awd(ws):
             new, old = new + c, old + g
         assert new <= 0.95 * old, (kh, new, old)
 
+
 def test_grouped_needs_rectangular_key_tiles(ws, tiles):
     mask = WindowMask.square((4, 4), 1)
     with pytest.raises(ValueError, match="grouped"):
