@@ -8,9 +8,10 @@ kernel's choice, on both sides:
   2-D squares: ``tiled_8x8`` = 64 patches per square; ``tiled_4x4`` = 16-patch squares, so a
   64-token tile is a 16 x 4 strip of four of them);
 * query tiles: ``spatial`` (the same layout as the keys), ``sorted`` (queries ordered by a 4-D
-  Morton code of their windows, so a tile holds queries with similar windows), ``grouped`` (a
-  cover greedy: each tile takes up to BM queries whose key-tile rectangles lie inside one
-  rectangle; tiles may be partly filled, so there can be more than ``cdiv(n, BM)``), or ``auto``
+  Morton code of their windows, so a tile holds queries with similar windows), ``grouped`` (made on
+  the host: a cover greedy, each tile taking up to BM queries whose key-tile rectangles lie
+  inside one rectangle, then a local search that shrinks the tiles' unions; tiles may be partly
+  filled, so there can be more than ``cdiv(n, BM)``), or ``auto``
   (``spatial`` and ``sorted`` built, each image runs the one that visits fewer tiles; the
   default) or ``best`` (the same over all three).
   ``tiled_8x8/auto`` is derived from the spatial and sorted rows (per image the cheaper, ties to

@@ -17,25 +17,30 @@ which tiles, on the device, before the attention kernels run:
   - ``sorted``: the patch queries ordered by a 4-D Morton code of their windows ``(x_left,
     y_top, x_right, y_bottom)`` and cut into chunks of ``BM``, so a tile holds queries with
     similar windows and the union of its windows stays small.
-  - ``grouped``: a cover greedy on the host (:func:`grouped_perm`). A query's *signature* is its
-    window quantised to the key-tile grid, exactly the rectangle of key tiles it touches; each
-    new tile takes up to ``BM`` queries whose signatures lie inside one signature rectangle
-    ``R``, the ``R`` with the most such queries (at most ``BM``) per key tile. Tiles may be partly filled
-    (padding slots, ``-1`` in ``perm``), so there can be more than ``cdiv(n, BM)`` of them (1.0
-    to 1.5x on AWD windows, up to 2.8x on radius-1 squares); ``TQ`` is the largest count over
-    the images. Only for ``TILED`` keys with ``BN <= unit`` (a key tile is one rectangle). It
-    costs one device-to-host copy of the windows per schedule build (one sync on CUDA; the
-    schedule is cached, see below).
+  - ``grouped``: tiles made on the host (:func:`grouped_perm`) to minimise the key tiles they
+    visit. A query's *signature* is its window quantised to the key-tile grid, exactly the
+    rectangle of key tiles it touches, and a tile visits the union of its queries' signatures.
+    A cover greedy makes the tiles (each new tile takes up to ``BM`` queries whose signatures lie
+    inside one signature rectangle ``R``, the ``R`` with the most such queries, at most ``BM``,
+    per key tile); a local search then moves whole signature groups between tiles, merges partly
+    filled tiles, and cuts a row, a column or a whole tile out of a tile's union where the
+    displaced queries fit into tiles whose unions already hold them (:func:`_grouped_tiles`).
+    Tiles may be partly filled (padding slots, ``-1`` in ``perm``), so there can be more than
+    ``cdiv(n, BM)`` of them (1.0 to 1.5x on AWD windows, up to 2.8x on radius-1 squares); ``TQ``
+    is the largest count over the images. Only for ``TILED`` keys with ``BN <= unit`` (a key
+    tile is one rectangle). It costs one device-to-host copy of the windows per schedule build
+    (one sync on CUDA; the schedule is cached, see below).
   - ``auto`` (default): ``spatial`` and ``sorted`` are scheduled and each image runs the one
     with fewer visited tiles (ties: spatial), decided on the device: no host work, no sync.
   - ``best``: ``auto`` plus ``grouped`` (where it applies), ties to spatial, then sorted. No
     single order wins: AWD windows (a patch plus far-away partners) defeat spatial tiles and
-    favour ``grouped`` from ``n = 576`` on (0.69 instead of 0.73 of the 64 x 64 tiles at
-    ``n = 576``, 0.43 instead of 0.50 at ``n = 4096``), large square windows favour spatial,
-    small squares and small grids often ``sorted`` (``bench/window_tile_order.py``). It is not
-    the default because ``grouped`` runs on the host: about 3 ms per image at ``n = 576`` and
-    30-50 ms at ``n = 4096`` (one CPU thread) plus a sync, every time per-image windows change,
-    against a 10-15% cut of the attention kernels' tile visits; whether that pays needs GPU timings.
+    favour ``grouped`` (at density 0.23 with 64 x 64 tiles, 0.62 instead of ``auto``'s 0.73 of
+    the tiles at ``n = 576``, 0.42 instead of 0.50 at ``n = 4096``), large square windows
+    favour spatial, small squares and small grids often ``sorted``
+    (``bench/window_tile_order.py``). It is not the default because ``grouped`` runs on the
+    host: about 15 ms per image at ``n = 576`` and 60-150 ms at ``n = 4096`` (one CPU thread)
+    plus a sync, every time per-image windows change, against a 15% cut of the attention
+    kernels' tile visits; whether that pays needs GPU timings.
 
   Every ``perm`` has ``TQ * BM`` slots; the kernels bound their ``perm`` reads by that length,
   so a valid query may sit in a slot ``>= n``, and a tile with no valid query visits nothing.
