@@ -38,7 +38,7 @@ which tiles, on the device, before the attention kernels run:
     the tiles at ``n = 576``, 0.42 instead of 0.50 at ``n = 4096``), large square windows
     favour spatial, small squares and small grids often ``sorted``
     (``bench/window_tile_order.py``). It is not the default because ``grouped`` runs on the
-    host: about 15 ms per image at ``n = 576`` and 60-150 ms at ``n = 4096`` (one CPU thread)
+    host: 15-25 ms per image at ``n = 576`` and 85-170 ms at ``n = 4096`` (one CPU thread)
     plus a sync, every time per-image windows change, against a 15% cut of the attention
     kernels' tile visits; whether that pays needs GPU timings.
 
@@ -533,8 +533,8 @@ class _CutSearch:
 
 
 # The refinement after the cover greedy: (candidate order, tried moves) per cut-search pass, and the
-# hand-overs per augmenting path. 32 tries in all keep the host time near 15 ms per image at n = 576
-# and 60-150 ms at n = 4096 (one CPU thread, AWD windows; the greedy alone: 2 ms, 15-45 ms); a pass
+# hand-overs per augmenting path. 32 tries in all keep the host time at 15-25 ms per image at n = 576
+# and 85-170 ms at n = 4096 (one CPU thread, AWD windows; the greedy alone: 2 ms, 25-50 ms); a pass
 # ends earlier where no strip can be cut. More tries found nothing more at n = 576 and under 0.5%
 # fewer visited tiles at n = 4096.
 _CUT_PASSES = (("ratio", 16), ("disp", 16))
