@@ -48,10 +48,6 @@ def check_qkv(q, k, v, *, self_attention: bool = True) -> Tuple[int, int, int, i
         check_tensor(t, n, 4)
     check_same((q, k, v), ("q", "k", "v"))
     B, h, N, d = q.shape
-    if k.shape == v.shape == q.shape:
-        if k.shape[2] == 0:
-            raise ValueError("k and v must have at least one key")
-        return B, h, N, d
     for t, n in ((k, "k"), (v, "v")):
         if t.shape[0] != B:
             raise ValueError(f"{n} has batch {t.shape[0]} but q has batch {B} (q {tuple(q.shape)}, {n} {tuple(t.shape)})")

@@ -62,13 +62,9 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows,
         ``(B, h, N, d)`` in the dtype of ``q``.
     """
     B, h, N, d = _checks.check_qkv(q, k, v)
-    if type(windows) is WindowMask and grid is None and key_keep is None and not num_prefix_tokens \
-            and windows.seq_len == N and windows.batch_size in (None, B) and windows.windows.device == q.device:
-        mask = windows  # the common call (every block of a ViT), without the checks' frames: it passes them
-    else:
-        mask = _checks.as_window_mask(windows, grid, num_prefix_tokens, key_keep, q.device)
-        mask.check(B, N)
-    scale = d ** -0.5 if scale is None else _checks.check_scale(scale, d)
+    mask = _checks.as_window_mask(windows, grid, num_prefix_tokens, key_keep, q.device)
+    mask.check(B, N)
+    scale = _checks.check_scale(scale, d)
     raw = (q, k, v, mask.windows, mask.key_keep, mask.grid, mask.num_prefix_tokens, scale)  # what the kernel takes
     backend, fn = _backend.choose("window_attention", q, k, v, args=raw)
     if backend == "reference":
