@@ -230,14 +230,13 @@ def _cover_greedy(us: np.ndarray, cnt: np.ndarray, bm: int) -> np.ndarray:
     """
     S = us.shape[0]
     area = ((us[:, 2] - us[:, 0] + 1) * (us[:, 3] - us[:, 1] + 1)).astype(np.float64)
-    # float32 products (BLAS) are exact: every partial sum is an integer <= n < 2^24
     cnt_f = cnt.astype(np.float32)
     inside_all = _contains(us, us) if S <= 3072 else None     # [R, s]: s inside R (at most 9.4 MB)
     raw = np.empty(S, np.int64)        # raw[R]: unassigned queries whose signature lies inside R
     step = max(1, (1 << 22) // S)      # chunks: memory O(S * 4096)
     for a in range(0, S, step):
         inside = inside_all[a:a + step] if inside_all is not None else _contains(us[a:a + step], us)
-        raw[a:a + step] = np.rint(inside.astype(np.float32) @ cnt_f)
+        raw[a:a + step] = _count_product(inside, cnt_f)
     left = cnt.astype(np.int64)
     by_size = np.argsort(-area, kind="stable")               # larger signatures first, then lexicographic
     remaining = int(left.sum())
@@ -256,7 +255,7 @@ def _cover_greedy(us: np.ndarray, cnt: np.ndarray, bm: int) -> np.ndarray:
         rows.append(row)
         left[cand] -= take
         holders = inside_all[:, cand] if inside_all is not None else _contains(us, us[cand])
-        raw -= np.rint(holders.astype(np.float32) @ take.astype(np.float32)).astype(np.int64)
+        raw -= _count_product(holders, take)
         remaining -= int(take.sum())
     return np.array(rows, np.int64).reshape(-1, S)
 
@@ -271,9 +270,11 @@ def _sig_cells(us: np.ndarray) -> Tuple[np.ndarray, int, int]:
     return (iny[:, :, None] & inx[:, None, :]).reshape(us.shape[0], ny * nx), ny, nx
 
 
-def _cell_counts(H: np.ndarray, sig_f: np.ndarray) -> np.ndarray:
-    """``[t, c]``: members of tile ``t`` whose signature covers cell ``c`` (float32 products: exact, < 2^24)."""
-    return np.rint(H.astype(np.float32) @ sig_f).astype(np.int64)
+def _count_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` of count (or 0/1) matrices, exactly, as int64: float32 products (BLAS) are exact since
+    every partial sum is an integer below 2^24 (at most n queries). E.g. ``_count_product(H, sig)[t, c]``:
+    the members of tile ``t`` whose signature covers cell ``c``."""
+    return np.rint(a.astype(np.float32, copy=False) @ b.astype(np.float32, copy=False)).astype(np.int64)
 
 
 def _group_moves(H: np.ndarray, sig: np.ndarray, bm: int, max_rounds: int = 64) -> np.ndarray:
@@ -289,7 +290,7 @@ def _group_moves(H: np.ndarray, sig: np.ndarray, bm: int, max_rounds: int = 64) 
     H = H.copy()
     T = H.shape[0]
     sig_f = sig.astype(np.float32)
-    cnt = _cell_counts(H, sig_f)
+    cnt = _count_product(H, sig_f)
     for _ in range(max_rounds):
         fill = H.sum(1)
         open_ = np.flatnonzero((fill > 0) & (fill < bm))     # only these can take a query or merge
@@ -298,14 +299,14 @@ def _group_moves(H: np.ndarray, sig: np.ndarray, bm: int, max_rounds: int = 64) 
         a_i, s_i = np.nonzero(H)
         h_i = H[a_i, s_i]
         freed = (sig[s_i] & (cnt[a_i] == h_i[:, None])).sum(1)
-        added = np.rint(sig_f @ (cnt[open_] == 0).T.astype(np.float32)).astype(np.int64)   # (S, open)
+        added = _count_product(sig_f, (cnt[open_] == 0).T)   # (S, open)
         gain = freed[:, None] - added[s_i]
         ok = ((bm - fill[open_])[None, :] >= h_i[:, None]) & (a_i[:, None] != open_[None, :])
         gain = np.where(ok, gain, 0)
         merge = gain.max(initial=0) <= 0
         if merge:
             occ = (cnt[open_] > 0).astype(np.float32)
-            gain = np.rint(occ @ occ.T).astype(np.int64)
+            gain = _count_product(occ, occ.T)
             ok = fill[open_][:, None] + fill[open_][None, :] <= bm
             np.fill_diagonal(ok, False)
             gain = np.where(ok, gain, 0)
@@ -358,9 +359,9 @@ class _CutSearch:
         self.sig_f = sig.astype(np.float32)
         self.bm, self.ny, self.nx, self.depth = bm, ny, nx, depth
         self.fill = self.H.sum(1)
-        self.M = _cell_counts(self.H, self.sig_f) > 0
+        self.M = _count_product(self.H, self.sig_f) > 0
         self.F = self._fits(self.M.T)
-        self.A = np.rint(self.H.astype(np.float32) @ self.F.astype(np.float32)).astype(np.int64)   # exact
+        self.A = _count_product(self.H, self.F)
         self.checks = 0
         self.touched = []
 
@@ -475,7 +476,7 @@ class _CutSearch:
             self._set_fits(t, old)
             return False
         self.touched = sorted({e[0] for e in journal})
-        occ = _cell_counts(self.H[self.touched], self.sig_f) > 0
+        occ = _count_product(self.H[self.touched], self.sig_f) > 0
         self.M[self.touched] = occ
         cols = self._fits(occ.T)
         for j, tt in enumerate(self.touched):
