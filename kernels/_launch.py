@@ -29,7 +29,8 @@ Every kernel file and the compile gate (``python -m bench.compile``) read this m
   (on ``meta`` tensors, with nothing run) and :func:`forcing` pins a unit's configuration, so
   the gate compiles exactly what the launchers launch, with their own argument lists.
 
-Nothing here imports ``vitpatch`` beyond :mod:`vitpatch._env`, and nothing runs at import.
+Nothing here imports ``vitpatch`` beyond :mod:`vitpatch._env` and :mod:`vitpatch._compat`, and nothing runs
+at import.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from triton.runtime.jit import JITFunction
 
-from vitpatch import _env
+from vitpatch import _compat, _env
 
 __all__ = ["interpreting", "interpreter", "kernel", "helper", "Kernel", "dot_precision", "precision_label",
            "LaunchConfig", "CANDIDATES", "INTERPRET", "configs", "candidates", "shipped", "supports", "forcing",
@@ -55,11 +56,14 @@ _FORCE_INTERPRET: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVa
                                                                                  default=None)
 
 
+@torch.compiler.assume_constant_result
 def interpreting() -> bool:
     """Whether kernels launched now run in Triton's interpreter (CPU tensors).
 
     ``TRITON_INTERPRET``, unless an :func:`interpreter` block (yes) or :func:`recording` (no:
-    the compile gate records GPU launches) decides.
+    the compile gate records GPU launches) decides. A constant under ``torch.compile`` (read once
+    at trace time: dynamo before torch 2.12 cannot trace ``ContextVar.get``; see
+    :mod:`vitpatch._compat`).
     """
     forced_mode = _FORCE_INTERPRET.get()
     return _env.triton_interpret() if forced_mode is None else forced_mode
@@ -127,6 +131,9 @@ class Kernel:
 
     @functools.cached_property
     def interpreted(self):
+        problem = _compat.interpreter_problem()
+        if problem:
+            raise RuntimeError(f"cannot interpret {self.__name__}: {problem}")
         from triton.runtime.interpreter import InterpretedFunction
         return InterpretedFunction(_plain(self.fn))
 
@@ -314,13 +321,17 @@ def configs(unit: str, dtype: torch.dtype, head_dim: int) -> List[LaunchConfig]:
     return found
 
 
+@torch.compiler.assume_constant_result
 def supports(units, dtype: torch.dtype, head_dim: int) -> Optional[str]:
     """Why the kernels of ``units`` cannot run ``dtype`` at ``head_dim`` on this GPU now, or ``None``.
 
-    Always ``None`` in the interpreter (its pinned configurations run every case).
+    In the interpreter ``None`` (its pinned configurations run every case), unless the installed
+    triton and numpy cannot interpret at all (:func:`vitpatch._compat.interpreter_problem`). Under
+    ``torch.compile`` the answer is taken once at trace time (it reads the launch-policy state and
+    the GPU, which traced code may not; :mod:`vitpatch._compat`).
     """
     if interpreting():
-        return None
+        return _compat.interpreter_problem()
     for unit in units:
         if not shipped(unit, dtype, head_dim):
             label = precision_label(dtype, unit in EXACT_UNITS)

@@ -22,8 +22,25 @@ def dtypes_for(backend: str, device=DEVICE):
     return ALL_DTYPES
 
 
+def interpreter_problem():
+    """Why the Triton kernels cannot run in this process's tests, or ``None``: on CPU they run in
+    Triton's interpreter, which some triton / numpy pairs cannot run (:mod:`vitpatch._compat`)."""
+    if DEVICE.type != "cpu" or importlib.util.find_spec("triton") is None:
+        return None
+    from vitpatch import _compat
+    return _compat.interpreter_problem()
+
+
+def needs_interpreter():
+    """A ``skipif`` mark for tests that run Triton kernels (in the interpreter on CPU)."""
+    import pytest
+    problem = interpreter_problem()
+    return pytest.mark.skipif(problem is not None, reason=problem or "")
+
+
 def require_kernel(op: str, backend: str) -> None:
-    """Skip a ``triton`` run for an op that has no kernel (yet): never report a PyTorch run as the kernel's."""
+    """Skip a ``triton`` run for an op that has no kernel (yet), or whose kernel cannot run here
+    (the interpreter of this triton / numpy pair): never report a PyTorch run as the kernel's."""
     import pytest
     from vitpatch import _backend
 
@@ -32,6 +49,9 @@ def require_kernel(op: str, backend: str) -> None:
             pytest.skip("triton is not installed")
         if _backend.kernel(op) is None:
             pytest.skip(f"no Triton kernel for {op}")
+        problem = interpreter_problem()
+        if problem:
+            pytest.skip(problem)
 
 
 def rand(*shape, dtype=torch.float32, device=DEVICE, scale=1.0):

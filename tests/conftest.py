@@ -11,7 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from _helpers import BACKEND_PARAMS, DEVICE  # noqa: E402
+from _helpers import BACKEND_PARAMS, DEVICE, interpreter_problem  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -27,5 +27,7 @@ def device():
 @pytest.fixture(params=BACKEND_PARAMS)
 def backend(request, monkeypatch):
     """Run the test under each backend: the PyTorch path and, where the op has one, the Triton kernel."""
+    if request.param == "triton" and interpreter_problem():
+        pytest.skip(interpreter_problem())
     monkeypatch.setenv("VITPATCH_BACKEND", request.param)
     return request.param

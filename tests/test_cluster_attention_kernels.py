@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 from vitpatch import functional, reference
 
-from _helpers import DEVICE, TOL, assert_close, check_against_reference, qkv, rand, require_kernel
+from _helpers import DEVICE, TOL, assert_close, check_against_reference, needs_interpreter, qkv, rand, require_kernel
+
+pytestmark = needs_interpreter()
 
 F32 = TOL[torch.float32]
 

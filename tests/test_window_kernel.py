@@ -10,9 +10,10 @@ import torch
 from vitpatch import WindowMask, functional, reference
 from vitpatch.masks import synthetic_awd_windows
 
-from _helpers import DEVICE, TOL, assert_close, check_against_reference, qkv, require_kernel
+from _helpers import DEVICE, TOL, assert_close, check_against_reference, needs_interpreter, qkv, require_kernel
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
+              needs_interpreter()]
 
 OP = "window_attention"
 

@@ -9,7 +9,10 @@ import torch
 
 from vitpatch import WindowMask, functional, reference
 
-from _helpers import DEVICE, assert_close, check_against_reference, qkv, random_windows, require_kernel
+from _helpers import (DEVICE, assert_close, check_against_reference, needs_interpreter, qkv, random_windows,
+                      require_kernel)
+
+pytestmark = needs_interpreter()
 
 OP = "winft_attention"
 
