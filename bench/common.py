@@ -5,7 +5,7 @@ import contextlib
 import os
 from typing import Any, Callable, Optional, Sequence
 
-from .harness import Prepared
+from .harness import Prepared, Unsupported
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -35,10 +35,48 @@ def attention_inputs(case):
     return q, k, v, d ** -0.5, {"extra": {}}
 
 
-def sdpa_dense_case(q, k, v, scale: float, mode: str, info: dict) -> Prepared:
-    """The dense SDPA anchor (flash where the device has it) on the same inputs."""
+# SDPA backends of the GPU anchors: impl name -> torch.nn.attention.SDPBackend member
+SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}
+
+
+def attention_flop(B: int, h: int, N: int, d: int, mode: str, Nk: Optional[int] = None) -> float:
+    """Matmul FLOP of dense attention: ``4 B h N Nk d`` forward (``QK^T`` and ``PV``), 2.5x that
+    backward (``dV``, ``dP``, ``dS`` to ``dQ`` and ``dK``: five products of the same size)."""
+    fwd = 4.0 * B * h * N * (N if Nk is None else Nk) * d
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
+
+
+def sdpa_dense_case(q, k, v, scale: float, mode: str, info: dict, backend: Optional[str] = None) -> Prepared:
+    """The dense SDPA anchor on the same inputs: PyTorch's own backend choice (flash where the
+    device has it), or one backend forced (``backend``: a key of :data:`SDPA_BACKENDS`; CUDA only,
+    an ``unsupported`` row where this torch or GPU lacks it)."""
     import torch.nn.functional as F
-    return autograd_case(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale), (q, k, v), mode, info=info)
+    B, h, N, d = q.shape
+    info["flop_dense"] = info["flop_visited"] = attention_flop(B, h, N, d, mode, k.shape[2])
+    if backend is None:
+        return autograd_case(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale), (q, k, v), mode, info=info)
+    if not q.is_cuda:
+        raise Unsupported(f"{backend} is a CUDA anchor")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    member = getattr(SDPBackend, SDPA_BACKENDS[backend], None)
+    if member is None:
+        raise Unsupported(f"this torch has no SDPBackend.{SDPA_BACKENDS[backend]}")
+    info["extra"]["sdpa_backend"] = SDPA_BACKENDS[backend]
+
+    def fwd():
+        with sdpa_kernel(member):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    try:
+        with torch_no_grad_if(mode == "fwd"):
+            fwd()
+    except RuntimeError as e:  # the backend refuses this device, dtype or shape
+        raise Unsupported(f"SDPBackend.{SDPA_BACKENDS[backend]}: {str(e).splitlines()[0][:160]}") from None
+    return autograd_case(fwd, (q, k, v), mode, info=info)
+
+
+def torch_no_grad_if(flag: bool):
+    import torch
+    return torch.no_grad() if flag else contextlib.nullcontext()
 
 
 def _as_tuple(out) -> tuple:

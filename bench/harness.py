@@ -86,9 +86,10 @@ REQUIRED_KEYS: Dict[str, tuple] = {
 
 # Which ratios the table prints, per op: (subject impl, anchor impl), time and memory.
 RATIO_PAIRS: Dict[str, List[Tuple[str, str]]] = {
-    "window_attention": [("vitpatch", "sdpa_dense"), ("vitpatch", "sdpa_mask"), ("vitpatch", "reference"),
-                         ("vitpatch", "flex"), ("vitpatch", "flex+build")],
-    "winft_attention": [("vitpatch", "sdpa_dense"), ("vitpatch", "reference")],
+    "window_attention": [("vitpatch", "sdpa_dense"), ("vitpatch", "sdpa_flash"), ("vitpatch", "sdpa_cudnn"),
+                         ("vitpatch", "sdpa_mask"), ("vitpatch", "reference"), ("vitpatch", "flex"),
+                         ("vitpatch", "flex+build")],
+    "winft_attention": [("vitpatch", "sdpa_dense"), ("vitpatch", "sdpa_qk"), ("vitpatch", "reference")],
     "cluster_pool": [("vitpatch", "reference"), ("vitpatch", "pvt_sra")],
     "cluster_attention": [("vitpatch", "reference"), ("vitpatch", "sdpa")],
     "paca_layer": [("vitpatch", "reference"), ("vitpatch", "pvt_sra")],
@@ -331,6 +332,12 @@ def make_row(meta: Dict[str, Any], case: Case, *, timing: Optional[Timing] = Non
         row["extra"]["non_finite"] = non_finite
     if items_per_step and timing and timing.median_ms > 0:
         row["img_per_s"] = items_per_step / (timing.median_ms / 1000.0)
+    # attention rows: matmul FLOP of the dense problem and of the pairs this impl actually
+    # visits (tiles, blocks), as TFLOP/s at the median time
+    for key in ("flop_dense", "flop_visited"):
+        flop = row["extra"].pop(key, None)
+        if flop is not None and timing and timing.median_ms and timing.median_ms > 0:
+            row["tflops_" + key[len("flop_"):]] = flop / (timing.median_ms * 1e-3) / 1e12
     return row
 
 

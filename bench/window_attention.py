@@ -4,6 +4,8 @@ Impls (row ``impl``):
   ``vitpatch``    :func:`vitpatch.functional.window_attention` (the row's ``backend`` says which ran)
   ``reference``   :func:`vitpatch.reference.window_attention` (dense mask, ``(B, h, N, N)`` logits)
   ``sdpa_dense``  ``F.scaled_dot_product_attention`` with no mask: full attention, the speed to beat
+  ``sdpa_flash``  the same with the flash backend forced (CUDA only)
+  ``sdpa_cudnn``  the same with cuDNN's attention forced (CUDA only)
   ``sdpa_mask``   SDPA with the boolean mask from :meth:`WindowMask.dense` (built outside the timing)
   ``flex``        ``torch.compile``-d FlexAttention with a block mask from the windows (built outside)
   ``flex_build``  building that block mask alone (``create_block_mask``)
@@ -16,7 +18,11 @@ N = 4097 at densities 0.05 and 0.23). Shared (square) windows use a batch-1 mask
 broadcast it); AWD windows are per image. One prefix token (CLS). ``vitpatch`` rows carry the
 kernel schedule's visited-tile fraction (``visited_tile_fraction``, from :mod:`vitpatch.tiles`,
 under Triton's interpreter on CPU) and, on the PyTorch path, the CPU plan (``extra.cpu_plan``,
-``cpu_pair_fraction``: the share of the ``B h N^2`` pairs the plan computes).
+``cpu_pair_fraction``: the share of the ``B h N^2`` pairs the plan computes); on CUDA also the
+schedule's build time alone (``extra.schedule_build_ms``, not part of ``median_ms`` once cached).
+Every timed row carries ``tflops_dense`` (the dense problem's matmul FLOP over the time) and
+``tflops_visited`` (the FLOP of the pairs the impl computes: the visited tiles for ``vitpatch``,
+the non-empty blocks for Flex, everything for SDPA and the reference).
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import contextlib
 import functools
 from typing import Any, Dict, List, Optional, Tuple
 
-from .common import attention_inputs, autograd_case, max_abs_err, sdpa_dense_case
+from .common import SDPA_BACKENDS, attention_flop, attention_inputs, autograd_case, max_abs_err, sdpa_dense_case
 from .harness import Case, Config, Prepared, Unsupported
 
 OP = "window_attention"
@@ -65,6 +71,9 @@ def cases(cfg: Config) -> List[Case]:
         base = {"B": B, "h": h, "N": PREFIX + side * side, "d": d}
         for mode in ("fwd", "bwd", "fwd+bwd"):
             add("sdpa_dense", mode, dict(base))
+            if cfg.device == "cuda":
+                for anchor in SDPA_BACKENDS:
+                    add(anchor, mode, dict(base))
         for kind in window_kinds(side, cfg.quick):
             shape = {**base, "grid": [side, side], "P": PREFIX, "window": kind}
             big = cfg.quick and side >= 24
@@ -155,6 +164,26 @@ def cpu_plan_info(mask, q) -> Dict[str, Any]:
             "cpu_footprint_kb": {k: round(v / 1024, 1) for k, v in plan.footprint.items()}}
 
 
+def schedule_build_ms(mask, q, repeats: int = 5) -> float:
+    """Median CUDA time of building the window kernels' tile schedule for ``mask`` once, with the
+    forward's first shipped configuration (what a model pays when its windows change)."""
+    import torch
+    from vitpatch.kernels import _launch
+    from vitpatch.kernels import window_schedule as ws
+    cfg = ws.Config.of(_launch.configs("window_fwd", q.dtype, q.shape[-1])[0])
+    windows = mask.windows.to(q.device)
+    keep = None if mask.key_keep is None else mask.key_keep.to(q.device)
+    times = []
+    for _ in range(repeats + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        ws.build_schedule(windows, keep, tuple(mask.grid), mask.num_prefix_tokens, q.shape[0], cfg)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(sorted(times[1:])[repeats // 2])  # the first call compiles
+
+
 # ------------------------------------------------------------------------------------ flex
 _FLEX: Dict[str, Any] = {}
 
@@ -239,11 +268,12 @@ def build(case: Case, check: bool = True) -> Prepared:
     device = torch.device(case.device)
     B, N = s["B"], s["N"]
     q, k, v, scale, info = attention_inputs(case)
-    if impl == "sdpa_dense":
-        return sdpa_dense_case(q, k, v, scale, case.mode, info)
+    if impl == "sdpa_dense" or impl in SDPA_BACKENDS:
+        return sdpa_dense_case(q, k, v, scale, case.mode, info, backend=impl if impl in SDPA_BACKENDS else None)
 
     mask = make_mask(s, device)
     info["density"] = mask.density(B)
+    info["flop_dense"] = info["flop_visited"] = attention_flop(B, s["h"], N, s["d"], case.mode)
     info["extra"]["windows"] = "per-image" if mask.per_image else "shared"
     Bm = B if mask.per_image else 1
     ref_out = None
@@ -258,6 +288,10 @@ def build(case: Case, check: bool = True) -> Prepared:
         info["visited_tile_fraction"] = frac
         if note:
             info["extra"]["visited_tile_note"] = note
+        if frac is not None:
+            info["flop_visited"] = info["flop_dense"] * frac
+        if info["backend"] == "triton" and device.type == "cuda":
+            info["extra"]["schedule_build_ms"] = schedule_build_ms(mask, q)
         if info["backend"] == "torch":
             info["extra"].update(cpu_plan_info(mask, q))
 
@@ -280,7 +314,9 @@ def build(case: Case, check: bool = True) -> Prepared:
         info["extra"]["flex_build"] = how_build
         block_mask = make_block_mask()
         info["extra"]["flex_block_sparsity_pct"] = float(block_mask.sparsity())
+        info["flop_visited"] = info["flop_dense"] * (1.0 - float(block_mask.sparsity()) / 100.0)
         if impl == "flex_build":
+            info.pop("flop_dense"), info.pop("flop_visited")
             return Prepared(step=make_block_mask, info=info)
         flex, how = _flex_attention()
         # the first call compiles (untimed), under the grad mode the steps use; on CPU, flex

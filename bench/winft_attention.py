@@ -1,8 +1,11 @@
 """WinfT gated attention (paper 000 §5, docs/math.md §6) against its anchors.
 
 Impls: ``vitpatch`` (:func:`vitpatch.functional.winft_attention`), ``reference``
-(:func:`vitpatch.reference.winft_attention`, which materialises ``(B, h, N, N)``) and
-``sdpa_dense`` (plain attention without the gate: the cost floor of a dense layer).
+(:func:`vitpatch.reference.winft_attention`, which materialises ``(B, h, N, N)``),
+``sdpa_dense`` (plain attention without the gate: the cost floor of a dense layer) and
+``sdpa_qk`` (dense SDPA plus one batched ``Q K^T`` over the full width ``h d``, the product the
+head-mean gate needs: the cost floor of any gated layer). Rows carry ``tflops_dense``: the dense
+attention's matmul FLOP (plus the ``Q K^T`` for ``sdpa_qk``) over the time.
 
 Modes: ``fwd`` is inference (no target, no loss); ``fwd+bwd`` is a training step of the
 layer: the gated attention plus the BCE loss against AWD-like window targets (eq. 11), then
@@ -16,7 +19,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Dict, List
 
-from .common import attention_inputs, autograd_case, max_abs_err, sdpa_dense_case
+from .common import attention_flop, attention_inputs, autograd_case, max_abs_err, sdpa_dense_case
 from .harness import Case, Config, Prepared
 
 OP = "winft_attention"
@@ -50,6 +53,7 @@ def cases(cfg: Config) -> List[Case]:
             shape = _shape(size, mode != "fwd")
             dense = {k: shape[k] for k in ("B", "h", "N", "d")}
             out.append(Case(MODULE, OP, "sdpa_dense", mode, dense, cfg.device, cfg.dtype))
+            out.append(Case(MODULE, OP, "sdpa_qk", mode, dense, cfg.device, cfg.dtype))
             for impl in ("vitpatch", "reference"):
                 out.append(Case(MODULE, OP, impl, mode, shape, cfg.device, cfg.dtype))
     # CPU memory rows at N = 2048: few repeats, they are about memory (float32, whatever the run's dtype)
@@ -78,6 +82,17 @@ def build(case: Case, check: bool = True) -> Prepared:
     q, k, v, scale, info = attention_inputs(case)
     if impl == "sdpa_dense":
         return sdpa_dense_case(q, k, v, scale, case.mode, info)
+    if impl == "sdpa_qk":  # the cost floor of a head-mean gate: dense attention and one batched Q K^T
+        # Q K^T over the full width is half an attention forward, its backward twice that
+        info["flop_dense"] = info["flop_visited"] = (attention_flop(B, s["h"], s["N"], s["d"], case.mode)
+                                                     * {"fwd": 1.5, "bwd": 1.4, "fwd+bwd": 10 / 7}[case.mode])
+
+        def fwd():
+            N, hd = s["N"], s["h"] * s["d"]
+            logits = q.transpose(1, 2).reshape(B, N, hd) @ k.transpose(1, 2).reshape(B, N, hd).transpose(1, 2)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale), logits
+        return autograd_case(fwd, (q, k, v), case.mode, info=info)
+    info["flop_dense"] = info["flop_visited"] = attention_flop(B, s["h"], s["N"], s["d"], case.mode)
     target = None
     if s["loss"]:
         grid = tuple(s["grid"])

@@ -289,3 +289,42 @@ def test_a_group_with_a_failing_build_still_times_the_rest():
     assert [r["status"] for r in rows] == ["ok", "error", "ok"]
     assert rows[0]["n_repeats"] == 3 and "interleaved round-robin with 1 other" in rows[0]["timer"]
     assert "cannot build" in rows[1]["note"]
+
+
+def test_gpu_anchor_rows_exist_and_have_the_row_schema():
+    """The CUDA anchors of the GPU check are cases of a ``--device cuda`` run: SDPA with the flash
+    and cuDNN backends forced (``unsupported`` rows off CUDA), the SDPA + bool mask one-liner,
+    Flex with and without its mask build (window attention) and dense SDPA + one batched ``Q K^T``
+    (WinfT). Built here on CPU, their rows carry TFLOP/s on dense-equivalent and on visited pairs."""
+    from bench import common, window_attention, winft_attention
+    cuda = harness.Config(device="cuda", dtype="bfloat16")
+    impls = {(c.op, c.impl) for c in window_attention.cases(cuda) + winft_attention.cases(cuda)}
+    for impl in ("sdpa_dense", "sdpa_flash", "sdpa_cudnn", "sdpa_mask", "flex", "flex_build", "flex+build",
+                 "vitpatch", "reference"):
+        assert ("window_attention", impl) in impls, impl
+    assert ("winft_attention", "sdpa_qk") in impls and ("winft_attention", "reference") in impls
+    cpu_impls = {c.impl for c in window_attention.cases(harness.Config(quick=True))}
+    assert not cpu_impls & {"sdpa_flash", "sdpa_cudnn"}  # CUDA anchors only
+
+    shape = {"B": 2, "h": 2, "N": 17, "d": 8}
+    for impl in ("sdpa_flash", "sdpa_cudnn"):
+        case = harness.Case("bench.window_attention", "window_attention", impl, "fwd", dict(shape), "cpu", "float32")
+        with pytest.raises(harness.Unsupported, match="CUDA anchor"):
+            window_attention.build(case)
+    case = harness.Case("bench.winft_attention", "winft_attention", "sdpa_qk", "fwd+bwd", dict(shape), "cpu",
+                        "float32")
+    prepared = winft_attention.build(case)
+    prepared.step()  # dense SDPA and Q K^T, forward and backward
+    timing = harness.Timing(2.0, 1.9, 2.1, 5, "synthetic")
+    row = harness.make_row(META, case, timing=timing, info=prepared.info)
+    assert harness.validate_row(row) == []
+    flop = common.attention_flop(2, 2, 17, 8, "fwd+bwd") * 10 / 7
+    assert row["tflops_dense"] == pytest.approx(flop / 2e-3 / 1e12) and "flop_dense" not in row["extra"]
+
+    windowed = dict(shape, N=1 + 16, grid=[4, 4], P=1, window="awd0.23")
+    case = harness.Case("bench.window_attention", "window_attention", "vitpatch", "fwd", windowed, "cpu", "float32")
+    row = harness.make_row(META, case, timing=timing, info={"flop_dense": 8e9, "flop_visited": 2e9,
+                                                            "visited_tile_fraction": 0.25})
+    assert harness.validate_row(row) == [] and row["tflops_dense"] == pytest.approx(4.0)
+    assert row["tflops_visited"] == pytest.approx(1.0)
+    assert common.attention_flop(1, 1, 10, 4, "fwd") == 1600 and common.attention_flop(1, 1, 10, 4, "bwd") == 4000
