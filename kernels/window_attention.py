@@ -51,12 +51,35 @@ def _load_rows(base, tok, valid, s_n, d_off, dmask):
 @helper
 def _patch_keys(kt, keep_b, P, GH, GW, NBX, BN: tl.constexpr, ORDER: tl.constexpr, TW: tl.constexpr,
                 TH: tl.constexpr, HAS_KEEP: tl.constexpr):
-    """Token index, column, row, validity and allowed-ness (valid and kept) of key tile ``kt``."""
-    kp, kx, ky, kv = _slot_patch(kt * BN + tl.arange(0, BN), GH, GW, NBX, ORDER, TW, TH)
+    """Key tile ``kt``: ``(tokens, x0, y0, lx, ly, valid, allowed)``, the key at lane ``j`` being the
+    patch at column ``x0 + lx[j]``, row ``y0 + ly[j]`` (allowed: valid and kept).
+
+    In the tiled layout, when ``BN`` divides a ``TW x TH`` unit, a tile is ``BN / TW`` rows of one
+    unit: ``x0, y0`` are scalars (one division by the run-time unit count ``NBX`` per tile) and
+    ``lx, ly`` depend on the lane alone (``j % TW``, ``j // TW``: compile-time shifts), so window
+    tests against them need per-row bounds relative to ``x0, y0`` and no per-element division.
+    Otherwise ``x0 = y0 = 0`` and ``lx, ly`` are the patch coordinates.
+    """
+    j = tl.arange(0, BN)
+    if ORDER == 1 and (TW * TH) % BN == 0:
+        first = kt * BN
+        blk = first // (TW * TH)
+        x0 = (blk % NBX) * TW
+        y0 = (blk // NBX) * TH + (first % (TW * TH)) // TW
+        lx = j % TW
+        ly = j // TW
+        kx = x0 + lx
+        ky = y0 + ly
+        kv = (kx < GW) & (ky < GH)
+        kp = tl.where(kv, ky * GW + kx, 0)
+    else:
+        kp, lx, ly, kv = _slot_patch(kt * BN + j, GH, GW, NBX, ORDER, TW, TH)
+        x0 = 0
+        y0 = 0
     kok = kv
     if HAS_KEEP:
         kok = kv & (tl.load(keep_b + P + kp, mask=kv, other=0) != 0)
-    return P + kp, kx, ky, kv, kok
+    return P + kp, x0, y0, lx, ly, kv, kok
 
 
 @helper
@@ -79,7 +102,9 @@ def _load_window(WIN, win_b, pq, qv):
 
 @helper
 def _inside(wx0, wy0, wx1, wy1, kx, ky):
-    """``[BM, BN]``: key patch ``(kx, ky)`` lies inside the query's window (docs/math.md §1)."""
+    """``[BM, BN]``: key patch ``(kx, ky)`` lies inside the query's window (docs/math.md §1); the
+    callers pass key coordinates and window bounds relative to the key tile's origin
+    (:func:`_patch_keys`)."""
     return (kx[None, :] >= wx0[:, None]) & (kx[None, :] <= wx1[:, None]) & \
            (ky[None, :] >= wy0[:, None]) & (ky[None, :] <= wy1[:, None])
 
@@ -132,7 +157,7 @@ def _fwd_kernel(Q, K, V, O, LSE, WIN, KEEP, PERM, CHOICE, LIST, CNT, REC,
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
     # prefix keys: every query attends them (minus dropped ones)
-    for p0 in range(0, P, PB):
+    for p0 in range(0, P, PB):  # cost: prefix
         tok_k, kv, kok = _prefix_keys(p0, keep_b, P, PB, HAS_KEEP)
         k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
         v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
@@ -141,8 +166,8 @@ def _fwd_kernel(Q, K, V, O, LSE, WIN, KEEP, PERM, CHOICE, LIST, CNT, REC,
         acc, m_i, l_i = _online_step(acc, m_i, l_i, s, v, DOT_PREC)
     if PREFIX_Q:
         # prefix queries attend every patch key: all tiles, mask = valid and kept
-        for kt in range(0, TK):
-            tok_k, _, _, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
+        for kt in range(0, TK):  # cost: prefix_query
+            tok_k, _, _, _, _, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
             k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
             v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
@@ -154,20 +179,20 @@ def _fwd_kernel(Q, K, V, O, LSE, WIN, KEEP, PERM, CHOICE, LIST, CNT, REC,
         n_f = tl.load(CNT + row * 2 + 1)
         rec = REC + ((b * H + h) * TQ + pid) * TK
         # key tiles that cut some window (or hold padding / dropped keys): element mask
-        for i in range(0, n_m):
+        for i in range(0, n_m):  # cost: masked
             kt = tl.load(LIST + row * TK + i)
-            tok_k, kx, ky, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
+            tok_k, x0, y0, lx, ly, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
             k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
             v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-            s = tl.where(_inside(wx0, wy0, wx1, wy1, kx, ky) & kok[None, :], s, float("-inf"))
+            s = tl.where(_inside(wx0 - x0, wy0 - y0, wx1 - x0, wy1 - y0, lx, ly) & kok[None, :], s, float("-inf"))
             acc, m_i, l_i = _online_step(acc, m_i, l_i, s, v, DOT_PREC)
             if RECORD:
                 tl.store(rec + kt, 1)
         # key tiles inside every window of the query tile: no element mask
-        for i in range(TK - n_f, TK):
+        for i in range(TK - n_f, TK):  # cost: full
             kt = tl.load(LIST + row * TK + i)
-            tok_k, _, _, kv, _ = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, False)
+            tok_k, _, _, _, _, kv, _ = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, False)
             k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
             v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
@@ -248,14 +273,14 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, WIN, KEEP, PERM, CHOICE, LIST, C
     lse = tl.load(LSE + (b64 * H + h) * N + tok_q, mask=qv, other=float("inf"))
     delta = tl.load(DELTA + (b64 * H + h) * N + tok_q, mask=qv, other=0.0)
     dq = tl.zeros([BM, BD], tl.float32)
-    for p0 in range(0, P, PB):
+    for p0 in range(0, P, PB):  # cost: prefix
         tok_k, kv, kok = _prefix_keys(p0, keep_b, P, PB, HAS_KEEP)
         k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
         v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
         dq = _dq_step(dq, q, do, lse, delta, k, v, kok[None, :], qk_scale, True, DOT_PREC)
     if PREFIX_Q:
-        for kt in range(0, TK):
-            tok_k, _, _, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
+        for kt in range(0, TK):  # cost: prefix_query
+            tok_k, _, _, _, _, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
             k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
             v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
             dq = _dq_step(dq, q, do, lse, delta, k, v, kok[None, :], qk_scale, True, DOT_PREC)
@@ -264,18 +289,18 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, WIN, KEEP, PERM, CHOICE, LIST, C
         n_m = tl.load(CNT + row * 2)
         n_f = tl.load(CNT + row * 2 + 1)
         rec = REC + ((b * H + h) * TQ + pid) * TK
-        for i in range(0, n_m):
+        for i in range(0, n_m):  # cost: masked
             kt = tl.load(LIST + row * TK + i)
-            tok_k, kx, ky, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
+            tok_k, x0, y0, lx, ly, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
             k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
             v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
-            allowed = _inside(wx0, wy0, wx1, wy1, kx, ky) & kok[None, :]
+            allowed = _inside(wx0 - x0, wy0 - y0, wx1 - x0, wy1 - y0, lx, ly) & kok[None, :]
             dq = _dq_step(dq, q, do, lse, delta, k, v, allowed, qk_scale, True, DOT_PREC)
             if RECORD:
                 tl.store(rec + kt, 1)
-        for i in range(TK - n_f, TK):
+        for i in range(TK - n_f, TK):  # cost: full
             kt = tl.load(LIST + row * TK + i)
-            tok_k, _, _, kv, _ = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, False)
+            tok_k, _, _, _, _, kv, _ = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, False)
             k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
             v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
             dq = _dq_step(dq, q, do, lse, delta, k, v, kv[None, :], qk_scale, False, DOT_PREC)
@@ -336,7 +361,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, WIN, KEEP, PERM, CHOICE, L
     if PREFIX_K:
         tok_k, kv, kok = _prefix_keys(pid * BN, keep_b, P, BN, HAS_KEEP)
     else:
-        tok_k, kx, ky, kv, kok = _patch_keys(pid, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
+        tok_k, x0, y0, lx, ly, kv, kok = _patch_keys(pid, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
     k = _load_rows(K + b64 * skb + h * skh, tok_k, kv, skn, offs_d * skd, dmask)
     v = _load_rows(V + b64 * svb + h * svh, tok_k, kv, svn, offs_d * svd, dmask)
     Qb = Q + b64 * sqb + h * sqh
@@ -346,13 +371,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, WIN, KEEP, PERM, CHOICE, L
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BD], tl.float32)
     # prefix queries attend every key
-    for p0 in range(0, P, PB):
+    for p0 in range(0, P, PB):  # cost: prefix
         tok_q = p0 + tl.arange(0, PB)
         q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, tok_q, tok_q < P, sqn, sdn, qd, dd, dmask)
         dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, kok[None, :], qk_scale, True, DOT_PREC)
     if PREFIX_K:
         # every patch query attends the prefix keys
-        for qt in range(0, TQ):
+        for qt in range(0, TQ):  # cost: prefix_query
             pq, qv = _query_patch(qt * BM + tl.arange(0, BM), perm_b, TQ * BM, GH, GW, NBX, vsel != 0, ORDER, TW, TH,
                                   QMODE)
             q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
@@ -362,17 +387,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, WIN, KEEP, PERM, CHOICE, L
         n_m = tl.load(CNT_T + row * 2)
         n_f = tl.load(CNT_T + row * 2 + 1)
         rec = REC + ((b * H + h) * TK + pid) * TQ
-        for i in range(0, n_m):
+        for i in range(0, n_m):  # cost: masked
             qt = tl.load(LIST_T + row * TQ + i)
             pq, qv = _query_patch(qt * BM + tl.arange(0, BM), perm_b, TQ * BM, GH, GW, NBX, vsel != 0, ORDER, TW, TH,
                                   QMODE)
             q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
             wx0, wy0, wx1, wy1 = _load_window(WIN, b * win_sb, pq, qv)
-            allowed = _inside(wx0, wy0, wx1, wy1, kx, ky) & kok[None, :]
+            allowed = _inside(wx0 - x0, wy0 - y0, wx1 - x0, wy1 - y0, lx, ly) & kok[None, :]
             dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, allowed, qk_scale, True, DOT_PREC)
             if RECORD:
                 tl.store(rec + qt, 1)
-        for i in range(TQ - n_f, TQ):
+        for i in range(TQ - n_f, TQ):  # cost: full
             qt = tl.load(LIST_T + row * TQ + i)
             pq, qv = _query_patch(qt * BM + tl.arange(0, BM), perm_b, TQ * BM, GH, GW, NBX, vsel != 0, ORDER, TW, TH,
                                   QMODE)
