@@ -244,8 +244,8 @@ def _constexpr_values(fn, constexprs) -> Dict[str, object]:
     return {fn.arg_names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
 
 
-def compile_launch(launch, target: str) -> dict:
-    """Compile one recorded launch for ``target``; registers, spills, shared memory, tensor cores."""
+def compile_binary(launch, target: str):
+    """Compile one recorded launch for ``target``: ``(compiled or None, ptxas log, seconds, error or None)``."""
     import triton
     from triton import knobs
     from triton.compiler import ASTSource
@@ -261,8 +261,17 @@ def compile_launch(launch, target: str) -> dict:
                                       options=options.__dict__)
     except Exception as exc:  # a configuration that does not compile is a row, not a crash
         compiled, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-    seconds = time.perf_counter() - t0
-    text = log.getvalue()
+    return compiled, log.getvalue(), time.perf_counter() - t0, error
+
+
+def ptxas_registers(log: str) -> Optional[int]:
+    regs = re.search(r"Used (\d+) registers", log)
+    return int(regs.group(1)) if regs else None
+
+
+def compile_launch(launch, target: str) -> dict:
+    """Compile one recorded launch for ``target``; registers, spills, shared memory, tensor cores."""
+    compiled, text, seconds, error = compile_binary(launch, target)
     regs = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     ptx = compiled.asm["ptx"] if compiled is not None else ""

@@ -1,0 +1,496 @@
+"""``python -m bench.cost``: a static cost model of the window kernels, from their compiled code.
+
+    python -m bench.cost                                  # sm_90a, bf16, d = 64: rows and a table
+    python -m bench.cost --out bench/results --sass /tmp/sass   # also writes each kernel's SASS
+
+No GPU is needed. The window launchers run on ``meta`` tensors under the compile gate's recording
+(:mod:`bench.compile`, the same launches a GPU run makes); every shipped window configuration is
+compiled for the target, and so is the dense reference (:mod:`bench.dense_attention`) at the
+tile shapes a dense kernel would use. For each compiled kernel this reads
+
+* the SASS (``nvdisasm`` from the triton wheel, with line information): every loop (a backward
+  branch) is matched to the source loop its instructions come from, by the ``# cost: <kind>``
+  tag on that ``for`` line (``masked``, ``full``, ``prefix``, ``prefix_query``, ``dense``); per
+  loop, the instructions of one iteration per thread, by class (``hgmma``, ``hmma``, ``mufu``,
+  ``integer``, ``float``, ``uniform``, ``load``, ``store``, ``barrier``, ``shuffle``,
+  ``control``, ``other``);
+* the TTGIR: the ``async_wait`` depth at the head of each loop (0: the next tile's loads are
+  waited for inside the iteration that uses them, nothing overlaps);
+* ptxas: registers, and the compiled shared memory; with the warps per block they give the
+  resident blocks per SM.
+
+Rows (``OUT/cost-<target>.jsonl``): one per (kernel, config, dtype, head_dim, loop) with
+``instructions``, ``by_class``, ``async_wait``, ``registers``, ``shared_bytes``,
+``blocks_per_sm`` ...; then one per prediction (``row: "prediction"``) of the forward at the
+issue's shapes from the model in ``docs/cost_model.md``: tiles visited (counted on CPU from the
+real schedule, split into masked and full), cycles per tile from the loop's counts, against the
+dense reference's best tile shape. Predictions are static: no GPU has confirmed them.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import textwrap
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from . import compile as gate
+
+# ================================================================================ SASS
+CLASSES = ("hgmma", "hmma", "mufu", "integer", "float", "uniform", "load", "store", "barrier", "shuffle",
+           "control", "other")
+_FLOAT = {"FADD", "FMUL", "FFMA", "FMNMX", "FSETP", "FSEL", "FSET", "FCHK", "FRND", "F2F", "F2FP", "F2I", "I2F",
+          "HADD2", "HMUL2", "HFMA2", "HMNMX2", "HSETP2", "DADD", "DMUL", "DFMA", "FSWZADD"}
+_INT = {"IMAD", "IADD3", "IADD", "LOP3", "LOP", "SHF", "SHL", "SHR", "ISETP", "LEA", "IMNMX", "VIMNMX", "SEL",
+        "PRMT", "IABS", "MOV", "POPC", "FLO", "BMSK", "SGXT", "IDP", "VIADD", "IMUL", "S2R", "CS2R", "P2R",
+        "R2P", "PLOP3", "BREV", "I2IP", "IMNMX", "ISCADD", "LOP32I", "IADD32I", "IMUL32I", "S2UR", "R2UR",
+        "VOTE", "MATCH", "BFE", "BFI"}
+_LOAD = {"LDG", "LDS", "LDSM", "LDGSTS", "LD", "LDC", "LDL", "UTMALDG", "UBLKCP", "LDGDEPBAR", "UTMAPF"}
+_STORE = {"STG", "STS", "ST", "STL", "STSM", "RED", "ATOM", "ATOMS", "ATOMG", "REDG", "UTMASTG"}
+_BARRIER = {"BAR", "WARPSYNC", "DEPBAR", "SYNCS", "MEMBAR", "WARPGROUP", "ARRIVES", "BSSY", "BSYNC", "ERRBAR",
+            "CCTL", "FENCE"}
+_CONTROL = {"BRA", "EXIT", "CALL", "RET", "JMP", "BRX", "NOP", "YIELD", "BPT", "KILL"}
+
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"\bBRA\s+`?\(?(\.L_x_\d+)")
+_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
+
+
+def opcode_class(op: str) -> str:
+    """The class of a SASS opcode (without its modifiers)."""
+    if op == "HGMMA":
+        return "hgmma"
+    if op == "HMMA":
+        return "hmma"
+    if op == "MUFU":
+        return "mufu"
+    if op == "SHFL":
+        return "shuffle"
+    for names, cls in ((_LOAD, "load"), (_STORE, "store"), (_BARRIER, "barrier"), (_CONTROL, "control"),
+                       (_FLOAT, "float"), (_INT, "integer")):
+        if op in names:
+            return cls
+    if op.startswith("U"):
+        return "uniform"
+    return "other"
+
+
+@dataclass
+class Loop:
+    """A SASS loop: the instructions from its head label to its backward branch (one iteration)."""
+
+    start: int          # index of the first instruction
+    end: int            # index of the backward branch
+    by_class: Dict[str, int]
+    lines: Dict[Tuple[str, int], int]   # (file, line) -> instructions attributed to it
+    nested: int          # inner loops inside this range
+
+    @property
+    def instructions(self) -> int:
+        return self.end - self.start + 1
+
+
+def sass_loops(sass: str) -> List[Loop]:
+    """Every loop of one kernel's SASS (``nvdisasm --print-line-info`` text)."""
+    instrs: List[Tuple[str, Tuple[str, int]]] = []   # (opcode, current source line)
+    labels: Dict[str, int] = {}
+    branches: List[Tuple[int, str]] = []
+    where = ("", 0)
+    for line in sass.splitlines():
+        m = _LINE.search(line)
+        if m:
+            where = (m.group(1), int(m.group(2)))
+            continue
+        m = _LABEL.match(line.strip())
+        if m:
+            labels[m.group(1)] = len(instrs)
+            continue
+        m = _INSTR.search(line)
+        if m:
+            b = _BRANCH.search(line)
+            if b:
+                branches.append((len(instrs), b.group(1)))
+            instrs.append((m.group(2), where))
+    spans = [(labels[target], at) for at, target in branches if target in labels and labels[target] <= at]
+    loops = []
+    for start, end in spans:
+        by_class = dict.fromkeys(CLASSES, 0)
+        lines: Dict[Tuple[str, int], int] = {}
+        for op, src in instrs[start:end + 1]:
+            by_class[opcode_class(op)] += 1
+            lines[src] = lines.get(src, 0) + 1
+        nested = sum(1 for s, e in spans if (s, e) != (start, end) and start <= s and e <= end)
+        loops.append(Loop(start, end, by_class, lines, nested))
+    return loops
+
+
+def tagged_loops(fn) -> Dict[str, Tuple[str, int, int]]:
+    """``kind -> (file, first line, last line)`` of the ``for`` loops of a kernel's Python function
+    whose ``for`` line carries ``# cost: <kind>``."""
+    path = os.path.realpath(inspect.getsourcefile(fn))
+    lines, first = inspect.getsourcelines(fn)
+    out = {}
+    for node in ast.walk(ast.parse(textwrap.dedent("".join(lines)))):
+        if isinstance(node, ast.For):
+            m = re.search(r"#\s*cost:\s*(\w+)", lines[node.lineno - 1])
+            if m:
+                out[m.group(1)] = (path, first + node.lineno - 1, first + node.end_lineno - 1)
+    return out
+
+
+def classify(loop: Loop, tags: Dict[str, Tuple[str, int, int]]) -> Optional[str]:
+    """The tagged source loop most of this SASS loop's kernel-file instructions come from (innermost
+    tag wins: a line inside two tagged ranges counts for the shorter one)."""
+    votes: Dict[str, int] = {}
+    for (path, line), count in loop.lines.items():
+        inside = [(hi - lo, kind) for kind, (p, lo, hi) in tags.items() if os.path.realpath(path) == p
+                  and lo <= line <= hi]
+        if inside:
+            kind = min(inside)[1]
+            votes[kind] = votes.get(kind, 0) + count
+    return max(votes, key=votes.get) if votes else None
+
+
+# ================================================================================ TTGIR
+_LOCDEF = re.compile(r'^(#loc\d*)\s*=\s*loc\((.*)\)\s*$')
+_FILELINE = re.compile(r'"([^"]+)":(\d+):\d+')
+
+
+def ttgir_async_waits(ttgir: str) -> List[Tuple[Optional[Tuple[str, int]], Optional[int]]]:
+    """Per ``scf.for`` of the TTGIR: ``(source (file, line) of the loop, num of its first async_wait)``
+    (``None`` when the loop has no async_wait)."""
+    locs: Dict[str, str] = {}
+    for line in ttgir.splitlines():
+        m = _LOCDEF.match(line.strip())
+        if m:
+            locs[m.group(1)] = m.group(2)
+
+    def resolve(ref: str, depth: int = 0):
+        text = locs.get(ref, "")
+        m = _FILELINE.search(text)
+        if m:
+            return os.path.realpath(m.group(1)), int(m.group(2))
+        inner = re.search(r"(#loc\d+)", text)
+        return resolve(inner.group(1), depth + 1) if inner and depth < 8 else None
+
+    lines = ttgir.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if "scf.for" not in line:
+            continue
+        depth, wait, j = 0, None, i
+        for j in range(i, len(lines)):
+            if wait is None and depth == 1 and "ttg.async_wait" in lines[j]:  # in this loop's own body
+                m = re.search(r"num = (\d+)", lines[j])
+                wait = int(m.group(1)) if m else None
+            depth += lines[j].count("{") - lines[j].count("}")
+            if j > i and depth <= 0:
+                break
+        m = re.search(r"loc\((#loc\d+)\)\s*$", lines[j].strip())
+        out.append((resolve(m.group(1)) if m else None, wait))
+    return out
+
+
+# ================================================================================ occupancy
+REGS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64
+MAX_BLOCKS_PER_SM = 32
+SMEM_PER_SM = {"sm_90a": 228 * 1024, "sm_80": 164 * 1024}
+
+
+def blocks_per_sm(registers: int, num_warps: int, shared_bytes: int, target: str = "sm_90a") -> int:
+    """Resident blocks per SM: registers (allocated per warp in units of 256), warps, shared memory
+    (1 KB reserved per block)."""
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_regs = REGS_PER_SM // (regs_per_warp * num_warps)
+    by_warps = MAX_WARPS_PER_SM // num_warps
+    by_smem = SMEM_PER_SM[target] // (shared_bytes + 1024) if shared_bytes else MAX_BLOCKS_PER_SM
+    return max(0, min(by_regs, by_warps, by_smem, MAX_BLOCKS_PER_SM))
+
+
+# ================================================================================ compiling
+def nvdisasm() -> str:
+    import triton
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"nvdisasm is not in the triton wheel ({path})")
+    return path
+
+
+def disassemble(cubin: bytes) -> str:
+    """SASS with line information of one cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        done = subprocess.run([nvdisasm(), "--print-line-info", "-c", f.name], capture_output=True, text=True,
+                              timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"nvdisasm failed: {done.stderr[-500:]}")
+    return done.stdout
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One kernel launch to cost: which op and configuration it belongs to."""
+
+    op: str             # window_attention | dense
+    unit: str           # launch-policy unit, or "dense"
+    config: str         # the configuration's label
+    launch: object      # the recorded launch
+    block_m: int
+    block_n: int
+
+
+def window_specs(dtype: str, head_dim: int, target: str) -> List[Spec]:
+    """The shipped window configurations' forward and backward kernel launches (recorded, not run)."""
+    import torch
+
+    from vitpatch.kernels import _launch
+    out = []
+    for unit in ("window_fwd", "window_bwd"):
+        for cfg in _launch.shipped(unit, getattr(torch, dtype), head_dim, target):
+            job = gate.Job(unit, _launch.candidates(unit).index(cfg), dtype, head_dim, "plain")
+            for launch in gate.record(job, target):
+                if launch.kernel.__name__ in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
+                    out.append(Spec("window_attention", unit, cfg.label, launch, cfg["BLOCK_M"], cfg["BLOCK_N"]))
+    return out
+
+
+DENSE_CONFIGS = ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2))  # BM, BN, warps, stages
+
+
+def dense_specs(dtype: str, head_dim: int, target: str) -> List[Spec]:
+    """The dense reference (:mod:`bench.dense_attention`) at the tile shapes a dense kernel uses."""
+    import torch
+
+    from vitpatch.kernels import _launch
+
+    from . import dense_attention
+    out = []
+    for bm, bn, warps, stages in DENSE_CONFIGS:
+        q = torch.empty(2, 3, 1024, head_dim, dtype=getattr(torch, dtype), device="meta")
+        with _launch.recording(target) as launches:
+            dense_attention.attention(q, q, q, 0.125, bm, bn, warps, stages)
+        out.append(Spec("dense", "dense", f"BM={bm},BN={bn},w{warps},s{stages}", launches[0], bm, bn))
+    return out
+
+
+def cost_rows(spec: Spec, dtype: str, head_dim: int, target: str, sass_dir: Optional[str] = None) -> List[dict]:
+    """One row per tagged loop of the compiled kernel of ``spec``."""
+    import triton
+    from triton import knobs
+    knobs.compilation.always_compile = True  # a cached kernel reports no ptxas figures
+    compiled, log, seconds, error = gate.compile_binary(spec.launch, target)
+    kernel = spec.launch.kernel
+    name = f"{kernel.fn.__module__.rsplit('.', 1)[-1]}.{kernel.__name__}"
+    consts = gate._constexpr_values(kernel.jit, gate._bind(spec.launch, gate._backend(target))[2])
+    variant = {k: consts[k] for k in ("PREFIX_Q", "PREFIX_K", "HAS_KEEP") if k in consts}
+    base = {"row": "loop", "kernel": name, "op": spec.op, "unit": spec.unit, "config": spec.config, "dtype": dtype,
+            "head_dim": head_dim, "target": target, "launch_variant": variant, "block_m": spec.block_m,
+            "block_n": spec.block_n, "triton": triton.__version__}
+    if compiled is None:
+        return [{**base, "loop": None, "error": error}]
+    warps = int(compiled.metadata.num_warps)
+    regs = gate.ptxas_registers(log)
+    shared = int(compiled.metadata.shared)
+    sass = disassemble(compiled.asm["cubin"])
+    if sass_dir:
+        os.makedirs(sass_dir, exist_ok=True)
+        tag = "_".join(f"{k}{int(v)}" for k, v in variant.items())
+        fname = f"{name}__{spec.config}__{dtype}_d{head_dim}{'__' + tag if tag else ''}.sass"
+        with open(os.path.join(sass_dir, re.sub(r"[^A-Za-z0-9_.,=-]", "_", fname)), "w") as f:
+            f.write(sass)
+    tags = tagged_loops(kernel.fn)
+    waits = {}
+    for where, num in ttgir_async_waits(compiled.asm["ttgir"]):
+        for kind, (path, lo, _) in tags.items():
+            if where is not None and where == (path, lo):
+                waits[kind] = num
+    rows = []
+    for loop in sass_loops(sass):
+        kind = classify(loop, tags)
+        if kind is None:
+            continue
+        rows.append({**base, "loop": kind, "instructions": loop.instructions, "by_class": loop.by_class,
+                     "nested_loops": loop.nested, "num_warps": warps, "async_wait": waits.get(kind),
+                     "registers": regs, "shared_bytes": shared,
+                     "blocks_per_sm": blocks_per_sm(regs or 255, warps, shared, target),
+                     "compile_s": round(seconds, 1)})
+    return rows
+
+
+# ================================================================================ the model
+# H100 / H200 SXM (docs/cost_model.md): per SM and cycle
+MACHINE = {
+    "sms": 132,
+    "issue_per_cycle": 4,          # warp-instructions: four schedulers, one each
+    "mufu_per_cycle": 16,          # exp2 results (four SFU quadrants of 4 lanes)
+    "tensor_flop_per_cycle": 4096,  # dense bf16 / fp16 (989 TFLOP/s at 1.83 GHz over 132 SMs)
+    "l2_bytes_per_cycle": 32,      # K and V tiles come from L2 (about 7.7 TB/s at 1.83 GHz)
+}
+
+
+def tile_cycles(loop: dict, head_dim: int, elem_bytes: int = 2, machine: dict = MACHINE) -> Dict[str, float]:
+    """Cycles of one iteration of ``loop`` (a cost row) on one SM, by resource, and the total:
+    the largest term when the loop's loads overlap its compute (``async_wait >= 1`` or at least
+    two resident blocks), else the compute terms' largest plus the load term."""
+    warps = loop["num_warps"]
+    bm, bn = loop["block_m"], loop["block_n"]
+    terms = {
+        "issue": loop["instructions"] * warps / machine["issue_per_cycle"],
+        "mufu": loop["by_class"]["mufu"] * warps * 32 / machine["mufu_per_cycle"],
+        "tensor": 4.0 * bm * bn * head_dim / machine["tensor_flop_per_cycle"],
+        "memory": 2.0 * bn * head_dim * elem_bytes / machine["l2_bytes_per_cycle"],
+    }
+    overlap = (loop.get("async_wait") or 0) >= 1 or loop.get("blocks_per_sm", 1) >= 2
+    compute = max(terms["issue"], terms["mufu"], terms["tensor"])
+    terms["total"] = max(compute, terms["memory"]) if overlap else compute + terms["memory"]
+    terms["overlap"] = overlap
+    return terms
+
+
+def visited_tiles(n_side: int, density: float, block_m: int, block_n: int, images: int = 4,
+                  query_order: str = "auto") -> Dict[str, float]:
+    """Per image: masked and full (query tile, key tile) pairs the window schedule visits, and the
+    query tiles, for AWD windows (``synthetic_awd_windows``) on an ``n_side`` square grid; the mean
+    over ``images`` images, counted on CPU from the real schedule (Triton's interpreter)."""
+    from vitpatch import WindowMask, tiles
+    from vitpatch.masks import synthetic_awd_windows
+    grid = (n_side, n_side)
+    mask = WindowMask(synthetic_awd_windows(grid, images, density, seed=0), grid, 1)
+    codes = tiles.tile_codes(mask, images, block_m, block_n, query_order=query_order)
+    return {"masked": float((codes == 1).sum()) / images, "full": float((codes == 2).sum()) / images,
+            "query_tiles": codes.shape[1], "key_tiles": codes.shape[2], "density": mask.density(images)}
+
+
+def predict_forward(rows: Sequence[dict], n_side: int, density: float, batch: int, heads: int, head_dim: int,
+                    tiles_cache: Optional[dict] = None) -> List[dict]:
+    """Predicted forward time of each window forward configuration relative to the best dense
+    reference configuration, at ``N = 1 + n_side^2`` (one prefix token)."""
+    tiles_cache = {} if tiles_cache is None else tiles_cache
+    N = 1 + n_side * n_side
+    by_config: Dict[str, Dict[str, dict]] = {}
+    for r in rows:
+        if r.get("loop") is None:
+            continue
+        key = "prefix_q" if r["launch_variant"].get("PREFIX_Q") else "patch"
+        by_config.setdefault(f"{r['op']}|{r['config']}", {})[f"{key}:{r['loop']}" if r["op"] != "dense" else "dense"] = r
+    dense_cycles = {}
+    for name, loops in by_config.items():
+        if not name.startswith("dense|") or "dense" not in loops:
+            continue
+        r = loops["dense"]
+        t = tile_cycles(r, head_dim)["total"]
+        tiles_per_head = -(-N // r["block_m"]) * -(-N // r["block_n"])
+        dense_cycles[name.split("|", 1)[1]] = batch * heads * tiles_per_head * t / MACHINE["sms"]
+    if not dense_cycles:
+        return []
+    best_dense = min(dense_cycles, key=dense_cycles.get)
+    out = []
+    for name, loops in by_config.items():
+        op, config = name.split("|", 1)
+        if op != "window_attention" or "patch:masked" not in loops:
+            continue
+        r = loops["patch:masked"]
+        key = (n_side, density, r["block_m"], r["block_n"])
+        if key not in tiles_cache:
+            tiles_cache[key] = visited_tiles(n_side, density, r["block_m"], r["block_n"])
+        tl_ = tiles_cache[key]
+        per_tile = {k.split(":", 1)[1]: tile_cycles(v, head_dim)["total"] for k, v in loops.items()
+                    if k.startswith("patch:")}
+        pq = {k.split(":", 1)[1]: tile_cycles(v, head_dim)["total"] for k, v in loops.items()
+              if k.startswith("prefix_q:")}
+        per_image = (tl_["masked"] * per_tile["masked"] + tl_["full"] * per_tile.get("full", per_tile["masked"])
+                     + tl_["query_tiles"] * per_tile.get("prefix", 0.0)
+                     + tl_["key_tiles"] * pq.get("prefix_query", 0.0))
+        cycles = batch * heads * per_image / MACHINE["sms"]
+        out.append({"row": "prediction", "op": "window_attention", "mode": "fwd", "config": config, "n": N,
+                    "density": round(tl_["density"], 4), "batch": batch, "heads": heads, "head_dim": head_dim,
+                    "predicted_ratio_vs_dense": cycles / dense_cycles[best_dense],
+                    "dense_config": best_dense, "dense_cycles_per_sm": dense_cycles[best_dense],
+                    "window_cycles_per_sm": cycles, "tiles_per_image": {k: tl_[k] for k in ("masked", "full")},
+                    "query_tiles": tl_["query_tiles"], "key_tiles": tl_["key_tiles"],
+                    "visited_fraction": (tl_["masked"] + tl_["full"]) / (tl_["query_tiles"] * tl_["key_tiles"]),
+                    "cycles_per_tile": per_tile, "prefix_query_cycles_per_tile": pq,
+                    "static": True, "excluded": "schedule build, prefix-query programs' own prefix loop, "
+                                                "the epilogue, wave quantisation"})
+    return out
+
+
+# ================================================================================ CLI
+SHAPES = ((24, 0.23), (64, 0.23), (64, 0.05))  # (grid side, density): N = 577 and 4097
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.cost", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="sm_90a", choices=["sm_90a"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--out", default=None, help="directory of cost-<target>.jsonl")
+    p.add_argument("--sass", default=None, help="also write each compiled kernel's SASS here")
+    p.add_argument("--no-predict", action="store_true", help="loop rows only (no tile counting)")
+    args = p.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)
+    specs = window_specs(args.dtype, args.head_dim, args.target) + dense_specs(args.dtype, args.head_dim, args.target)
+    rows: List[dict] = []
+    seen = set()
+    for spec in specs:
+        key = gate.launch_key(spec.launch, args.target)
+        if key in seen:
+            continue
+        seen.add(key)
+        rows += cost_rows(spec, args.dtype, args.head_dim, args.target, args.sass)
+    preds: List[dict] = []
+    if not args.no_predict:
+        cache: dict = {}
+        for side, density in SHAPES:
+            preds += predict_forward(rows, side, density, args.batch, args.heads, args.head_dim, cache)
+    print(format_table(rows, preds))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"cost-{args.target}.jsonl")
+        with open(path, "w") as f:
+            for r in rows + preds:
+                f.write(json.dumps(r, sort_keys=True) + "\n")
+        print(f"\n{len(rows)} loop rows and {len(preds)} predictions written to {path}")
+    return 0
+
+
+def _short(config: str) -> str:
+    return config.replace(",ORDER=1,UNIT=64,QUERY_ORDER=auto", "").replace("BLOCK_M=", "BM=").replace("BLOCK_N=", "BN=")
+
+
+def format_table(rows: Sequence[dict], preds: Sequence[dict]) -> str:
+    lines = ["kernel                            config               variant      loop          "
+             "instr   int  float  mufu  gmma  wait  regs  blk/SM"]
+    for r in rows:
+        if r.get("loop") is None:
+            lines.append(f"{r['kernel']:<33} {_short(r['config']):<20} ERROR {r.get('error')}")
+            continue
+        var = ",".join(f"{k}={int(v)}" for k, v in r["launch_variant"].items() if k == "PREFIX_Q") or "-"
+        c = r["by_class"]
+        lines.append(f"{r['kernel']:<33} {_short(r['config']):<20} {var:<12} {r['loop']:<12} {r['instructions']:>6} "
+                     f"{c['integer']:>5} {c['float']:>6} {c['mufu']:>5} {c['hgmma'] + c['hmma']:>5} "
+                     f"{str(r['async_wait']):>5} {str(r['registers']):>5} {r['blocks_per_sm']:>7}")
+    if preds:
+        lines += ["", "predicted forward time / dense reference (static; sm_90a model, docs/cost_model.md)",
+                  "N      density  config               visited  ratio  (dense config)"]
+        for p in preds:
+            lines.append(f"{p['n']:<6} {p['density']:<8} {_short(p['config']):<20} {p['visited_fraction']:.3f}    "
+                         f"{p['predicted_ratio_vs_dense']:.2f}   ({p['dense_config']})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
