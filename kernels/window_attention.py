@@ -50,7 +50,7 @@ def _load_rows(base, tok, valid, s_n, d_off, dmask):
 
 @helper
 def _patch_keys(kt, keep_b, P, GH, GW, NBX, BN: tl.constexpr, ORDER: tl.constexpr, TW: tl.constexpr,
-                TH: tl.constexpr, HAS_KEEP: tl.constexpr):
+                TH: tl.constexpr, HAS_KEEP: tl.constexpr, FULL: tl.constexpr = False):
     """Key tile ``kt``: ``(tokens, x0, y0, lx, ly, valid, allowed)``, the key at lane ``j`` being the
     patch at column ``x0 + lx[j]``, row ``y0 + ly[j]`` (allowed: valid and kept).
 
@@ -58,7 +58,10 @@ def _patch_keys(kt, keep_b, P, GH, GW, NBX, BN: tl.constexpr, ORDER: tl.constexp
     unit: ``x0, y0`` are scalars (one division by the run-time unit count ``NBX`` per tile) and
     ``lx, ly`` depend on the lane alone (``j % TW``, ``j // TW``: compile-time shifts), so window
     tests against them need per-row bounds relative to ``x0, y0`` and no per-element division.
-    Otherwise ``x0 = y0 = 0`` and ``lx, ly`` are the patch coordinates.
+    Otherwise ``x0 = y0 = 0`` and ``lx, ly`` are the patch coordinates. Padding lanes get a column
+    or row outside the grid, so they lie outside every window. ``FULL``: a tile the
+    schedule found inside every window of its query tile, which holds no padding and no dropped key
+    (its validity is not computed: every lane is a patch).
     """
     j = tl.arange(0, BN)
     if ORDER == 1 and (TW * TH) % BN == 0:
@@ -70,10 +73,15 @@ def _patch_keys(kt, keep_b, P, GH, GW, NBX, BN: tl.constexpr, ORDER: tl.constexp
         ly = j // TW
         kx = x0 + lx
         ky = y0 + ly
-        kv = (kx < GW) & (ky < GH)
-        kp = tl.where(kv, ky * GW + kx, 0)
+        if FULL:
+            kv = lx >= 0
+            kp = ky * GW + kx
+        else:
+            kv = (kx < GW) & (ky < GH)
+            kp = tl.where(kv, ky * GW + kx, 0)
     else:
         kp, lx, ly, kv = _slot_patch(kt * BN + j, GH, GW, NBX, ORDER, TW, TH)
+        lx = tl.where(kv, lx, GW)  # padding lies outside every window (as in the tiled layout)
         x0 = 0
         y0 = 0
     kok = kv
@@ -101,12 +109,34 @@ def _load_window(WIN, win_b, pq, qv):
 
 
 @helper
-def _inside(wx0, wy0, wx1, wy1, kx, ky):
-    """``[BM, BN]``: key patch ``(kx, ky)`` lies inside the query's window (docs/math.md §1); the
-    callers pass key coordinates and window bounds relative to the key tile's origin
-    (:func:`_patch_keys`)."""
-    return (kx[None, :] >= wx0[:, None]) & (kx[None, :] <= wx1[:, None]) & \
-           (ky[None, :] >= wy0[:, None]) & (ky[None, :] <= wy1[:, None])
+def _window_bias(wx0, wy0, wx1, wy1, kx, ky):
+    """``[BM, BN]`` float: 0 where key ``(kx, ky)`` lies inside the query's window, ``-inf`` elsewhere
+    (docs/math.md §1), as the sum of a column term and a row term. Added to the scores, it masks
+    with two additions per element; each term depends on a query row and one lane coordinate, of
+    which a thread holds few distinct values (coordinates relative to the key tile's origin, see
+    :func:`_patch_keys`)."""
+    bx = tl.where((kx[None, :] >= wx0[:, None]) & (kx[None, :] <= wx1[:, None]), 0.0, float("-inf"))
+    by = tl.where((ky[None, :] >= wy0[:, None]) & (ky[None, :] <= wy1[:, None]), 0.0, float("-inf"))
+    return bx + by
+
+
+@helper
+def _keep_bias(kok):
+    """``[1, BN]``: 0 for allowed keys, ``-inf`` for padding and dropped ones."""
+    return tl.where(kok, 0.0, float("-inf"))[None, :]
+
+
+@helper
+def _online_step_unmasked(acc, m_i, l_i, s, qk_scale, v, DOT_PREC: tl.constexpr):
+    """:func:`_online_step` for a tile without masked scores: ``s`` unscaled (``qk_scale > 0`` is
+    applied to the row maximum, and to the scores inside the ``exp2`` argument by one fused
+    multiply-add per element); every row gets a finite maximum."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
 
 
 @helper
@@ -179,24 +209,31 @@ def _fwd_kernel(Q, K, V, O, LSE, WIN, KEEP, PERM, CHOICE, LIST, CNT, REC,
         n_f = tl.load(CNT + row * 2 + 1)
         rec = REC + ((b * H + h) * TQ + pid) * TK
         # key tiles that cut some window (or hold padding / dropped keys): element mask
+        lst = LIST + row * TK
+        kt_next = tl.load(lst)  # each list entry is read one iteration ahead of its use
         for i in range(0, n_m):  # cost: masked
-            kt = tl.load(LIST + row * TK + i)
+            kt = kt_next
+            kt_next = tl.load(lst + tl.minimum(i + 1, TK - 1))
             tok_k, x0, y0, lx, ly, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
             k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
             v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-            s = tl.where(_inside(wx0 - x0, wy0 - y0, wx1 - x0, wy1 - y0, lx, ly) & kok[None, :], s, float("-inf"))
+            s += _window_bias(wx0 - x0, wy0 - y0, wx1 - x0, wy1 - y0, lx, ly)
+            if HAS_KEEP:
+                s = tl.where(kok[None, :], s, float("-inf"))
             acc, m_i, l_i = _online_step(acc, m_i, l_i, s, v, DOT_PREC)
             if RECORD:
                 tl.store(rec + kt, 1)
         # key tiles inside every window of the query tile: no element mask
+        kt_next = tl.load(lst + TK - n_f)
         for i in range(TK - n_f, TK):  # cost: full
-            kt = tl.load(LIST + row * TK + i)
-            tok_k, _, _, _, _, kv, _ = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, False)
+            kt = kt_next
+            kt_next = tl.load(lst + tl.minimum(i + 1, TK - 1))
+            tok_k, _, _, _, _, kv, _ = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, False, True)
             k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
             v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-            acc, m_i, l_i = _online_step(acc, m_i, l_i, s, v, DOT_PREC)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            acc, m_i, l_i = _online_step_unmasked(acc, m_i, l_i, s, qk_scale, v, DOT_PREC)
             if RECORD:
                 tl.store(rec + kt, 2)
     has = l_i > 0.0
@@ -225,12 +262,14 @@ def _delta_kernel(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H, N,
 
 
 @helper
-def _dq_step(dq, q, do, lse, delta, k, v, allowed, qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
-    """``dq += (p * (dout . v - delta)) k`` for one key tile (``p`` recomputed from ``lse``)."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-    p = tl.math.exp2(s - lse[:, None])
+def _dq_step(dq, q, do, lse, delta, k, v, bias, qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``dq += (p * (dout . v - delta)) k`` for one key tile (``p`` recomputed from ``lse``; with
+    ``MASKED``, ``bias`` (0 or ``-inf``, broadcastable to the tile) is added to the scaled scores)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     if MASKED:
-        p = tl.where(allowed, p, 0.0)
+        p = tl.math.exp2(s * qk_scale + bias - lse[:, None])
+    else:
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
@@ -277,33 +316,40 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, WIN, KEEP, PERM, CHOICE, LIST, C
         tok_k, kv, kok = _prefix_keys(p0, keep_b, P, PB, HAS_KEEP)
         k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
         v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
-        dq = _dq_step(dq, q, do, lse, delta, k, v, kok[None, :], qk_scale, True, DOT_PREC)
+        dq = _dq_step(dq, q, do, lse, delta, k, v, _keep_bias(kok), qk_scale, True, DOT_PREC)
     if PREFIX_Q:
         for kt in range(0, TK):  # cost: prefix_query
             tok_k, _, _, _, _, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
             k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
             v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
-            dq = _dq_step(dq, q, do, lse, delta, k, v, kok[None, :], qk_scale, True, DOT_PREC)
+            dq = _dq_step(dq, q, do, lse, delta, k, v, _keep_bias(kok), qk_scale, True, DOT_PREC)
     else:
         row = (vsel * BS + bsch) * TQ + pid
         n_m = tl.load(CNT + row * 2)
         n_f = tl.load(CNT + row * 2 + 1)
         rec = REC + ((b * H + h) * TQ + pid) * TK
+        lst = LIST + row * TK
+        kt_next = tl.load(lst)  # each list entry is read one iteration ahead of its use
         for i in range(0, n_m):  # cost: masked
-            kt = tl.load(LIST + row * TK + i)
+            kt = kt_next
+            kt_next = tl.load(lst + tl.minimum(i + 1, TK - 1))
             tok_k, x0, y0, lx, ly, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
             k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
             v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
-            allowed = _inside(wx0 - x0, wy0 - y0, wx1 - x0, wy1 - y0, lx, ly) & kok[None, :]
-            dq = _dq_step(dq, q, do, lse, delta, k, v, allowed, qk_scale, True, DOT_PREC)
+            bias = _window_bias(wx0 - x0, wy0 - y0, wx1 - x0, wy1 - y0, lx, ly)
+            if HAS_KEEP:
+                bias += _keep_bias(kok)
+            dq = _dq_step(dq, q, do, lse, delta, k, v, bias, qk_scale, True, DOT_PREC)
             if RECORD:
                 tl.store(rec + kt, 1)
+        kt_next = tl.load(lst + TK - n_f)
         for i in range(TK - n_f, TK):  # cost: full
-            kt = tl.load(LIST + row * TK + i)
-            tok_k, _, _, _, _, kv, _ = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, False)
+            kt = kt_next
+            kt_next = tl.load(lst + tl.minimum(i + 1, TK - 1))
+            tok_k, _, _, _, _, kv, _ = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, False, True)
             k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
             v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
-            dq = _dq_step(dq, q, do, lse, delta, k, v, kv[None, :], qk_scale, False, DOT_PREC)
+            dq = _dq_step(dq, q, do, lse, delta, k, v, 0.0, qk_scale, False, DOT_PREC)
             if RECORD:
                 tl.store(rec + kt, 2)
     gb = DQ + b64 * sgb + h * sgh
@@ -312,12 +358,14 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, WIN, KEEP, PERM, CHOICE, LIST, C
 
 
 @helper
-def _dkdv_step(dk, dv, q, do, lse, delta, k, v, allowed, qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
-    """``dv += p^T dout`` and ``dk += (p * (dout . v - delta))^T q`` for one query tile."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-    p = tl.math.exp2(s - lse[:, None])
+def _dkdv_step(dk, dv, q, do, lse, delta, k, v, bias, qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``dv += p^T dout`` and ``dk += (p * (dout . v - delta))^T q`` for one query tile (``bias`` as
+    in :func:`_dq_step`)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     if MASKED:
-        p = tl.where(allowed, p, 0.0)
+        p = tl.math.exp2(s * qk_scale + bias - lse[:, None])
+    else:
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
     dv = dv + tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
@@ -374,35 +422,42 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, WIN, KEEP, PERM, CHOICE, L
     for p0 in range(0, P, PB):  # cost: prefix
         tok_q = p0 + tl.arange(0, PB)
         q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, tok_q, tok_q < P, sqn, sdn, qd, dd, dmask)
-        dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, kok[None, :], qk_scale, True, DOT_PREC)
+        dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, _keep_bias(kok), qk_scale, True, DOT_PREC)
     if PREFIX_K:
         # every patch query attends the prefix keys
         for qt in range(0, TQ):  # cost: prefix_query
             pq, qv = _query_patch(qt * BM + tl.arange(0, BM), perm_b, TQ * BM, GH, GW, NBX, vsel != 0, ORDER, TW, TH,
                                   QMODE)
             q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
-            dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, kok[None, :], qk_scale, True, DOT_PREC)
+            dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, _keep_bias(kok), qk_scale, True, DOT_PREC)
     else:
         row = bsch * TK + pid
         n_m = tl.load(CNT_T + row * 2)
         n_f = tl.load(CNT_T + row * 2 + 1)
         rec = REC + ((b * H + h) * TK + pid) * TQ
+        lst = LIST_T + row * TQ
+        qt_next = tl.load(lst)  # each list entry is read one iteration ahead of its use
         for i in range(0, n_m):  # cost: masked
-            qt = tl.load(LIST_T + row * TQ + i)
+            qt = qt_next
+            qt_next = tl.load(lst + tl.minimum(i + 1, TQ - 1))
             pq, qv = _query_patch(qt * BM + tl.arange(0, BM), perm_b, TQ * BM, GH, GW, NBX, vsel != 0, ORDER, TW, TH,
                                   QMODE)
             q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
             wx0, wy0, wx1, wy1 = _load_window(WIN, b * win_sb, pq, qv)
-            allowed = _inside(wx0 - x0, wy0 - y0, wx1 - x0, wy1 - y0, lx, ly) & kok[None, :]
-            dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, allowed, qk_scale, True, DOT_PREC)
+            bias = _window_bias(wx0 - x0, wy0 - y0, wx1 - x0, wy1 - y0, lx, ly)
+            if HAS_KEEP:
+                bias += _keep_bias(kok)
+            dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, bias, qk_scale, True, DOT_PREC)
             if RECORD:
                 tl.store(rec + qt, 1)
+        qt_next = tl.load(lst + TQ - n_f)
         for i in range(TQ - n_f, TQ):  # cost: full
-            qt = tl.load(LIST_T + row * TQ + i)
+            qt = qt_next
+            qt_next = tl.load(lst + tl.minimum(i + 1, TQ - 1))
             pq, qv = _query_patch(qt * BM + tl.arange(0, BM), perm_b, TQ * BM, GH, GW, NBX, vsel != 0, ORDER, TW, TH,
                                   QMODE)
             q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
-            dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, kok[None, :], qk_scale, False, DOT_PREC)
+            dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, 0.0, qk_scale, False, DOT_PREC)
             if RECORD:
                 tl.store(rec + qt, 2)
     out_mask = kv[:, None] & dmask[None, :]
@@ -418,8 +473,10 @@ def _record_buffer(shape, record: bool, device) -> torch.Tensor:
                                                                                           device=device)
 
 
-def _constexprs(sched: Schedule, q: torch.Tensor, record: bool) -> dict:
-    lay, cfg = sched.layout, sched.cfg
+def _constexprs(sched: Schedule, q: torch.Tensor, record: bool, cfg: Config) -> dict:
+    """The launch's constexprs and, on a GPU, warps and stages of ``cfg`` (the schedule may have
+    been built for a configuration that differs from it in those only)."""
+    lay = sched.layout
     d = q.shape[-1]
     opts = {} if interpreting() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     return dict(HEAD_D=d, BD=max(16, triton.next_power_of_2(d)), PB=_prefix_block(sched.P), ORDER=lay.order,
@@ -447,7 +504,7 @@ def _forward(q, k, v, windows, key_keep, grid, P, scale, cfg: Config, record: bo
     rec = _record_buffer((B, H, sched.tq, sched.tk), record, q.device)
     args = (q, k, v, out, lse, *sched.kernel_args, sched.lst, sched.cnt, rec, *q.stride(), *k.stride(), *v.stride(),
             *out.stride(), *_layout_args(sched, H, N), scale * _LOG2E)
-    meta = _constexprs(sched, q, record)
+    meta = _constexprs(sched, q, record, cfg)
     _fwd_kernel[(sched.tq, H, B)](*args, BM=cfg.block_m, BN=cfg.block_n, PREFIX_Q=False, **meta)
     if P:
         pb = meta["PB"]
@@ -476,7 +533,7 @@ def _backward(dout, q, k, v, out, lse, windows, key_keep, grid, P, scale, cfg: C
     dv = torch.empty((B, H, N, d), dtype=v.dtype, device=dev)
     rec_q = _record_buffer((B, H, sched.tq, sched.tk), record, dev)
     rec_k = _record_buffer((B, H, sched.tk, sched.tq), record, dev)
-    meta = _constexprs(sched, q, record)
+    meta = _constexprs(sched, q, record, cfg)
     pb = meta["PB"]
     tail = (*_layout_args(sched, H, N), scale * _LOG2E, scale)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())

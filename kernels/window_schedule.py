@@ -157,6 +157,12 @@ class Config:
             return ("sorted", "grouped") if self.groups_queries else ("sorted",)
         return () if self.query_order == "spatial" else (self.query_order,)
 
+    @property
+    def schedule_key(self) -> Tuple[int, int, int, int, str]:
+        """What the schedule depends on: tiles, layout and query order (not warps or stages, so the
+        forward and a backward configuration that differs in those only share one schedule)."""
+        return (self.block_m, self.block_n, self.order, self.unit, self.query_order)
+
     @classmethod
     def of(cls, launch: LaunchConfig) -> "Config":
         """The window configuration a policy entry (``kernels/_launch.py``, units ``window_fwd``/``window_bwd``) names."""
@@ -1020,7 +1026,8 @@ def cached_schedule(windows: torch.Tensor, key_keep: Optional[torch.Tensor], gri
     tensors, so one schedule serves them all. An entry holds weak references and the tensors'
     version counters: a freed, replaced or modified-in-place mask tensor never matches.
     """
-    key = (id(windows), None if key_keep is None else id(key_keep), grid, P, batch_size, cfg, windows.device)
+    key = (id(windows), None if key_keep is None else id(key_keep), grid, P, batch_size, cfg.schedule_key,
+           windows.device)
     hit = _SCHEDULES.get(key)
     if hit is not None:
         w_ref, w_ver, k_ref, k_ver, sched = hit

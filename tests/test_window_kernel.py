@@ -462,6 +462,17 @@ def test_schedule_is_reused_while_the_mask_is_unchanged(ws, monkeypatch):
                  "output after the windows changed")
 
 
+def test_schedule_is_shared_by_configs_that_differ_in_warps_or_stages(ws):
+    """The schedule depends on tiles, layout and query order only: a backward configuration that
+    differs from the forward's in warps or stages reuses its schedule; other tiles do not."""
+    grid, P, B = (5, 6), 1, 2
+    windows = local_windows(B, grid, torch.Generator().manual_seed(3)).to(torch.int32).to(DEVICE)
+    ws._SCHEDULES.clear()
+    a = ws.cached_schedule(windows, None, grid, P, B, ws.Config(16, 16, num_warps=4, num_stages=3))
+    assert ws.cached_schedule(windows, None, grid, P, B, ws.Config(16, 16, num_warps=8, num_stages=2)) is a
+    assert ws.cached_schedule(windows, None, grid, P, B, ws.Config(32, 16, num_warps=4, num_stages=3)) is not a
+
+
 # ----------------------------------------------------------------------------------- widths, dtypes
 @pytest.mark.parametrize("d", [16, 32, 64, 48, 128])
 def test_head_widths(d, monkeypatch):
