@@ -463,11 +463,22 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="write the shipped table (kernels/_shipped.py) from this run's clean cases")
     p.add_argument("--shipped-only", action="store_true",
                    help="budget violations of the cases kernels/_shipped.py ships only (exit status)")
+    p.add_argument("--merge", action="store_true",
+                   help="with --out: this run's rows replace only the rows of the same units and targets in the "
+                        "reports already there (every other row stays); --write-policy then reads the merged "
+                        "reports of every target")
     args = p.parse_args(argv)
+    if args.merge and not args.out:
+        p.error("--merge needs --out")
     matrix = jobs(args.units, args.dtype, args.head_dim, args.variants, args.first_only)
-    rows = mark_shipped(run(args.target, matrix, args.jobs, progress=not args.quiet))
+    stamp = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "cpu_only": True}
+    rows = mark_shipped([{**r, **stamp} for r in run(args.target, matrix, args.jobs, progress=not args.quiet)])
+    reports = {t: [r for r in rows if r["target"] == t] for t in args.target}
+    if args.merge:
+        reports = merged_reports(args.out, rows)
+        mark_shipped([r for t in reports.values() for r in t])
     if args.write_policy:
-        write_policy(rows, args.write_policy)
+        write_policy([r for t in reports.values() for r in t], args.write_policy)
     text = table(rows)
     bad = violations(rows, shipped_only=args.shipped_only)
     if not args.quiet:
@@ -478,13 +489,32 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("  " + b)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        stamp = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "cpu_only": True}
-        for target in args.target:
+        for target, target_rows in reports.items():
             with open(os.path.join(args.out, f"compile-{target}.jsonl"), "w") as f:
-                for r in rows:
-                    if r["target"] == target:
-                        f.write(json.dumps({**r, **stamp}) + "\n")
+                for r in target_rows:
+                    f.write(json.dumps(r) + "\n")
     return 1 if bad else 0
+
+
+def merged_reports(out_dir: str, rows: List[dict]) -> Dict[str, List[dict]]:
+    """Every target's report in ``out_dir`` with the rows of ``rows``' (unit, target) pairs replaced
+    by ``rows`` (a unit's rows stay in the report's order of units; a new unit goes last)."""
+    out = {}
+    for target in TARGETS:
+        path = os.path.join(out_dir, f"compile-{target}.jsonl")
+        old = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+        new = [r for r in rows if r["target"] == target]
+        units = {r["unit"] for r in new}
+        merged, placed = [], set()
+        for r in old:
+            if r["unit"] not in units:
+                merged.append(r)
+            elif r["unit"] not in placed:
+                placed.add(r["unit"])
+                merged.extend(n for n in new if n["unit"] == r["unit"])
+        merged.extend(n for n in new if n["unit"] not in placed)
+        out[target] = merged
+    return out
 
 
 if __name__ == "__main__":

@@ -199,3 +199,18 @@ def test_float32_policy(monkeypatch):
     from vitpatch import _compat
     # the interpreter runs every case, where this triton / numpy pair can interpret at all
     assert _launch.supports(window, torch.float32, 128) == _compat.interpreter_problem()
+
+
+def test_merge_replaces_only_the_run_units_rows(tmp_path):
+    """``python -m bench.compile --units ... --out DIR --merge``: the run's (unit, target) rows replace
+    those in DIR's reports, in place; other units and targets keep theirs; a new unit goes last."""
+    from bench import compile as gate
+    old = {"sm_90a": [{"unit": "a", "target": "sm_90a", "v": 0}, {"unit": "b", "target": "sm_90a", "v": 0},
+                      {"unit": "b", "target": "sm_90a", "v": 1}, {"unit": "c", "target": "sm_90a", "v": 0}],
+           "sm_80": [{"unit": "b", "target": "sm_80", "v": 0}]}
+    for target, rows in old.items():
+        (tmp_path / f"compile-{target}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    new = [{"unit": "b", "target": "sm_90a", "v": 9}, {"unit": "d", "target": "sm_90a", "v": 9}]
+    merged = gate.merged_reports(str(tmp_path), new)
+    assert [(r["unit"], r["v"]) for r in merged["sm_90a"]] == [("a", 0), ("b", 9), ("c", 0), ("d", 9)]
+    assert merged["sm_80"] == old["sm_80"]
