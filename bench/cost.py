@@ -4,9 +4,10 @@
     python -m bench.cost --out bench/results --sass /tmp/sass   # also writes each kernel's SASS
 
 No GPU is needed. The window launchers run on ``meta`` tensors under the compile gate's recording
-(:mod:`bench.compile`, the same launches a GPU run makes); every shipped window configuration is
-compiled for the target, and so is the dense reference (:mod:`bench.dense_attention`) at the
-tile shapes a dense kernel would use. For each compiled kernel this reads
+(:mod:`bench.compile`, the same launches a GPU run makes); every window candidate configuration
+(rows say whether it ships) is compiled for the target, and so is the dense reference
+(:mod:`bench.dense_attention`: forward, dq and dk/dv kernels) at the tile shapes a dense kernel
+would use. For each compiled kernel this reads
 
 * the SASS (``nvdisasm`` from the triton wheel, with line information): every loop (a backward
   branch) is matched to the source loop its instructions come from, by the ``# cost: <kind>``
@@ -14,17 +15,18 @@ tile shapes a dense kernel would use. For each compiled kernel this reads
   loop, the instructions of one iteration per thread, by class (``hgmma``, ``hmma``, ``mufu``,
   ``integer``, ``float``, ``uniform``, ``load``, ``store``, ``barrier``, ``shuffle``,
   ``control``, ``other``);
-* the TTGIR: the ``async_wait`` depth at the head of each loop (0: the next tile's loads are
-  waited for inside the iteration that uses them, nothing overlaps);
+* the TTGIR: the ``async_wait`` depth at the head of each loop (0: the iteration waits for every
+  copy in flight, including the one for the next tile);
 * ptxas: registers, and the compiled shared memory; with the warps per block they give the
   resident blocks per SM.
 
 Rows (``OUT/cost-<target>.jsonl``): one per (kernel, config, dtype, head_dim, loop) with
 ``instructions``, ``by_class``, ``async_wait``, ``registers``, ``shared_bytes``,
-``blocks_per_sm`` ...; then one per prediction (``row: "prediction"``) of the forward at the
-issue's shapes from the model in ``docs/cost_model.md``: tiles visited (counted on CPU from the
-real schedule, split into masked and full), cycles per tile from the loop's counts, against the
-dense reference's best tile shape. Predictions are static: no GPU has confirmed them.
+``blocks_per_sm``, ``shipped`` ...; then one per prediction (``row: "prediction"``) of the
+forward and of the forward + backward at the issue's shapes, from the model in
+``docs/cost_model.md``: tile pairs visited (counted on CPU from the real schedule, split into
+masked and full), cycles per pair from the loops' counts, against the dense reference's best
+tile shapes. Predictions are static: no GPU has confirmed them.
 """
 from __future__ import annotations
 
@@ -250,36 +252,53 @@ class Spec:
 
 
 def window_specs(dtype: str, head_dim: int, target: str) -> List[Spec]:
-    """The shipped window configurations' forward and backward kernel launches (recorded, not run)."""
-    import torch
-
+    """Every window candidate configuration's forward and backward kernel launches (recorded, not
+    run); :func:`shipped_labels` says which of them ship."""
     from vitpatch.kernels import _launch
     out = []
     for unit in ("window_fwd", "window_bwd"):
-        for cfg in _launch.shipped(unit, getattr(torch, dtype), head_dim, target):
-            job = gate.Job(unit, _launch.candidates(unit).index(cfg), dtype, head_dim, "plain")
+        for index, cfg in enumerate(_launch.candidates(unit)):
+            if not cfg.ships(dtype, head_dim):
+                continue
+            job = gate.Job(unit, index, dtype, head_dim, "plain")
             for launch in gate.record(job, target):
                 if launch.kernel.__name__ in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
                     out.append(Spec("window_attention", unit, cfg.label, launch, cfg["BLOCK_M"], cfg["BLOCK_N"]))
     return out
 
 
+def shipped_labels(dtype: str, head_dim: int, target: str) -> set:
+    """``(unit, configuration label)`` of what ``kernels/_shipped.py`` ships for this case."""
+    import torch
+
+    from vitpatch.kernels import _launch
+    return {(unit, cfg.label) for unit in ("window_fwd", "window_bwd")
+            for cfg in _launch.shipped(unit, getattr(torch, dtype), head_dim, target)}
+
+
 DENSE_CONFIGS = ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2))  # BM, BN, warps, stages
+DENSE_BWD_CONFIGS = ((64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 128, 8, 2))
 
 
 def dense_specs(dtype: str, head_dim: int, target: str) -> List[Spec]:
-    """The dense reference (:mod:`bench.dense_attention`) at the tile shapes a dense kernel uses."""
+    """The dense reference (:mod:`bench.dense_attention`) at the tile shapes a dense kernel uses:
+    the forward, and the backward's dq and dk/dv kernels."""
     import torch
 
     from vitpatch.kernels import _launch
 
     from . import dense_attention
     out = []
+    q = torch.empty(2, 3, 1024, head_dim, dtype=getattr(torch, dtype), device="meta")
     for bm, bn, warps, stages in DENSE_CONFIGS:
-        q = torch.empty(2, 3, 1024, head_dim, dtype=getattr(torch, dtype), device="meta")
         with _launch.recording(target) as launches:
             dense_attention.attention(q, q, q, 0.125, bm, bn, warps, stages)
         out.append(Spec("dense", "dense", f"BM={bm},BN={bn},w{warps},s{stages}", launches[0], bm, bn))
+    for bm, bn, warps, stages in DENSE_BWD_CONFIGS:
+        with _launch.recording(target) as launches:
+            dense_attention.attention_backward(q, q, q, q, 0.125, bm, bn, warps, stages)
+        for launch in launches:
+            out.append(Spec("dense", "dense", f"BM={bm},BN={bn},w{warps},s{stages}", launch, bm, bn))
     return out
 
 
@@ -334,21 +353,32 @@ MACHINE = {
     "issue_per_cycle": 4,          # warp-instructions: four schedulers, one each
     "mufu_per_cycle": 16,          # exp2 results (four SFU quadrants of 4 lanes)
     "tensor_flop_per_cycle": 4096,  # dense bf16 / fp16 (989 TFLOP/s at 1.83 GHz over 132 SMs)
-    "l2_bytes_per_cycle": 32,      # K and V tiles come from L2 (about 7.7 TB/s at 1.83 GHz)
+    "l2_bytes_per_cycle": 32,      # tiles come from L2 (about 7.7 TB/s at 1.83 GHz)
 }
+# per kernel role: matmul FLOP per tile pair in units of BM x BN x d, and what one iteration loads
+ROLE_FLOP = {"fwd": 4, "dq": 6, "dkdv": 8}
+
+
+def role(kernel: str) -> str:
+    """``fwd``, ``dq`` or ``dkdv`` from a kernel's name."""
+    return "dkdv" if "dkdv" in kernel else "dq" if "_dq_" in kernel else "fwd"
 
 
 def tile_cycles(loop: dict, head_dim: int, elem_bytes: int = 2, machine: dict = MACHINE) -> Dict[str, float]:
     """Cycles of one iteration of ``loop`` (a cost row) on one SM, by resource, and the total:
     the largest term when the loop's loads overlap its compute (``async_wait >= 1`` or at least
-    two resident blocks), else the compute terms' largest plus the load term."""
+    two resident blocks), else the compute terms' largest plus the load term. An iteration of a
+    forward or dq loop loads a key tile (K and V), of a dk/dv loop a query tile (q, dout and two
+    fp32 row statistics)."""
     warps = loop["num_warps"]
     bm, bn = loop["block_m"], loop["block_n"]
+    r = role(loop["kernel"])
+    loaded = 2.0 * bm * head_dim * elem_bytes + 8 * bm if r == "dkdv" else 2.0 * bn * head_dim * elem_bytes
     terms = {
         "issue": loop["instructions"] * warps / machine["issue_per_cycle"],
         "mufu": loop["by_class"]["mufu"] * warps * 32 / machine["mufu_per_cycle"],
-        "tensor": 4.0 * bm * bn * head_dim / machine["tensor_flop_per_cycle"],
-        "memory": 2.0 * bn * head_dim * elem_bytes / machine["l2_bytes_per_cycle"],
+        "tensor": ROLE_FLOP[r] * bm * bn * head_dim / machine["tensor_flop_per_cycle"],
+        "memory": loaded / machine["l2_bytes_per_cycle"],
     }
     overlap = (loop.get("async_wait") or 0) >= 1 or loop.get("blocks_per_sm", 1) >= 2
     compute = max(terms["issue"], terms["mufu"], terms["tensor"])
@@ -360,8 +390,8 @@ def tile_cycles(loop: dict, head_dim: int, elem_bytes: int = 2, machine: dict = 
 def visited_tiles(n_side: int, density: float, block_m: int, block_n: int, images: int = 4,
                   query_order: str = "auto") -> Dict[str, float]:
     """Per image: masked and full (query tile, key tile) pairs the window schedule visits, and the
-    query tiles, for AWD windows (``synthetic_awd_windows``) on an ``n_side`` square grid; the mean
-    over ``images`` images, counted on CPU from the real schedule (Triton's interpreter)."""
+    query and key tiles, for AWD windows (``synthetic_awd_windows``) on an ``n_side`` square grid;
+    the mean over ``images`` images, counted on CPU from the real schedule (Triton's interpreter)."""
     from vitpatch import WindowMask, tiles
     from vitpatch.masks import synthetic_awd_windows
     grid = (n_side, n_side)
@@ -371,57 +401,86 @@ def visited_tiles(n_side: int, density: float, block_m: int, block_n: int, image
             "query_tiles": codes.shape[1], "key_tiles": codes.shape[2], "density": mask.density(images)}
 
 
-def predict_forward(rows: Sequence[dict], n_side: int, density: float, batch: int, heads: int, head_dim: int,
-                    tiles_cache: Optional[dict] = None) -> List[dict]:
-    """Predicted forward time of each window forward configuration relative to the best dense
-    reference configuration, at ``N = 1 + n_side^2`` (one prefix token)."""
-    tiles_cache = {} if tiles_cache is None else tiles_cache
-    N = 1 + n_side * n_side
-    by_config: Dict[str, Dict[str, dict]] = {}
+def _loops(rows: Sequence[dict]) -> Dict[Tuple[str, str], Dict[str, dict]]:
+    """``(op, config) -> {"<role>:<variant>:<loop>": row}``."""
+    out: Dict[Tuple[str, str], Dict[str, dict]] = {}
     for r in rows:
         if r.get("loop") is None:
             continue
-        key = "prefix_q" if r["launch_variant"].get("PREFIX_Q") else "patch"
-        by_config.setdefault(f"{r['op']}|{r['config']}", {})[f"{key}:{r['loop']}" if r["op"] != "dense" else "dense"] = r
-    dense_cycles = {}
-    for name, loops in by_config.items():
-        if not name.startswith("dense|") or "dense" not in loops:
+        variant = "pre" if (r["launch_variant"].get("PREFIX_Q") or r["launch_variant"].get("PREFIX_K")) else "main"
+        out.setdefault((r["op"], r["config"]), {})[f"{role(r['kernel'])}:{variant}:{r['loop']}"] = r
+    return out
+
+
+def _window_role_cycles(loops: Dict[str, dict], r: str, tiles_: dict, head_dim: int) -> Optional[float]:
+    """Cycles per image and head of one window kernel role from its loops and the visited tiles."""
+    def cyc(key):
+        return tile_cycles(loops[key], head_dim)["total"] if key in loops else 0.0
+    if f"{r}:main:masked" not in loops:
+        return None
+    main = (tiles_["masked"] * cyc(f"{r}:main:masked") + tiles_["full"] * cyc(f"{r}:main:full")
+            + (tiles_["query_tiles"] if r != "dkdv" else tiles_["key_tiles"]) * cyc(f"{r}:main:prefix"))
+    # the prefix programs: prefix queries over every key tile (fwd, dq), prefix keys over every query tile
+    prefix = (tiles_["query_tiles"] if r == "dkdv" else tiles_["key_tiles"]) * (
+        cyc(f"{r}:pre:prefix_query") or cyc(f"{r}:main:prefix_query"))
+    return main + prefix
+
+
+def predict(rows: Sequence[dict], n_side: int, density: float, batch: int, heads: int, head_dim: int,
+            tiles_cache: Optional[dict] = None) -> List[dict]:
+    """Predicted forward and forward + backward time of each window configuration relative to the
+    dense reference's best configuration per kernel, at ``N = 1 + n_side^2`` (one prefix token)."""
+    tiles_cache = {} if tiles_cache is None else tiles_cache
+    N = 1 + n_side * n_side
+    scale = batch * heads / MACHINE["sms"]
+    by_config = _loops(rows)
+    dense: Dict[str, Tuple[float, str]] = {}
+    for (op, config), loops in by_config.items():
+        if op != "dense":
             continue
-        r = loops["dense"]
-        t = tile_cycles(r, head_dim)["total"]
-        tiles_per_head = -(-N // r["block_m"]) * -(-N // r["block_n"])
-        dense_cycles[name.split("|", 1)[1]] = batch * heads * tiles_per_head * t / MACHINE["sms"]
-    if not dense_cycles:
+        for key, r in loops.items():
+            rr = key.split(":", 1)[0]
+            cycles = scale * -(-N // r["block_m"]) * -(-N // r["block_n"]) * tile_cycles(r, head_dim)["total"]
+            if rr not in dense or cycles < dense[rr][0]:
+                dense[rr] = (cycles, config)
+    if "fwd" not in dense:
         return []
-    best_dense = min(dense_cycles, key=dense_cycles.get)
-    out = []
-    for name, loops in by_config.items():
-        op, config = name.split("|", 1)
-        if op != "window_attention" or "patch:masked" not in loops:
+    window: Dict[str, List[Tuple[float, str, bool, dict]]] = {"fwd": [], "bwd": []}
+    for (op, config), loops in by_config.items():
+        if op != "window_attention":
             continue
-        r = loops["patch:masked"]
-        key = (n_side, density, r["block_m"], r["block_n"])
+        any_row = next(iter(loops.values()))
+        key = (n_side, density, any_row["block_m"], any_row["block_n"])
         if key not in tiles_cache:
-            tiles_cache[key] = visited_tiles(n_side, density, r["block_m"], r["block_n"])
-        tl_ = tiles_cache[key]
-        per_tile = {k.split(":", 1)[1]: tile_cycles(v, head_dim)["total"] for k, v in loops.items()
-                    if k.startswith("patch:")}
-        pq = {k.split(":", 1)[1]: tile_cycles(v, head_dim)["total"] for k, v in loops.items()
-              if k.startswith("prefix_q:")}
-        per_image = (tl_["masked"] * per_tile["masked"] + tl_["full"] * per_tile.get("full", per_tile["masked"])
-                     + tl_["query_tiles"] * per_tile.get("prefix", 0.0)
-                     + tl_["key_tiles"] * pq.get("prefix_query", 0.0))
-        cycles = batch * heads * per_image / MACHINE["sms"]
-        out.append({"row": "prediction", "op": "window_attention", "mode": "fwd", "config": config, "n": N,
-                    "density": round(tl_["density"], 4), "batch": batch, "heads": heads, "head_dim": head_dim,
-                    "predicted_ratio_vs_dense": cycles / dense_cycles[best_dense],
-                    "dense_config": best_dense, "dense_cycles_per_sm": dense_cycles[best_dense],
-                    "window_cycles_per_sm": cycles, "tiles_per_image": {k: tl_[k] for k in ("masked", "full")},
-                    "query_tiles": tl_["query_tiles"], "key_tiles": tl_["key_tiles"],
-                    "visited_fraction": (tl_["masked"] + tl_["full"]) / (tl_["query_tiles"] * tl_["key_tiles"]),
-                    "cycles_per_tile": per_tile, "prefix_query_cycles_per_tile": pq,
-                    "static": True, "excluded": "schedule build, prefix-query programs' own prefix loop, "
-                                                "the epilogue, wave quantisation"})
+            tiles_cache[key] = visited_tiles(n_side, density, any_row["block_m"], any_row["block_n"])
+        t = tiles_cache[key]
+        fwd = _window_role_cycles(loops, "fwd", t, head_dim)
+        if fwd is not None:
+            window["fwd"].append((scale * fwd, config, bool(any_row.get("shipped")), t))
+        dq, dkdv = (_window_role_cycles(loops, r, t, head_dim) for r in ("dq", "dkdv"))
+        if dq is not None and dkdv is not None:
+            window["bwd"].append((scale * (dq + dkdv), config, bool(any_row.get("shipped")), t))
+    out = []
+    best_fwd = min((w for w in window["fwd"] if w[2]), default=None, key=lambda w: w[0])
+    base = {"row": "prediction", "op": "window_attention", "n": N, "batch": batch, "heads": heads,
+            "head_dim": head_dim, "static": True,
+            "excluded": "schedule build, epilogues, the delta and transpose kernels, wave quantisation"}
+    for cycles, config, shipped, t in window["fwd"]:
+        out.append({**base, "mode": "fwd", "config": config, "shipped": shipped, "density": round(t["density"], 4),
+                    "predicted_ratio_vs_dense": cycles / dense["fwd"][0], "window_cycles_per_sm": cycles,
+                    "dense_cycles_per_sm": dense["fwd"][0], "dense_config": dense["fwd"][1],
+                    "visited_fraction": (t["masked"] + t["full"]) / (t["query_tiles"] * t["key_tiles"]),
+                    "tiles_per_image": {"masked": t["masked"], "full": t["full"]}})
+    if best_fwd is not None and "dq" in dense and "dkdv" in dense:
+        dense_all = dense["fwd"][0] + dense["dq"][0] + dense["dkdv"][0]
+        for cycles, config, shipped, t in window["bwd"]:
+            total = best_fwd[0] + cycles
+            out.append({**base, "mode": "fwd+bwd", "config": f"{best_fwd[1]} + {config}", "shipped": shipped,
+                        "density": round(t["density"], 4), "predicted_ratio_vs_dense": total / dense_all,
+                        "window_cycles_per_sm": total, "dense_cycles_per_sm": dense_all,
+                        "dense_config": " + ".join(dense[r][1] for r in ("fwd", "dq", "dkdv")),
+                        "visited_fraction": (t["masked"] + t["full"]) / (t["query_tiles"] * t["key_tiles"]),
+                        "tiles_per_image": {"masked": t["masked"], "full": t["full"]}})
     return out
 
 
@@ -440,22 +499,28 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="directory of cost-<target>.jsonl")
     p.add_argument("--sass", default=None, help="also write each compiled kernel's SASS here")
     p.add_argument("--no-predict", action="store_true", help="loop rows only (no tile counting)")
+    p.add_argument("--kernels", default=None, metavar="REGEX",
+                   help="cost only kernels whose name matches (e.g. '_fwd_kernel'; the dense reference always)")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     specs = window_specs(args.dtype, args.head_dim, args.target) + dense_specs(args.dtype, args.head_dim, args.target)
     rows: List[dict] = []
     seen = set()
+    ships = shipped_labels(args.dtype, args.head_dim, args.target)
     for spec in specs:
+        if args.kernels and spec.op != "dense" and not re.search(args.kernels, spec.launch.kernel.__name__):
+            continue
         key = gate.launch_key(spec.launch, args.target)
         if key in seen:
             continue
         seen.add(key)
-        rows += cost_rows(spec, args.dtype, args.head_dim, args.target, args.sass)
+        rows += [{**r, "shipped": spec.op == "dense" or (spec.unit, spec.config) in ships}
+                 for r in cost_rows(spec, args.dtype, args.head_dim, args.target, args.sass)]
     preds: List[dict] = []
     if not args.no_predict:
         cache: dict = {}
         for side, density in SHAPES:
-            preds += predict_forward(rows, side, density, args.batch, args.heads, args.head_dim, cache)
+            preds += predict(rows, side, density, args.batch, args.heads, args.head_dim, cache)
     print(format_table(rows, preds))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -472,15 +537,16 @@ def _short(config: str) -> str:
 
 
 def format_table(rows: Sequence[dict], preds: Sequence[dict]) -> str:
-    lines = ["kernel                            config               variant      loop          "
+    lines = ["kernel                            config               variant            loop          "
              "instr   int  float  mufu  gmma  wait  regs  blk/SM"]
     for r in rows:
         if r.get("loop") is None:
             lines.append(f"{r['kernel']:<33} {_short(r['config']):<20} ERROR {r.get('error')}")
             continue
         var = ",".join(f"{k}={int(v)}" for k, v in r["launch_variant"].items() if k == "PREFIX_Q") or "-"
+        var += "" if r.get("shipped", True) else " (cand.)"
         c = r["by_class"]
-        lines.append(f"{r['kernel']:<33} {_short(r['config']):<20} {var:<12} {r['loop']:<12} {r['instructions']:>6} "
+        lines.append(f"{r['kernel']:<33} {_short(r['config']):<20} {var:<18} {r['loop']:<12} {r['instructions']:>6} "
                      f"{c['integer']:>5} {c['float']:>6} {c['mufu']:>5} {c['hgmma'] + c['hmma']:>5} "
                      f"{str(r['async_wait']):>5} {str(r['registers']):>5} {r['blocks_per_sm']:>7}")
     if preds:
@@ -488,7 +554,8 @@ def format_table(rows: Sequence[dict], preds: Sequence[dict]) -> str:
                   "N      density  config               visited  ratio  (dense config)"]
         for p in preds:
             lines.append(f"{p['n']:<6} {p['density']:<8} {_short(p['config']):<20} {p['visited_fraction']:.3f}    "
-                         f"{p['predicted_ratio_vs_dense']:.2f}   ({p['dense_config']})")
+                         f"{p['predicted_ratio_vs_dense']:.2f}   ({p['dense_config']})"
+                         f"{'' if p['shipped'] else '  not shipped'}")
     return "\n".join(lines)
 
 

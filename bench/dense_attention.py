@@ -68,3 +68,85 @@ def attention(q, k, v, scale: float, block_m: int = 64, block_n: int = 64, num_w
         HEAD_D=d, BM=block_m, BN=block_n, num_warps=num_warps, num_stages=num_stages)
     return out
 
+
+
+@kernel
+def _dense_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, N, qk_scale,
+                         sm_scale, HEAD_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """``dq`` of one query tile: ``p`` from the saved base-2 ``lse``, ``ds = p (dout v^T - delta)``."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows = pid * BM + tl.arange(0, BM)
+    cols = tl.arange(0, BN)
+    dd = tl.arange(0, HEAD_D)
+    q_off = b * sqb + h * sqh + rows[:, None] * sqn + dd[None, :]
+    q = tl.load(Q + q_off)
+    do = tl.load(DO + q_off)
+    lse = tl.load(LSE + (b * tl.num_programs(1) + h) * N + rows)
+    delta = tl.load(DELTA + (b * tl.num_programs(1) + h) * N + rows)
+    kb = K + b * skb + h * skh + cols[:, None] * skn + dd[None, :]
+    vb = V + b * svb + h * svh + cols[:, None] * svn + dd[None, :]
+    dq = tl.zeros([BM, HEAD_D], tl.float32)
+    for start in range(0, N, BN):  # cost: dense
+        k = tl.load(kb + start * skn)
+        v = tl.load(vb + start * svn)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty))
+
+
+@kernel
+def _dense_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, N,
+                           qk_scale, sm_scale, HEAD_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """``dk``, ``dv`` of one key tile over every query tile."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    keys = pid * BN + tl.arange(0, BN)
+    rows = tl.arange(0, BM)
+    dd = tl.arange(0, HEAD_D)
+    k = tl.load(K + b * skb + h * skh + keys[:, None] * skn + dd[None, :])
+    v = tl.load(V + b * svb + h * svh + keys[:, None] * svn + dd[None, :])
+    qb = Q + b * sqb + h * sqh + rows[:, None] * sqn + dd[None, :]
+    dob = DO + b * sqb + h * sqh + rows[:, None] * sqn + dd[None, :]
+    stats = (b * tl.num_programs(1) + h) * N + rows
+    dk = tl.zeros([BN, HEAD_D], tl.float32)
+    dv = tl.zeros([BN, HEAD_D], tl.float32)
+    for start in range(0, N, BM):  # cost: dense
+        q = tl.load(qb + start * sqn)
+        do = tl.load(dob + start * sqn)
+        lse = tl.load(LSE + stats + start)
+        delta = tl.load(DELTA + stats + start)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    out = b * skb + h * skh + keys[:, None] * skn + dd[None, :]
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty))
+    tl.store(DV + out, dv.to(DV.dtype.element_ty))
+
+
+def attention_backward(dout, q, k, v, scale: float, block_m: int = 64, block_n: int = 64, num_warps: int = 4,
+                       num_stages: int = 2):
+    """``(dq, dk, dv)`` of dense softmax attention (the same shape rules as :func:`attention`; the
+    row statistics are recomputed here in PyTorch, the kernels do the per-tile work)."""
+    import torch
+    B, H, N, d = q.shape
+    if N % block_m or N % block_n:
+        raise ValueError(f"N must be a multiple of block_m and block_n, got N = {N}")
+    if any(t.stride(-1) != 1 or t.shape != q.shape or t.stride() != q.stride() for t in (k, v, dout)):
+        raise ValueError("q, k, v and dout must share one shape and one unit-stride layout")
+    logits = (q.float() @ k.float().transpose(-2, -1)) * (scale * _LOG2E)
+    lse = torch.logsumexp(logits * (1 / _LOG2E), -1) * _LOG2E  # base 2
+    out = torch.softmax(logits * (1 / _LOG2E), -1) @ v.float()
+    delta = (out * dout.float()).sum(-1)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), N, scale * _LOG2E, scale)
+    meta = dict(HEAD_D=d, BM=block_m, BN=block_n, num_warps=num_warps, num_stages=num_stages)
+    _dense_bwd_dq_kernel[(N // block_m, H, B)](q, k, v, dout, lse.contiguous(), delta.contiguous(), dq, *strides, **meta)
+    _dense_bwd_dkdv_kernel[(N // block_n, H, B)](q, k, v, dout, lse.contiguous(), delta.contiguous(), dk, dv,
+                                                 *strides, **meta)
+    return dq, dk, dv

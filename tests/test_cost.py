@@ -83,12 +83,15 @@ def test_blocks_per_sm():
 
 def test_tile_cycles_overlap_rule():
     from bench import cost
-    loop = {"num_warps": 4, "block_m": 64, "block_n": 64, "instructions": 400,
-            "by_class": {"mufu": 34}, "async_wait": 0, "blocks_per_sm": 1}
+    loop = {"kernel": "window_attention._fwd_kernel", "num_warps": 4, "block_m": 64, "block_n": 64,
+            "instructions": 400, "by_class": {"mufu": 34}, "async_wait": 0, "blocks_per_sm": 1}
     serial = cost.tile_cycles(loop, 64)
     assert serial["issue"] == 400 and serial["tensor"] == 256 and serial["memory"] == 512
     assert serial["mufu"] == 34 * 4 * 32 / 16 and serial["total"] == 400 + 512 and not serial["overlap"]
     assert cost.tile_cycles({**loop, "async_wait": 1}, 64)["total"] == 512
+    dkdv = cost.tile_cycles({**loop, "kernel": "window_attention._bwd_dkdv_kernel", "block_m": 32}, 64)
+    assert dkdv["tensor"] == 8 * 32 * 64 * 64 / 4096 and dkdv["memory"] == (2 * 32 * 64 * 2 + 8 * 32) / 32
+    assert cost.role("dense_attention._dense_bwd_dq_kernel") == "dq" and cost.role("x._fwd_kernel") == "fwd"
 
 
 @pytest.mark.parametrize("bm, bn", [(16, 16), (32, 16)])
@@ -105,16 +108,32 @@ def test_dense_reference_matches_sdpa(bm, bn):
         dense_attention.attention(q[:, :, :60], k[:, :, :60], v[:, :, :60], 0.25, bm, bn)
 
 
+@needs_interpreter()
+def test_dense_reference_backward_matches_autograd():
+    if DEVICE.type != "cpu":
+        pytest.skip("the interpreter run is the CPU check")
+    from bench import dense_attention
+    q, k, v, dout = (torch.randn(2, 2, 32, 16) for _ in range(4))
+    dq, dk, dv = dense_attention.attention_backward(dout, q, k, v, 0.3, 16, 16, 1, 1)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    out = torch.nn.functional.scaled_dot_product_attention(*leaves, scale=0.3)
+    ref = torch.autograd.grad(out, leaves, dout.double())
+    for got, want in zip((dq, dk, dv), ref):
+        assert (got.double() - want).abs().max() < 1e-4
+
+
 COMPILE = """
 import json
 from bench import cost
-spec = cost.dense_specs("bfloat16", 64, "sm_90a")[0]
-print(json.dumps(cost.cost_rows(spec, "bfloat16", 64, "sm_90a")))
+specs = cost.dense_specs("bfloat16", 64, "sm_90a")
+bwd = len(cost.DENSE_CONFIGS)  # the first backward configuration's dq and dk/dv kernels follow the forwards
+print(json.dumps([cost.cost_rows(s, "bfloat16", 64, "sm_90a") for s in (specs[0], specs[bwd], specs[bwd + 1])]))
 """
 
 
 def test_dense_reference_compiles_to_one_pipelined_wgmma_loop():
-    """sm_90a, bf16, d = 64, 64 x 64 tiles: the cost rows of the real compile."""
+    """sm_90a, bf16, d = 64, 64 x 64 tiles: the cost rows of the real compile of the forward, and of
+    the backward's two kernels (one wgmma loop each)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, cwd=ROOT, env=env,
                           timeout=300)
@@ -122,7 +141,11 @@ def test_dense_reference_compiles_to_one_pipelined_wgmma_loop():
         pytest.skip("Triton's CUDA backend is not available here")
     assert done.returncode == 0, done.stderr[-2000:]
     import json
-    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    fwd, dq, dkdv = json.loads(done.stdout.strip().splitlines()[-1])
+    for rows, kernel in ((dq, "_dense_bwd_dq_kernel"), (dkdv, "_dense_bwd_dkdv_kernel")):
+        assert [r["loop"] for r in rows] == ["dense"] and rows[0]["kernel"].endswith(kernel), rows
+        assert rows[0]["by_class"]["hgmma"] >= 3 and rows[0]["by_class"]["hmma"] == 0
+    rows = fwd
     assert [r["loop"] for r in rows] == ["dense"]
     r = rows[0]
     assert r["by_class"]["hgmma"] >= 2 and r["by_class"]["hmma"] == 0 and r["by_class"]["mufu"] >= 32
