@@ -209,3 +209,35 @@ def test_torch_path_backward_twice_with_retain_graph(monkeypatch):
     g1 = torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
     g2 = torch.autograd.grad(out.sum(), (q, k, v))
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_raw_windows_reuse_one_mask_while_unchanged(monkeypatch):
+    """Tensor windows passed to window_attention are validated into a WindowMask once while the same
+    tensors are unchanged (every layer of a model passes the same ones); a changed tensor, or a new
+    one, builds a new mask; bad windows are still refused."""
+    from vitpatch import _checks, masks
+    built = []
+    real = masks.WindowMask.__init__
+
+    def counting(self, *a, **kw):
+        built.append(1)
+        real(self, *a, **kw)
+    monkeypatch.setattr(masks.WindowMask, "__init__", counting)
+    _checks._RAW_MASKS.clear()
+    grid = (3, 4)
+    windows = random_windows(2, *grid, torch.Generator().manual_seed(0))
+    keep = torch.rand(2, 13, generator=torch.Generator().manual_seed(1)) > 0.3
+    q, k, v = qkv(2, 2, 13, 8)
+    first = functional.window_attention(q, k, v, windows, grid=grid, num_prefix_tokens=1, key_keep=keep)
+    again = functional.window_attention(q, k, v, windows, grid=grid, num_prefix_tokens=1, key_keep=keep)
+    assert torch.equal(first, again) and len(built) == 1
+    ref = reference.window_attention(q, k, v, WindowMask(windows, grid, 1, keep))
+    assert (first - ref).abs().max() < 1e-5
+    windows[0, 0] = torch.tensor([0, 0, 3, 2])  # in place: a new version
+    functional.window_attention(q, k, v, windows, grid=grid, num_prefix_tokens=1, key_keep=keep)
+    functional.window_attention(q, k, v, windows.clone(), grid=grid, num_prefix_tokens=1, key_keep=keep)
+    assert len(built) == 4
+    bad = windows.clone()
+    bad[0, 0, 2] = 9
+    with pytest.raises(ValueError, match="inside the grid"):
+        functional.window_attention(q, k, v, bad, grid=grid, num_prefix_tokens=1, key_keep=keep)

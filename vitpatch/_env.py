@@ -12,20 +12,8 @@ BACKENDS = ("triton", "torch", "reference")
 
 
 def _get(name: str, default: str) -> str:
-    """``os.environ.get(name, default)``, a plain dict lookup where Python keeps the environment as
-    one (POSIX ``os.environ._data``, which every ``os.environ[...] = ...`` updates). Every op call
-    reads two flags; through ``os.environ.get`` (three Python frames) that cost 7-10 us per flag
-    after an attention call had evicted them from the caches, measured at N = 65."""
-    key = _KEYS.get(name)
-    if key is None:
-        if getattr(os.environ, "_data", None) is None or getattr(os.environ, "encodekey", None) is None:
-            return os.environ.get(name, default)
-        key = _KEYS[name] = os.environ.encodekey(name)
-    raw = os.environ._data.get(key)
-    return default if raw is None else os.environ.decodevalue(raw)
-
-
-_KEYS: dict = {}   # flag name -> its key in os.environ._data, filled on first read
+    """``os.environ.get(name, default)``: read at every call, so a flag set after import counts."""
+    return os.environ.get(name, default)
 
 
 def backend_override() -> str | None:
