@@ -69,8 +69,6 @@ mask tensors: :func:`tile_codes`, :func:`tile_schedule`, :func:`visited_fraction
 """
 from __future__ import annotations
 
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -78,6 +76,8 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from vitpatch._cache import TensorCache
 
 from ._launch import LaunchConfig, helper, interpreting, kernel
 
@@ -1014,33 +1014,16 @@ def build_schedule(windows: torch.Tensor, key_keep: Optional[torch.Tensor], grid
                     lst, cnt)
 
 
-_SCHEDULES: "OrderedDict[tuple, tuple]" = OrderedDict()
-_SCHEDULE_CACHE_SIZE = 8
+_SCHEDULES = TensorCache(8)
 
 
 def cached_schedule(windows: torch.Tensor, key_keep: Optional[torch.Tensor], grid: Tuple[int, int], P: int,
                     batch_size: int, cfg: Config) -> Schedule:
-    """:func:`build_schedule`, reused while the same ``windows`` / ``key_keep`` tensors are unchanged.
-
-    The blocks of a ViT (and the backward pass, when its config matches) see the same mask
-    tensors, so one schedule serves them all. An entry holds weak references and the tensors'
-    version counters: a freed, replaced or modified-in-place mask tensor never matches.
-    """
-    key = (id(windows), None if key_keep is None else id(key_keep), grid, P, batch_size, cfg.schedule_key,
-           windows.device)
-    hit = _SCHEDULES.get(key)
-    if hit is not None:
-        w_ref, w_ver, k_ref, k_ver, sched = hit
-        if w_ref() is windows and w_ver == windows._version and (
-                key_keep is None or (k_ref() is key_keep and k_ver == key_keep._version)):
-            _SCHEDULES.move_to_end(key)
-            return sched
-    sched = build_schedule(windows, key_keep, grid, P, batch_size, cfg)
-    _SCHEDULES[key] = (weakref.ref(windows), windows._version, None if key_keep is None else weakref.ref(key_keep),
-                       None if key_keep is None else key_keep._version, sched)
-    while len(_SCHEDULES) > _SCHEDULE_CACHE_SIZE:
-        _SCHEDULES.popitem(last=False)
-    return sched
+    """:func:`build_schedule`, reused while the same ``windows`` / ``key_keep`` tensors are unchanged
+    (:class:`vitpatch._cache.TensorCache`): the blocks of a ViT, and the backward pass, see the same
+    mask tensors, so one schedule serves them all."""
+    return _SCHEDULES.get_or_build((windows, key_keep), (grid, P, batch_size, cfg.schedule_key, windows.device),
+                                   lambda: build_schedule(windows, key_keep, grid, P, batch_size, cfg))
 
 
 # ================================================================================ tile helpers

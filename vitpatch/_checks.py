@@ -6,12 +6,11 @@ and what was given (DESIGN, Conventions); nothing here runs on the GPU or synchr
 from __future__ import annotations
 
 import numbers
-import weakref
-from collections import OrderedDict
 from typing import Optional, Tuple
 
 import torch
 
+from ._cache import TensorCache
 from .masks import WindowMask
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -95,34 +94,24 @@ def as_window_mask(windows, grid, num_prefix_tokens: int, key_keep, device: torc
     return mask.to(device)
 
 
-_RAW_MASKS: "OrderedDict[tuple, tuple]" = OrderedDict()
-_RAW_MASKS_SIZE = 8
+_RAW_MASKS = TensorCache(8)
 
 
 def _raw_mask(windows, grid, num_prefix_tokens, key_keep) -> WindowMask:
     """The :class:`WindowMask` of raw window tensors, built (and validated: host syncs) once while the
     same tensors are unchanged: every layer of a model that passes tensors reuses it, and so does
-    the kernels' schedule cache, which is keyed on the mask's tensors. Entries hold weak references
-    and version counters, as the schedule cache does; anything but tensors is never cached."""
+    the kernels' schedule cache, which is keyed on the mask's tensors. Anything but tensors is
+    never cached."""
+    def build():
+        return WindowMask(windows, grid, num_prefix_tokens, key_keep)
     if not isinstance(windows, torch.Tensor) or not (key_keep is None or isinstance(key_keep, torch.Tensor)):
-        return WindowMask(windows, grid, num_prefix_tokens, key_keep)
+        return build()
     try:
-        key = (id(windows), None if key_keep is None else id(key_keep), tuple(grid), num_prefix_tokens)
-    except TypeError:  # an unhashable grid: WindowMask says what is wrong with it
-        return WindowMask(windows, grid, num_prefix_tokens, key_keep)
-    hit = _RAW_MASKS.get(key)
-    if hit is not None:
-        w_ref, w_ver, k_ref, k_ver, mask = hit
-        if w_ref() is windows and w_ver == windows._version and (
-                key_keep is None or (k_ref() is key_keep and k_ver == key_keep._version)):
-            _RAW_MASKS.move_to_end(key)
-            return mask
-    mask = WindowMask(windows, grid, num_prefix_tokens, key_keep)
-    _RAW_MASKS[key] = (weakref.ref(windows), windows._version, None if key_keep is None else weakref.ref(key_keep),
-                       None if key_keep is None else key_keep._version, mask)
-    while len(_RAW_MASKS) > _RAW_MASKS_SIZE:
-        _RAW_MASKS.popitem(last=False)
-    return mask
+        extra = (tuple(grid), num_prefix_tokens)
+        hash(extra)
+    except TypeError:  # an unhashable grid or prefix count: WindowMask says what is wrong with it
+        return build()
+    return _RAW_MASKS.get_or_build((windows, key_keep), extra, build)
 
 
 def check_mode(mode: str) -> str:
