@@ -484,6 +484,36 @@ def predict(rows: Sequence[dict], n_side: int, density: float, batch: int, heads
     return out
 
 
+# ================================================================================ launches
+def launch_counts(dtype: str = "bfloat16", head_dim: int = 64, target: str = "sm_90a", n_side: int = 24) -> dict:
+    """Kernel launches of one window attention call through the launchers (recorded, not run), with
+    the first shipped forward and backward configurations, at ``N = 1 + n_side^2``: the first
+    forward (it builds the tile schedule), a forward with the schedule cached (every later layer
+    of a ViT that shares the windows), and the backward."""
+    import torch
+
+    from vitpatch.kernels import _launch
+    from vitpatch.kernels import window_attention as wa
+    from vitpatch.kernels.window_schedule import Config
+    dt = getattr(torch, dtype)
+    fwd, bwd = (_launch.shipped(u, dt, head_dim, target)[0] for u in ("window_fwd", "window_bwd"))
+    B, H, grid, P = 2, 3, (n_side, n_side), 1
+    N = P + n_side * n_side
+    q, k, v = (torch.empty(B, H, N, head_dim, dtype=dt, device="meta") for _ in range(3))
+    windows = torch.empty(B, n_side * n_side, 4, dtype=torch.int32, device="meta")
+    lse = torch.empty(B, H, N, device="meta")
+    with _launch.forcing({"window_fwd": fwd, "window_bwd": bwd}), _launch.recording(target) as launches:
+        wa._forward(q, k, v, windows, None, grid, P, 0.125, Config.of(fwd))
+        first = [x.kernel.__name__ for x in launches]
+        wa._forward(q, k, v, windows, None, grid, P, 0.125, Config.of(fwd))
+        cached = [x.kernel.__name__ for x in launches[len(first):]]
+        wa._backward(torch.empty_like(q), q, k, v, q, lse, windows, None, grid, P, 0.125, Config.of(bwd))
+        backward = [x.kernel.__name__ for x in launches[len(first) + len(cached):]]
+    return {"row": "launches", "op": "window_attention", "n": N, "dtype": dtype, "head_dim": head_dim,
+            "target": target, "forward_config": fwd.label, "backward_config": bwd.label,
+            "forward_first": first, "forward_cached": cached, "backward": backward}
+
+
 # ================================================================================ CLI
 SHAPES = ((24, 0.23), (64, 0.23), (64, 0.05))  # (grid side, density): N = 577 and 4097
 
@@ -521,12 +551,17 @@ def main(argv=None) -> int:
         cache: dict = {}
         for side, density in SHAPES:
             preds += predict(rows, side, density, args.batch, args.heads, args.head_dim, cache)
+    launches = launch_counts(args.dtype, args.head_dim, args.target)
     print(format_table(rows, preds))
+    print(f"\nlaunches per window attention call at N = {launches['n']}: first forward "
+          f"{len(launches['forward_first'])} ({', '.join(launches['forward_first'])}); forward with the schedule "
+          f"cached {len(launches['forward_cached'])}; backward {len(launches['backward'])} "
+          f"({', '.join(launches['backward'])})")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"cost-{args.target}.jsonl")
         with open(path, "w") as f:
-            for r in rows + preds:
+            for r in rows + preds + [launches]:
                 f.write(json.dumps(r, sort_keys=True) + "\n")
         print(f"\n{len(rows)} loop rows and {len(preds)} predictions written to {path}")
     return 0

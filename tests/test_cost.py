@@ -151,3 +151,26 @@ def test_dense_reference_compiles_to_one_pipelined_wgmma_loop():
     assert r["by_class"]["hgmma"] >= 2 and r["by_class"]["hmma"] == 0 and r["by_class"]["mufu"] >= 32
     assert r["async_wait"] >= 1 and r["registers"] and r["blocks_per_sm"] >= 1
     assert 150 < r["instructions"] < 600  # 314 with triton 3.8
+
+
+LAUNCHES = """
+import json
+from bench import cost
+print(json.dumps(cost.launch_counts()))
+"""
+
+
+def test_launch_counts_of_one_window_call():
+    """Recorded, not run: the first forward builds the schedule (three small launches), a later
+    forward and the backward reuse it (the backward's configuration differs at most in warps or
+    stages), and the prefix programs are launches of their own."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", LAUNCHES], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import json
+    c = json.loads(done.stdout.strip().splitlines()[-1])
+    assert c["forward_first"] == ["_window_code_kernel", "_schedule_kernel", "_choice_kernel", "_fwd_kernel",
+                                  "_fwd_kernel"]
+    assert c["forward_cached"] == ["_fwd_kernel", "_fwd_kernel"]
+    assert "_schedule_kernel" not in c["backward"] and c["backward"].count("_bwd_dkdv_kernel") == 2
