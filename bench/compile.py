@@ -265,6 +265,7 @@ def compile_binary(launch, target: str):
 
 
 def ptxas_registers(log: str) -> Optional[int]:
+    """Registers per thread from ptxas' verbose log, or ``None`` (no log: e.g. a cached kernel)."""
     regs = re.search(r"Used (\d+) registers", log)
     return int(regs.group(1)) if regs else None
 
@@ -272,11 +273,10 @@ def ptxas_registers(log: str) -> Optional[int]:
 def compile_launch(launch, target: str) -> dict:
     """Compile one recorded launch for ``target``; registers, spills, shared memory, tensor cores."""
     compiled, text, seconds, error = compile_binary(launch, target)
-    regs = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     ptx = compiled.asm["ptx"] if compiled is not None else ""
     return {
-        "registers": int(regs.group(1)) if regs else None,
+        "registers": ptxas_registers(text),
         "spill_stores": int(spills.group(1)) if spills else None,
         "spill_loads": int(spills.group(2)) if spills else None,
         "shared_bytes": int(compiled.metadata.shared) if compiled is not None else None,

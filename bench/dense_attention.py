@@ -15,9 +15,15 @@ from __future__ import annotations
 
 import triton.language as tl
 
-from vitpatch.kernels._launch import kernel
+from vitpatch.kernels._launch import helper, kernel
 
 _LOG2E = 1.4426950408889634
+
+
+@helper
+def _tile(base, b, h, sb, sh, sn, rows, dd):
+    """Pointers to rows ``rows`` (all ``d`` columns, unit stride) of head ``h`` of image ``b``."""
+    return base + b * sb + h * sh + rows[:, None] * sn + dd[None, :]
 
 
 @kernel
@@ -29,9 +35,9 @@ def _dense_fwd_kernel(Q, K, V, O, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, s
     rows = pid * BM + tl.arange(0, BM)
     cols = tl.arange(0, BN)
     dd = tl.arange(0, HEAD_D)
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dd[None, :])
-    kb = K + b * skb + h * skh + cols[:, None] * skn + dd[None, :]
-    vb = V + b * svb + h * svh + cols[:, None] * svn + dd[None, :]
+    q = tl.load(_tile(Q, b, h, sqb, sqh, sqn, rows, dd))
+    kb = _tile(K, b, h, skb, skh, skn, cols, dd)
+    vb = _tile(V, b, h, svb, svh, svn, cols, dd)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, HEAD_D], tl.float32)
@@ -46,7 +52,7 @@ def _dense_fwd_kernel(Q, K, V, O, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, s
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(O + b * sob + h * soh + rows[:, None] * son + dd[None, :], out.to(O.dtype.element_ty))
+    tl.store(_tile(O, b, h, sob, soh, son, rows, dd), out.to(O.dtype.element_ty))
 
 
 def attention(q, k, v, scale: float, block_m: int = 64, block_n: int = 64, num_warps: int = 4,
@@ -85,8 +91,8 @@ def _dense_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, s
     do = tl.load(DO + q_off)
     lse = tl.load(LSE + (b * tl.num_programs(1) + h) * N + rows)
     delta = tl.load(DELTA + (b * tl.num_programs(1) + h) * N + rows)
-    kb = K + b * skb + h * skh + cols[:, None] * skn + dd[None, :]
-    vb = V + b * svb + h * svh + cols[:, None] * svn + dd[None, :]
+    kb = _tile(K, b, h, skb, skh, skn, cols, dd)
+    vb = _tile(V, b, h, svb, svh, svn, cols, dd)
     dq = tl.zeros([BM, HEAD_D], tl.float32)
     for start in range(0, N, BN):  # cost: dense
         k = tl.load(kb + start * skn)
@@ -107,10 +113,10 @@ def _dense_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, 
     keys = pid * BN + tl.arange(0, BN)
     rows = tl.arange(0, BM)
     dd = tl.arange(0, HEAD_D)
-    k = tl.load(K + b * skb + h * skh + keys[:, None] * skn + dd[None, :])
-    v = tl.load(V + b * svb + h * svh + keys[:, None] * svn + dd[None, :])
-    qb = Q + b * sqb + h * sqh + rows[:, None] * sqn + dd[None, :]
-    dob = DO + b * sqb + h * sqh + rows[:, None] * sqn + dd[None, :]
+    k = tl.load(_tile(K, b, h, skb, skh, skn, keys, dd))
+    v = tl.load(_tile(V, b, h, svb, svh, svn, keys, dd))
+    qb = _tile(Q, b, h, sqb, sqh, sqn, rows, dd)
+    dob = _tile(DO, b, h, sqb, sqh, sqn, rows, dd)
     stats = (b * tl.num_programs(1) + h) * N + rows
     dk = tl.zeros([BN, HEAD_D], tl.float32)
     dv = tl.zeros([BN, HEAD_D], tl.float32)
@@ -123,7 +129,7 @@ def _dense_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, 
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    out = b * skb + h * skh + keys[:, None] * skn + dd[None, :]
+    out = b * skb + h * skh + keys[:, None] * skn + dd[None, :]  # one offset for both stores
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty))
     tl.store(DV + out, dv.to(DV.dtype.element_ty))
 

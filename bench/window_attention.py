@@ -313,11 +313,12 @@ def build(case: Case, check: bool = True) -> Prepared:
             raise Unsupported(f"torch.nn.attention.flex_attention is not importable: {e}") from None
         info["extra"]["flex_build"] = how_build
         block_mask = make_block_mask()
-        info["extra"]["flex_block_sparsity_pct"] = float(block_mask.sparsity())
-        info["flop_visited"] = info["flop_dense"] * (1.0 - float(block_mask.sparsity()) / 100.0)
-        if impl == "flex_build":
-            info.pop("flop_dense"), info.pop("flop_visited")
+        sparsity = float(block_mask.sparsity())
+        info["extra"]["flex_block_sparsity_pct"] = sparsity
+        if impl == "flex_build":  # building the mask alone: no attention FLOP
+            del info["flop_dense"], info["flop_visited"]
             return Prepared(step=make_block_mask, info=info)
+        info["flop_visited"] = info["flop_dense"] * (1.0 - sparsity / 100.0)
         flex, how = _flex_attention()
         # the first call compiles (untimed), under the grad mode the steps use; on CPU, flex
         # refuses inputs that need a backward: an "unsupported" row, whether or not compiled

@@ -27,7 +27,8 @@ def device():
 @pytest.fixture(params=BACKEND_PARAMS)
 def backend(request, monkeypatch):
     """Run the test under each backend: the PyTorch path and, where the op has one, the Triton kernel."""
-    if request.param == "triton" and interpreter_problem():
-        pytest.skip(interpreter_problem())
+    problem = interpreter_problem() if request.param == "triton" else None
+    if problem:
+        pytest.skip(problem)
     monkeypatch.setenv("VITPATCH_BACKEND", request.param)
     return request.param

@@ -30,11 +30,6 @@ import functools
 import re
 from typing import Optional, Tuple
 
-PYTHON = ((3, 11), (3, 13))     # oldest and newest supported minor versions
-TORCH_MIN = (2, 11)
-NUMPY_MAJOR = 2
-
-
 def version_tuple(text: str) -> Tuple[int, ...]:
     """``"2.11.0+cu130"`` -> ``(2, 11, 0)``: the leading dotted integers of a version string."""
     m = re.match(r"\d+(?:\.\d+)*", text.strip())
