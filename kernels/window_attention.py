@@ -26,6 +26,7 @@ The kernel entry points take raw tensors and sizes (windows, ``key_keep``, grid,
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -34,18 +35,33 @@ import triton.language as tl
 
 from . import _launch
 from ._launch import dot_precision, helper, interpreting, kernel
-from .window_schedule import Config, Schedule, _prefix_block, _query_patch, _slot_patch, cached_schedule
+from .window_schedule import Config, Schedule, _prefix_block, _slot_patch, cached_schedule
 
 __all__ = ["window_attention", "window_attention_unsupported", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_HEAD_DIMS = (16, 128)
 _LOG2E = 1.4426950408889634
+# Masked scores. A score element that is not allowed is set (or lowered) to ``masked_score``, a
+# finite power of two with ``masked_score * qk_scale = -2**60`` (:func:`_masked_score`), instead
+# of ``-inf``: the window bias then comes from a tensor-core product (:func:`_window_rows`) and
+# masked and full tiles share one softmax step. Allowed scaled scores are assumed above
+# ``-2**50`` (``|scale * q . k| < 2**50 / log2(e)``); a row whose running maximum stays below
+# ``_EMPTY_BELOW`` met no allowed key and outputs zeros.
+_MASKED_SCALED = 2.0 ** 60
+_EMPTY_BELOW = tl.constexpr(-2.0 ** 59)
 
 
 @helper
 def _load_rows(base, tok, valid, s_n, d_off, dmask):
     """Rows ``tok`` of an ``(N, d)`` slice: zeros where not ``valid`` and past the head width."""
     return tl.load(base + tok[:, None] * s_n + d_off[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
+
+
+@helper
+def _load_real_rows(base, tok, s_n, d_off, dmask):
+    """Rows ``tok`` of an ``(N, d)`` slice, every one a real token (a padding lane of a patch tile
+    points at a real row, whose scores the window masks: ``p = 0``), zeros past the head width."""
+    return tl.load(base + tok[:, None] * s_n + d_off[None, :], mask=dmask[None, :], other=0.0)
 
 
 @helper
@@ -102,35 +118,108 @@ def _prefix_keys(p0, keep_b, P, PB: tl.constexpr, HAS_KEEP: tl.constexpr):
 
 
 @helper
-def _load_window(WIN, win_b, pq, qv):
-    wp = WIN + win_b + pq * 4
-    return (tl.load(wp + 0, mask=qv, other=0), tl.load(wp + 1, mask=qv, other=0),
-            tl.load(wp + 2, mask=qv, other=0), tl.load(wp + 3, mask=qv, other=0))
+def _list_entry(lst, i, end):
+    """Entry ``i`` of a visit list whose valid entries end before ``end`` (0 past it: a list is
+    read ahead of its use, and its middle, between the masked and the full entries, is unset)."""
+    return tl.load(lst + i, mask=i < end, other=0)
 
 
 @helper
-def _window_bias(wx0, wy0, wx1, wy1, kx, ky):
-    """``[BM, BN]`` float: 0 where key ``(kx, ky)`` lies inside the query's window, ``-inf`` elsewhere
-    (docs/math.md §1), as the sum of a column term and a row term. Added to the scores, it masks
-    with two additions per element; each term depends on a query row and one lane coordinate, of
-    which a thread holds few distinct values (coordinates relative to the key tile's origin, see
+def _slot_query(qtab_b, slot):
+    """Patch index and validity of query slots, read from the schedule's query table (``-1``:
+    padding; :meth:`Schedule.query_table`): one load per row, whatever the query order."""
+    pq = tl.load(qtab_b + slot)
+    qv = pq >= 0
+    return tl.where(qv, pq, 0), qv
+
+
+@helper
+def _slot_window(qwin_b, slot, BM: tl.constexpr):
+    """``(x0, y0, x1, y1)`` of the window of each query slot, from the schedule's slot-ordered
+    window table (:meth:`Schedule.query_windows`): one 16-byte load per row, no gather."""
+    w = tl.load(qwin_b + slot[:, None] * 4 + tl.arange(0, 4)[None, :])
+    xs, ys = tl.split(tl.reshape(w, (BM, 2, 2)))
+    x0, x1 = tl.split(xs)
+    y0, y1 = tl.split(ys)
+    return x0, y0, x1, y1
+
+
+@helper
+def _ext_cast(x, EXT_BF16: tl.constexpr):
+    if EXT_BF16:
+        y = x.to(tl.bfloat16)
+    else:
+        y = x
+    return y
+
+
+@helper
+def _lane_masks(BN: tl.constexpr, TW: tl.constexpr, KE: tl.constexpr, masked_score, EXT_BF16: tl.constexpr):
+    """``[KE, BN]``, the key side of the window bias as a product: column ``j`` holds
+    ``masked_score`` at row ``j % TW`` (the key's column in its tile) and at row ``TW + j // TW``
+    (its grid row in the tile), 0 elsewhere; the same for every tile of the tiled layout (see
     :func:`_patch_keys`)."""
-    bx = tl.where((kx[None, :] >= wx0[:, None]) & (kx[None, :] <= wx1[:, None]), 0.0, float("-inf"))
-    by = tl.where((ky[None, :] >= wy0[:, None]) & (ky[None, :] <= wy1[:, None]), 0.0, float("-inf"))
+    j = tl.arange(0, BN)
+    c = tl.arange(0, KE)
+    hit = (c[:, None] == (j % TW)[None, :]) | (c[:, None] == (TW + j // TW)[None, :])
+    return _ext_cast(tl.where(hit, masked_score, 0.0), EXT_BF16)
+
+
+@helper
+def _outside_cols(x0, y0, TW: tl.constexpr, KE: tl.constexpr, GWP: tl.constexpr, KA: tl.constexpr):
+    """``[KE]``: the columns of the schedule's outside table (:meth:`Schedule.query_outside`) that
+    hold the key tile at ``(x0, y0)``: its ``TW`` grid columns, then its grid rows (columns past
+    the tile's rows meet zeros of :func:`_lane_masks`; the table's rows have slack for them). Runs
+    of ``TW`` contiguous columns, each starting at a multiple of ``KA`` (the tile origin's
+    alignment): vector loads, copied asynchronously like ``q`` and ``k``."""
+    c = tl.arange(0, KE)
+    cols = tl.where(c < TW, x0 + c, GWP + y0 + c - TW)
+    return tl.max_contiguous(tl.multiple_of(cols, KA), TW)
+
+
+@helper
+def _window_bias(wx0, wy0, wx1, wy1, kx, ky, masked_score):
+    """``[BM, BN]``: 0 where key ``(kx, ky)`` lies inside the query's window, ``masked_score``
+    (or twice it) elsewhere, element by element: the layouts whose tiles are not squares of one
+    unit (row-major), where :func:`_window_rows` does not apply."""
+    bx = tl.where((kx[None, :] >= wx0[:, None]) & (kx[None, :] <= wx1[:, None]), 0.0, masked_score)
+    by = tl.where((ky[None, :] >= wy0[:, None]) & (ky[None, :] <= wy1[:, None]), 0.0, masked_score)
     return bx + by
 
 
 @helper
-def _keep_bias(kok):
-    """``[1, BN]``: 0 for allowed keys, ``-inf`` for padding and dropped ones."""
-    return tl.where(kok, 0.0, float("-inf"))[None, :]
+def _mask_window(s, out_rows, cols, win, x0, y0, lx, ly, kok, kmask, masked_score, EXT: tl.constexpr,
+                 HAS_KEEP: tl.constexpr):
+    """Unscaled scores ``s`` of a masked tile with the window (and dropped keys) applied: elements
+    that are not allowed get ``masked_score`` or less.
+
+    ``EXT``: the bias is one more tensor-core product accumulated onto the scores, the outside
+    indicators of the query rows (``out_rows``: row pointers into the schedule's outside table,
+    ``cols`` from :func:`_outside_cols`; a ``BM x KE`` tile loaded like ``q``) times ``kmask``
+    (:func:`_lane_masks`): ``masked_score`` times the number of the key's coordinates outside the
+    query's window, with no per-element compare. Else ``win = (wx0, wy0, wx1, wy1)`` and
+    :func:`_window_bias`, element by element."""
+    if EXT:
+        s = tl.dot(tl.load(out_rows + cols[None, :]), kmask, s)
+    else:
+        wx0, wy0, wx1, wy1 = win
+        s += _window_bias(wx0 - x0, wy0 - y0, wx1 - x0, wy1 - y0, lx, ly, masked_score)
+    return _mask_keys(s, kok, masked_score, HAS_KEEP)
 
 
 @helper
-def _online_step_unmasked(acc, m_i, l_i, s, qk_scale, v, DOT_PREC: tl.constexpr):
-    """:func:`_online_step` for a tile without masked scores: ``s`` unscaled (``qk_scale > 0`` is
-    applied to the row maximum, and to the scores inside the ``exp2`` argument by one fused
-    multiply-add per element); every row gets a finite maximum."""
+def _mask_keys(s, kok, masked_score, HAS_KEEP: tl.constexpr):
+    """``s`` with ``masked_score`` at padding and dropped keys (``kok`` false)."""
+    if HAS_KEEP:
+        s = tl.where(kok[None, :], s, masked_score)
+    return s
+
+
+@helper
+def _online_step(acc, m_i, l_i, s, qk_scale, v, DOT_PREC: tl.constexpr):
+    """One key tile of the online softmax (base 2). ``s`` unscaled, finite (not allowed elements at
+    the masked score, far below every allowed one); ``qk_scale > 0`` is applied to the row maximum,
+    and to the scores inside the ``exp2`` argument by one fused multiply-add per element."""
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
@@ -139,25 +228,15 @@ def _online_step_unmasked(acc, m_i, l_i, s, qk_scale, v, DOT_PREC: tl.constexpr)
     return acc, m_new, l_i
 
 
-@helper
-def _online_step(acc, m_i, l_i, s, v, DOT_PREC: tl.constexpr):
-    """One key tile of the online softmax (base 2; ``s`` already scaled, ``-inf`` where not allowed)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_safe)
-    p = tl.math.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    return acc, m_new, l_i
-
-
 @kernel
-def _fwd_kernel(Q, K, V, O, LSE, WIN, KEEP, PERM, CHOICE, LIST, CNT, REC,
+def _fwd_kernel(Q, K, V, O, LSE, QWIN, KEEP, QTAB, QOUT, CHOICE, LIST, CNT, REC,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-                H, N, P, GH, GW, NBX, TQ, TK, BS, win_sb, keep_sb, perm_sb, sched_sb, qk_scale,
+                H, N, P, GH, GW, NBX: tl.constexpr, TQ, TK, BS, qwin_sb, keep_sb, qtab_sb, qout_sb, sched_sb, qk_scale, masked_score,
                 HEAD_D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PB: tl.constexpr,
                 ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr, HAS_KEEP: tl.constexpr,
-                QMODE: tl.constexpr, PREFIX_Q: tl.constexpr, RECORD: tl.constexpr, DOT_PREC: tl.constexpr):
+                QMODE: tl.constexpr, EXT: tl.constexpr, KE: tl.constexpr, KA: tl.constexpr, RW: tl.constexpr,
+                EXT_BF16: tl.constexpr,
+                PREFIX_Q: tl.constexpr, RECORD: tl.constexpr, DOT_PREC: tl.constexpr):
     """Forward of one query tile (patch slots, or with ``PREFIX_Q`` a block of prefix queries) of one head."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -178,10 +257,8 @@ def _fwd_kernel(Q, K, V, O, LSE, WIN, KEEP, PERM, CHOICE, LIST, CNT, REC,
         vsel = 0
         if QMODE == 2:
             vsel = tl.load(CHOICE + bsch)
-        pq, qv = _query_patch(pid * BM + tl.arange(0, BM), PERM + b * perm_sb, TQ * BM, GH, GW, NBX, vsel != 0,
-                              ORDER, TW, TH, QMODE)
+        pq, qv = _slot_query(QTAB + b * qtab_sb, pid * BM + tl.arange(0, BM))
         tok_q = P + pq
-        wx0, wy0, wx1, wy1 = _load_window(WIN, b * win_sb, pq, qv)
     q = _load_rows(Q + b64 * sqb + h * sqh, tok_q, qv, sqn, offs_d * sqd, dmask)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -191,54 +268,61 @@ def _fwd_kernel(Q, K, V, O, LSE, WIN, KEEP, PERM, CHOICE, LIST, CNT, REC,
         tok_k, kv, kok = _prefix_keys(p0, keep_b, P, PB, HAS_KEEP)
         k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
         v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        s = tl.where(kok[None, :], s, float("-inf"))
-        acc, m_i, l_i = _online_step(acc, m_i, l_i, s, v, DOT_PREC)
+        s = _mask_keys(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), kok, masked_score, True)
+        acc, m_i, l_i = _online_step(acc, m_i, l_i, s, qk_scale, v, DOT_PREC)
     if PREFIX_Q:
         # prefix queries attend every patch key: all tiles, mask = valid and kept
         for kt in range(0, TK):  # cost: prefix_query
             tok_k, _, _, _, _, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
             k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
             v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-            s = tl.where(kok[None, :], s, float("-inf"))
-            acc, m_i, l_i = _online_step(acc, m_i, l_i, s, v, DOT_PREC)
+            s = _mask_keys(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), kok, masked_score, True)
+            acc, m_i, l_i = _online_step(acc, m_i, l_i, s, qk_scale, v, DOT_PREC)
     else:
+        slots = pid * BM + tl.arange(0, BM)
+        if EXT:
+            kmask = _lane_masks(BN, TW, KE, masked_score, EXT_BF16)
+            out_rows = QOUT + b * qout_sb + slots[:, None] * RW
+            win = 0
+        else:
+            kmask = 0
+            out_rows = QOUT
+            win = _slot_window(QWIN + b * qwin_sb, slots, BM)
         row = (vsel * BS + bsch) * TQ + pid
         n_m = tl.load(CNT + row * 2)
         n_f = tl.load(CNT + row * 2 + 1)
         rec = REC + ((b * H + h) * TQ + pid) * TK
-        # key tiles that cut some window (or hold padding / dropped keys): element mask
+        # key tiles that cut some window (or hold padding / dropped keys): the window applied
         lst = LIST + row * TK
-        kt_next = tl.load(lst)  # each list entry is read one iteration ahead of its use
+        kt_next = _list_entry(lst, 0, n_m)  # each list entry is read one iteration ahead of its use
         for i in range(0, n_m):  # cost: masked
             kt = kt_next
-            kt_next = tl.load(lst + tl.minimum(i + 1, TK - 1))
+            kt_next = _list_entry(lst, i + 1, n_m)
             tok_k, x0, y0, lx, ly, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
-            k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
-            v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-            s += _window_bias(wx0 - x0, wy0 - y0, wx1 - x0, wy1 - y0, lx, ly)
-            if HAS_KEEP:
-                s = tl.where(kok[None, :], s, float("-inf"))
-            acc, m_i, l_i = _online_step(acc, m_i, l_i, s, v, DOT_PREC)
+            k = _load_real_rows(Kb, tok_k, skn, kd, dmask)
+            v = _load_real_rows(Vb, tok_k, svn, vd, dmask)
+            cols = _outside_cols(x0, y0, TW, KE, NBX * TW, KA)
+            s = _mask_window(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), out_rows, cols, win, x0, y0, lx, ly,
+                             kok, kmask, masked_score, EXT, HAS_KEEP)
+            acc, m_i, l_i = _online_step(acc, m_i, l_i, s, qk_scale, v, DOT_PREC)
             if RECORD:
                 tl.store(rec + kt, 1)
-        # key tiles inside every window of the query tile: no element mask
-        kt_next = tl.load(lst + TK - n_f)
+        # key tiles inside every window of the query tile: no mask
+        kt_next = _list_entry(lst, TK - n_f, TK)
         for i in range(TK - n_f, TK):  # cost: full
             kt = kt_next
-            kt_next = tl.load(lst + tl.minimum(i + 1, TK - 1))
-            tok_k, _, _, _, _, kv, _ = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, False, True)
-            k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
-            v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
+            kt_next = _list_entry(lst, i + 1, TK)
+            tok_k, _, _, _, _, _, _ = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, False, True)
+            k = _load_real_rows(Kb, tok_k, skn, kd, dmask)
+            v = _load_real_rows(Vb, tok_k, svn, vd, dmask)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-            acc, m_i, l_i = _online_step_unmasked(acc, m_i, l_i, s, qk_scale, v, DOT_PREC)
+            acc, m_i, l_i = _online_step(acc, m_i, l_i, s, qk_scale, v, DOT_PREC)
             if RECORD:
                 tl.store(rec + kt, 2)
-    has = l_i > 0.0
+    # a row that met no allowed key holds masked scores only (or none): it outputs zeros
+    has = m_i > _EMPTY_BELOW
     l_safe = tl.where(has, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    out = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(has, m_i + tl.math.log2(l_safe), float("inf"))
     ob = O + b64 * sob + h * soh
     tl.store(ob + tok_q[:, None] * son + (offs_d * sod)[None, :], out.to(O.dtype.element_ty),
@@ -262,27 +346,25 @@ def _delta_kernel(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H, N,
 
 
 @helper
-def _dq_step(dq, q, do, lse, delta, k, v, bias, qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
-    """``dq += (p * (dout . v - delta)) k`` for one key tile (``p`` recomputed from ``lse``; with
-    ``MASKED``, ``bias`` (0 or ``-inf``, broadcastable to the tile) is added to the scaled scores)."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-    if MASKED:
-        p = tl.math.exp2(s * qk_scale + bias - lse[:, None])
-    else:
-        p = tl.math.exp2(s * qk_scale - lse[:, None])
+def _dq_step(dq, s, do, lse, delta, k, v, qk_scale, DOT_PREC: tl.constexpr):
+    """``dq += (p * (dout . v - delta)) k`` for one key tile, ``p = exp2(scale s - lse)`` recomputed
+    from the unscaled scores ``s`` (masked elements at the masked score: ``p = 0``)."""
+    p = tl.math.exp2(s * qk_scale - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
 
 @kernel
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, WIN, KEEP, PERM, CHOICE, LIST, CNT, REC,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QWIN, KEEP, QTAB, QOUT, CHOICE, LIST, CNT, REC,
                    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-                   sgb, sgh, sgn, sgd, H, N, P, GH, GW, NBX, TQ, TK, BS, win_sb, keep_sb, perm_sb, sched_sb,
-                   qk_scale, sm_scale,
+                   sgb, sgh, sgn, sgd, H, N, P, GH, GW, NBX: tl.constexpr, TQ, TK, BS, qwin_sb, keep_sb, qtab_sb, qout_sb, sched_sb,
+                   qk_scale, masked_score, sm_scale,
                    HEAD_D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PB: tl.constexpr,
                    ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr, HAS_KEEP: tl.constexpr,
-                   QMODE: tl.constexpr, PREFIX_Q: tl.constexpr, RECORD: tl.constexpr, DOT_PREC: tl.constexpr):
+                   QMODE: tl.constexpr, EXT: tl.constexpr, KE: tl.constexpr, KA: tl.constexpr, RW: tl.constexpr,
+                EXT_BF16: tl.constexpr,
+                   PREFIX_Q: tl.constexpr, RECORD: tl.constexpr, DOT_PREC: tl.constexpr):
     """``dq_i = scale * sum_j p_ij (dp_ij - delta_i) k_j`` over the key tiles query tile ``pid`` visits."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -303,10 +385,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, WIN, KEEP, PERM, CHOICE, LIST, C
         vsel = 0
         if QMODE == 2:
             vsel = tl.load(CHOICE + bsch)
-        pq, qv = _query_patch(pid * BM + tl.arange(0, BM), PERM + b * perm_sb, TQ * BM, GH, GW, NBX, vsel != 0,
-                              ORDER, TW, TH, QMODE)
+        pq, qv = _slot_query(QTAB + b * qtab_sb, pid * BM + tl.arange(0, BM))
         tok_q = P + pq
-        wx0, wy0, wx1, wy1 = _load_window(WIN, b * win_sb, pq, qv)
     q = _load_rows(Q + b64 * sqb + h * sqh, tok_q, qv, sqn, offs_d * sqd, dmask)
     do = _load_rows(DO + b64 * sdb + h * sdh, tok_q, qv, sdn, offs_d * sdd, dmask)
     lse = tl.load(LSE + (b64 * H + h) * N + tok_q, mask=qv, other=float("inf"))
@@ -316,40 +396,52 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, WIN, KEEP, PERM, CHOICE, LIST, C
         tok_k, kv, kok = _prefix_keys(p0, keep_b, P, PB, HAS_KEEP)
         k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
         v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
-        dq = _dq_step(dq, q, do, lse, delta, k, v, _keep_bias(kok), qk_scale, True, DOT_PREC)
+        s = _mask_keys(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), kok, masked_score, True)
+        dq = _dq_step(dq, s, do, lse, delta, k, v, qk_scale, DOT_PREC)
     if PREFIX_Q:
         for kt in range(0, TK):  # cost: prefix_query
             tok_k, _, _, _, _, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
             k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
             v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
-            dq = _dq_step(dq, q, do, lse, delta, k, v, _keep_bias(kok), qk_scale, True, DOT_PREC)
+            s = _mask_keys(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), kok, masked_score, True)
+            dq = _dq_step(dq, s, do, lse, delta, k, v, qk_scale, DOT_PREC)
     else:
+        slots = pid * BM + tl.arange(0, BM)
+        if EXT:
+            kmask = _lane_masks(BN, TW, KE, masked_score, EXT_BF16)
+            out_rows = QOUT + b * qout_sb + slots[:, None] * RW
+            win = 0
+        else:
+            kmask = 0
+            out_rows = QOUT
+            win = _slot_window(QWIN + b * qwin_sb, slots, BM)
         row = (vsel * BS + bsch) * TQ + pid
         n_m = tl.load(CNT + row * 2)
         n_f = tl.load(CNT + row * 2 + 1)
         rec = REC + ((b * H + h) * TQ + pid) * TK
         lst = LIST + row * TK
-        kt_next = tl.load(lst)  # each list entry is read one iteration ahead of its use
+        kt_next = _list_entry(lst, 0, n_m)  # each list entry is read one iteration ahead of its use
         for i in range(0, n_m):  # cost: masked
             kt = kt_next
-            kt_next = tl.load(lst + tl.minimum(i + 1, TK - 1))
+            kt_next = _list_entry(lst, i + 1, n_m)
             tok_k, x0, y0, lx, ly, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
-            k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
-            v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
-            bias = _window_bias(wx0 - x0, wy0 - y0, wx1 - x0, wy1 - y0, lx, ly)
-            if HAS_KEEP:
-                bias += _keep_bias(kok)
-            dq = _dq_step(dq, q, do, lse, delta, k, v, bias, qk_scale, True, DOT_PREC)
+            k = _load_real_rows(Kb, tok_k, skn, kd, dmask)
+            v = _load_real_rows(Vb, tok_k, svn, vd, dmask)
+            cols = _outside_cols(x0, y0, TW, KE, NBX * TW, KA)
+            s = _mask_window(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), out_rows, cols, win, x0, y0, lx, ly,
+                             kok, kmask, masked_score, EXT, HAS_KEEP)
+            dq = _dq_step(dq, s, do, lse, delta, k, v, qk_scale, DOT_PREC)
             if RECORD:
                 tl.store(rec + kt, 1)
-        kt_next = tl.load(lst + TK - n_f)
+        kt_next = _list_entry(lst, TK - n_f, TK)
         for i in range(TK - n_f, TK):  # cost: full
             kt = kt_next
-            kt_next = tl.load(lst + tl.minimum(i + 1, TK - 1))
-            tok_k, _, _, _, _, kv, _ = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, False, True)
-            k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
-            v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
-            dq = _dq_step(dq, q, do, lse, delta, k, v, 0.0, qk_scale, False, DOT_PREC)
+            kt_next = _list_entry(lst, i + 1, TK)
+            tok_k, _, _, _, _, _, _ = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, False, True)
+            k = _load_real_rows(Kb, tok_k, skn, kd, dmask)
+            v = _load_real_rows(Vb, tok_k, svn, vd, dmask)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            dq = _dq_step(dq, s, do, lse, delta, k, v, qk_scale, DOT_PREC)
             if RECORD:
                 tl.store(rec + kt, 2)
     gb = DQ + b64 * sgb + h * sgh
@@ -358,14 +450,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, WIN, KEEP, PERM, CHOICE, LIST, C
 
 
 @helper
-def _dkdv_step(dk, dv, q, do, lse, delta, k, v, bias, qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
-    """``dv += p^T dout`` and ``dk += (p * (dout . v - delta))^T q`` for one query tile (``bias`` as
-    in :func:`_dq_step`)."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-    if MASKED:
-        p = tl.math.exp2(s * qk_scale + bias - lse[:, None])
-    else:
-        p = tl.math.exp2(s * qk_scale - lse[:, None])
+def _dkdv_step(dk, dv, s, q, do, lse, delta, v, qk_scale, DOT_PREC: tl.constexpr):
+    """``dv += p^T dout`` and ``dk += (p * (dout . v - delta))^T q`` for one query tile (``s`` as in
+    :func:`_dq_step`)."""
+    p = tl.math.exp2(s * qk_scale - lse[:, None])
     dv = dv + tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
@@ -375,6 +463,7 @@ def _dkdv_step(dk, dv, q, do, lse, delta, k, v, bias, qk_scale, MASKED: tl.const
 
 @helper
 def _load_query_side(Qb, DOb, LSEb, DELTAb, tok_q, qv, sqn, sdn, qd, dd, dmask):
+    """``q, dout, lse, delta`` of query rows ``tok_q`` (zeros and ``lse = inf`` where not ``qv``)."""
     q = _load_rows(Qb, tok_q, qv, sqn, qd, dmask)
     do = _load_rows(DOb, tok_q, qv, sdn, dd, dmask)
     lse = tl.load(LSEb + tok_q, mask=qv, other=float("inf"))
@@ -382,14 +471,27 @@ def _load_query_side(Qb, DOb, LSEb, DELTAb, tok_q, qv, sqn, sdn, qd, dd, dmask):
     return q, do, lse, delta
 
 
+@helper
+def _load_slot_queries(Qb, DOb, LSEb, DELTAb, tok_q, qv, sqn, sdn, qd, dd, dmask):
+    """:func:`_load_query_side` for query slots, whose rows are all real tokens (a padding slot
+    points at a real row): the rows load unmasked, ``lse = inf`` at padding makes ``p = 0`` there."""
+    q = _load_real_rows(Qb, tok_q, sqn, qd, dmask)
+    do = _load_real_rows(DOb, tok_q, sdn, dd, dmask)
+    lse = tl.where(qv, tl.load(LSEb + tok_q), float("inf"))
+    delta = tl.load(DELTAb + tok_q)
+    return q, do, lse, delta
+
+
 @kernel
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, WIN, KEEP, PERM, CHOICE, LIST_T, CNT_T, REC,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QWIN, KEEP, QTAB, QOUT, CHOICE, LIST_T, CNT_T, REC,
                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-                     sgb, sgh, sgn, sgd, H, N, P, GH, GW, NBX, TQ, TK, BS, win_sb, keep_sb, perm_sb, sched_sb,
-                     qk_scale, sm_scale,
+                     sgb, sgh, sgn, sgd, H, N, P, GH, GW, NBX: tl.constexpr, TQ, TK, BS, qwin_sb, keep_sb, qtab_sb, qout_sb, sched_sb,
+                     qk_scale, masked_score, sm_scale,
                      HEAD_D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PB: tl.constexpr,
                      ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr, HAS_KEEP: tl.constexpr,
-                     QMODE: tl.constexpr, PREFIX_K: tl.constexpr, RECORD: tl.constexpr, DOT_PREC: tl.constexpr):
+                     QMODE: tl.constexpr, EXT: tl.constexpr, KE: tl.constexpr, KA: tl.constexpr, RW: tl.constexpr,
+                EXT_BF16: tl.constexpr,
+                     PREFIX_K: tl.constexpr, RECORD: tl.constexpr, DOT_PREC: tl.constexpr):
     """``dv_j = sum_i p_ij dout_i``, ``dk_j = scale * sum_i p_ij (dp_ij - delta_i) q_i`` over the
     query tiles that reach key tile ``pid`` (with ``PREFIX_K``, a block of prefix keys: every tile)."""
     pid = tl.program_id(0)
@@ -405,7 +507,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, WIN, KEEP, PERM, CHOICE, L
     vsel = 0
     if QMODE == 2:
         vsel = tl.load(CHOICE + bsch)
-    perm_b = PERM + b * perm_sb
+    qtab_b = QTAB + b * qtab_sb
     if PREFIX_K:
         tok_k, kv, kok = _prefix_keys(pid * BN, keep_b, P, BN, HAS_KEEP)
     else:
@@ -422,49 +524,73 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, WIN, KEEP, PERM, CHOICE, L
     for p0 in range(0, P, PB):  # cost: prefix
         tok_q = p0 + tl.arange(0, PB)
         q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, tok_q, tok_q < P, sqn, sdn, qd, dd, dmask)
-        dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, _keep_bias(kok), qk_scale, True, DOT_PREC)
+        s = _mask_keys(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), kok, masked_score, True)
+        dk, dv = _dkdv_step(dk, dv, s, q, do, lse, delta, v, qk_scale, DOT_PREC)
     if PREFIX_K:
         # every patch query attends the prefix keys
         for qt in range(0, TQ):  # cost: prefix_query
-            pq, qv = _query_patch(qt * BM + tl.arange(0, BM), perm_b, TQ * BM, GH, GW, NBX, vsel != 0, ORDER, TW, TH,
-                                  QMODE)
-            q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
-            dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, _keep_bias(kok), qk_scale, True, DOT_PREC)
+            pq, qv = _slot_query(qtab_b, qt * BM + tl.arange(0, BM))
+            q, do, lse, delta = _load_slot_queries(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
+            s = _mask_keys(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), kok, masked_score, True)
+            dk, dv = _dkdv_step(dk, dv, s, q, do, lse, delta, v, qk_scale, DOT_PREC)
     else:
+        qwin_b = QWIN + b * qwin_sb
+        qout_b = QOUT + b * qout_sb
+        if EXT:
+            kmask = _lane_masks(BN, TW, KE, masked_score, EXT_BF16)
+            cols = _outside_cols(x0, y0, TW, KE, NBX * TW, KA)
+        else:
+            kmask = 0
+            cols = 0
         row = bsch * TK + pid
         n_m = tl.load(CNT_T + row * 2)
         n_f = tl.load(CNT_T + row * 2 + 1)
         rec = REC + ((b * H + h) * TK + pid) * TQ
         lst = LIST_T + row * TQ
-        qt_next = tl.load(lst)  # each list entry is read one iteration ahead of its use
+        # list entries are read two iterations ahead of their use, the query table one: no load in
+        # an iteration waits for another load of the same iteration
+        qt_next = _list_entry(lst, 0, n_m)
+        qt_after = _list_entry(lst, 1, n_m)
+        slots_next = qt_next * BM + tl.arange(0, BM)
+        pq_next, qv_next = _slot_query(qtab_b, slots_next)
         for i in range(0, n_m):  # cost: masked
             qt = qt_next
-            qt_next = tl.load(lst + tl.minimum(i + 1, TQ - 1))
-            pq, qv = _query_patch(qt * BM + tl.arange(0, BM), perm_b, TQ * BM, GH, GW, NBX, vsel != 0, ORDER, TW, TH,
-                                  QMODE)
-            q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
-            wx0, wy0, wx1, wy1 = _load_window(WIN, b * win_sb, pq, qv)
-            bias = _window_bias(wx0 - x0, wy0 - y0, wx1 - x0, wy1 - y0, lx, ly)
-            if HAS_KEEP:
-                bias += _keep_bias(kok)
-            dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, bias, qk_scale, True, DOT_PREC)
+            pq = pq_next
+            qv = qv_next
+            slots = slots_next
+            slots_next = qt_after * BM + tl.arange(0, BM)
+            pq_next, qv_next = _slot_query(qtab_b, slots_next)
+            qt_next = qt_after
+            qt_after = _list_entry(lst, i + 2, n_m)
+            q, do, lse, delta = _load_slot_queries(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
+            if EXT:
+                win = 0
+            else:
+                win = _slot_window(qwin_b, slots, BM)
+            s = _mask_window(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), qout_b + slots[:, None] * RW, cols, win,
+                             x0, y0, lx, ly, kok, kmask, masked_score, EXT, HAS_KEEP)
+            dk, dv = _dkdv_step(dk, dv, s, q, do, lse, delta, v, qk_scale, DOT_PREC)
             if RECORD:
                 tl.store(rec + qt, 1)
-        qt_next = tl.load(lst + TQ - n_f)
+        qt_next = _list_entry(lst, TQ - n_f, TQ)
+        qt_after = _list_entry(lst, TQ - n_f + 1, TQ)
+        pq_next, qv_next = _slot_query(qtab_b, qt_next * BM + tl.arange(0, BM))
         for i in range(TQ - n_f, TQ):  # cost: full
             qt = qt_next
-            qt_next = tl.load(lst + tl.minimum(i + 1, TQ - 1))
-            pq, qv = _query_patch(qt * BM + tl.arange(0, BM), perm_b, TQ * BM, GH, GW, NBX, vsel != 0, ORDER, TW, TH,
-                                  QMODE)
-            q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
-            dk, dv = _dkdv_step(dk, dv, q, do, lse, delta, k, v, 0.0, qk_scale, False, DOT_PREC)
+            pq = pq_next
+            qv = qv_next
+            pq_next, qv_next = _slot_query(qtab_b, qt_after * BM + tl.arange(0, BM))
+            qt_next = qt_after
+            qt_after = _list_entry(lst, i + 2, TQ)
+            q, do, lse, delta = _load_slot_queries(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            dk, dv = _dkdv_step(dk, dv, s, q, do, lse, delta, v, qk_scale, DOT_PREC)
             if RECORD:
                 tl.store(rec + qt, 2)
     out_mask = kv[:, None] & dmask[None, :]
     g_off = b64 * sgb + h * sgh + tok_k[:, None] * sgn + (offs_d * sgd)[None, :]
     tl.store(DK + g_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=out_mask)
-
 
 
 def _record_buffer(shape, record: bool, device) -> torch.Tensor:
@@ -474,20 +600,41 @@ def _record_buffer(shape, record: bool, device) -> torch.Tensor:
 
 
 def _constexprs(sched: Schedule, q: torch.Tensor, record: bool, cfg: Config) -> dict:
-    """The launch's constexprs and, on a GPU, warps and stages of ``cfg`` (the schedule may have
-    been built for a configuration that differs from it in those only)."""
+    """The launch's constexprs (those of the patch-tile launches; :func:`_ext` sets the block
+    sizes) and, on a GPU, warps and stages of ``cfg`` (the schedule may have been built for a
+    configuration that differs from it in those only)."""
     lay = sched.layout
     d = q.shape[-1]
     opts = {} if interpreting() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     return dict(HEAD_D=d, BD=max(16, triton.next_power_of_2(d)), PB=_prefix_block(sched.P), ORDER=lay.order,
                 TW=lay.tw, TH=lay.th, HAS_KEEP=sched.keep_sb > 0, QMODE=sched.qmode, RECORD=record,
-                DOT_PREC=dot_precision(q.dtype), **opts)
+                DOT_PREC=dot_precision(q.dtype), EXT_BF16=not interpreting(), RW=sched.query_outside().shape[-1],
+                **opts)
+
+
+def _ext(meta: dict, bm: int, bn: int) -> dict:
+    """``meta`` with the block sizes and the window product's constexprs: ``EXT`` where a key tile
+    is ``bn / TW`` rows of one tiled-layout unit (its lanes' coordinates relative to the tile
+    origin are compile-time constants), and its width ``KE`` (``TW`` column plus ``bn / TW`` row
+    indicators, rounded up to a tensor-core step). The interpreter (numpy has no bfloat16) takes
+    the product in float32; masked scores are powers of two, exact in both."""
+    ext = meta["ORDER"] == 1 and (meta["TW"] * meta["TH"]) % bn == 0 and bn >= meta["TW"]
+    rows = bn // meta["TW"] if ext else 1
+    ke = max(16, triton.next_power_of_2(meta["TW"] + rows)) if ext else 16
+    ka = math.gcd(meta["TW"], rows & -rows, 8)  # tile origins' alignment in the outside table
+    return dict(meta, BM=bm, BN=bn, EXT=ext, KE=ke, KA=ka)
+
+
+def _masked_score(qk_scale: float) -> float:
+    """The masked score: ``-2**e`` with ``e`` the integer nearest to ``60 - log2(qk_scale)``, so that
+    ``masked_score * qk_scale`` is about ``-2**60`` (see ``_MASKED_SCALED``)."""
+    return -(2.0 ** round(math.log2(_MASKED_SCALED / qk_scale)))
 
 
 def _layout_args(sched: Schedule, H: int, N: int) -> tuple:
     gh, gw = sched.grid
-    return (H, N, sched.P, gh, gw, sched.layout.nbx, sched.tq, sched.tk, sched.bs, sched.win_sb, sched.keep_sb,
-            sched.perm_sb, int(sched.bs > 1))
+    return (H, N, sched.P, gh, gw, sched.layout.nbx, sched.tq, sched.tk, sched.bs, sched.qwin_sb, sched.keep_sb,
+            sched.qtab_sb, sched.qout_sb, int(sched.bs > 1))
 
 
 def _forward(q, k, v, windows, key_keep, grid, P, scale, cfg: Config, record: bool = False, sched=None):
@@ -503,12 +650,12 @@ def _forward(q, k, v, windows, key_keep, grid, P, scale, cfg: Config, record: bo
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     rec = _record_buffer((B, H, sched.tq, sched.tk), record, q.device)
     args = (q, k, v, out, lse, *sched.kernel_args, sched.lst, sched.cnt, rec, *q.stride(), *k.stride(), *v.stride(),
-            *out.stride(), *_layout_args(sched, H, N), scale * _LOG2E)
+            *out.stride(), *_layout_args(sched, H, N), scale * _LOG2E, _masked_score(scale * _LOG2E))
     meta = _constexprs(sched, q, record, cfg)
-    _fwd_kernel[(sched.tq, H, B)](*args, BM=cfg.block_m, BN=cfg.block_n, PREFIX_Q=False, **meta)
+    _fwd_kernel[(sched.tq, H, B)](*args, PREFIX_Q=False, **_ext(meta, cfg.block_m, cfg.block_n))
     if P:
         pb = meta["PB"]
-        _fwd_kernel[(triton.cdiv(P, pb), H, B)](*args, BM=pb, BN=cfg.block_n, PREFIX_Q=True, **meta)
+        _fwd_kernel[(triton.cdiv(P, pb), H, B)](*args, PREFIX_Q=True, **_ext(meta, pb, cfg.block_n))
     return out, lse, (rec if record else None)
 
 
@@ -535,18 +682,18 @@ def _backward(dout, q, k, v, out, lse, windows, key_keep, grid, P, scale, cfg: C
     rec_k = _record_buffer((B, H, sched.tk, sched.tq), record, dev)
     meta = _constexprs(sched, q, record, cfg)
     pb = meta["PB"]
-    tail = (*_layout_args(sched, H, N), scale * _LOG2E, scale)
+    tail = (*_layout_args(sched, H, N), scale * _LOG2E, _masked_score(scale * _LOG2E), scale)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     dq_args = (q, k, v, dout, lse, delta, dq, *sched.kernel_args, sched.lst, sched.cnt, rec_q, *strides, *dq.stride(),
                *tail)
-    _bwd_dq_kernel[(sched.tq, H, B)](*dq_args, BM=cfg.block_m, BN=cfg.block_n, PREFIX_Q=False, **meta)
+    _bwd_dq_kernel[(sched.tq, H, B)](*dq_args, PREFIX_Q=False, **_ext(meta, cfg.block_m, cfg.block_n))
     if P:
-        _bwd_dq_kernel[(triton.cdiv(P, pb), H, B)](*dq_args, BM=pb, BN=cfg.block_n, PREFIX_Q=True, **meta)
+        _bwd_dq_kernel[(triton.cdiv(P, pb), H, B)](*dq_args, PREFIX_Q=True, **_ext(meta, pb, cfg.block_n))
     kv_args = (q, k, v, dout, lse, delta, dk, dv, *sched.kernel_args, lst_t, cnt_t, rec_k, *strides, *dk.stride(),
                *tail)
-    _bwd_dkdv_kernel[(sched.tk, H, B)](*kv_args, BM=cfg.block_m, BN=cfg.block_n, PREFIX_K=False, **meta)
+    _bwd_dkdv_kernel[(sched.tk, H, B)](*kv_args, PREFIX_K=False, **_ext(meta, cfg.block_m, cfg.block_n))
     if P:
-        _bwd_dkdv_kernel[(triton.cdiv(P, pb), H, B)](*kv_args, BM=cfg.block_m, BN=pb, PREFIX_K=True, **meta)
+        _bwd_dkdv_kernel[(triton.cdiv(P, pb), H, B)](*kv_args, PREFIX_K=True, **_ext(meta, cfg.block_m, pb))
     return dq, dk, dv, (rec_q if record else None), (rec_k if record else None)
 
 
@@ -657,6 +804,8 @@ def window_attention_unsupported(q, k, v, windows, key_keep, grid, num_prefix_to
     lo, hi = SUPPORTED_HEAD_DIMS
     if not lo <= d <= hi:
         return f"head width {d} (the kernel takes {lo} to {hi})"
+    if not 2.0 ** -60 <= scale <= 2.0 ** 40:
+        return f"scale {scale:g} (the kernel's masked score needs 2**-60 <= scale <= 2**40)"
     reason = _launch.supports(("window_fwd", "window_bwd"), q.dtype, d)
     if reason:
         return reason

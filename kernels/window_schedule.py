@@ -904,10 +904,83 @@ class Schedule:
     lst: torch.Tensor      # (V, Bs, TQ, TK) int32: visited key tiles, masked ones first, full ones last
     cnt: torch.Tensor      # (V, Bs, TQ, 2) int32: numbers of masked and full key tiles
     _transposed: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    _qtab: Optional[torch.Tensor] = None
+    _qwin: Optional[torch.Tensor] = None
+    _qout: Optional[torch.Tensor] = None
 
     @property
     def kernel_args(self) -> tuple:
-        return (self.windows, self.keep, self.perm, self.choice)
+        return (self.query_windows(), self.keep, self.query_table(), self.query_outside(), self.choice)
+
+    def query_table(self) -> torch.Tensor:
+        """``(Bs or 1, TQ * BM)`` int32: the patch in each query slot of the order each image runs
+        (``-1`` padding), built once. The kernels read a query tile's patches with one load per
+        row instead of recomputing the spatial layout (a division by the run-time unit count per
+        row) and selecting the image's order."""
+        if self._qtab is None:
+            tok = self.query_tokens()
+            if self.qmode == 0:
+                tok = tok[:1]
+            self._qtab = torch.where(tok >= 0, tok - self.P, -1).to(torch.int32).contiguous()
+        return self._qtab
+
+    def query_windows(self) -> torch.Tensor:
+        """``(Bs or 1, TQ * BM, 4)`` int32: the window of the patch in each query slot (as
+        :meth:`query_table`; padding slots get the empty window ``(1, 1, 0, 0)``), built once: the
+        kernels read a query tile's windows as one 16-byte vector per row, in slot order."""
+        if self._qwin is None:
+            tab = self.query_table()
+            win = self.windows if self.windows.dim() == 3 else self.windows[None]
+            rows = max(tab.shape[0], win.shape[0])
+            tab = tab.expand(rows, -1)
+            idx = tab.clamp(min=0).long()[..., None].expand(-1, -1, 4)
+            slot_win = torch.gather(win.expand(rows, -1, -1), 1, idx)
+            empty = torch.tensor([1, 1, 0, 0], dtype=torch.int32, device=tab.device)
+            self._qwin = torch.where((tab >= 0)[..., None], slot_win, empty).contiguous()
+        return self._qwin
+
+    def query_outside(self) -> torch.Tensor:
+        """``(Bs or 1, TQ * BM, RW)``: per query slot, 1 where a grid column (the first
+        ``GWP = nbx * tw`` entries) or grid row (the next ``GHP = nby * th``) lies outside the
+        slot's window, else 0; columns and rows of the layout's padding lie outside every window,
+        and so does everything for a padding slot; ``RW``, a multiple of 16, leaves at least 16
+        spare columns (a tile's row block is read as a whole vector). Built once, in bfloat16 (float32 in the
+        interpreter, which has no bfloat16): the kernels load a query tile's ``TW`` columns and
+        tile rows of it and multiply them onto the scores (``_mask_window``, docs/math.md §1).
+        Row-major layouts do not use it (a dummy)."""
+        if self._qout is None:
+            w = self.query_windows()
+            lay = self.layout
+            if lay.order != TILED:
+                self._qout = w.new_zeros((1, 1, 8))
+                return self._qout
+            xs = torch.arange(lay.nbx * lay.tw, device=w.device)
+            ys = torch.arange(lay.nby * lay.th, device=w.device)
+            out_x = (xs < w[..., 0:1]) | (xs > w[..., 2:3])
+            out_y = (ys < w[..., 1:2]) | (ys > w[..., 3:4])
+            dtype = torch.float32 if interpreting() else torch.bfloat16
+            slack = 16 - (xs.numel() + ys.numel()) % 16 + 16  # rows 32-byte multiples, >= 16 spare columns
+            pad = out_x.new_ones(out_x.shape[:-1] + (slack,))
+            self._qout = torch.cat([out_x, out_y, pad], -1).to(dtype).contiguous()
+        return self._qout
+
+    @property
+    def qout_sb(self) -> int:
+        """Image stride of :meth:`query_outside` (0: shared by every image)."""
+        table = self.query_outside()
+        return table.stride(0) if table.shape[0] > 1 else 0
+
+    @property
+    def qwin_sb(self) -> int:
+        """Image stride of :meth:`query_windows` (0: shared by every image)."""
+        table = self.query_windows()
+        return table.stride(0) if table.shape[0] > 1 else 0
+
+    @property
+    def qtab_sb(self) -> int:
+        """Image stride of :meth:`query_table` (0: one row shared by every image)."""
+        table = self.query_table()
+        return table.stride(0) if table.shape[0] > 1 else 0
 
     def transposed(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per key tile, the query tiles that visit it: ``(list (Bs, TK, TQ), counts (Bs, TK, 2))`` (built once)."""
