@@ -127,7 +127,7 @@ def _list_entry(lst, i, end):
 @helper
 def _slot_query(qtab_b, slot):
     """Patch index and validity of query slots, read from the schedule's query table (``-1``:
-    padding; :meth:`Schedule.query_table`): one load per row, whatever the query order."""
+    padding; ``Schedule.qtab``): one load per row, whatever the query order."""
     pq = tl.load(qtab_b + slot)
     qv = pq >= 0
     return tl.where(qv, pq, 0), qv
@@ -136,7 +136,7 @@ def _slot_query(qtab_b, slot):
 @helper
 def _slot_window(qwin_b, slot, BM: tl.constexpr):
     """``(x0, y0, x1, y1)`` of the window of each query slot, from the schedule's slot-ordered
-    window table (:meth:`Schedule.query_windows`): one 16-byte load per row, no gather."""
+    window table (:func:`vitpatch.kernels.window_schedule._slot_tables`): one 16-byte load per row, no gather."""
     w = tl.load(qwin_b + slot[:, None] * 4 + tl.arange(0, 4)[None, :])
     xs, ys = tl.split(tl.reshape(w, (BM, 2, 2)))
     x0, x1 = tl.split(xs)
@@ -167,7 +167,7 @@ def _lane_masks(BN: tl.constexpr, TW: tl.constexpr, KE: tl.constexpr, masked_sco
 
 @helper
 def _outside_cols(x0, y0, TW: tl.constexpr, KE: tl.constexpr, GWP: tl.constexpr, KA: tl.constexpr):
-    """``[KE]``: the columns of the schedule's outside table (:meth:`Schedule.query_outside`) that
+    """``[KE]``: the columns of the schedule's outside table (:func:`vitpatch.kernels.window_schedule._slot_tables`) that
     hold the key tile at ``(x0, y0)``: its ``TW`` grid columns, then its grid rows (columns past
     the tile's rows meet zeros of :func:`_lane_masks`; the table's rows have slack for them). Runs
     of ``TW`` contiguous columns, each starting at a multiple of ``KA`` (the tile origin's
@@ -608,7 +608,7 @@ def _constexprs(sched: Schedule, q: torch.Tensor, record: bool, cfg: Config) -> 
     opts = {} if interpreting() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     return dict(HEAD_D=d, BD=max(16, triton.next_power_of_2(d)), PB=_prefix_block(sched.P), ORDER=lay.order,
                 TW=lay.tw, TH=lay.th, HAS_KEEP=sched.keep_sb > 0, QMODE=sched.qmode, RECORD=record,
-                DOT_PREC=dot_precision(q.dtype), EXT_BF16=not interpreting(), RW=sched.query_outside().shape[-1],
+                DOT_PREC=dot_precision(q.dtype), EXT_BF16=not interpreting(), RW=sched.qout.shape[-1],
                 **opts)
 
 

@@ -864,6 +864,42 @@ def _transpose_kernel(CODES, CHOICE, LIST_T, CNT_T, TQ, TK, BS, QC: tl.constexpr
     tl.store(CNT_T + row * 2 + 1, n_f)
 
 
+@kernel
+def _slot_tables_kernel(WIN, PERM, CHOICE, QTAB, QWIN, QOUT, win_sb, perm_sb, S, GH, GW, NBX,
+                        ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr, QMODE: tl.constexpr,
+                        GWP: tl.constexpr, GHP: tl.constexpr, RW: tl.constexpr, RWP: tl.constexpr,
+                        BR: tl.constexpr):
+    """Slots ``pid * BR ...`` of image ``b``'s query order (the chosen one under ``auto``): the
+    patch in each slot (``-1`` padding), its window (padding: the empty ``(1, 1, 0, 0)``) and, in
+    the tiled layout, its outside indicators (see :func:`_slot_tables`)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    slot = pid * BR + tl.arange(0, BR)
+    inside = slot < S
+    use_sorted = False
+    if QMODE == 2:
+        use_sorted = tl.load(CHOICE + b) != 0
+    pq, qv = _query_patch(slot, PERM + b * perm_sb, S, GH, GW, NBX, use_sorted, ORDER, TW, TH, QMODE)
+    qv = qv & inside
+    row = b * S + slot
+    tl.store(QTAB + row, tl.where(qv, pq, -1), mask=inside)
+    wp = WIN + b * win_sb + pq * 4
+    x0 = tl.load(wp, mask=qv, other=1)
+    y0 = tl.load(wp + 1, mask=qv, other=1)
+    x1 = tl.load(wp + 2, mask=qv, other=0)
+    y1 = tl.load(wp + 3, mask=qv, other=0)
+    tl.store(QWIN + row * 4, x0, mask=inside)
+    tl.store(QWIN + row * 4 + 1, y0, mask=inside)
+    tl.store(QWIN + row * 4 + 2, x1, mask=inside)
+    tl.store(QWIN + row * 4 + 3, y1, mask=inside)
+    if ORDER == 1:
+        c = tl.arange(0, RWP)[None, :]
+        y = c - GWP
+        out = tl.where(c < GWP, (c < x0[:, None]) | (c > x1[:, None]),
+                       tl.where(y < GHP, (y < y0[:, None]) | (y > y1[:, None]), True))
+        tl.store(QOUT + row[:, None] * RW + c, tl.where(out, 1.0, 0.0), mask=inside[:, None] & (c < RW))
+
+
 def _keep_arg(key_keep: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """``key_keep`` as uint8 (a view), or a dummy pointer when there is none."""
     if key_keep is None:
@@ -903,84 +939,29 @@ class Schedule:
     codes: torch.Tensor    # (V, Bs, TQ, TK) int8: 0 skip, 1 masked, 2 full
     lst: torch.Tensor      # (V, Bs, TQ, TK) int32: visited key tiles, masked ones first, full ones last
     cnt: torch.Tensor      # (V, Bs, TQ, 2) int32: numbers of masked and full key tiles
+    qtab: torch.Tensor     # (Bs, TQ * BM) int32: the patch in each query slot of the image's order (-1 padding)
+    qwin: torch.Tensor     # (Bs, TQ * BM, 4) int32: that patch's window (padding: the empty (1, 1, 0, 0))
+    qout: torch.Tensor     # (Bs, TQ * BM, RW) bf16 (fp32 interpreted): outside indicators (_slot_tables)
     _transposed: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-    _qtab: Optional[torch.Tensor] = None
-    _qwin: Optional[torch.Tensor] = None
-    _qout: Optional[torch.Tensor] = None
 
     @property
     def kernel_args(self) -> tuple:
-        return (self.query_windows(), self.keep, self.query_table(), self.query_outside(), self.choice)
+        return (self.qwin, self.keep, self.qtab, self.qout, self.choice)
 
-    def query_table(self) -> torch.Tensor:
-        """``(Bs or 1, TQ * BM)`` int32: the patch in each query slot of the order each image runs
-        (``-1`` padding), built once. The kernels read a query tile's patches with one load per
-        row instead of recomputing the spatial layout (a division by the run-time unit count per
-        row) and selecting the image's order."""
-        if self._qtab is None:
-            tok = self.query_tokens()
-            if self.qmode == 0:
-                tok = tok[:1]
-            self._qtab = torch.where(tok >= 0, tok - self.P, -1).to(torch.int32).contiguous()
-        return self._qtab
-
-    def query_windows(self) -> torch.Tensor:
-        """``(Bs or 1, TQ * BM, 4)`` int32: the window of the patch in each query slot (as
-        :meth:`query_table`; padding slots get the empty window ``(1, 1, 0, 0)``), built once: the
-        kernels read a query tile's windows as one 16-byte vector per row, in slot order."""
-        if self._qwin is None:
-            tab = self.query_table()
-            win = self.windows if self.windows.dim() == 3 else self.windows[None]
-            rows = max(tab.shape[0], win.shape[0])
-            tab = tab.expand(rows, -1)
-            idx = tab.clamp(min=0).long()[..., None].expand(-1, -1, 4)
-            slot_win = torch.gather(win.expand(rows, -1, -1), 1, idx)
-            empty = torch.tensor([1, 1, 0, 0], dtype=torch.int32, device=tab.device)
-            self._qwin = torch.where((tab >= 0)[..., None], slot_win, empty).contiguous()
-        return self._qwin
-
-    def query_outside(self) -> torch.Tensor:
-        """``(Bs or 1, TQ * BM, RW)``: per query slot, 1 where a grid column (the first
-        ``GWP = nbx * tw`` entries) or grid row (the next ``GHP = nby * th``) lies outside the
-        slot's window, else 0; columns and rows of the layout's padding lie outside every window,
-        and so does everything for a padding slot; ``RW``, a multiple of 16, leaves at least 16
-        spare columns (a tile's row block is read as a whole vector). Built once, in bfloat16 (float32 in the
-        interpreter, which has no bfloat16): the kernels load a query tile's ``TW`` columns and
-        tile rows of it and multiply them onto the scores (``_mask_window``, docs/math.md §1).
-        Row-major layouts do not use it (a dummy)."""
-        if self._qout is None:
-            w = self.query_windows()
-            lay = self.layout
-            if lay.order != TILED:
-                self._qout = w.new_zeros((1, 1, 8))
-                return self._qout
-            xs = torch.arange(lay.nbx * lay.tw, device=w.device)
-            ys = torch.arange(lay.nby * lay.th, device=w.device)
-            out_x = (xs < w[..., 0:1]) | (xs > w[..., 2:3])
-            out_y = (ys < w[..., 1:2]) | (ys > w[..., 3:4])
-            dtype = torch.float32 if interpreting() else torch.bfloat16
-            slack = 16 - (xs.numel() + ys.numel()) % 16 + 16  # rows 32-byte multiples, >= 16 spare columns
-            pad = out_x.new_ones(out_x.shape[:-1] + (slack,))
-            self._qout = torch.cat([out_x, out_y, pad], -1).to(dtype).contiguous()
-        return self._qout
-
-    @property
-    def qout_sb(self) -> int:
-        """Image stride of :meth:`query_outside` (0: shared by every image)."""
-        table = self.query_outside()
-        return table.stride(0) if table.shape[0] > 1 else 0
-
-    @property
-    def qwin_sb(self) -> int:
-        """Image stride of :meth:`query_windows` (0: shared by every image)."""
-        table = self.query_windows()
+    def _image_stride(self, table: torch.Tensor) -> int:
         return table.stride(0) if table.shape[0] > 1 else 0
 
     @property
     def qtab_sb(self) -> int:
-        """Image stride of :meth:`query_table` (0: one row shared by every image)."""
-        table = self.query_table()
-        return table.stride(0) if table.shape[0] > 1 else 0
+        return self._image_stride(self.qtab)
+
+    @property
+    def qwin_sb(self) -> int:
+        return self._image_stride(self.qwin)
+
+    @property
+    def qout_sb(self) -> int:
+        return self._image_stride(self.qout)
 
     def transposed(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per key tile, the query tiles that visit it: ``(list (Bs, TK, TQ), counts (Bs, TK, 2))`` (built once)."""
@@ -1003,18 +984,7 @@ class Schedule:
 
     def query_tokens(self) -> torch.Tensor:
         """``(Bs, TQ * BM)`` int64: the token in each query slot of each image (``-1`` padding)."""
-        S = self.tq * self.cfg.block_m
-        dev = self.codes.device
-        if self.qmode != 1:
-            spatial = slot_tokens(self.grid, self.P, self.cfg.order, self.cfg.unit).to(dev)
-            spatial = torch.cat([spatial, spatial.new_full((S - spatial.numel(),), -1)])[None].expand(self.bs, S)
-            if self.qmode == 0:
-                return spatial
-        perm = self.perm.expand(self.bs, S) if self.perm_sb == 0 else self.perm
-        srt = torch.where(perm >= 0, perm + self.P, -1)
-        if self.qmode == 1:
-            return srt
-        return torch.where(self.choice[:, None] != 0, srt, spatial)
+        return torch.where(self.qtab >= 0, self.qtab.long() + self.P, -1)
 
 
 def _sorted_perm(win: torch.Tensor, grid: Tuple[int, int], win_sb: int) -> torch.Tensor:
@@ -1083,8 +1053,30 @@ def build_schedule(windows: torch.Tensor, key_keep: Optional[torch.Tensor], grid
             img = torch.arange(bs, device=dev) if bw > 1 else torch.zeros(bs, dtype=torch.int64, device=dev)
             perm = perms[(choice.long() - 1).clamp(min=0), img]
             perm_sb = S if bs > 1 else 0
+    qtab, qwin, qout = _slot_tables(win, win_sb, perm, perm_sb, choice, grid, lay, tq * cfg.block_m, bs, qmode)
     return Schedule(cfg, lay, grid, P, tq, tk, bs, qmode, win, win_sb, keep, keep_sb, perm, perm_sb, choice, codes,
-                    lst, cnt)
+                    lst, cnt, qtab, qwin, qout)
+
+
+def _slot_tables(win, win_sb, perm, perm_sb, choice, grid, lay: _Layout, S: int, bs: int, qmode: int):
+    """The per-slot tables the kernels read (one ``_slot_tables_kernel`` launch): the query table,
+    the slot-ordered windows and the outside indicators. The outside table's rows (``RW``) hold
+    ``GWP = nbx * tw`` column and ``GHP = nby * th`` row indicators and at least 16 spare columns,
+    a multiple of 16 in all; bfloat16 on a GPU (float32 in the interpreter, which has no
+    bfloat16). Row-major layouts get a dummy outside table."""
+    gh, gw = grid
+    dev = win.device
+    qtab = torch.empty((bs, S), dtype=torch.int32, device=dev)
+    qwin = torch.empty((bs, S, 4), dtype=torch.int32, device=dev)
+    gwp, ghp = lay.nbx * lay.tw, lay.nby * lay.th
+    rw = (gwp + ghp) // 16 * 16 + 32 if lay.order == TILED else 16
+    qout = torch.empty((bs, S, rw) if lay.order == TILED else (1, 1, rw),
+                       dtype=torch.float32 if interpreting() else torch.bfloat16, device=dev)
+    br = 16 if interpreting() else 64
+    _slot_tables_kernel[(triton.cdiv(S, br), bs)](win, perm, choice, qtab, qwin, qout, win_sb, perm_sb, S, gh, gw,
+                                                  lay.nbx, ORDER=lay.order, TW=lay.tw, TH=lay.th, QMODE=qmode,
+                                                  GWP=gwp, GHP=ghp, RW=rw, RWP=triton.next_power_of_2(rw), BR=br)
+    return qtab, qwin, qout
 
 
 _SCHEDULES = TensorCache(8)
