@@ -146,7 +146,7 @@ def _driver(unit: str):
 
 
 # The kernels each unit's configuration governs (a driver also launches its neighbours' kernels).
-_SCHEDULE = {"_window_code_kernel", "_schedule_kernel", "_choice_kernel"}
+_SCHEDULE = {"_window_code_kernel", "_schedule_kernel", "_choice_kernel", "_slot_tables_kernel"}
 UNIT_KERNELS = {
     "window_fwd": _SCHEDULE | {"_fwd_kernel"},
     "window_bwd": _SCHEDULE | {"_transpose_kernel", "_delta_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"},

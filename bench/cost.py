@@ -60,7 +60,7 @@ _BARRIER = {"BAR", "WARPSYNC", "DEPBAR", "SYNCS", "MEMBAR", "WARPGROUP", "ARRIVE
             "CCTL", "FENCE"}
 _CONTROL = {"BRA", "EXIT", "CALL", "RET", "JMP", "BRX", "NOP", "YIELD", "BPT", "KILL"}
 
-_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?")
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Za-z0-9_.]+)?")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 _BRANCH = re.compile(r"\bBRA\s+`?\(?(\.L_x_\d+)")
 _LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
@@ -94,6 +94,8 @@ class Loop:
     by_class: Dict[str, int]
     lines: Dict[Tuple[str, int], int]   # (file, line) -> instructions attributed to it
     nested: int          # inner loops inside this range
+    tensor_flop: float = 0.0   # per warp and iteration: HGMMA m x n x k x 2 / 4 (a warpgroup's), HMMA m x n x k x 2
+    global_bytes: int = 0      # per thread and iteration: widths of the vector global loads (LDG, LDGSTS)
 
     @property
     def instructions(self) -> int:
@@ -102,7 +104,7 @@ class Loop:
 
 def sass_loops(sass: str) -> List[Loop]:
     """Every loop of one kernel's SASS (``nvdisasm --print-line-info`` text)."""
-    instrs: List[Tuple[str, Tuple[str, int]]] = []   # (opcode, current source line)
+    instrs: List[Tuple[str, Tuple[str, int], str]] = []   # (opcode, current source line, modifiers)
     labels: Dict[str, int] = {}
     branches: List[Tuple[int, str]] = []
     where = ("", 0)
@@ -120,18 +122,46 @@ def sass_loops(sass: str) -> List[Loop]:
             b = _BRANCH.search(line)
             if b:
                 branches.append((len(instrs), b.group(1)))
-            instrs.append((m.group(2), where))
+            instrs.append((m.group(2), where, m.group(3) or ""))
     spans = [(labels[target], at) for at, target in branches if target in labels and labels[target] <= at]
     loops = []
     for start, end in spans:
         by_class = dict.fromkeys(CLASSES, 0)
         lines: Dict[Tuple[str, int], int] = {}
-        for op, src in instrs[start:end + 1]:
+        flop, nbytes = 0.0, 0
+        for op, src, mods in instrs[start:end + 1]:
             by_class[opcode_class(op)] += 1
             lines[src] = lines.get(src, 0) + 1
+            flop += tensor_flop(op, mods)
+            nbytes += global_load_bytes(op, mods)
         nested = sum(1 for s, e in spans if (s, e) != (start, end) and start <= s and e <= end)
-        loops.append(Loop(start, end, by_class, lines, nested))
+        loops.append(Loop(start, end, by_class, lines, nested, flop, nbytes))
     return loops
+
+
+_HGMMA = re.compile(r"^\.(\d+)x(\d+)x(\d+)")
+_HMMA = re.compile(r"^\.(\d\d)(\d)(\d+)")
+
+
+def tensor_flop(op: str, mods: str) -> float:
+    """Matmul FLOP one warp's instance of a tensor-core instruction stands for: ``HGMMA.MxNxK`` is a
+    warpgroup's ``2 M N K`` (a quarter per warp), ``HMMA.16816`` a warp's ``2 x 16 x 8 x 16``."""
+    if op == "HGMMA":
+        m = _HGMMA.match(mods)
+        return 2.0 * int(m.group(1)) * int(m.group(2)) * int(m.group(3)) / 4 if m else 0.0
+    if op == "HMMA":
+        m = _HMMA.match(mods)
+        return 2.0 * int(m.group(1)) * int(m.group(2)) * int(m.group(3)) if m else 0.0
+    return 0.0
+
+
+def global_load_bytes(op: str, mods: str) -> int:
+    """Bytes one thread's vector global load (``LDG``, ``LDGSTS`` of 8 or 16 bytes: the tiles) moves.
+    Narrower loads (list entries, row statistics, table indices) are left out: a warp's threads
+    mostly read the same few words, which a per-thread count would multiply by 32."""
+    if op not in ("LDG", "LDGSTS"):
+        return 0
+    return 16 if ".128" in mods else 8 if ".64" in mods else 0
 
 
 def tagged_loops(fn) -> Dict[str, Tuple[str, int, int]]:
@@ -339,6 +369,7 @@ def cost_rows(spec: Spec, dtype: str, head_dim: int, target: str, sass_dir: Opti
         if kind is None:
             continue
         rows.append({**base, "loop": kind, "instructions": loop.instructions, "by_class": loop.by_class,
+                     "tensor_flop": loop.tensor_flop * warps, "global_load_bytes": loop.global_bytes * warps * 32,
                      "nested_loops": loop.nested, "num_warps": warps, "async_wait": waits.get(kind),
                      "registers": regs, "shared_bytes": shared,
                      "blocks_per_sm": blocks_per_sm(regs or 255, warps, shared, target),
@@ -354,6 +385,8 @@ MACHINE = {
     "mufu_per_cycle": 16,          # exp2 results (four SFU quadrants of 4 lanes)
     "tensor_flop_per_cycle": 4096,  # dense bf16 / fp16 (989 TFLOP/s at 1.83 GHz over 132 SMs)
     "l2_bytes_per_cycle": 32,      # tiles come from L2 (about 7.7 TB/s at 1.83 GHz)
+    "launch_gap_cycles": 2745,     # 1.5 us between back-to-back kernels (an assumption, not measured)
+    "layers": 12,                  # a ViT's blocks share one tile schedule per step
 }
 # per kernel role: matmul FLOP per tile pair in units of BM x BN x d, and what one iteration loads
 ROLE_FLOP = {"fwd": 4, "dq": 6, "dkdv": 8}
@@ -367,17 +400,19 @@ def role(kernel: str) -> str:
 def tile_cycles(loop: dict, head_dim: int, elem_bytes: int = 2, machine: dict = MACHINE) -> Dict[str, float]:
     """Cycles of one iteration of ``loop`` (a cost row) on one SM, by resource, and the total:
     the largest term when the loop's loads overlap its compute (``async_wait >= 1`` or at least
-    two resident blocks), else the compute terms' largest plus the load term. An iteration of a
-    forward or dq loop loads a key tile (K and V), of a dk/dv loop a query tile (q, dout and two
-    fp32 row statistics)."""
+    two resident blocks), else the compute terms' largest plus the load term. Tensor FLOP and
+    loaded bytes are read from the SASS (``tensor_flop``: HGMMA / HMMA shapes; ``global_load_bytes``:
+    the vector loads of the tiles) where the row has them, else from the tile shape (an iteration
+    of a forward or dq loop loads a key tile, K and V; of a dk/dv loop a query tile, q and dout)."""
     warps = loop["num_warps"]
     bm, bn = loop["block_m"], loop["block_n"]
     r = role(loop["kernel"])
-    loaded = 2.0 * bm * head_dim * elem_bytes + 8 * bm if r == "dkdv" else 2.0 * bn * head_dim * elem_bytes
+    flop = loop.get("tensor_flop") or ROLE_FLOP[r] * bm * bn * head_dim
+    loaded = loop.get("global_load_bytes") or 2.0 * (bm if r == "dkdv" else bn) * head_dim * elem_bytes
     terms = {
         "issue": loop["instructions"] * warps / machine["issue_per_cycle"],
         "mufu": loop["by_class"]["mufu"] * warps * 32 / machine["mufu_per_cycle"],
-        "tensor": ROLE_FLOP[r] * bm * bn * head_dim / machine["tensor_flop_per_cycle"],
+        "tensor": flop / machine["tensor_flop_per_cycle"],
         "memory": loaded / machine["l2_bytes_per_cycle"],
     }
     overlap = (loop.get("async_wait") or 0) >= 1 or loop.get("blocks_per_sm", 1) >= 2
@@ -427,12 +462,16 @@ def _window_role_cycles(loops: Dict[str, dict], r: str, tiles_: dict, head_dim: 
 
 
 def predict(rows: Sequence[dict], n_side: int, density: float, batch: int, heads: int, head_dim: int,
-            tiles_cache: Optional[dict] = None) -> List[dict]:
+            tiles_cache: Optional[dict] = None, dtype: str = "bfloat16", target: str = "sm_90a") -> List[dict]:
     """Predicted forward and forward + backward time of each window configuration relative to the
-    dense reference's best configuration per kernel, at ``N = 1 + n_side^2`` (one prefix token)."""
+    dense reference's best configuration per kernel, at ``N = 1 + n_side^2`` (one prefix token):
+    kernel cycles, one launch gap per launch, and the schedule build amortised over the layers
+    that share it (docs/cost_model.md)."""
     tiles_cache = {} if tiles_cache is None else tiles_cache
     N = 1 + n_side * n_side
     scale = batch * heads / MACHINE["sms"]
+    gap = MACHINE["launch_gap_cycles"]
+    layers = MACHINE["layers"]
     by_config = _loops(rows)
     dense: Dict[str, Tuple[float, str]] = {}
     for (op, config), loops in by_config.items():
@@ -445,7 +484,8 @@ def predict(rows: Sequence[dict], n_side: int, density: float, batch: int, heads
                 dense[rr] = (cycles, config)
     if "fwd" not in dense:
         return []
-    window: Dict[str, List[Tuple[float, str, bool, dict]]] = {"fwd": [], "bwd": []}
+    dense_fwd = dense["fwd"][0] + gap  # one launch
+    window: Dict[str, List[tuple]] = {"fwd": [], "bwd": []}
     for (op, config), loops in by_config.items():
         if op != "window_attention":
             continue
@@ -461,27 +501,137 @@ def predict(rows: Sequence[dict], n_side: int, density: float, batch: int, heads
         if dq is not None and dkdv is not None:
             window["bwd"].append((scale * (dq + dkdv), config, bool(any_row.get("shipped")), t))
     out = []
-    best_fwd = min((w for w in window["fwd"] if w[2]), default=None, key=lambda w: w[0])
     base = {"row": "prediction", "op": "window_attention", "n": N, "batch": batch, "heads": heads,
-            "head_dim": head_dim, "static": True,
-            "excluded": "schedule build, epilogues, the delta and transpose kernels, wave quantisation"}
+            "head_dim": head_dim, "static": True, "layers_sharing_schedule": layers,
+            "launch_gap_cycles": gap, "excluded": "epilogues, the delta kernels' work, wave quantisation"}
+    fwd_total = []
     for cycles, config, shipped, t in window["fwd"]:
+        calls = call_launches(n_side, batch, heads, dtype, head_dim, target, config, None)
+        build = build_cycles(calls["fwd_build"], calls["torch_fwd_build"], target) / layers
+        total = cycles + gap * len(calls["fwd"]) + build
+        fwd_total.append((total, config, shipped))
         out.append({**base, "mode": "fwd", "config": config, "shipped": shipped, "density": round(t["density"], 4),
-                    "predicted_ratio_vs_dense": cycles / dense["fwd"][0], "window_cycles_per_sm": cycles,
-                    "dense_cycles_per_sm": dense["fwd"][0], "dense_config": dense["fwd"][1],
+                    "predicted_ratio_vs_dense": total / dense_fwd, "window_cycles_per_sm": total,
+                    "terms": {"kernels": cycles, "launch_gaps": gap * len(calls["fwd"]), "schedule_build": build},
+                    "dense_cycles_per_sm": dense_fwd, "dense_config": dense["fwd"][1],
                     "visited_fraction": (t["masked"] + t["full"]) / (t["query_tiles"] * t["key_tiles"]),
                     "tiles_per_image": {"masked": t["masked"], "full": t["full"]}})
+    best_fwd = min((w for w in fwd_total if w[2]), default=None, key=lambda w: w[0])
     if best_fwd is not None and "dq" in dense and "dkdv" in dense:
-        dense_all = dense["fwd"][0] + dense["dq"][0] + dense["dkdv"][0]
+        dense_all = dense_fwd + dense["dq"][0] + dense["dkdv"][0] + 3 * gap  # delta, dq, dk/dv launches
         for cycles, config, shipped, t in window["bwd"]:
-            total = best_fwd[0] + cycles
+            calls = call_launches(n_side, batch, heads, dtype, head_dim, target, best_fwd[1], config)
+            build = build_cycles(calls["bwd_build"], calls["torch_bwd_build"], target) / layers
+            bwd = cycles + gap * len(calls["bwd"]) + build
+            total = best_fwd[0] + bwd
             out.append({**base, "mode": "fwd+bwd", "config": f"{best_fwd[1]} + {config}", "shipped": shipped,
                         "density": round(t["density"], 4), "predicted_ratio_vs_dense": total / dense_all,
-                        "window_cycles_per_sm": total, "dense_cycles_per_sm": dense_all,
+                        "window_cycles_per_sm": total,
+                        "terms": {"forward": best_fwd[0], "kernels": cycles, "launch_gaps": gap * len(calls["bwd"]),
+                                  "schedule_build": build},
+                        "dense_cycles_per_sm": dense_all,
                         "dense_config": " + ".join(dense[r][1] for r in ("fwd", "dq", "dkdv")),
                         "visited_fraction": (t["masked"] + t["full"]) / (t["query_tiles"] * t["key_tiles"]),
                         "tiles_per_image": {"masked": t["masked"], "full": t["full"]}})
     return out
+
+
+# ================================================================================ schedule build
+# aten ops that launch no kernel (allocation, views, metadata)
+_NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "view", "_unsafe_view", "expand", "as_strided",
+              "detach", "alias", "t", "transpose", "select", "slice", "unsqueeze", "squeeze", "permute", "reshape",
+              "lift_fresh", "_to_copy_meta", "unbind", "split", "contiguous", "sym_size", "sym_stride", "size", "stride",
+              "is_same_size", "_reshape_alias", "clone_meta"}
+
+
+def call_launches(n_side: int, batch: int, heads: int, dtype: str, head_dim: int, target: str,
+                  fwd_label: Optional[str] = None, bwd_label: Optional[str] = None) -> dict:
+    """The launches of one window attention step at ``N = 1 + n_side^2`` with ``batch x heads``
+    (recorded on ``meta`` tensors, nothing runs): Triton kernels through the launchers, PyTorch
+    ops counted through a dispatch mode (those that launch a kernel). ``{"fwd_build", "fwd",
+    "bwd_build", "bwd"}``: launch lists, and ``"torch_fwd_build"`` / ``"torch_bwd_build"`` counts.
+    The forward configuration is ``fwd_label`` (default: the first shipped), the backward's
+    ``bwd_label``; the backward builds its own schedule when its block sizes differ."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vitpatch.kernels import _launch
+    from vitpatch.kernels import window_attention as wa
+    from vitpatch.kernels.window_schedule import Config
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] not in _NO_LAUNCH:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    dt = getattr(torch, dtype)
+
+    def pick(unit, label):
+        cands = _launch.candidates(unit) if label else _launch.shipped(unit, dt, head_dim, target)
+        return next(c for c in cands if label is None or c.label == label)
+
+    fwd, bwd = pick("window_fwd", fwd_label), pick("window_bwd", bwd_label)
+    grid, P = (n_side, n_side), 1
+    N = P + n_side * n_side
+    q, k, v = (torch.empty(batch, heads, N, head_dim, dtype=dt, device="meta") for _ in range(3))
+    windows = torch.empty(batch, n_side * n_side, 4, dtype=torch.int32, device="meta")
+    lse = torch.empty(batch, heads, N, device="meta")
+    attention = {"_fwd_kernel", "_delta_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
+    out: dict = {}
+    with _launch.forcing({"window_fwd": fwd, "window_bwd": bwd}), _launch.recording(target) as launches:
+        cfg_f, cfg_b = Config.of(fwd), Config.of(bwd)
+        with Count() as c:
+            sched_f = wa.cached_schedule(windows, None, grid, P, batch, cfg_f)
+        out["torch_fwd_build"] = c.n
+        wa._forward(q, k, v, windows, None, grid, P, 0.125, cfg_f, sched=sched_f)
+        with Count() as c:
+            sched_b = wa.cached_schedule(windows, None, grid, P, batch, cfg_b)
+            sched_b.transposed()
+        out["torch_bwd_build"] = c.n
+        wa._backward(torch.empty_like(q), q, k, v, q, lse, windows, None, grid, P, 0.125, cfg_b, sched=sched_b)
+    first_attn = next(i for i, x in enumerate(launches) if x.kernel.__name__ in attention)
+    out["fwd_build"] = launches[:first_attn]
+    rest = launches[first_attn:]
+    out["fwd"] = [x for x in rest if x.kernel.__name__ == "_fwd_kernel"]
+    after = [x for x in rest if x.kernel.__name__ != "_fwd_kernel"]
+    out["bwd_build"] = [x for x in after if x.kernel.__name__ not in attention]
+    out["bwd"] = [x for x in after if x.kernel.__name__ in attention]
+    out["configs"] = (fwd.label, bwd.label)
+    return out
+
+
+_KERNEL_CYCLES: Dict[str, Tuple[int, int]] = {}
+
+
+def launch_cycles(launch, target: str, machine: dict = MACHINE) -> float:
+    """Issue cycles per SM of one build launch: programs x the kernel's SASS instructions (every
+    loop counted once: at the shapes modelled each build loop runs once, ``tk <= 64``,
+    ``tq <= 128``) x warps / 4, over the SMs."""
+    key = gate.launch_key(launch, target)
+    if key not in _KERNEL_CYCLES:
+        compiled, _, _, error = gate.compile_binary(launch, target)
+        if compiled is None:
+            raise RuntimeError(f"{launch.kernel.__name__} does not compile: {error}")
+        instrs = sum(1 for line in disassemble(compiled.asm["cubin"]).splitlines() if _INSTR.search(line))
+        _KERNEL_CYCLES[key] = (instrs, int(compiled.metadata.num_warps))
+    instrs, warps = _KERNEL_CYCLES[key]
+    grid = launch.grid if isinstance(launch.grid, tuple) else tuple(launch.grid)
+    programs = 1
+    for g in grid:
+        programs *= int(g)
+    return programs * instrs * warps / machine["issue_per_cycle"] / machine["sms"]
+
+
+def build_cycles(launches: Sequence, torch_ops: int, target: str, machine: dict = MACHINE) -> float:
+    """Cycles of one schedule build: its Triton launches' issue cycles and one launch gap per
+    launch, Triton or PyTorch (on a device every one of them is a kernel)."""
+    return (sum(launch_cycles(x, target, machine) for x in launches)
+            + (len(launches) + torch_ops) * machine["launch_gap_cycles"])
 
 
 # ================================================================================ launches
@@ -550,7 +700,8 @@ def main(argv=None) -> int:
     if not args.no_predict:
         cache: dict = {}
         for side, density in SHAPES:
-            preds += predict(rows, side, density, args.batch, args.heads, args.head_dim, cache)
+            preds += predict(rows, side, density, args.batch, args.heads, args.head_dim, cache, args.dtype,
+                             args.target)
     launches = launch_counts(args.dtype, args.head_dim, args.target)
     print(format_table(rows, preds))
     print(f"\nlaunches per window attention call at N = {launches['n']}: first forward "

@@ -229,14 +229,16 @@ CANDIDATES: Dict[str, List[LaunchConfig]] = {
     # sizes, so these units are tuned by the window kernel itself, schedule build included).
     # (64 x 32 tiles with 4 warps were dropped: with triton 3.6 the prefix-query forward spills 4 B
     # at d = 128 on sm_90a; the reports keep their rows, marked not shipped)
-    # 3-stage candidates first: with the list entry read one iteration ahead, their main loops wait
-    # for the tile after next only (async_wait 2); 4-warp backward: half the issue slots of 8 warps
-    # per tile at 2 (dk/dv) and 3 (dq) resident blocks per SM (python -m bench.cost).
-    "window_fwd": [_c(4, 3, BLOCK_M=64, BLOCK_N=64, **_W), _c(4, 2, BLOCK_M=64, BLOCK_N=64, **_W),
-                   _c(8, 2, BLOCK_M=64, BLOCK_N=64, **_W), _c(8, 2, BLOCK_M=64, BLOCK_N=32, **_W)],
-    "window_bwd": [_c(4, 3, BLOCK_M=64, BLOCK_N=64, **_W), _c(4, 2, BLOCK_M=64, BLOCK_N=64, **_W),
-                   _c(8, 2, BLOCK_M=64, BLOCK_N=64, **_W), _c(8, 2, BLOCK_M=64, BLOCK_N=32, **_W),
-                   _c(4, 2, BLOCK_M=32, BLOCK_N=32, **_W)],
+    # Every candidate has 3 stages: with list entries read ahead, the main loops wait only for
+    # older copies (async_wait >= 1; python -m bench.cost). The forward ships 128-row query tiles
+    # first: by the cost model (docs/cost_model.md) the tiles are bound by L2 traffic, and a
+    # 128-row tile halves the K / V bytes per score against 64 rows, more than its larger visited
+    # fraction costs (N = 577: 0.84 vs 0.76 of the tile pairs). The backward keeps 64 x 64 with 4
+    # warps (2-3 resident blocks per SM; 128-row dq / dk-dv tiles predict slower).
+    "window_fwd": [_c(4, 3, BLOCK_M=128, BLOCK_N=64, **_W), _c(8, 3, BLOCK_M=128, BLOCK_N=64, **_W),
+                   _c(4, 3, BLOCK_M=64, BLOCK_N=64, **_W), _c(8, 3, BLOCK_M=64, BLOCK_N=32, **_W)],
+    "window_bwd": [_c(4, 3, BLOCK_M=64, BLOCK_N=64, **_W), _c(8, 3, BLOCK_M=64, BLOCK_N=64, **_W),
+                   _c(8, 3, BLOCK_M=64, BLOCK_N=32, **_W), _c(4, 3, BLOCK_M=32, BLOCK_N=32, **_W)],
     # WinfT (kernels/winft_attention.py): the first clean candidate runs, untuned.
     "winft_gate": [_c(8, 2, BLOCK_M=64, BLOCK_N=64), _c(8, 2, BLOCK_M=64, BLOCK_N=32)],  # pass 1, 2a, BCE grad
     "winft_fwd": [_c(4, 2, BLOCK_M=64, BLOCK_N=64), _c(8, 2, BLOCK_M=64, BLOCK_N=32)],

@@ -12,11 +12,17 @@ time; the backward pass recomputes the probabilities from the saved log-sum-exp
 output and gradients are exactly zero, never NaN). Separate kernels give ``dq`` (per query
 tile) and ``dk, dv`` (per key tile), so no atomics are needed.
 
-The mask is never stored, neither dense nor per tile element: the kernels evaluate it from the
-``O(n)`` windows and visit only the key tiles the schedule of
-:mod:`vitpatch.kernels.window_schedule` lists for their query tile (masked tiles with the
-element mask, full tiles without it; the backward's ``dk, dv`` kernel reads the transposed
-lists). Launch configurations come from the policy in :mod:`vitpatch.kernels._launch` (units
+The mask is never stored, neither dense nor per tile element: the kernels visit only the key
+tiles the schedule of :mod:`vitpatch.kernels.window_schedule` lists for their query tile (the
+backward's ``dk, dv`` kernel reads the transposed lists). A *full* tile (inside every window of
+its query tile) runs without a mask; a *masked* tile adds the window bias as one more
+tensor-core product (:func:`_mask_window`): the query rows' outside indicators for the tile's
+grid columns and rows, read from the schedule's per-slot table, times a constant matrix of
+per-lane masked scores. A disallowed score is a finite power of two far below every allowed one
+(:func:`_masked_score`), so both kinds of tile share one online-softmax step. Query tiles read
+their patches and windows from per-slot tables (one load per row, no layout arithmetic); list
+entries are read ahead of their use, so the loops' copies pipeline (python -m bench.cost).
+Launch configurations come from the policy in :mod:`vitpatch.kernels._launch` (units
 ``window_fwd`` and ``window_bwd``); since the schedule depends on the block sizes, the
 configuration is tuned here, schedule build included (:func:`_pick_config`), not by
 ``triton.autotune``.
@@ -43,7 +49,7 @@ SUPPORTED_HEAD_DIMS = (16, 128)
 _LOG2E = 1.4426950408889634
 # Masked scores. A score element that is not allowed is set (or lowered) to ``masked_score``, a
 # finite power of two with ``masked_score * qk_scale = -2**60`` (:func:`_masked_score`), instead
-# of ``-inf``: the window bias then comes from a tensor-core product (:func:`_window_rows`) and
+# of ``-inf``: the window bias then comes from a tensor-core product (:func:`_mask_window`) and
 # masked and full tiles share one softmax step. Allowed scaled scores are assumed above
 # ``-2**50`` (``|scale * q . k| < 2**50 / log2(e)``); a row whose running maximum stays below
 # ``_EMPTY_BELOW`` met no allowed key and outputs zeros.
@@ -181,7 +187,7 @@ def _outside_cols(x0, y0, TW: tl.constexpr, KE: tl.constexpr, GWP: tl.constexpr,
 def _window_bias(wx0, wy0, wx1, wy1, kx, ky, masked_score):
     """``[BM, BN]``: 0 where key ``(kx, ky)`` lies inside the query's window, ``masked_score``
     (or twice it) elsewhere, element by element: the layouts whose tiles are not squares of one
-    unit (row-major), where :func:`_window_rows` does not apply."""
+    unit (row-major), where the product of :func:`_mask_window` does not apply."""
     bx = tl.where((kx[None, :] >= wx0[:, None]) & (kx[None, :] <= wx1[:, None]), 0.0, masked_score)
     by = tl.where((ky[None, :] >= wy0[:, None]) & (ky[None, :] <= wy1[:, None]), 0.0, masked_score)
     return bx + by
@@ -205,6 +211,22 @@ def _mask_window(s, out_rows, cols, win, x0, y0, lx, ly, kok, kmask, masked_scor
         wx0, wy0, wx1, wy1 = win
         s += _window_bias(wx0 - x0, wy0 - y0, wx1 - x0, wy1 - y0, lx, ly, masked_score)
     return _mask_keys(s, kok, masked_score, HAS_KEEP)
+
+
+@helper
+def _mask_operands(qout_b, qwin_b, slots, masked_score, BM: tl.constexpr, BN: tl.constexpr, TW: tl.constexpr,
+                   KE: tl.constexpr, RW: tl.constexpr, EXT: tl.constexpr, EXT_BF16: tl.constexpr):
+    """What the masked key tiles of query slots ``slots`` need (:func:`_mask_window`): with ``EXT``
+    the per-lane masked scores and the slots' rows of the outside table, else their windows."""
+    if EXT:
+        kmask = _lane_masks(BN, TW, KE, masked_score, EXT_BF16)
+        out_rows = qout_b + slots[:, None] * RW
+        win = 0
+    else:
+        kmask = 0
+        out_rows = qout_b
+        win = _slot_window(qwin_b, slots, BM)
+    return kmask, out_rows, win
 
 
 @helper
@@ -279,15 +301,8 @@ def _fwd_kernel(Q, K, V, O, LSE, QWIN, KEEP, QTAB, QOUT, CHOICE, LIST, CNT, REC,
             s = _mask_keys(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), kok, masked_score, True)
             acc, m_i, l_i = _online_step(acc, m_i, l_i, s, qk_scale, v, DOT_PREC)
     else:
-        slots = pid * BM + tl.arange(0, BM)
-        if EXT:
-            kmask = _lane_masks(BN, TW, KE, masked_score, EXT_BF16)
-            out_rows = QOUT + b * qout_sb + slots[:, None] * RW
-            win = 0
-        else:
-            kmask = 0
-            out_rows = QOUT
-            win = _slot_window(QWIN + b * qwin_sb, slots, BM)
+        kmask, out_rows, win = _mask_operands(QOUT + b * qout_sb, QWIN + b * qwin_sb, pid * BM + tl.arange(0, BM),
+                                              masked_score, BM, BN, TW, KE, RW, EXT, EXT_BF16)
         row = (vsel * BS + bsch) * TQ + pid
         n_m = tl.load(CNT + row * 2)
         n_f = tl.load(CNT + row * 2 + 1)
@@ -406,15 +421,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QWIN, KEEP, QTAB, QOUT, CHOICE, 
             s = _mask_keys(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), kok, masked_score, True)
             dq = _dq_step(dq, s, do, lse, delta, k, v, qk_scale, DOT_PREC)
     else:
-        slots = pid * BM + tl.arange(0, BM)
-        if EXT:
-            kmask = _lane_masks(BN, TW, KE, masked_score, EXT_BF16)
-            out_rows = QOUT + b * qout_sb + slots[:, None] * RW
-            win = 0
-        else:
-            kmask = 0
-            out_rows = QOUT
-            win = _slot_window(QWIN + b * qwin_sb, slots, BM)
+        kmask, out_rows, win = _mask_operands(QOUT + b * qout_sb, QWIN + b * qwin_sb, pid * BM + tl.arange(0, BM),
+                                              masked_score, BM, BN, TW, KE, RW, EXT, EXT_BF16)
         row = (vsel * BS + bsch) * TQ + pid
         n_m = tl.load(CNT + row * 2)
         n_f = tl.load(CNT + row * 2 + 1)
@@ -504,9 +512,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QWIN, KEEP, QTAB, QOUT, CH
     dd = offs_d * sdd
     keep_b = KEEP + b * keep_sb
     bsch = b * sched_sb
-    vsel = 0
-    if QMODE == 2:
-        vsel = tl.load(CHOICE + bsch)
     qtab_b = QTAB + b * qtab_sb
     if PREFIX_K:
         tok_k, kv, kok = _prefix_keys(pid * BN, keep_b, P, BN, HAS_KEEP)

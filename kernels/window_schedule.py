@@ -1072,7 +1072,7 @@ def _slot_tables(win, win_sb, perm, perm_sb, choice, grid, lay: _Layout, S: int,
     rw = (gwp + ghp) // 16 * 16 + 32 if lay.order == TILED else 16
     qout = torch.empty((bs, S, rw) if lay.order == TILED else (1, 1, rw),
                        dtype=torch.float32 if interpreting() else torch.bfloat16, device=dev)
-    br = 16 if interpreting() else 64
+    br = 16  # slots per program: a 16 x RW indicator tile, no spills on sm_80 with 4 warps
     _slot_tables_kernel[(triton.cdiv(S, br), bs)](win, perm, choice, qtab, qwin, qout, win_sb, perm_sb, S, gh, gw,
                                                   lay.nbx, ORDER=lay.order, TW=lay.tw, TH=lay.th, QMODE=qmode,
                                                   GWP=gwp, GHP=ghp, RW=rw, RWP=triton.next_power_of_2(rw), BR=br)

@@ -574,3 +574,69 @@ def test_compiled_vit_has_no_graph_break(monkeypatch):
     for p, g in zip(model.parameters(), eager_grads):
         assert (p.grad - g).abs().max().item() < 1e-4
     torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------------- slot tables, masked scores
+@pytest.mark.parametrize("kind,query_order", [("awd", "auto"), ("local", "sorted"), ("keep", "spatial")])
+def test_slot_tables_equal_brute_force(wa, ws, kind, query_order):
+    """The per-slot tables the kernels read (``_slot_tables_kernel``): the patch in each slot, its
+    window, and its outside indicators, one per grid column and grid row of the tiled layout
+    (padding columns / rows and padding slots: outside), checked against the windows directly."""
+    B, P, grid = 2, 1, (8, 9)
+    mask = masks_for(kind, B, grid, P).to(DEVICE)
+    cfg = ws.Config(16, 16, 1, 16, query_order)
+    sched = ws.build_schedule(mask.windows, mask.key_keep, mask.grid, P, B, cfg)
+    lay = sched.layout
+    tokens = sched.query_tokens().cpu()
+    qtab, qwin, qout = sched.qtab.cpu(), sched.qwin.cpu(), sched.qout.cpu()
+    win = mask.windows.cpu()
+    win = win if win.dim() == 3 else win[None].expand(qtab.shape[0], -1, -1)
+    gwp, ghp = lay.nbx * lay.tw, lay.nby * lay.th
+    assert qout.shape[-1] % 16 == 0 and qout.shape[-1] >= gwp + ghp + 16
+    for b in range(qtab.shape[0]):
+        for s in range(qtab.shape[1]):
+            p = int(qtab[b, s])
+            assert int(tokens[b, s]) == (p + P if p >= 0 else -1)
+            x0, y0, x1, y1 = (win[b, p].tolist() if p >= 0 else (1, 1, 0, 0))
+            assert qwin[b, s].tolist() == [x0, y0, x1, y1]
+            want = [float(not x0 <= x <= x1) for x in range(gwp)] + [float(not y0 <= y <= y1) for y in range(ghp)]
+            assert qout[b, s, :gwp + ghp].tolist() == want, (b, s)
+            assert bool((qout[b, s, gwp + ghp:] == 1).all())
+
+
+def test_masked_score_and_scale_range(wa):
+    """The masked score is a power of two that makes ``masked * qk_scale`` about ``-2**60``; scales
+    the kernel cannot mask exactly with it are declined (the PyTorch path runs)."""
+    for qk_scale in (0.18, 1.0, 3e-9, 7e5):
+        m = wa._masked_score(qk_scale)
+        assert m < 0 and math.log2(-m) == round(math.log2(-m))
+        assert 2.0 ** 59.5 <= -m * qk_scale <= 2.0 ** 60.5
+    q = torch.zeros(1, 1, 5, 16, device=DEVICE)
+    win = torch.zeros(4, 4, dtype=torch.int32, device=DEVICE)
+    assert "scale" in wa.window_attention_unsupported(q, q, q, win, None, (2, 2), 1, 2.0 ** -70)
+    assert "scale" in wa.window_attention_unsupported(q, q, q, win, None, (2, 2), 1, 2.0 ** 50)
+    assert wa.window_attention_unsupported(q, q, q, win, None, (2, 2), 1, 0.25) is None
+
+
+@pytest.mark.parametrize("magnitude", [1e-3, 300.0])
+def test_extreme_scores_stay_masked(wa, ws, magnitude):
+    """Scores far from 1 (tiny, and hundreds of units where a disallowed key scores far above
+    every allowed one): the finite masked score still removes disallowed keys exactly, values and
+    gradients against float64."""
+    B, P, grid = 2, 1, (8, 8)
+    mask = masks_for("local", B, grid, P).to(DEVICE)
+    N = P + mask.num_patches
+    gen = torch.Generator().manual_seed(5)
+    q = (torch.randn(B, 1, N, 16, generator=gen) * magnitude).to(DEVICE)
+    k = torch.randn(B, 1, N, 16, generator=gen).to(DEVICE)
+    k[:, :, P + 27] *= 50  # one key that would dominate every row it is not allowed in
+    v = torch.randn(B, 1, N, 16, generator=gen).to(DEVICE)
+    cfg = ws.Config(16, 16, 1, 16, "auto")
+    out, lse, _ = wa._forward(q, k, v, mask.windows, mask.key_keep, mask.grid, P, 1.0, cfg)
+    dout = torch.randn(B, 1, N, 16, generator=gen).to(DEVICE)
+    dq, dk, dv, _, _ = wa._backward(dout, q, k, v, out, lse, mask.windows, mask.key_keep, mask.grid, P, 1.0, cfg)
+    ref_out, ref_grads = reference_grads(q, k, v, mask, 1.0, dout)
+    tol = TOL[torch.float32] * max(1.0, magnitude)
+    assert_close(out, ref_out, TOL[torch.float32], "output")
+    for name, g, gr in zip("qkv", (dq, dk, dv), ref_grads):
+        assert_close(g, gr, tol * 50, f"d{name}")
