@@ -145,25 +145,9 @@ def _driver(unit: str):
     return DRIVERS[unit.split("_")[0]]
 
 
-# The kernels each unit's configuration governs (a driver also launches its neighbours' kernels).
-_SCHEDULE = {"_window_code_kernel", "_schedule_kernel", "_choice_kernel", "_slot_tables_kernel"}
-UNIT_KERNELS = {
-    "window_fwd": _SCHEDULE | {"_fwd_kernel"},
-    "window_bwd": _SCHEDULE | {"_transpose_kernel", "_delta_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"},
-    "winft_gate": {"_threshold_kernel", "_gate_bits_kernel", "_bce_grad_kernel"},
-    "winft_fwd": {"_attn_fwd_kernel", "_delta_kernel"},
-    "winft_dq": {"_attn_dq_kernel"},
-    "winft_dkdv": {"_attn_dkdv_kernel"},
-    "paca_pool_fwd": {"_pool_fwd_kernel", "_pool_combine_kernel"},
-    "paca_pool_dlogits": {"_pool_bwd_dlogits_kernel"},
-    "paca_pool_dx": {"_pool_bwd_dx_kernel"},
-    "paca_attn_fwd": {"_attn_fwd_kernel"},
-    "paca_attn_bwd": {"_attn_bwd_kernel"},
-}
-
-
 def _belongs(launch, unit: str) -> bool:
-    return launch.kernel.__name__ in UNIT_KERNELS[unit]
+    from vitpatch.kernels import _launch
+    return launch.kernel.__name__ in _launch.UNIT_KERNELS[unit]
 
 
 # ================================================================================ jobs

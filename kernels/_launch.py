@@ -253,6 +253,22 @@ CANDIDATES: Dict[str, List[LaunchConfig]] = {
     "paca_attn_fwd": [_c(4, 1, BLOCK_N=32), _c(4, 1, BLOCK_N=64), _c(8, 1, BLOCK_N=64)],
     "paca_attn_bwd": [_c(8, 1, BLOCK_N=32), _c(8, 1, BLOCK_N=16)],
 }
+# The kernels each unit's configuration governs, by kernel name (the compile gate compiles a
+# unit's candidates for these; a unit's driver also launches its neighbours' kernels).
+_WINDOW_SCHEDULE = {"_window_code_kernel", "_schedule_kernel", "_choice_kernel", "_slot_tables_kernel"}
+UNIT_KERNELS: Dict[str, set] = {
+    "window_fwd": _WINDOW_SCHEDULE | {"_fwd_kernel"},
+    "window_bwd": _WINDOW_SCHEDULE | {"_transpose_kernel", "_delta_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"},
+    "winft_gate": {"_threshold_kernel", "_gate_bits_kernel", "_bce_grad_kernel"},
+    "winft_fwd": {"_attn_fwd_kernel", "_delta_kernel"},
+    "winft_dq": {"_attn_dq_kernel"},
+    "winft_dkdv": {"_attn_dkdv_kernel"},
+    "paca_pool_fwd": {"_pool_fwd_kernel", "_pool_combine_kernel"},
+    "paca_pool_dlogits": {"_pool_bwd_dlogits_kernel"},
+    "paca_pool_dx": {"_pool_bwd_dx_kernel"},
+    "paca_attn_fwd": {"_attn_fwd_kernel"},
+    "paca_attn_bwd": {"_attn_bwd_kernel"},
+}
 TARGETS = ("sm_90a", "sm_80")
 WIDTH_BUCKETS = (32, 64, 96, 128)
 

@@ -214,3 +214,17 @@ def test_merge_replaces_only_the_run_units_rows(tmp_path):
     merged = gate.merged_reports(str(tmp_path), new)
     assert [(r["unit"], r["v"]) for r in merged["sm_90a"]] == [("a", 0), ("b", 9), ("c", 0), ("d", 9)]
     assert merged["sm_80"] == old["sm_80"]
+
+
+def test_unit_kernel_table_beside_the_candidates():
+    """The launch policy names, per unit, the kernels its configuration governs: every unit with
+    candidates has an entry, and every name is a kernel of the package."""
+    import importlib
+    from vitpatch.kernels import _launch
+    assert set(_launch.UNIT_KERNELS) == set(_launch.CANDIDATES)
+    names = set()
+    for mod in ("window_attention", "window_schedule", "winft_attention", "cluster_attention"):
+        module = importlib.import_module(f"vitpatch.kernels.{mod}")
+        names |= {n for n, v in vars(module).items() if isinstance(v, _launch.Kernel)}
+    for unit, kernels in _launch.UNIT_KERNELS.items():
+        assert kernels <= names, (unit, kernels - names)
