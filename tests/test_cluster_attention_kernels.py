@@ -182,9 +182,9 @@ def test_declined_inputs_use_the_torch_path_by_default(K, monkeypatch):
         pytest.skip("on CPU the default backend is the PyTorch path for every input")
     monkeypatch.delenv("VITPATCH_BACKEND")
     q, k, v = qkv(1, 1, 4, 16, Nk=257)
-    assert functional.backend_for("cluster_attention", q, k, v, args=(q, k, v, 0.25)) == "torch"
+    assert functional.backend_for("cluster_attention", q, k, v, scale=0.25) == "torch"
     q, k, v = qkv(1, 1, 4, 16, Nk=49)
-    assert functional.backend_for("cluster_attention", q, k, v, args=(q, k, v, 0.25)) == "triton"
+    assert functional.backend_for("cluster_attention", q, k, v, scale=0.25) == "triton"
 
 
 # ------------------------------------------------------------- torch.library, torch.compile, module

@@ -285,9 +285,19 @@ def _mask_factory(windows: Dict[str, torch.Tensor], keep: Optional[Dict[str, tor
 
 
 def _backend(op: str, cfg: DemoConfig) -> str:
+    """The backend ``op`` runs on for this demo's shapes and device (``functional.backend_for``)."""
     from .functional import backend_for
+    from .masks import WindowMask
 
-    return backend_for(op, torch.empty(1, device=cfg.device))
+    gh, gw = cfg.grid
+    d = cfg.embed_dim // cfg.num_heads
+    q = torch.empty(1, cfg.num_heads, 1 + gh * gw, d, device=cfg.device)
+    if op == "window_attention":
+        return backend_for(op, q, q, q, WindowMask.full(cfg.grid, 1, device=cfg.device))
+    if op == "cluster_attention":
+        kv = torch.empty(1, cfg.num_heads, cfg.num_clusters, d, device=cfg.device)
+        return backend_for(op, q, kv, kv)
+    return backend_for(op, q, q, q)
 
 
 def _figures(cfg: DemoConfig, data, U, windows, keep, paca_model, rows) -> List[str]:

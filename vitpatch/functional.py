@@ -25,11 +25,18 @@ from .masks import WindowMask
 __all__ = ["window_attention", "winft_attention", "cluster_pool", "cluster_attention", "backend_for"]
 
 
-def backend_for(op: str, *tensors: torch.Tensor, args: tuple = ()) -> str:
-    """Which backend (``"triton"``, ``"torch"``, ``"reference"``) ``op`` would use for ``tensors`` now."""
-    if op not in _backend.KERNEL_MODULES:
-        raise ValueError(f"op must be one of {sorted(_backend.KERNEL_MODULES)}, got {op!r}")
-    return _backend.choose(op, *tensors, args=args)[0]
+def backend_for(op: str, *args, **kwargs) -> str:
+    """Which backend (``"triton"``, ``"torch"``, ``"reference"``) ``op`` would use for this call.
+
+    ``args`` and ``kwargs`` are the op's own arguments, validated as the op validates them, e.g.
+    ``backend_for("window_attention", q, k, v, mask)`` or
+    ``backend_for("cluster_attention", q, k, v, scale=0.25)``; nothing is computed.
+    """
+    prepare = _CALLS.get(op)
+    if prepare is None:
+        raise ValueError(f"op must be one of {sorted(_CALLS)}, got {op!r}")
+    tensors, raw, _ = prepare(*args, **kwargs)
+    return _backend.choose(op, *tensors, args=raw)[0]
 
 
 def _target_args(target: Optional[WindowMask]) -> tuple:
@@ -61,12 +68,9 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows,
     Returns:
         ``(B, h, N, d)`` in the dtype of ``q``.
     """
-    B, h, N, d = _checks.check_qkv(q, k, v)
-    mask = _checks.as_window_mask(windows, grid, num_prefix_tokens, key_keep, q.device)
-    mask.check(B, N)
-    scale = _checks.check_scale(scale, d)
-    raw = (q, k, v, mask.windows, mask.key_keep, mask.grid, mask.num_prefix_tokens, scale)  # what the kernel takes
-    backend, fn = _backend.choose("window_attention", q, k, v, args=raw)
+    tensors, raw, (mask, scale) = _window_call(q, k, v, windows, grid=grid, num_prefix_tokens=num_prefix_tokens,
+                                               key_keep=key_keep, scale=scale)
+    backend, fn = _backend.choose("window_attention", *tensors, args=raw)
     if backend == "reference":
         return reference.window_attention(q, k, v, mask, scale=scale)
     if fn is not None:
@@ -94,12 +98,9 @@ def winft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: 
         when ``return_gate_sum`` (``gate_sum (B,)`` float32 = ``sum_ij W_ij`` per image, the
         paper's EO of WinfT, Table 3).
     """
-    B, h, N, d = _checks.check_qkv(q, k, v)
-    _checks.check_mode(mode)
-    scale = _checks.check_scale(scale, d)
-    target = _checks.check_target(target, B, N, q.device)
-    raw = (q, k, v, scale, mode, *_target_args(target))
-    backend, fn = _backend.choose("winft_attention", q, k, v, args=raw)
+    tensors, raw, (scale, target) = _winft_call(q, k, v, mode=mode, scale=scale, target=target,
+                                                return_gate_sum=return_gate_sum)
+    backend, fn = _backend.choose("winft_attention", *tensors, args=raw)
     if backend == "reference":
         return reference.winft_attention(q, k, v, mode=mode, scale=scale, target=target,
                                          return_gate_sum=return_gate_sum)
@@ -125,8 +126,8 @@ def cluster_pool(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(B, M, C)`` cluster tokens in the dtype of ``x``.
     """
-    _checks.check_cluster_pool(logits, x)
-    backend, fn = _backend.choose("cluster_pool", logits, x, args=(logits, x))
+    tensors, raw, _ = _pool_call(logits, x)
+    backend, fn = _backend.choose("cluster_pool", *tensors, args=raw)
     if backend == "reference":
         return reference.cluster_pool(logits, x)
     return (fn or chunked.cluster_pool)(logits, x)
@@ -139,9 +140,44 @@ def cluster_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     ``q (B, h, N, d)``, ``k, v (B, h, M, d)`` → ``(B, h, N, d)``; cost ``O(N M d)``. The Triton
     kernel holds all keys in one tile (``M <= 256``); longer key sets use the PyTorch path.
     """
-    B, h, N, d = _checks.check_qkv(q, k, v, self_attention=False)
-    scale = _checks.check_scale(scale, d)
-    backend, fn = _backend.choose("cluster_attention", q, k, v, args=(q, k, v, scale))
+    tensors, raw, scale = _cluster_call(q, k, v, scale=scale)
+    backend, fn = _backend.choose("cluster_attention", *tensors, args=raw)
     if backend == "reference":
         return reference.cluster_attention(q, k, v, scale=scale)
     return (fn or chunked.cluster_attention)(q, k, v, scale)
+
+
+# ---------------------------------------------------------------------------- argument handling
+# Each op's arguments, validated and brought into what the backend choice and the kernel take:
+# ``(tensors, raw kernel arguments, what the op itself needs besides)``; ``backend_for`` runs the
+# same function, so it answers for exactly the call it is given.
+def _window_call(q, k, v, windows, *, grid=None, num_prefix_tokens: int = 0, key_keep=None, scale=None):
+    B, h, N, d = _checks.check_qkv(q, k, v)
+    mask = _checks.as_window_mask(windows, grid, num_prefix_tokens, key_keep, q.device)
+    mask.check(B, N)
+    scale = _checks.check_scale(scale, d)
+    raw = (q, k, v, mask.windows, mask.key_keep, mask.grid, mask.num_prefix_tokens, scale)
+    return (q, k, v), raw, (mask, scale)
+
+
+def _winft_call(q, k, v, *, mode: str = "multiply", scale=None, target=None, return_gate_sum: bool = False):
+    B, h, N, d = _checks.check_qkv(q, k, v)
+    _checks.check_mode(mode)
+    scale = _checks.check_scale(scale, d)
+    target = _checks.check_target(target, B, N, q.device)
+    return (q, k, v), (q, k, v, scale, mode, *_target_args(target)), (scale, target)
+
+
+def _pool_call(logits, x):
+    _checks.check_cluster_pool(logits, x)
+    return (logits, x), (logits, x), None
+
+
+def _cluster_call(q, k, v, *, scale=None):
+    B, h, N, d = _checks.check_qkv(q, k, v, self_attention=False)
+    scale = _checks.check_scale(scale, d)
+    return (q, k, v), (q, k, v, scale), scale
+
+
+_CALLS = {"window_attention": _window_call, "winft_attention": _winft_call, "cluster_pool": _pool_call,
+          "cluster_attention": _cluster_call}
