@@ -91,7 +91,7 @@ def build(case: Case, check: bool = True) -> Prepared:
             return autograd_case(fwd, [x, *attn.parameters()], case.mode, info=info)
         logits = randn(B, n, M, device=device, dtype=dtype, grad=grad)
         if impl == "vitpatch":
-            info["backend"] = functional.backend_for("cluster_pool", logits, x, args=(logits, x))
+            info["backend"] = functional.backend_for("cluster_pool", logits, x)
             fn = functional.cluster_pool
         elif impl == "reference":
             fn = reference.cluster_pool
@@ -108,7 +108,7 @@ def build(case: Case, check: bool = True) -> Prepared:
         k, v = (randn(B, h, M, d, device=device, dtype=dtype, grad=grad) for _ in range(2))
         scale = d ** -0.5
         if impl == "vitpatch":
-            info["backend"] = functional.backend_for("cluster_attention", q, k, v, args=(q, k, v, scale))
+            info["backend"] = functional.backend_for("cluster_attention", q, k, v, scale=scale)
 
             def fwd():
                 return functional.cluster_attention(q, k, v, scale=scale)
@@ -144,8 +144,8 @@ def build(case: Case, check: bool = True) -> Prepared:
             probe_logits = torch.zeros(B, N, M, device=device, dtype=dtype)
             qh = torch.zeros(B, h, N, C // h, device=device, dtype=dtype)
             kh = torch.zeros(B, h, M, C // h, device=device, dtype=dtype)
-            pool = functional.backend_for("cluster_pool", probe_logits, x, args=(probe_logits, x))
-            attn = functional.backend_for("cluster_attention", qh, kh, kh, args=(qh, kh, kh, (C // h) ** -0.5))
+            pool = functional.backend_for("cluster_pool", probe_logits, x)
+            attn = functional.backend_for("cluster_attention", qh, kh, kh, scale=(C // h) ** -0.5)
             info["backend"] = pool if pool == attn else f"cluster_pool={pool},cluster_attention={attn}"
             context = None
         elif impl == "reference":

@@ -101,8 +101,8 @@ def _probe_backend(op: str, model, N: int, device, dtype) -> Optional[str]:
         P = model.num_prefix_tokens
         gh, gw = model.patch_embed.grid_size
         mask = WindowMask.full((gh, gw), P).to(device)
-        return functional.backend_for(op, q, q, q, args=(q, q, q, mask, d ** -0.5))
-    return functional.backend_for(op, q, q, q, args=(q, q, q, d ** -0.5, "multiply", None))
+        return functional.backend_for(op, q, q, q, mask, scale=d ** -0.5)
+    return functional.backend_for(op, q, q, q, scale=d ** -0.5, mode="multiply")
 
 
 def build(case: Case, check: bool = True) -> Prepared:

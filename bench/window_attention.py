@@ -283,7 +283,7 @@ def build(case: Case, check: bool = True) -> Prepared:
             return reference.window_attention(q, k, v, mask, scale=scale, upcast=True)
 
     if impl == "vitpatch":
-        info["backend"] = functional.backend_for(OP, q, k, v, args=(q, k, v, mask, scale))
+        info["backend"] = functional.backend_for(OP, q, k, v, mask, scale=scale)
         frac, note = visited_tile_fraction(mask, B, key=(str(device), tuple(sorted((k, str(v)) for k, v in s.items()))))
         info["visited_tile_fraction"] = frac
         if note:

@@ -101,7 +101,7 @@ def build(case: Case, check: bool = True) -> Prepared:
         info["extra"]["target"] = f"synthetic AWD windows, density {TARGET_DENSITY}"
     mode = s["gate"]
     if case.impl == "vitpatch":
-        info["backend"] = functional.backend_for(OP, q, k, v, args=(q, k, v, scale, mode, target))
+        info["backend"] = functional.backend_for(OP, q, k, v, scale=scale, mode=mode, target=target)
 
         def fwd():
             return functional.winft_attention(q, k, v, mode=mode, scale=scale, target=target)
