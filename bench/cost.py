@@ -281,20 +281,37 @@ class Spec:
     block_n: int
 
 
-def window_specs(dtype: str, head_dim: int, target: str) -> List[Spec]:
-    """Every window candidate configuration's forward and backward kernel launches (recorded, not
-    run); :func:`shipped_labels` says which of them ship."""
+OP_OF_FAMILY = {"window": "window_attention", "winft": "winft_attention", "paca": "cluster_attention"}
+WINDOW_KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
+
+
+def unit_specs(family: str, dtype: str, head_dim: int, target: str) -> List[Spec]:
+    """Every candidate configuration's kernel launches of one op family (``window``, ``winft``,
+    ``paca``; recorded by the compile gate's drivers, not run, in the family's first variant);
+    :func:`shipped_labels` says which of them ship. For the window family only its three attention
+    kernels (the schedule kernels are costed by :func:`launch_cycles`)."""
     from vitpatch.kernels import _launch
     out = []
-    for unit in ("window_fwd", "window_bwd"):
+    variant = gate.DRIVERS[family][1][0]
+    for unit in _launch.CANDIDATES:
+        if not unit.startswith(family + "_"):
+            continue
         for index, cfg in enumerate(_launch.candidates(unit)):
             if not cfg.ships(dtype, head_dim):
                 continue
-            job = gate.Job(unit, index, dtype, head_dim, "plain")
-            for launch in gate.record(job, target):
-                if launch.kernel.__name__ in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
-                    out.append(Spec("window_attention", unit, cfg.label, launch, cfg["BLOCK_M"], cfg["BLOCK_N"]))
+            params = dict(cfg.params)
+            for launch in gate.record(gate.Job(unit, index, dtype, head_dim, variant), target):
+                if family == "window" and launch.kernel.__name__ not in WINDOW_KERNELS:
+                    continue
+                out.append(Spec(OP_OF_FAMILY[family], unit, cfg.label, launch, params.get("BLOCK_M", 0),
+                                params.get("BLOCK_N", 0)))
     return out
+
+
+def window_specs(dtype: str, head_dim: int, target: str) -> List[Spec]:
+    """Every window candidate configuration's forward and backward kernel launches (recorded, not
+    run); :func:`shipped_labels` says which of them ship."""
+    return unit_specs("window", dtype, head_dim, target)
 
 
 def shipped_labels(dtype: str, head_dim: int, target: str) -> set:
@@ -302,7 +319,7 @@ def shipped_labels(dtype: str, head_dim: int, target: str) -> set:
     import torch
 
     from vitpatch.kernels import _launch
-    return {(unit, cfg.label) for unit in ("window_fwd", "window_bwd")
+    return {(unit, cfg.label) for unit in _launch.CANDIDATES
             for cfg in _launch.shipped(unit, getattr(torch, dtype), head_dim, target)}
 
 
@@ -679,11 +696,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="directory of cost-<target>.jsonl")
     p.add_argument("--sass", default=None, help="also write each compiled kernel's SASS here")
     p.add_argument("--no-predict", action="store_true", help="loop rows only (no tile counting)")
+    p.add_argument("--ops", default="window,winft,paca",
+                   help="op families whose kernels are costed (comma-separated; predictions: window only)")
     p.add_argument("--kernels", default=None, metavar="REGEX",
                    help="cost only kernels whose name matches (e.g. '_fwd_kernel'; the dense reference always)")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
-    specs = window_specs(args.dtype, args.head_dim, args.target) + dense_specs(args.dtype, args.head_dim, args.target)
+    families = [f.strip() for f in args.ops.split(",") if f.strip()]
+    unknown = sorted(set(families) - set(OP_OF_FAMILY))
+    if unknown:
+        p.error(f"--ops: unknown families {unknown} (choose from {sorted(OP_OF_FAMILY)})")
+    specs = [sp for f in families for sp in unit_specs(f, args.dtype, args.head_dim, args.target)]
+    specs += dense_specs(args.dtype, args.head_dim, args.target)
     rows: List[dict] = []
     seen = set()
     ships = shipped_labels(args.dtype, args.head_dim, args.target)

@@ -96,7 +96,7 @@ def _pool_fwd_kernel(L, X, Z, STATS, PACC, PMAX, PSUM,
     run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
-    for t0 in range(start, end, BLOCK_N):
+    for t0 in range(start, end, BLOCK_N):  # cost: main
         offs_n = t0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         lg = tl.load(l_base + offs_n[:, None] * s_ln + offs_m[None, :] * s_lm,
@@ -193,7 +193,7 @@ def _pool_bwd_dlogits_kernel(L, X, Z, DZ, STATS, DL, n, M, C, plane,
     z_base = Z + b.to(tl.int64) * M * C
     xdz = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     zdz = tl.zeros([BLOCK_M], tl.float32)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(0, C, BLOCK_C):  # cost: main
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         xt = tl.load(x_base + offs_n[:, None] * s_xn + offs_c[None, :] * s_xc,
@@ -225,7 +225,7 @@ def _pool_bwd_dx_kernel(L, DZ, STATS, DX, n, M, C, plane,
     l_base = L + b.to(tl.int64) * s_lb
     dz_base = DZ + b.to(tl.int64) * s_dzb
     acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(0, M, BLOCK_M):  # cost: main
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         mask_nm = mask_n[:, None] & mask_m[None, :]
@@ -310,7 +310,7 @@ def _attn_bwd_kernel(Q, K, V, DO, DQ, PDK, PDV, scale, H, N, M, D, rows_per_spli
     dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     start = split * rows_per_split
     end = tl.minimum(start + rows_per_split, N)
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in range(start, end, BLOCK_N):  # cost: main
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         mask_nd = mask_n[:, None] & mask_d[None, :]

@@ -160,7 +160,7 @@ def _threshold_kernel(Q, K, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd,
     k_base = K + b * s_kb
     w_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     bce = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
+    for start_n in range(0, N, BLOCK_N):  # cost: gate_threshold
         offs_n = start_n + tl.arange(0, BLOCK_N)
         valid = row_ok[:, None] & (offs_n[None, :] < N)
         g = _gate_tile(q_base, s_qh, s_qn, s_qd, offs_m, k_base, s_kh, s_kn, s_kd, offs_n, offs_d,
@@ -193,7 +193,7 @@ def _gate_bits_kernel(Q, K, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd,
     word = tl.arange(0, BLOCK_N // 32)
     bits_base = BITS + b * N * NW
     count = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    for start_n in range(0, N, BLOCK_N):
+    for start_n in range(0, N, BLOCK_N):  # cost: gate_bits
         offs_n = start_n + tl.arange(0, BLOCK_N)
         valid = row_ok[:, None] & (offs_n[None, :] < N)
         g = _gate_tile(q_base, s_qh, s_qn, s_qd, offs_m, k_base, s_kh, s_kn, s_kd, offs_n, offs_d,
@@ -236,7 +236,7 @@ def _attn_fwd_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
+    for start_n in range(0, N, BLOCK_N):  # cost: main
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
         valid = row_ok[:, None] & col_ok[None, :]
@@ -307,7 +307,7 @@ def _attn_dkdv_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s
     bits_base = BITS + b * N * NW
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for start_m in range(0, N, BLOCK_M):
+    for start_m in range(0, N, BLOCK_M):  # cost: main
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < N
         q_mask = row_ok[:, None] & d_ok[None, :]
@@ -360,7 +360,7 @@ def _attn_dq_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_v
     v_base = V + b * s_vb + hh * s_vh
     bits_base = BITS + b * N * NW
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
+    for start_n in range(0, N, BLOCK_N):  # cost: main
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
         kv_mask = col_ok[:, None] & d_ok[None, :]
@@ -413,7 +413,7 @@ def _bce_grad_kernel(A, B_, s_ab, s_ah, s_an, s_ad, s_bb, s_bh, s_bn, s_bd,
     grad_base = GRAD + b * H * N * D
     out_off = offs_a[:, None] * D + offs_d[None, :]
     out_mask = a_ok[:, None] & d_ok[None, :]
-    for start_b in range(0, N, BLOCK_B):
+    for start_b in range(0, N, BLOCK_B):  # cost: main
         offs_b = start_b + tl.arange(0, BLOCK_B)
         b_ok = offs_b < N
         valid = a_ok[:, None] & b_ok[None, :]
@@ -428,7 +428,7 @@ def _bce_grad_kernel(A, B_, s_ab, s_ah, s_an, s_ad, s_bb, s_bh, s_bn, s_bd,
         dg = tl.where(valid, _sigmoid(g) - tgt.to(tl.float32), 0.0)  # in [-1, 1]: safe in half precision
         b_mask = b_ok[:, None] & d_ok[None, :]
         b_off = offs_b[:, None] * s_bn + offs_d[None, :] * s_bd
-        for hh in range(H):
+        for hh in range(H):  # cost: heads
             bh = tl.load(b_base + hh * s_bh + b_off, mask=b_mask, other=0.0)
             part = tl.dot(dg.to(bh.dtype), bh, input_precision=PREC)
             ptr = grad_base + hh * N * D + out_off

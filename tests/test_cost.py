@@ -87,6 +87,11 @@ def test_tagged_loops_of_the_kernels():
     assert "# cost: dense" in lines[lo - 1] and lo < hi
     assert set(cost.tagged_loops(wa._fwd_kernel.fn)) == {"prefix", "prefix_query", "masked", "full"}
     assert set(cost.tagged_loops(wa._bwd_dkdv_kernel.fn)) == {"prefix", "prefix_query", "masked", "full"}
+    from vitpatch.kernels import cluster_attention as ca, winft_attention as wt
+    assert set(cost.tagged_loops(wt._attn_fwd_kernel.fn)) == {"main"}
+    assert set(cost.tagged_loops(wt._bce_grad_kernel.fn)) == {"main", "heads"}
+    assert set(cost.tagged_loops(ca._attn_bwd_kernel.fn)) == {"main"}
+    assert set(cost.OP_OF_FAMILY) == {"window", "winft", "paca"}
 
 
 def test_blocks_per_sm():
