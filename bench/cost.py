@@ -20,6 +20,9 @@ would use. For each compiled kernel this reads
 * ptxas: registers, and the compiled shared memory; with the warps per block they give the
   resident blocks per SM.
 
+The WinfT and PaCa kernels (``--ops``) get the same loop rows; the predictions below are made
+for the window op only.
+
 Rows (``OUT/cost-<target>.jsonl``): one per (kernel, config, dtype, head_dim, loop) with
 ``instructions``, ``by_class``, ``async_wait``, ``registers``, ``shared_bytes``,
 ``blocks_per_sm``, ``shipped`` ...; then one per prediction (``row: "prediction"``) of the
