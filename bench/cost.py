@@ -601,26 +601,25 @@ def call_launches(n_side: int, batch: int, heads: int, dtype: str, head_dim: int
     q, k, v = (torch.empty(batch, heads, N, head_dim, dtype=dt, device="meta") for _ in range(3))
     windows = torch.empty(batch, n_side * n_side, 4, dtype=torch.int32, device="meta")
     lse = torch.empty(batch, heads, N, device="meta")
-    attention = {"_fwd_kernel", "_delta_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
     out: dict = {}
+    marks = []
     with _launch.forcing({"window_fwd": fwd, "window_bwd": bwd}), _launch.recording(target) as launches:
         cfg_f, cfg_b = Config.of(fwd), Config.of(bwd)
         with Count() as c:
-            sched_f = wa.cached_schedule(windows, None, grid, P, batch, cfg_f)
+            wa.cached_schedule(windows, None, grid, P, batch, cfg_f)
         out["torch_fwd_build"] = c.n
-        wa._forward(q, k, v, windows, None, grid, P, 0.125, cfg_f, sched=sched_f)
+        marks.append(len(launches))
+        # the forward and backward themselves look the schedules up: a cache miss would show as
+        # build launches among theirs
+        wa._forward(q, k, v, windows, None, grid, P, 0.125, cfg_f)
+        marks.append(len(launches))
         with Count() as c:
-            sched_b = wa.cached_schedule(windows, None, grid, P, batch, cfg_b)
-            sched_b.transposed()
+            wa.cached_schedule(windows, None, grid, P, batch, cfg_b).transposed()
         out["torch_bwd_build"] = c.n
-        wa._backward(torch.empty_like(q), q, k, v, q, lse, windows, None, grid, P, 0.125, cfg_b, sched=sched_b)
-    first_attn = next(i for i, x in enumerate(launches) if x.kernel.__name__ in attention)
-    out["fwd_build"] = launches[:first_attn]
-    rest = launches[first_attn:]
-    out["fwd"] = [x for x in rest if x.kernel.__name__ == "_fwd_kernel"]
-    after = [x for x in rest if x.kernel.__name__ != "_fwd_kernel"]
-    out["bwd_build"] = [x for x in after if x.kernel.__name__ not in attention]
-    out["bwd"] = [x for x in after if x.kernel.__name__ in attention]
+        marks.append(len(launches))
+        wa._backward(torch.empty_like(q), q, k, v, q, lse, windows, None, grid, P, 0.125, cfg_b)
+    out["fwd_build"], out["fwd"] = launches[:marks[0]], launches[marks[0]:marks[1]]
+    out["bwd_build"], out["bwd"] = launches[marks[1]:marks[2]], launches[marks[2]:]
     out["configs"] = (fwd.label, bwd.label)
     return out
 
@@ -659,29 +658,13 @@ def launch_counts(dtype: str = "bfloat16", head_dim: int = 64, target: str = "sm
     """Kernel launches of one window attention call through the launchers (recorded, not run), with
     the first shipped forward and backward configurations, at ``N = 1 + n_side^2``: the first
     forward (it builds the tile schedule), a forward with the schedule cached (every later layer
-    of a ViT that shares the windows), and the backward."""
-    import torch
-
-    from vitpatch.kernels import _launch
-    from vitpatch.kernels import window_attention as wa
-    from vitpatch.kernels.window_schedule import Config
-    dt = getattr(torch, dtype)
-    fwd, bwd = (_launch.shipped(u, dt, head_dim, target)[0] for u in ("window_fwd", "window_bwd"))
-    B, H, grid, P = 2, 3, (n_side, n_side), 1
-    N = P + n_side * n_side
-    q, k, v = (torch.empty(B, H, N, head_dim, dtype=dt, device="meta") for _ in range(3))
-    windows = torch.empty(B, n_side * n_side, 4, dtype=torch.int32, device="meta")
-    lse = torch.empty(B, H, N, device="meta")
-    with _launch.forcing({"window_fwd": fwd, "window_bwd": bwd}), _launch.recording(target) as launches:
-        wa._forward(q, k, v, windows, None, grid, P, 0.125, Config.of(fwd))
-        first = [x.kernel.__name__ for x in launches]
-        wa._forward(q, k, v, windows, None, grid, P, 0.125, Config.of(fwd))
-        cached = [x.kernel.__name__ for x in launches[len(first):]]
-        wa._backward(torch.empty_like(q), q, k, v, q, lse, windows, None, grid, P, 0.125, Config.of(bwd))
-        backward = [x.kernel.__name__ for x in launches[len(first) + len(cached):]]
-    return {"row": "launches", "op": "window_attention", "n": N, "dtype": dtype, "head_dim": head_dim,
-            "target": target, "forward_config": fwd.label, "backward_config": bwd.label,
-            "forward_first": first, "forward_cached": cached, "backward": backward}
+    of a ViT that shares the windows), and the backward (:func:`call_launches`, B = 2, h = 3)."""
+    calls = call_launches(n_side, 2, 3, dtype, head_dim, target)
+    names = {k: [x.kernel.__name__ for x in calls[k]] for k in ("fwd_build", "fwd", "bwd_build", "bwd")}
+    return {"row": "launches", "op": "window_attention", "n": 1 + n_side * n_side, "dtype": dtype,
+            "head_dim": head_dim, "target": target, "forward_config": calls["configs"][0],
+            "backward_config": calls["configs"][1], "forward_first": names["fwd_build"] + names["fwd"],
+            "forward_cached": names["fwd"], "backward": names["bwd_build"] + names["bwd"]}
 
 
 # ================================================================================ CLI

@@ -173,7 +173,8 @@ def _lane_masks(BN: tl.constexpr, TW: tl.constexpr, KE: tl.constexpr, masked_sco
 
 @helper
 def _outside_cols(x0, y0, TW: tl.constexpr, KE: tl.constexpr, GWP: tl.constexpr, KA: tl.constexpr):
-    """``[KE]``: the columns of the schedule's outside table (:func:`vitpatch.kernels.window_schedule._slot_tables`) that
+    """``[KE]``: the columns of the schedule's outside table
+    (:func:`vitpatch.kernels.window_schedule._slot_tables`) that
     hold the key tile at ``(x0, y0)``: its ``TW`` grid columns, then its grid rows (columns past
     the tile's rows meet zeros of :func:`_lane_masks`; the table's rows have slack for them). Runs
     of ``TW`` contiguous columns, each starting at a multiple of ``KA`` (the tile origin's
@@ -238,6 +239,35 @@ def _mask_keys(s, kok, masked_score, HAS_KEEP: tl.constexpr):
 
 
 @helper
+def _key_tile(kt, q, Kb, Vb, keep_b, out_rows, win, kmask, masked_score, P, GH, GW, skn, svn, kd, vd, dmask,
+              NBX: tl.constexpr, BN: tl.constexpr, ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr,
+              KE: tl.constexpr, KA: tl.constexpr, EXT: tl.constexpr, HAS_KEEP: tl.constexpr, KIND: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """Key tile ``kt`` of the patch keys against a query tile's ``q``: ``(s, k, v)``, ``s`` the
+    unscaled scores with what the tile needs masked. ``KIND`` 0: every valid and kept key allowed
+    (prefix queries; padding lanes load zeros); 1: a masked tile of the schedule (the window,
+    :func:`_mask_window`); 2: a full tile (nothing masked, no validity computed). The forward and
+    dq kernels share it; their loops differ only in the step they take with the scores."""
+    if KIND == 2:
+        tok_k, x0, y0, lx, ly, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, False, True)
+    else:
+        tok_k, x0, y0, lx, ly, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
+    if KIND == 0:
+        k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
+        v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
+    else:
+        k = _load_real_rows(Kb, tok_k, skn, kd, dmask)
+        v = _load_real_rows(Vb, tok_k, svn, vd, dmask)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    if KIND == 0:
+        s = _mask_keys(s, kok, masked_score, True)
+    elif KIND == 1:
+        s = _mask_window(s, out_rows, _outside_cols(x0, y0, TW, KE, NBX * TW, KA), win, x0, y0, lx, ly, kok, kmask,
+                         masked_score, EXT, HAS_KEEP)
+    return s, k, v
+
+
+@helper
 def _online_step(acc, m_i, l_i, s, qk_scale, v, DOT_PREC: tl.constexpr):
     """One key tile of the online softmax (base 2). ``s`` unscaled, finite (not allowed elements at
     the masked score, far below every allowed one); ``qk_scale > 0`` is applied to the row maximum,
@@ -253,7 +283,8 @@ def _online_step(acc, m_i, l_i, s, qk_scale, v, DOT_PREC: tl.constexpr):
 @kernel
 def _fwd_kernel(Q, K, V, O, LSE, QWIN, KEEP, QTAB, QOUT, CHOICE, LIST, CNT, REC,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-                H, N, P, GH, GW, NBX: tl.constexpr, TQ, TK, BS, qwin_sb, keep_sb, qtab_sb, qout_sb, sched_sb, qk_scale, masked_score,
+                H, N, P, GH, GW, NBX: tl.constexpr, TQ, TK, BS, qwin_sb, keep_sb, qtab_sb, qout_sb, sched_sb, qk_scale,
+                masked_score,
                 HEAD_D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PB: tl.constexpr,
                 ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr, HAS_KEEP: tl.constexpr,
                 QMODE: tl.constexpr, EXT: tl.constexpr, KE: tl.constexpr, KA: tl.constexpr, RW: tl.constexpr,
@@ -295,10 +326,8 @@ def _fwd_kernel(Q, K, V, O, LSE, QWIN, KEEP, QTAB, QOUT, CHOICE, LIST, CNT, REC,
     if PREFIX_Q:
         # prefix queries attend every patch key: all tiles, mask = valid and kept
         for kt in range(0, TK):  # cost: prefix_query
-            tok_k, _, _, _, _, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
-            k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
-            v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
-            s = _mask_keys(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), kok, masked_score, True)
+            s, k, v = _key_tile(kt, q, Kb, Vb, keep_b, 0, 0, 0, masked_score, P, GH, GW, skn, svn, kd, vd, dmask, NBX,
+                                BN, ORDER, TW, TH, KE, KA, EXT, HAS_KEEP, 0, DOT_PREC)
             acc, m_i, l_i = _online_step(acc, m_i, l_i, s, qk_scale, v, DOT_PREC)
     else:
         kmask, out_rows, win = _mask_operands(QOUT + b * qout_sb, QWIN + b * qwin_sb, pid * BM + tl.arange(0, BM),
@@ -313,12 +342,8 @@ def _fwd_kernel(Q, K, V, O, LSE, QWIN, KEEP, QTAB, QOUT, CHOICE, LIST, CNT, REC,
         for i in range(0, n_m):  # cost: masked
             kt = kt_next
             kt_next = _list_entry(lst, i + 1, n_m)
-            tok_k, x0, y0, lx, ly, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
-            k = _load_real_rows(Kb, tok_k, skn, kd, dmask)
-            v = _load_real_rows(Vb, tok_k, svn, vd, dmask)
-            cols = _outside_cols(x0, y0, TW, KE, NBX * TW, KA)
-            s = _mask_window(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), out_rows, cols, win, x0, y0, lx, ly,
-                             kok, kmask, masked_score, EXT, HAS_KEEP)
+            s, k, v = _key_tile(kt, q, Kb, Vb, keep_b, out_rows, win, kmask, masked_score, P, GH, GW, skn, svn, kd, vd,
+                                dmask, NBX, BN, ORDER, TW, TH, KE, KA, EXT, HAS_KEEP, 1, DOT_PREC)
             acc, m_i, l_i = _online_step(acc, m_i, l_i, s, qk_scale, v, DOT_PREC)
             if RECORD:
                 tl.store(rec + kt, 1)
@@ -327,10 +352,8 @@ def _fwd_kernel(Q, K, V, O, LSE, QWIN, KEEP, QTAB, QOUT, CHOICE, LIST, CNT, REC,
         for i in range(TK - n_f, TK):  # cost: full
             kt = kt_next
             kt_next = _list_entry(lst, i + 1, TK)
-            tok_k, _, _, _, _, _, _ = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, False, True)
-            k = _load_real_rows(Kb, tok_k, skn, kd, dmask)
-            v = _load_real_rows(Vb, tok_k, svn, vd, dmask)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            s, k, v = _key_tile(kt, q, Kb, Vb, keep_b, out_rows, win, kmask, masked_score, P, GH, GW, skn, svn, kd, vd,
+                                dmask, NBX, BN, ORDER, TW, TH, KE, KA, EXT, HAS_KEEP, 2, DOT_PREC)
             acc, m_i, l_i = _online_step(acc, m_i, l_i, s, qk_scale, v, DOT_PREC)
             if RECORD:
                 tl.store(rec + kt, 2)
@@ -373,7 +396,8 @@ def _dq_step(dq, s, do, lse, delta, k, v, qk_scale, DOT_PREC: tl.constexpr):
 @kernel
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QWIN, KEEP, QTAB, QOUT, CHOICE, LIST, CNT, REC,
                    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-                   sgb, sgh, sgn, sgd, H, N, P, GH, GW, NBX: tl.constexpr, TQ, TK, BS, qwin_sb, keep_sb, qtab_sb, qout_sb, sched_sb,
+                   sgb, sgh, sgn, sgd, H, N, P, GH, GW, NBX: tl.constexpr, TQ, TK, BS, qwin_sb, keep_sb, qtab_sb,
+                   qout_sb, sched_sb,
                    qk_scale, masked_score, sm_scale,
                    HEAD_D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PB: tl.constexpr,
                    ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr, HAS_KEEP: tl.constexpr,
@@ -415,10 +439,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QWIN, KEEP, QTAB, QOUT, CHOICE, 
         dq = _dq_step(dq, s, do, lse, delta, k, v, qk_scale, DOT_PREC)
     if PREFIX_Q:
         for kt in range(0, TK):  # cost: prefix_query
-            tok_k, _, _, _, _, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
-            k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
-            v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
-            s = _mask_keys(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), kok, masked_score, True)
+            s, k, v = _key_tile(kt, q, Kb, Vb, keep_b, 0, 0, 0, masked_score, P, GH, GW, skn, svn, kd, vd, dmask, NBX,
+                                BN, ORDER, TW, TH, KE, KA, EXT, HAS_KEEP, 0, DOT_PREC)
             dq = _dq_step(dq, s, do, lse, delta, k, v, qk_scale, DOT_PREC)
     else:
         kmask, out_rows, win = _mask_operands(QOUT + b * qout_sb, QWIN + b * qwin_sb, pid * BM + tl.arange(0, BM),
@@ -432,12 +454,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QWIN, KEEP, QTAB, QOUT, CHOICE, 
         for i in range(0, n_m):  # cost: masked
             kt = kt_next
             kt_next = _list_entry(lst, i + 1, n_m)
-            tok_k, x0, y0, lx, ly, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
-            k = _load_real_rows(Kb, tok_k, skn, kd, dmask)
-            v = _load_real_rows(Vb, tok_k, svn, vd, dmask)
-            cols = _outside_cols(x0, y0, TW, KE, NBX * TW, KA)
-            s = _mask_window(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), out_rows, cols, win, x0, y0, lx, ly,
-                             kok, kmask, masked_score, EXT, HAS_KEEP)
+            s, k, v = _key_tile(kt, q, Kb, Vb, keep_b, out_rows, win, kmask, masked_score, P, GH, GW, skn, svn, kd, vd,
+                                dmask, NBX, BN, ORDER, TW, TH, KE, KA, EXT, HAS_KEEP, 1, DOT_PREC)
             dq = _dq_step(dq, s, do, lse, delta, k, v, qk_scale, DOT_PREC)
             if RECORD:
                 tl.store(rec + kt, 1)
@@ -445,10 +463,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QWIN, KEEP, QTAB, QOUT, CHOICE, 
         for i in range(TK - n_f, TK):  # cost: full
             kt = kt_next
             kt_next = _list_entry(lst, i + 1, TK)
-            tok_k, _, _, _, _, _, _ = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, False, True)
-            k = _load_real_rows(Kb, tok_k, skn, kd, dmask)
-            v = _load_real_rows(Vb, tok_k, svn, vd, dmask)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            s, k, v = _key_tile(kt, q, Kb, Vb, keep_b, out_rows, win, kmask, masked_score, P, GH, GW, skn, svn, kd, vd,
+                                dmask, NBX, BN, ORDER, TW, TH, KE, KA, EXT, HAS_KEEP, 2, DOT_PREC)
             dq = _dq_step(dq, s, do, lse, delta, k, v, qk_scale, DOT_PREC)
             if RECORD:
                 tl.store(rec + kt, 2)
@@ -493,7 +509,8 @@ def _load_slot_queries(Qb, DOb, LSEb, DELTAb, tok_q, qv, sqn, sdn, qd, dd, dmask
 @kernel
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QWIN, KEEP, QTAB, QOUT, CHOICE, LIST_T, CNT_T, REC,
                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-                     sgb, sgh, sgn, sgd, H, N, P, GH, GW, NBX: tl.constexpr, TQ, TK, BS, qwin_sb, keep_sb, qtab_sb, qout_sb, sched_sb,
+                     sgb, sgh, sgn, sgd, H, N, P, GH, GW, NBX: tl.constexpr, TQ, TK, BS, qwin_sb, keep_sb, qtab_sb,
+                   qout_sb, sched_sb,
                      qk_scale, masked_score, sm_scale,
                      HEAD_D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PB: tl.constexpr,
                      ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr, HAS_KEEP: tl.constexpr,

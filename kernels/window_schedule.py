@@ -24,7 +24,8 @@ which tiles, on the device, before the attention kernels run:
     inside one signature rectangle ``R``, the ``R`` with the most such queries, at most ``BM``,
     per key tile); a local search then moves whole signature groups between tiles, merges partly
     filled tiles, and cuts a row, a column or a whole tile out of a tile's union where the
-    displaced queries fit into tiles whose unions already hold them (:func:`vitpatch.kernels.window_grouping.grouped_tiles`).
+    displaced queries fit into tiles whose unions already hold them
+    (:func:`vitpatch.kernels.window_grouping.grouped_tiles`).
     Tiles may be partly filled (padding slots, ``-1`` in ``perm``), so there can be more than
     ``cdiv(n, BM)`` of them (1.0 to 1.5x on AWD windows, up to 2.8x on radius-1 squares); ``TQ``
     is the largest count over the images. Only for ``TILED`` keys with ``BN <= unit`` (a key
@@ -224,9 +225,9 @@ def grouped_perm(windows: torch.Tensor, grid: Tuple[int, int], cfg: Config) -> t
     patch indices (``0 .. n-1``, each once per row) or ``-1`` for padding slots; ``tq`` is the
     largest tile count over the images (shorter rows end in whole padding tiles).
 
-    Computed on the host (:func:`vitpatch.kernels.window_grouping.grouped_tiles`): CUDA windows cost one device-to-host copy of
-    the ``(Bw, n, 4)`` windows, i.e. one synchronisation per schedule build (``cached_schedule``
-    builds once per mask). ``meta`` windows (the compile gate) give ``tq = cdiv(n, block_m)``
+    Computed on the host (:func:`vitpatch.kernels.window_grouping.grouped_tiles`): CUDA windows cost
+    one device-to-host copy of the ``(Bw, n, 4)`` windows, i.e. one synchronisation per schedule
+    build (``cached_schedule`` builds once per mask). ``meta`` windows (the compile gate) give ``tq = cdiv(n, block_m)``
     padding-only rows. Needs :attr:`Config.groups_queries`.
     """
     if not cfg.groups_queries:
@@ -524,12 +525,8 @@ class Schedule:
     tk: int
     bs: int
     qmode: int
-    windows: torch.Tensor  # contiguous int32 (n, 4) or (B, n, 4)
-    win_sb: int
     keep: torch.Tensor     # uint8 key_keep (B, N), or a dummy
     keep_sb: int
-    perm: torch.Tensor     # (Bw or Bs, TQ * BM) int64: patch per query slot, -1 padding (sorted / grouped; auto:
-    perm_sb: int           #   the chosen perm order's per image), or a dummy
     choice: torch.Tensor   # (Bs,) int32 (auto): the order each image runs, 0 spatial, v >= 1 cfg.perm_orders[v-1]
     codes: torch.Tensor    # (V, Bs, TQ, TK) int8: 0 skip, 1 masked, 2 full
     lst: torch.Tensor      # (V, Bs, TQ, TK) int32: visited key tiles, masked ones first, full ones last
@@ -649,8 +646,7 @@ def build_schedule(windows: torch.Tensor, key_keep: Optional[torch.Tensor], grid
             perm = perms[(choice.long() - 1).clamp(min=0), img]
             perm_sb = S if bs > 1 else 0
     qtab, qwin, qout = _slot_tables(win, win_sb, perm, perm_sb, choice, grid, lay, tq * cfg.block_m, bs, qmode)
-    return Schedule(cfg, lay, grid, P, tq, tk, bs, qmode, win, win_sb, keep, keep_sb, perm, perm_sb, choice, codes,
-                    lst, cnt, qtab, qwin, qout)
+    return Schedule(cfg, lay, grid, P, tq, tk, bs, qmode, keep, keep_sb, choice, codes, lst, cnt, qtab, qwin, qout)
 
 
 def _slot_tables(win, win_sb, perm, perm_sb, choice, grid, lay: _Layout, S: int, bs: int, qmode: int):
