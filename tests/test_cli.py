@@ -47,6 +47,8 @@ def test_help(argv, capsys):
         assert all(name in out for name in ("windows", "analyze", "demo"))
     elif argv[0] == "demo":
         assert "--out" in out and "--epochs" in out and "--seed" in out
+    elif argv[0] == "eval":
+        assert "--checkpoint" in out and "--data" in out and "--windows" in out and "--out" in out
     else:
         assert "--model" in out and "--checkpoint" in out and "--out" in out
 

@@ -10,6 +10,8 @@ Subcommands:
   index, optionally mask-as-prompt accuracy (docs/math.md §8), JSON and figures.
 - ``vitpatch heads``: paper 003 over images or a folder: head importance by pruning, k-hop
   strength, mean attention distance, attention patterns (docs/math.md §9), JSON and figures.
+- ``vitpatch train`` / ``vitpatch eval``: the papers' training experiments on an image folder
+  (:mod:`vitpatch.train`); ``python -m vitpatch.train`` for ``torchrun``.
 
 Adding a subcommand: decorate a function that configures its ``argparse`` parser with
 :func:`command`; the function must set ``parser.set_defaults(func=run)`` where
@@ -108,11 +110,9 @@ def _load(args, device: str):
 
 
 def _default_device(requested: Optional[str]) -> str:
-    import torch
+    from ._dist import default_device
 
-    if requested:
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return default_device(requested)
 
 
 # ------------------------------------------------------------------------------------- windows
@@ -138,28 +138,6 @@ def _windows_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_run_windows)
 
 
-def _init_distributed(device: Optional[str]):
-    """``(device, initialised_here)``: join the torchrun process group when ``WORLD_SIZE > 1``."""
-    import torch
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _default_device(device), False
-    import torch.distributed as dist
-
-    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    else:
-        device = device or "cpu"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        return device, True
-    return device, False
-
-
 def _run_windows(args) -> int:
     from .analysis.pipeline import ImageFiles, eval_transform, run_windows
     from .analysis.windows import _check_fraction
@@ -168,7 +146,9 @@ def _run_windows(args) -> int:
     _check_fraction(args.beta, "beta", False, True)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    device, own_group = _init_distributed(args.device)
+    from ._dist import init_distributed
+
+    device, own_group = init_distributed(args.device)
     try:
         model, weights = _load(args, device)
         transform, cfg = eval_transform(model)
@@ -578,6 +558,66 @@ def _run_demo(args) -> int:
                      alpha=args.alpha, beta=args.beta, num_clusters=args.clusters, max_steps=args.max_steps,
                      device=_default_device(args.device))
     run_demo(cfg)
+    return 0
+
+
+# ---------------------------------------------------------------------------------- train, eval
+@command("train", help="train a ViT with dense, window (AWD), WinfT or PaCa attention on an image folder "
+                       "(or the bundled digits), on timm's training components; torchrun for several GPUs")
+def _train_parser(p: argparse.ArgumentParser) -> None:
+    from .train.config import add_train_arguments
+
+    p.epilog = ("Without --data the bundled digits are written as an ImageFolder under OUT/digits and, for "
+                "--attention window|winft without --windows, a dense ViT is trained first (OUT/dense) and its "
+                "windows computed (OUT/windows), as the demo does. Several GPUs or machines: "
+                "`torchrun --nproc_per_node G [--nnodes K --rdzv-backend c10d --rdzv-endpoint HOST:PORT] "
+                "-m vitpatch.train ...`. Writes checkpoints (timm's CheckpointSaver), metrics.jsonl, "
+                "summary.json and figures to --out.")
+    add_train_arguments(p)
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from .train.config import config_from_args
+    from .train.engine import train
+
+    summary = train(config_from_args(args))
+    final = summary.get("final") or {}
+    if final:
+        print(f"done: {summary['epochs_done']}/{summary['epochs']} epochs, val top-1 {final.get('val_top1', 0):.2f}%; "
+              f"files in {summary['out']}")
+    return 0
+
+
+@command("eval", help="evaluate a `vitpatch train` checkpoint: top-1/top-5, EO, images per second, peak memory "
+                      "(JSON)")
+def _eval_parser(p: argparse.ArgumentParser) -> None:
+    p.epilog = ("The model, attention and folders come from the train_config.json beside the checkpoint; "
+                "--data/--windows/--split override them. Writes eval.json beside the checkpoint unless --out.")
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="a checkpoint written by vitpatch train")
+    p.add_argument("--data", default=None, metavar="DIR", help="data folder (default: the training run's)")
+    p.add_argument("--windows", default=None, metavar="DIR", help="windows folder (default: the training run's)")
+    p.add_argument("--split", default=None, help="subfolder to evaluate (default: the run's validation split)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch and process")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction,
+                   help="bf16 autocast (default: as the run trained)")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--out", default=None, metavar="FILE", help="JSON output (default: eval.json beside the checkpoint)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from .train.engine import evaluate_checkpoint
+
+    res = evaluate_checkpoint(args.checkpoint, data=args.data, windows=args.windows, split=args.split,
+                              batch_size=args.batch_size, device=args.device, amp=args.amp, ema=args.ema,
+                              workers=args.workers, progress=not args.no_progress, out=args.out)
+    eo = f", EO {res['eo_patch']:.0f} patch pairs" if res.get("eo_patch") is not None else ""
+    print(f"{res['images']} images: top-1 {res['top1']:.2f}%, top-5 {res['top5']:.2f}%{eo}, "
+          f"{res['images_per_s']:.1f} images/s")
     return 0
 
 

@@ -39,6 +39,13 @@ def backend_for(op: str, *args, **kwargs) -> str:
     return _backend.choose(op, *tensors, args=raw)[0]
 
 
+def _exact(t: torch.Tensor):
+    """Autocast off around the PyTorch paths: they choose their own precision (float32 statistics and
+    gates, docs/math.md §1 and §6), which autocast would otherwise re-cast to bf16/fp16 matmuls (changing
+    WinfT's thresholded gates). The Triton kernels are unaffected by autocast either way."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def _target_args(target: Optional[WindowMask]) -> tuple:
     """What the WinfT kernel takes in place of a target: ``(windows, key_keep, num_prefix_tokens, grid_w)``."""
     if target is None:
@@ -71,11 +78,12 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows,
     tensors, raw, (mask, scale) = _window_call(q, k, v, windows, grid=grid, num_prefix_tokens=num_prefix_tokens,
                                                key_keep=key_keep, scale=scale)
     backend, fn = _backend.choose("window_attention", *tensors, args=raw)
-    if backend == "reference":
-        return reference.window_attention(q, k, v, mask, scale=scale)
     if fn is not None:
         return fn(*raw)
-    return chunked.window_attention(q, k, v, mask, scale)
+    with _exact(q):
+        if backend == "reference":
+            return reference.window_attention(q, k, v, mask, scale=scale)
+        return chunked.window_attention(q, k, v, mask, scale)
 
 
 def winft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: str = "multiply",
@@ -102,12 +110,14 @@ def winft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: 
                                                 return_gate_sum=return_gate_sum)
     backend, fn = _backend.choose("winft_attention", *tensors, args=raw)
     if backend == "reference":
-        return reference.winft_attention(q, k, v, mode=mode, scale=scale, target=target,
-                                         return_gate_sum=return_gate_sum)
+        with _exact(q):
+            return reference.winft_attention(q, k, v, mode=mode, scale=scale, target=target,
+                                             return_gate_sum=return_gate_sum)
     if fn is not None:
         out, loss, gate_sum = fn(*raw)
     else:
-        out, loss, gate_sum = chunked.winft_attention(q, k, v, scale, mode, target)
+        with _exact(q):
+            out, loss, gate_sum = chunked.winft_attention(q, k, v, scale, mode, target)
     if target is None:
         loss = None
     if return_gate_sum:
@@ -128,9 +138,12 @@ def cluster_pool(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """
     tensors, raw, _ = _pool_call(logits, x)
     backend, fn = _backend.choose("cluster_pool", *tensors, args=raw)
-    if backend == "reference":
-        return reference.cluster_pool(logits, x)
-    return (fn or chunked.cluster_pool)(logits, x)
+    if fn is not None:
+        return fn(logits, x)
+    with _exact(x):
+        if backend == "reference":
+            return reference.cluster_pool(logits, x)
+        return chunked.cluster_pool(logits, x)
 
 
 def cluster_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -142,9 +155,12 @@ def cluster_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """
     tensors, raw, scale = _cluster_call(q, k, v, scale=scale)
     backend, fn = _backend.choose("cluster_attention", *tensors, args=raw)
-    if backend == "reference":
-        return reference.cluster_attention(q, k, v, scale=scale)
-    return (fn or chunked.cluster_attention)(q, k, v, scale)
+    if fn is not None:
+        return fn(q, k, v, scale)
+    with _exact(q):
+        if backend == "reference":
+            return reference.cluster_attention(q, k, v, scale=scale)
+        return chunked.cluster_attention(q, k, v, scale)
 
 
 # ---------------------------------------------------------------------------- argument handling

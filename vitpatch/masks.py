@@ -6,6 +6,8 @@ Query ``i`` may attend to key ``j`` iff ``key_keep[b, j]`` and one of: ``i`` is 
 ``j`` is a prefix token, or patch ``j - P`` lies inside the window of patch ``i - P``
 (AWD-ViT, paper 000 §4.1, eq. 4). The mask is stored as ``O(n)`` windows per image; the dense
 ``N x N`` form exists only on request (:meth:`WindowMask.dense`, for references and plots).
+An optional ``token_keep`` rides along for DIP by token zeroing (paper 000 §4.2); the attention
+ops ignore it, :func:`vitpatch.nn.zero_dropped_tokens` applies it.
 """
 from __future__ import annotations
 
@@ -104,13 +106,18 @@ class WindowMask:
             they attend to and are attended by every token.
         key_keep: optional bool ``(B, N)`` with ``N = P + n``; ``False`` removes that key from
             every query's attention (dropped indiscriminative patches, paper 000 §4.2).
+        token_keep: optional bool ``(B, N)``; ``False`` marks a token that
+            :func:`vitpatch.nn.zero_dropped_tokens` multiplies by 0 before every block (DIP by
+            token zeroing, paper 000 §4.2). The prefix tokens must be ``True`` (``ValueError``
+            otherwise: DIP drops patches only). It never changes what the attention ops compute
+            (they ignore it) and is independent of ``key_keep``: set either or both.
 
     Validation happens once, here. Pass the mask as ``attn_mask`` to a model built with
     :class:`vitpatch.nn.WindowAttention` and every block applies it; the copy moved to the
     model's device is cached, so twelve blocks cost one transfer.
     """
 
-    def __init__(self, windows, grid, num_prefix_tokens: int = 0, key_keep=None):
+    def __init__(self, windows, grid, num_prefix_tokens: int = 0, key_keep=None, token_keep=None):
         self.grid = check_grid(grid)
         gh, gw = self.grid
         windows = _as_tensor(windows, "windows")
@@ -140,27 +147,43 @@ class WindowMask:
         self.num_patches = n
         self.seq_len = self.num_prefix_tokens + n
         wb = self.windows.shape[0] if self.windows.dim() == 3 else None
-        if key_keep is not None:
-            key_keep = _as_tensor(key_keep, "key_keep")
-            if key_keep.dtype != torch.bool:
-                raise TypeError(f"key_keep must be a bool tensor, got dtype {key_keep.dtype}")
-            if key_keep.dim() != 2 or key_keep.shape[1] != self.seq_len:
-                raise ValueError(f"key_keep must have shape (B, N) with N = num_prefix_tokens + gh * gw "
-                                 f"= {self.seq_len}, got {tuple(key_keep.shape)}")
-            if wb is not None and key_keep.shape[0] != wb:
-                raise ValueError(f"key_keep has batch {key_keep.shape[0]} but windows have batch {wb}")
-            key_keep = key_keep.to(self.windows.device).contiguous()
+        key_keep = self._check_keep(key_keep, "key_keep", wb)
+        if key_keep is not None and wb is None:
+            wb = key_keep.shape[0]
+        token_keep = self._check_keep(token_keep, "token_keep", wb)
+        if token_keep is not None:
+            P = self.num_prefix_tokens
+            if P and not bool(token_keep[:, :P].all()):
+                raise ValueError(f"token_keep must be True for the {P} prefix token(s): DIP zeroes patches only")
+            if wb is None:
+                wb = token_keep.shape[0]
         self.key_keep = key_keep
-        self.batch_size: Optional[int] = wb if wb is not None else (
-            key_keep.shape[0] if key_keep is not None else None)
+        self.token_keep = token_keep
+        self.batch_size: Optional[int] = wb
         self._device_cache = {}
         self._memo = {}
 
+    def _check_keep(self, keep, name: str, batch: Optional[int]) -> Optional[torch.Tensor]:
+        """Validate a ``(B, N)`` bool keep vector (``key_keep`` or ``token_keep``) against the layout."""
+        if keep is None:
+            return None
+        keep = _as_tensor(keep, name)
+        if keep.dtype != torch.bool:
+            raise TypeError(f"{name} must be a bool tensor, got dtype {keep.dtype}")
+        if keep.dim() != 2 or keep.shape[1] != self.seq_len:
+            raise ValueError(f"{name} must have shape (B, N) with N = num_prefix_tokens + gh * gw "
+                             f"= {self.seq_len}, got {tuple(keep.shape)}")
+        if batch is not None and keep.shape[0] != batch:
+            what = "windows have" if self.windows.dim() == 3 else "key_keep has"
+            raise ValueError(f"{name} has batch {keep.shape[0]} but {what} batch {batch}")
+        return keep.to(self.windows.device).contiguous()
+
     # ----------------------------------------------------------------------------- construction
     @classmethod
-    def _trusted(cls, windows, grid, num_prefix_tokens, key_keep, batch_size) -> "WindowMask":
+    def _trusted(cls, windows, grid, num_prefix_tokens, key_keep, batch_size, token_keep=None) -> "WindowMask":
         self = cls.__new__(cls)
         self.windows, self.grid, self.num_prefix_tokens, self.key_keep = windows, grid, num_prefix_tokens, key_keep
+        self.token_keep = token_keep
         self.num_patches = grid[0] * grid[1]
         self.seq_len = num_prefix_tokens + self.num_patches
         self.batch_size = batch_size
@@ -169,12 +192,13 @@ class WindowMask:
         return self
 
     @classmethod
-    def full(cls, grid, num_prefix_tokens: int = 0, key_keep=None, device=None) -> "WindowMask":
+    def full(cls, grid, num_prefix_tokens: int = 0, key_keep=None, device=None, token_keep=None) -> "WindowMask":
         """Every window is the whole grid: without ``key_keep`` this is plain dense attention."""
-        return cls.square(grid, max(check_grid(grid)), num_prefix_tokens, key_keep, device)
+        return cls.square(grid, max(check_grid(grid)), num_prefix_tokens, key_keep, device, token_keep)
 
     @classmethod
-    def square(cls, grid, radius: int, num_prefix_tokens: int = 0, key_keep=None, device=None) -> "WindowMask":
+    def square(cls, grid, radius: int, num_prefix_tokens: int = 0, key_keep=None, device=None,
+               token_keep=None) -> "WindowMask":
         """Shared windows ``[x - radius, x + radius] x [y - radius, y + radius]`` clipped to the grid."""
         gh, gw = check_grid(grid)
         if isinstance(radius, bool) or not isinstance(radius, numbers.Integral) or radius < 0:
@@ -183,7 +207,7 @@ class WindowMask:
         x, y = p % gw, p // gw
         w = torch.stack([(x - radius).clamp(min=0), (y - radius).clamp(min=0),
                          (x + radius).clamp(max=gw - 1), (y + radius).clamp(max=gh - 1)], -1)
-        return cls(w, (gh, gw), num_prefix_tokens, key_keep)
+        return cls(w, (gh, gw), num_prefix_tokens, key_keep, token_keep)
 
     # ----------------------------------------------------------------------------- properties
     @property
@@ -198,6 +222,8 @@ class WindowMask:
     def __repr__(self) -> str:
         kind = f"per-image x{self.windows.shape[0]}" if self.per_image else "shared"
         keep = "" if self.key_keep is None else f", key_keep={tuple(self.key_keep.shape)}"
+        if self.token_keep is not None:
+            keep += f", token_keep={tuple(self.token_keep.shape)}"
         return (f"WindowMask(grid={self.grid}, num_prefix_tokens={self.num_prefix_tokens}, "
                 f"windows={kind}{keep}, device={self.device})")
 
@@ -213,8 +239,10 @@ class WindowMask:
         key = str(device)
         if key not in self._device_cache:
             kk = None if self.key_keep is None else self.key_keep.to(device, non_blocking=True)
+            tk = None if self.token_keep is None else self.token_keep.to(device, non_blocking=True)
             self._device_cache[key] = WindowMask._trusted(
-                self.windows.to(device, non_blocking=True), self.grid, self.num_prefix_tokens, kk, self.batch_size)
+                self.windows.to(device, non_blocking=True), self.grid, self.num_prefix_tokens, kk, self.batch_size,
+                tk)
         return self._device_cache[key]
 
     def memo(self, key, build, *args):

@@ -19,9 +19,14 @@ With ``fused_attn = False`` (timm's switch, which :mod:`vitpatch.analysis` uses)
 compute the explicit probabilities and pass them through ``attn_drop`` as timm does, so
 attention maps can be captured; with attention dropout active in training they take that
 path too (the kernels do not fuse dropout).
+
+DIP by token zeroing (paper 000 §4.2): :func:`zero_dropped_tokens` makes every block multiply
+its input tokens by the ``token_keep`` of the ``WindowMask`` it is given.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 from typing import Optional, Tuple
 
@@ -34,7 +39,8 @@ from . import _checks, functional, reference
 from .masks import WindowMask, check_grid
 
 __all__ = ["WindowAttention", "WinfTAttention", "PaCaAttention", "PaCaClustering", "CLUSTERING_VARIANTS",
-           "winft_loss", "winft_gate_sum", "set_token_layout"]
+           "winft_loss", "winft_gate_sum", "record_winft_gates", "winft_layer_gates", "set_token_layout",
+           "zero_dropped_tokens"]
 
 CLUSTERING_VARIANTS = ("paper", "official", "linear")
 
@@ -119,7 +125,33 @@ class WinfTAttention(_Configurable, _TimmAttention):
     ``forward(x, attn_mask)``: ``attn_mask`` is ``None`` or a :class:`vitpatch.WindowMask`, the
     window ground truth; with one, the layer's BCE loss (eq. 11) is kept in ``self.bce_loss``
     and :func:`winft_loss` averages it over the model's WinfT layers. ``self.gate_sum`` holds
-    ``sum_ij W_ij`` per image (the paper's EO, Table 3) from the last forward.
+    ``sum_ij W_ij`` per image over all ``N x N`` pairs, prefix rows and columns included, from
+    the last forward.
+
+    Recording the gates (paper 000 Fig. 13 and Tables 3–4, whose EO counts patch pairs only):
+    with ``record_gates = True`` (a plain attribute, per layer; :func:`record_winft_gates` sets
+    it on a whole model) each forward also keeps ``self.last_gates``, ``W`` as bool
+    ``(B, N, N)`` (detached; the diagonal included in mask mode), and ``self.patch_gate_sum``,
+    float32 ``(B,)`` = ``sum of W_ij over i, j >= P`` (``n^2`` when every gate is on). ``P`` is
+    the target ``WindowMask``'s ``num_prefix_tokens`` when one is passed, else the attribute
+    ``num_prefix_tokens`` (default ``None``, set by :func:`set_token_layout`); when neither is
+    known ``patch_gate_sum`` stays ``None`` and :func:`winft_gate_sum` with ``pairs="patch"``
+    raises. Recording costs one ``(B, N, N)`` bool per layer (``B N^2`` bytes) and, on the
+    fused path, a recomputation of the gate logits in query chunks. With
+    ``record_gates = False`` (default) nothing extra is computed and both are reset to ``None``
+    on each forward.
+
+    How the recorded ``W`` relates to the one the op used: on the non-fused path it *is* that
+    ``W``. On the fused path it is recomputed by :func:`vitpatch.reference.winft_gates` from
+    the same ``q, k`` tensors (under bf16 autocast: the same bf16 values the op received),
+    upcast to float32 (float64 stays float64), with autocast off and float32 matmuls at full
+    precision (no TF32): the op's formula at the float32 accuracy docs/math.md §6 asks for.
+    The PyTorch path of the op gives the same ``W`` bit for bit on float32, float64 and
+    bf16/fp16 tensors (tested; :mod:`vitpatch.functional` turns autocast off around its
+    PyTorch paths, so bf16 autocast does not re-cast their float32 gate matmul). The Triton kernel
+    accumulates ``g`` in another order (three-pass TF32 tiles), so a pair whose
+    ``sigmoid(g_ij)`` is within rounding of its row mean ``t_i`` can come out the other way:
+    near-exact ties can flip, in either direction (expected rare; not yet measured on a GPU).
     """
 
     _defaults = {"mode": "multiply"}
@@ -129,6 +161,10 @@ class WinfTAttention(_Configurable, _TimmAttention):
         self.mode = _checks.check_mode(self._option("mode", mode))
         self.bce_loss: Optional[torch.Tensor] = None
         self.gate_sum: Optional[torch.Tensor] = None
+        self.record_gates: bool = False
+        self.num_prefix_tokens: Optional[int] = None
+        self.last_gates: Optional[torch.Tensor] = None
+        self.patch_gate_sum: Optional[torch.Tensor] = None
 
     @classmethod
     def _validate_options(cls, options):
@@ -144,17 +180,43 @@ class WinfTAttention(_Configurable, _TimmAttention):
         if is_causal:
             raise ValueError("WinfTAttention does not support is_causal=True")
         q, k, v = self._project(x)
+        gates = None
         if self._fused():
             o, loss, gate_sum = functional.winft_attention(q, k, v, mode=self.mode, scale=self.scale,
                                                            target=attn_mask, return_gate_sum=True)
+            if self.record_gates:
+                with torch.autocast(q.device.type, enabled=False), _full_precision_fp32_matmul():
+                    gates = reference.winft_gates(q.detach(), k.detach(), self.mode, upcast=True)
         else:
             probs, g, used = reference.winft_parts(q, k, self.mode, self.scale)
             o = (self.attn_drop(probs) @ v.to(probs.dtype)).to(q.dtype)
             loss = None if attn_mask is None else reference.winft_bce(g, attn_mask.to(x.device))
             gate_sum = used.sum((1, 2)).float()
+            if self.record_gates:
+                gates = used.detach()
         self.bce_loss = loss
         self.gate_sum = gate_sum.detach()
+        self.last_gates = gates
+        self.patch_gate_sum = None
+        if gates is not None:
+            P = attn_mask.num_prefix_tokens if attn_mask is not None else self.num_prefix_tokens
+            if P is not None:
+                self.patch_gate_sum = gates[:, P:, P:].sum((1, 2), dtype=torch.float32)
         return self._finish(o, x)
+
+
+@contextlib.contextmanager
+def _full_precision_fp32_matmul():
+    """float32 matmuls at full precision (no TF32) inside: ``W`` is a hard threshold (docs/math.md §6)."""
+    before = torch.get_float32_matmul_precision()
+    if before == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def _winft_layers(model: nn.Module):
@@ -177,12 +239,57 @@ def winft_loss(model: nn.Module) -> torch.Tensor:
     return torch.stack([l.float() for l in losses]).mean()
 
 
-def winft_gate_sum(model: nn.Module) -> torch.Tensor:
-    """``sum_ij W_ij`` per image (``(B,)``) averaged over the WinfT layers of the last forward (Table 3's EO)."""
+def winft_gate_sum(model: nn.Module, pairs: str = "all") -> torch.Tensor:
+    """``sum W_ij`` per image (``(B,)``, float32) averaged over the WinfT layers of the last forward.
+
+    ``pairs="all"`` counts all ``N x N`` pairs, prefix rows and columns included (always
+    available). ``pairs="patch"`` counts patch pairs only (``i, j >= P``), the EO of paper 000
+    Tables 3–4 (``n^2`` = 2,401 for ViT-B/32 at 224 with every gate on); it needs the layers'
+    ``patch_gate_sum``, i.e. ``record_gates`` on (:func:`record_winft_gates`) and a known
+    prefix count (a ``WindowMask`` target, or :func:`set_token_layout`).
+    """
+    if pairs not in ("all", "patch"):
+        raise ValueError(f"pairs must be 'all' or 'patch', got {pairs!r}")
     layers = _winft_layers(model)
     if not layers or any(m.gate_sum is None for m in layers):
         raise RuntimeError("run a forward pass through a model with WinfTAttention layers first")
-    return torch.stack([m.gate_sum for m in layers]).mean(0)
+    if pairs == "all":
+        return torch.stack([m.gate_sum for m in layers]).mean(0)
+    if any(m.last_gates is None for m in layers):
+        raise RuntimeError("winft_gate_sum(pairs='patch') needs the gates of the last forward: set record_gates = True "
+                           "on the WinfT layers (vitpatch.nn.record_winft_gates(model, True)) and run the model again")
+    if any(m.patch_gate_sum is None for m in layers):
+        raise RuntimeError("winft_gate_sum(pairs='patch') needs the number of prefix tokens: call "
+                           "vitpatch.nn.set_token_layout(model) (or pass a WindowMask target as attn_mask) and "
+                           "run the model again")
+    return torch.stack([m.patch_gate_sum for m in layers]).mean(0)
+
+
+def record_winft_gates(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Set ``record_gates`` on every :class:`WinfTAttention` of ``model`` (the gates ``W`` of each forward
+    are then kept per layer: :func:`winft_layer_gates`, ``winft_gate_sum(model, pairs="patch")``)."""
+    layers = _winft_layers(model)
+    if not layers:
+        raise ValueError("model has no WinfTAttention layer")
+    for m in layers:
+        m.record_gates = bool(enabled)
+        if not enabled:
+            m.last_gates = m.patch_gate_sum = None
+    return model
+
+
+def winft_layer_gates(model: nn.Module) -> list:
+    """Each WinfT layer's ``W`` from the last forward, in module order: a list of bool ``(B, N, N)``.
+
+    Needs ``record_gates`` (:func:`record_winft_gates`). Summed over the list it is paper 000
+    Fig. 13's ``sum_l W_l`` (``torch.stack(gates).sum(0)``).
+    """
+    layers = _winft_layers(model)
+    if not layers:
+        raise ValueError("model has no WinfTAttention layer")
+    if any(m.last_gates is None for m in layers):
+        raise RuntimeError("no recorded gates: call vitpatch.nn.record_winft_gates(model, True) and run the model")
+    return [m.last_gates for m in layers]
 
 
 # ------------------------------------------------------------------------------------------ PaCa
@@ -350,18 +457,123 @@ class PaCaAttention(_Configurable, _TimmAttention):
 
 
 def set_token_layout(model: nn.Module, num_prefix_tokens: Optional[int] = None, grid=None) -> nn.Module:
-    """Tell every :class:`PaCaAttention` in a timm ViT its token layout (prefix count, patch grid).
+    """Tell every :class:`PaCaAttention` (prefix count, patch grid) and every :class:`WinfTAttention`
+    (prefix count, for patch-pair gate counts) in a timm ViT its token layout.
 
-    Reads ``model.num_prefix_tokens`` and ``model.patch_embed.grid_size`` unless given.
+    Reads ``model.num_prefix_tokens`` and ``model.patch_embed.grid_size`` unless given; the grid
+    is required only when the model has PaCa layers.
     """
     if num_prefix_tokens is None:
         num_prefix_tokens = getattr(model, "num_prefix_tokens", None)
     if grid is None and getattr(model, "patch_embed", None) is not None:
         grid = getattr(model.patch_embed, "grid_size", None)
-    if num_prefix_tokens is None or grid is None:
+    paca = [m for m in model.modules() if isinstance(m, PaCaAttention)]
+    if num_prefix_tokens is None or (grid is None and paca):
         raise ValueError("set_token_layout needs num_prefix_tokens and grid (not found on the model)")
-    grid = check_grid(tuple(grid))
-    for m in model.modules():
-        if isinstance(m, PaCaAttention):
-            m.num_prefix_tokens, m.grid = int(num_prefix_tokens), grid
+    if isinstance(num_prefix_tokens, bool) or int(num_prefix_tokens) != num_prefix_tokens or num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be a non-negative integer, got {num_prefix_tokens!r}")
+    grid = None if grid is None else check_grid(tuple(grid))
+    for m in paca:
+        m.num_prefix_tokens, m.grid = int(num_prefix_tokens), grid
+    for m in _winft_layers(model):
+        m.num_prefix_tokens = int(num_prefix_tokens)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ DIP
+def _transformer_blocks(model: nn.Module) -> list:
+    """``model.blocks``' children, looking through DDP / DataParallel (``.module``) and ``torch.compile``
+    (``._orig_mod``) wrappers."""
+    inner = model
+    while getattr(inner, "blocks", None) is None:
+        nxt = getattr(inner, "module", None)
+        if not isinstance(nxt, nn.Module):
+            nxt = getattr(inner, "_orig_mod", None)
+        if not isinstance(nxt, nn.Module):
+            raise ValueError(f"zero_dropped_tokens needs a timm model with transformer blocks in `.blocks`; "
+                             f"{type(model).__name__} has none")
+        inner = nxt
+    blocks = inner.blocks
+    return list(blocks.children()) if isinstance(blocks, nn.Module) else list(blocks)
+
+
+_ATTN_MASK_POSITION: dict = {}
+
+
+def _attn_mask_position(block: nn.Module) -> Optional[int]:
+    """Index of ``attn_mask`` among the positional arguments of ``block.forward`` (after ``self``), or None."""
+    cls = type(block)
+    if cls not in _ATTN_MASK_POSITION:
+        pos = None
+        try:
+            params = list(inspect.signature(cls.forward).parameters.values())[1:]
+        except (TypeError, ValueError):
+            params = []
+        for i, p in enumerate(params):
+            if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                break
+            if p.name == "attn_mask":
+                pos = i
+                break
+        _ATTN_MASK_POSITION[cls] = pos
+    return _ATTN_MASK_POSITION[cls]
+
+
+def _zero_tokens_hook(block: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of :func:`zero_dropped_tokens`: ``x * token_keep[..., None]`` when the block's
+    ``attn_mask`` (keyword, or positional as in the block's signature) is a WindowMask with ``token_keep``."""
+    mask = kwargs.get("attn_mask")
+    if mask is None:
+        pos = _attn_mask_position(block)
+        if pos is not None and len(args) > pos:
+            mask = args[pos]
+    if not isinstance(mask, WindowMask) or mask.token_keep is None:
+        return None
+    in_args = len(args) > 0
+    x = args[0] if in_args else kwargs.get("x")
+    if not isinstance(x, torch.Tensor):
+        return None
+    keep = mask.to(x.device).token_keep
+    if x.dim() != 3 or tuple(x.shape[:2]) != tuple(keep.shape):
+        raise ValueError(f"zero_dropped_tokens: token_keep has shape {tuple(keep.shape)} but the block input has "
+                         f"shape {tuple(x.shape)} (expected (B, N, C) with (B, N) = token_keep's shape)")
+    x = x * keep[..., None].to(x.dtype)
+    if in_args:
+        return (x,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "x": x}
+
+
+def _has_zero_hook(block: nn.Module) -> list:
+    return [i for i, h in block._forward_pre_hooks.items() if h is _zero_tokens_hook]
+
+
+def zero_dropped_tokens(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """DIP by token zeroing (paper 000 §4.2; docs/math.md §1): before every transformer block, multiply
+    the tokens by the ``token_keep`` of the block's ``attn_mask`` :class:`vitpatch.WindowMask`.
+
+    Registers a forward pre-hook (``with_kwargs=True``) on each child of ``model.blocks`` (through
+    DDP / DataParallel ``.module`` and ``torch.compile`` ``._orig_mod`` wrappers; ``ValueError``
+    for a model without ``.blocks``). The hook finds ``attn_mask`` as a keyword (timm 1.0's
+    ``VisionTransformer.forward_features`` calls ``blk(x, attn_mask=..., is_causal=...)``) or at
+    its position in the block's ``forward`` signature, and returns ``x * token_keep[..., None]``
+    (cast to ``x.dtype``, on ``x.device`` through the mask's device cache). It acts in training
+    and evaluation alike; without a ``WindowMask`` or without ``token_keep`` it does nothing.
+
+    So a dropped token's residual stream is 0 at every block input (its own block output is
+    not: attention and MLP of ``LayerNorm(0)`` add to it, and it is zeroed again at the next
+    block; the last block's output is not zeroed, which matters only for average pooling).
+    Zeroing does not remove the token as a key: ``LayerNorm(0)`` is the LN bias, so it still
+    offers a constant key and value; ``key_keep`` removes it, independently (set either or both).
+
+    Idempotent: calling it again does not add a second hook; ``enabled=False`` removes the hooks.
+    Returns ``model``.
+    """
+    for block in _transformer_blocks(model):
+        ids = _has_zero_hook(block)
+        if enabled and not ids:
+            block.register_forward_pre_hook(_zero_tokens_hook, with_kwargs=True)
+        elif not enabled:
+            for i in ids:
+                del block._forward_pre_hooks[i]
+                block._forward_pre_hooks_with_kwargs.pop(i, None)
     return model

@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+from . import _checks, _env
 from .masks import WindowMask
 
 __all__ = [
     "window_attention", "winft_attention", "cluster_pool", "cluster_attention",
-    "window_attention_probs", "winft_gate", "winft_parts", "winft_attention_probs", "winft_bce", "cluster_attention_probs",
+    "window_attention_probs", "winft_gate", "winft_gates", "winft_parts", "winft_attention_probs", "winft_bce", "cluster_attention_probs",
 ]
 
 
@@ -89,6 +89,38 @@ def winft_parts(q, k, mode="multiply", scale=None, upcast=False):
         used = W | torch.eye(N, dtype=torch.bool, device=q.device)
         probs = _masked_softmax(s, used[:, None])
     return probs, g, used
+
+
+def winft_gates(q, k, mode="multiply", *, chunk=None, upcast=False) -> torch.Tensor:
+    """The WinfT gates ``W`` (docs/math.md §6, paper 000 eq. 8–9): bool ``(B, N, N)``, shared by the heads.
+
+    Exactly ``winft_parts(q, k, mode, upcast=upcast)[2]`` (the same formula, op for op:
+    ``g = einsum(q, k) / h``, ``W = sigmoid(g) > mean_j sigmoid(g)``, plus the diagonal in mask
+    mode), without the ``(B, h, N, N)`` logits and probabilities: ``chunk`` query rows at a
+    time, so the working set beyond the output (and a copy of ``q``, ``k`` in the compute dtype
+    with ``upcast``) is a few ``(B, chunk, N)`` buffers. ``chunk=None`` sizes it from
+    ``VITPATCH_CHUNK_MB``. No gradient flows (``W`` is a hard decision). Used by
+    :class:`vitpatch.nn.WinfTAttention` to record each layer's ``W`` (paper 000 Fig. 13).
+    """
+    B, h, N, d = _checks.check_qkv(q, k, k)
+    _checks.check_mode(mode)
+    dt = _compute_dtype(q, upcast)
+    if chunk is None:
+        row_bytes = 4 * B * N * (torch.finfo(dt).bits // 8)  # g, sigmoid(g), its mean, W (generous)
+        chunk = max(1, _env.chunk_budget_bytes() // max(1, row_bytes))
+    elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer (query rows), got {chunk!r}")
+    out = torch.empty(B, N, N, dtype=torch.bool, device=q.device)
+    with torch.no_grad():
+        qc, kc = q.detach().to(dt), k.detach().to(dt)
+        for s in range(0, N, chunk):
+            e = min(s + chunk, N)
+            w = torch.sigmoid(torch.einsum("bhid,bhjd->bij", qc[:, :, s:e], kc) / h)
+            torch.gt(w, w.mean(-1, keepdim=True), out=out[:, s:e])
+            del w
+        if mode == "mask":
+            out.diagonal(dim1=1, dim2=2).fill_(True)
+    return out
 
 
 def winft_attention_probs(q, k, *, mode="multiply", scale=None, upcast=False) -> torch.Tensor:

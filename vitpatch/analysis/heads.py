@@ -270,7 +270,8 @@ def _repeat_kwargs(kwargs: dict, V: int) -> dict:
         if isinstance(v, WindowMask) and v.batch_size is not None:
             w = v.windows.repeat(V, 1, 1) if v.windows.dim() == 3 else v.windows
             kk = None if v.key_keep is None else v.key_keep.repeat(V, 1)
-            v = WindowMask(w, v.grid, v.num_prefix_tokens, kk)
+            tk = None if v.token_keep is None else v.token_keep.repeat(V, 1)
+            v = WindowMask(w, v.grid, v.num_prefix_tokens, kk, token_keep=tk)
         elif isinstance(v, torch.Tensor) and v.dim() >= 1:
             raise ValueError(f"forward kwarg {k!r} is a tensor: per-image tensors cannot be repeated for the "
                              f"batched variants (pass a WindowMask or use head_importance_loop)")
