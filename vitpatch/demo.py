@@ -6,7 +6,8 @@
 3. Analysis (paper 000): U per image from the trained ViT's attention maps (eq. 2–3), AWD
    windows (eq. 4, alpha = 0.1), indiscriminative patches (DIP, beta = 0.2), EO (eq. 5).
 4. Retrain from scratch with :class:`~vitpatch.nn.WindowAttention` and each image's windows
-   (AWD-ViT), without and with DIP (dropped patches removed as keys).
+   (AWD-ViT), without and with DIP (the dropped patches' tokens multiplied by 0 before every
+   block, paper 000 §4.2: :func:`vitpatch.nn.zero_dropped_tokens`).
 5. Train :class:`~vitpatch.nn.WinfTAttention` with the BCE loss against the windows (WinfT,
    eq. 12) and report its EO (``sum W``) on the test set.
 6. Train the same ViT with :class:`~vitpatch.nn.PaCaAttention` (patch-to-cluster attention).
@@ -117,26 +118,36 @@ def _batches(n: int, batch_size: int, gen: Optional[torch.Generator]):
         yield order[i:i + batch_size]
 
 
+def _train_config(cfg: DemoConfig, winft: bool):
+    """The demo's recipe as a :class:`vitpatch.train.config.TrainConfig`: timm's AdamW (no decay on biases
+    and norms), cosine to 0 after one warm-up epoch, label smoothing 0.1, gradient norm clipped to 1."""
+    from .train.config import TrainConfig
+
+    return TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                       warmup_epochs=1, warmup_lr=1e-6, min_lr=0.0, smoothing=0.1, clip_grad=1.0,
+                       attention="winft" if winft else "dense", lambda1=1.0, lambda2=cfg.winft_lambda)
+
+
 def train_model(model: nn.Module, data, cfg: DemoConfig, *, name: str, mask_fn: Optional[MaskFn] = None,
                 winft: bool = False) -> Dict[str, float]:
-    """Train ``model`` with AdamW and a cosine schedule; returns train time and final train loss.
+    """Train ``model`` with ``vitpatch train``'s pieces (:func:`vitpatch.train.engine.create_optimization`,
+    ``create_criterion``, ``train_step``) on the in-memory digits; returns train time and final train loss.
 
     ``mask_fn(indices, split)`` gives the ``attn_mask`` of a batch (a WindowMask) or ``None``;
     with ``winft`` the loss is ``CE + lambda * winft_loss(model)`` (paper 000 eq. 12).
     """
     from tqdm.auto import tqdm
 
-    from .nn import winft_loss
+    from .train.engine import create_criterion, create_optimization, train_step
 
     xtr, ytr = data[0], data[1]
     dev = torch.device(cfg.device)
     model.to(dev).train()
     steps_per_epoch = math.ceil(len(ytr) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = max(1, total // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    tc = _train_config(cfg, winft)
+    opt, sched = create_optimization(model, tc, steps_per_epoch)
+    criterion, _ = create_criterion(tc, 10)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     step, start, last = 0, time.perf_counter(), float("nan")
     bar = tqdm(total=total, desc=f"train {name}", unit="step", leave=False)
@@ -144,19 +155,12 @@ def train_model(model: nn.Module, data, cfg: DemoConfig, *, name: str, mask_fn: 
         for idx in _batches(len(ytr), cfg.batch_size, gen):
             if step >= total:
                 break
-            xb, yb = xtr[idx].to(dev), ytr[idx].to(dev)
+            sched.step_update(step)
             mask = None if mask_fn is None else mask_fn(idx, "train")
-            logits = model(xb, attn_mask=mask) if mask is not None else model(xb)
-            loss = F.cross_entropy(logits, yb, label_smoothing=0.1)
-            if winft:
-                loss = loss + cfg.winft_lambda * winft_loss(model)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            loss, _ = train_step(model, xtr[idx].to(dev), ytr[idx].to(dev), mask, cfg=tc, criterion=criterion,
+                                 opt=opt, device=dev)
             step += 1
-            last = float(loss.detach())
+            last = float(loss)
             bar.update(1)
             bar.set_postfix(loss=f"{last:.3f}")
     bar.close()
@@ -269,17 +273,19 @@ def _semantic_heads_figures(res: Dict[str, object], cfg: DemoConfig) -> List[str
 
 
 def _mask_factory(windows: Dict[str, torch.Tensor], keep: Optional[Dict[str, torch.Tensor]], cfg: DemoConfig):
-    """``mask_fn(indices, split)``: a WindowMask of the batch's own windows (and DIP keys removed)."""
+    """``mask_fn(indices, split)``: a WindowMask of the batch's own windows; with ``keep`` its
+    ``token_keep`` zeroes the dropped patches' tokens before every block (DIP, paper 000 §4.2, with
+    :func:`vitpatch.nn.zero_dropped_tokens` on the model)."""
     from .masks import WindowMask
 
     dev = torch.device(cfg.device)
 
     def mask_fn(idx: torch.Tensor, split: str):
-        kk = None
+        tk = None
         if keep is not None:
             k = keep[split][idx]
-            kk = torch.cat([torch.ones(len(idx), 1, dtype=torch.bool), k], 1).to(dev)
-        return WindowMask(windows[split][idx].to(dev), cfg.grid, 1, kk)
+            tk = torch.cat([torch.ones(len(idx), 1, dtype=torch.bool), k], 1).to(dev)
+        return WindowMask(windows[split][idx].to(dev), cfg.grid, 1, token_keep=tk)
 
     return mask_fn
 
@@ -359,7 +365,8 @@ def _table(rows) -> str:
 def run_demo(cfg: Optional[DemoConfig] = None) -> dict:
     """Run the whole pipeline (module docstring), write ``summary.json`` and figures to ``cfg.out``."""
     from . import analysis
-    from .nn import PaCaAttention, WindowAttention, WinfTAttention, winft_gate_sum
+    from .nn import (PaCaAttention, WindowAttention, WinfTAttention, record_winft_gates, set_token_layout,
+                     winft_gate_sum, zero_dropped_tokens)
 
     cfg = cfg or DemoConfig()
     os.makedirs(cfg.out, exist_ok=True)
@@ -417,16 +424,25 @@ def run_demo(cfg: Optional[DemoConfig] = None) -> dict:
     record("AWD-ViT", f"windows a={cfg.alpha}", m, train_model(m, data, cfg, name="AWD-ViT", mask_fn=awd_fn),
            awd_fn, eo_awd, "window_attention")
     dip_fn = _mask_factory(windows, keep, cfg)
-    m = fresh(WindowAttention)
+    m = zero_dropped_tokens(fresh(WindowAttention))
     record("AWD-ViT+DIP", f"windows a={cfg.alpha} b={cfg.beta}", m,
            train_model(m, data, cfg, name="AWD-ViT+DIP", mask_fn=dip_fn), dip_fn, eo_dip, "window_attention")
     # 5. WinfT with the BCE loss against the windows; EO = sum W on the test set
     m = fresh(WinfTAttention)
     fit = train_model(m, data, cfg, name="WinfT", mask_fn=awd_fn, winft=True)
-    gate = []
+    gate, gate_all = [], []
+    record_winft_gates(set_token_layout(m), True)
+
+    def on_batch(model):
+        gate.append(winft_gate_sum(model, pairs="patch").cpu())
+        gate_all.append(winft_gate_sum(model).cpu())
+
     record("WinfT", "gated (multiply)", m, fit, None, lambda: float(torch.cat(gate).mean()), "winft_attention",
-           on_batch=lambda model: gate.append(winft_gate_sum(model).cpu()))
-    rows[-1]["eo_note"] = "sum_ij W_ij over all N x N pairs (CLS included), mean over test images and layers"
+           on_batch=on_batch)
+    record_winft_gates(m, False)
+    rows[-1]["eo_all_tokens"] = float(torch.cat(gate_all).mean())
+    rows[-1]["eo_note"] = ("sum W_ij over patch pairs (the paper's Tables 3-4), mean over test images and layers; "
+                           "eo_all_tokens counts all N x N pairs, CLS row and column included")
     # 6. PaCa in the same ViT
     paca_layer = PaCaAttention.with_options(num_clusters=cfg.num_clusters, clustering="paper",
                                             num_prefix_tokens=1, grid=cfg.grid)

@@ -430,7 +430,9 @@ class WindowDataset(torch.utils.data.Dataset):
     Use ``DataLoader(ds, batch_size=..., collate_fn=ds.collate())`` to get batches
     ``(images, labels, mask, keep)`` with ``mask`` a :class:`vitpatch.WindowMask` (see
     :class:`WindowCollate`). The base dataset may use training augmentation only if it keeps
-    the patch grid aligned (no crops or flips), since windows are in grid coordinates.
+    the patch grid aligned (no crops or flips), since windows are in grid coordinates; for
+    RandomResizedCrop and flips use :class:`vitpatch.train.data.TrainImages` with a
+    :class:`vitpatch.train.remap.WindowFollowingTransform`, which move the windows with the image.
     """
 
     def __init__(self, image_dataset, out_dir, *, check_files: bool = True):

@@ -58,7 +58,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     momentum: float = 0.9
     sched: str = "cosine"
-    warmup_epochs: Optional[int] = None
+    warmup_epochs: Optional[float] = None
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     smoothing: float = 0.1
@@ -172,7 +172,7 @@ HELP = {
     "opt": "timm optimizer name (create_optimizer_v2)", "lr": "peak learning rate (digits: 2e-3; folders: 5e-4)",
     "weight_decay": "weight decay", "momentum": "momentum (SGD-type optimizers)",
     "sched": "timm scheduler name (create_scheduler_v2), stepped per update",
-    "warmup_epochs": "warm-up epochs (digits: 1; folders: 5)", "warmup_lr": "learning rate at the start of warm-up",
+    "warmup_epochs": "warm-up epochs, fractions allowed (digits: 1; folders: 5)", "warmup_lr": "learning rate at the start of warm-up",
     "min_lr": "final learning rate", "smoothing": "label smoothing", "mixup": "Mixup alpha (0: off)",
     "cutmix": "CutMix alpha (0: off)", "mixup_prob": "probability of Mixup/CutMix per batch",
     "clip_grad": "clip the gradient norm to this (off by default)", "drop_path": "stochastic depth rate",
@@ -198,7 +198,7 @@ def _flag(name: str) -> str:
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """One flag per :class:`TrainConfig` field (defaults from the dataclass; ``None``: data-dependent)."""
-    types = {"img_size": int, "epochs": int, "batch_size": int, "warmup_epochs": int, "workers": int, "seed": int,
+    types = {"img_size": int, "epochs": int, "batch_size": int, "warmup_epochs": float, "workers": int, "seed": int,
              "stop_after": int, "log_interval": int, "keep_checkpoints": int, "num_clusters": int}
     choices = {"attention": ATTENTIONS, "dip": DIP_CHOICES, "winft_mode": ("multiply", "mask"),
                "clustering": ("paper", "official", "linear")}

@@ -42,7 +42,8 @@ from .data import TrainCollate, TrainImages, WindowStore, seeded, split_dir, wri
 
 from .config import CONFIG_FILE, LAST, METRICS_FILE, TrainConfig, load_run_config
 
-__all__ = ["train", "evaluate", "evaluate_checkpoint", "build_model"]
+__all__ = ["train", "evaluate", "evaluate_checkpoint", "build_model", "create_optimization", "create_criterion",
+           "train_step"]
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -403,16 +404,63 @@ def _resume_path(cfg: TrainConfig) -> Optional[str]:
     return cfg.resume
 
 
-def _train(cfg: TrainConfig, device: torch.device, nested: bool) -> dict:
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.models import resume_checkpoint
+def create_optimization(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
+    """``(optimizer, scheduler)``: timm's ``create_optimizer_v2`` (no weight decay on biases and norms)
+    and ``create_scheduler_v2`` stepped per update (``scheduler.step_update(step)`` before each step)."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
+
+    opt = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    sched, _ = create_scheduler_v2(opt, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                                   warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False,
+                                   updates_per_epoch=steps_per_epoch)
+    return opt, sched
+
+
+def create_criterion(cfg: TrainConfig, num_classes: int):
+    """``(criterion, mixup)``: timm's soft-target loss with Mixup/CutMix (``mixup`` a ``timm.data.Mixup``),
+    else its label-smoothing loss, else plain cross-entropy (``mixup`` ``None``)."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mix = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                    label_smoothing=cfg.smoothing, num_classes=num_classes)
+        return SoftTargetCrossEntropy(), mix
+    if cfg.smoothing > 0:
+        return LabelSmoothingCrossEntropy(cfg.smoothing), None
+    return nn.CrossEntropyLoss(), None
+
+
+def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, mask, *, cfg: TrainConfig,
+               criterion, opt, device: torch.device, inner: Optional[nn.Module] = None):
+    """One optimizer step: ``(loss, bce)`` (``bce`` ``None`` unless WinfT).
+
+    The loss is ``criterion(logits, targets)``; for WinfT ``lambda1 * that + lambda2 * L_BCE`` (paper
+    000 eq. 12, :func:`vitpatch.nn.winft_loss` of ``inner``, the unwrapped model). bf16 autocast with
+    ``cfg.amp``; the gradient norm clipped to ``cfg.clip_grad`` when set.
+    """
+    from .. import nn as vnn
+
+    with _autocast(device, cfg.amp):
+        logits = model(images, attn_mask=mask) if mask is not None else model(images)
+        loss = criterion(logits.float(), targets)
+        bce = None
+        if cfg.attention == "winft":
+            bce = vnn.winft_loss(model if inner is None else inner)
+            loss = cfg.lambda1 * loss + cfg.lambda2 * bce
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    opt.step()
+    return loss.detach(), None if bce is None else bce.detach()
+
+
+def _train(cfg: TrainConfig, device: torch.device, nested: bool) -> dict:
+    from timm.models import resume_checkpoint
     from timm.utils import CheckpointSaver, ModelEmaV3
     from tqdm.auto import tqdm
-
-    from .. import nn as vnn
 
     rank, world_size = _rank_world()
     if cfg.batch_size % world_size:
@@ -440,10 +488,7 @@ def _train(cfg: TrainConfig, device: torch.device, nested: bool) -> dict:
         raise ValueError(f"{len(train_ds)} training images do not make one batch of {cfg.batch_size}")
     resume = _resume_path(cfg)
     model.to(device)
-    opt = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-    sched, _ = create_scheduler_v2(opt, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-                                   warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False,
-                                   updates_per_epoch=steps)
+    opt, sched = create_optimization(model, cfg, steps)
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
     start_epoch = 0
     if resume is not None:
@@ -473,15 +518,7 @@ def _train(cfg: TrainConfig, device: torch.device, nested: bool) -> dict:
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    mix = None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        mix = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                    label_smoothing=cfg.smoothing, num_classes=num_classes)
-        criterion = SoftTargetCrossEntropy()
-    elif cfg.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
+    criterion, mix = create_criterion(cfg, num_classes)
     from torch.utils.data.distributed import DistributedSampler
 
     sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
@@ -510,18 +547,8 @@ def _train(cfg: TrainConfig, device: torch.device, nested: bool) -> dict:
             if mix is not None:
                 with seeded(int(np.random.SeedSequence([cfg.seed, epoch, i, 11]).generate_state(1)[0])):
                     images, targets = mix(images, labels)
-            with _autocast(device, cfg.amp):
-                logits = model(images, attn_mask=mask) if mask is not None else model(images)
-                loss = criterion(logits.float(), targets)
-                bce = None
-                if cfg.attention == "winft":
-                    bce = vnn.winft_loss(inner)
-                    loss = cfg.lambda1 * loss + cfg.lambda2 * bce
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            opt.step()
+            loss, bce = train_step(model, images, targets, mask, cfg=cfg, criterion=criterion, opt=opt,
+                                   device=device, inner=inner)
             if ema is not None:
                 ema.update(inner, step=update)
             stat = torch.tensor([float(loss.detach()), float(bce.detach()) if bce is not None else 0.0],
