@@ -66,7 +66,7 @@ def setup(tmp_path_factory):
 
 @pytest.mark.parametrize("attention,extra", [
     ("window", ["--dip", "tokens"]),
-    ("winft", ["--dip", "keys", "--lambda2", "0.5"]),
+    ("winft", ["--dip", "keys", "--lambda2", "0.5", "--amp"]),
     ("paca", []),
 ])
 def test_windows_train_eval(setup, attention, extra):
