@@ -9,7 +9,8 @@ setup(
     python_requires=">=3.11",  # tested on 3.11-3.13 (vitpatch/_compat.py: what differs between versions)
     classifiers=["Programming Language :: Python :: 3.11", "Programming Language :: Python :: 3.12",
                  "Programming Language :: Python :: 3.13"],
-    packages=["vitpatch", "vitpatch.models", "vitpatch.analysis", "vitpatch.train", "vitpatch.kernels"],
+    packages=["vitpatch", "vitpatch.models", "vitpatch.analysis", "vitpatch.analysis.plots", "vitpatch.train",
+              "vitpatch.kernels"],
     package_dir={"vitpatch.kernels": "kernels"},
     install_requires=[
         "torch>=2.11",  # tested with 2.11 (the GPU machine's) and 2.14.1
