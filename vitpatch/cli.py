@@ -254,6 +254,35 @@ def _images_arg(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-images", type=int, default=None, help="use only the first this many images")
     g.add_argument("--dpi", type=int, default=110, help="PNG resolution")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--labels", choices=["true", "pred"], default="true",
+                   help="labels where an equation needs one: 'true' = the class folder of each image (one "
+                        "ImageFolder-style IMAGE_OR_DIR, DIR/<class>/<image>, classes sorted as the model's), "
+                        "'pred' = the model's prediction on the unaltered image")
+
+
+def _folder_labels(args, files: List[str], num_classes: Optional[int]):
+    """The class index of each file for ``--labels true`` (``None`` for ``--labels pred``).
+
+    Needs one ImageFolder-style directory (every image in a class subfolder); its sorted class
+    names are the label mapping, so their count must equal the model's number of classes.
+    """
+    if args.labels == "pred":
+        return None
+    if len(args.images) != 1 or not os.path.isdir(args.images[0]):
+        raise ValueError("--labels true needs one image folder DIR/<class>/<image> (its class index is the label); "
+                         "pass --labels pred to score against the model's own predictions")
+    root = os.path.abspath(args.images[0])
+    rel = [os.path.relpath(os.path.abspath(f), root).replace(os.sep, "/") for f in files]
+    if not all("/" in r for r in rel):
+        raise ValueError(f"--labels true: {args.images[0]!r} has images outside class subfolders; use "
+                         f"DIR/<class>/<image> or --labels pred")
+    classes = sorted({r.split("/", 1)[0] for r in rel})
+    if num_classes is not None and len(classes) != num_classes:
+        raise ValueError(f"--labels true: {args.images[0]!r} has {len(classes)} class folders but the model has "
+                         f"{num_classes} classes; the sorted folder names must be the model's classes "
+                         f"(or pass --labels pred)")
+    index = {c: i for i, c in enumerate(classes)}
+    return [index[r.split("/", 1)[0]] for r in rel]
 
 
 def _collect_images(paths: List[str]) -> List[str]:
@@ -274,17 +303,22 @@ def _collect_images(paths: List[str]) -> List[str]:
     return files
 
 
-def _image_batches(args, transform):
-    """``(files, iterator of (names, batch))`` over the images of ``args.images`` with a tqdm bar over images."""
+def _image_batches(args, transform, *, labelled: bool = False, num_classes: Optional[int] = None):
+    """``(files, iterator of (names, batch))`` over the images of ``args.images`` with a tqdm bar over
+    images. With ``labelled`` the items are ``(names, batch, labels)``: ``labels`` a LongTensor of the
+    class folders (``--labels true``, checked against ``num_classes`` by :func:`_folder_labels`) or
+    ``None`` (``--labels pred``). Nothing is kept after a batch is yielded."""
     from PIL import Image
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
     files = _collect_images(args.images)
+    labels = _folder_labels(args, files, num_classes) if labelled else None  # classes from the whole folder
     if args.max_images is not None:
         if args.max_images < 1:
             raise ValueError(f"--max-images must be a positive integer, got {args.max_images}")
         files = files[:args.max_images]
+        labels = None if labels is None else labels[:args.max_images]
 
     def gen():
         import torch
@@ -297,7 +331,11 @@ def _image_batches(args, transform):
             for f in chunk:
                 with Image.open(f) as im:
                     xs.append(transform(im.convert("RGB")))
-            yield chunk, torch.stack(xs)
+            if not labelled:
+                yield chunk, torch.stack(xs)
+            else:
+                y = None if labels is None else torch.tensor(labels[i:i + args.batch_size], dtype=torch.long)
+                yield chunk, torch.stack(xs), y
             bar.update(len(chunk))
         bar.close()
     return files, gen()
