@@ -118,6 +118,14 @@ def test_batched_pruning_equals_plain_loop(vit, images):
         assert a.shape == (3, 3, 3, 6)
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert fast.modes == modes and fast.labels.tolist() == [0, 3, 5]
+    # the top-5 predictions under pruning (Fig. 1 B3) are kept, most probable first, equal in both versions
+    assert fast.top5_prob.shape == (3, 3, 3, 6, 5) and torch.equal(fast.top5_class, slow.top5_class)
+    torch.testing.assert_close(fast.top5_prob, slow.top5_prob, rtol=0, atol=1e-6)
+    assert bool((fast.top5_prob[..., :-1] >= fast.top5_prob[..., 1:]).all())
+    p0 = vit(images).double().softmax(-1)
+    assert torch.equal(fast.top5_class0, p0.topk(5, -1).indices) and torch.equal(fast.pred, p0.argmax(-1))
+    # mode 0 prunes nothing: its top-5 is the unpruned one
+    assert torch.equal(fast.top5_class[..., 0, :], fast.top5_class0[:, None, None].expand(3, 3, 3, 5))
     # mode 0 prunes nothing
     assert float(fast.prob[..., 0].abs().max()) < 1e-6 and float(fast.patch[..., 0].abs().max()) < 1e-6
     # JSD within [0, ln 2]; something actually changes in mode 1
@@ -167,7 +175,7 @@ def test_mode1_is_zeroing_the_heads_branch(vit, images):
 def test_mode1_of_every_head_zeroes_the_attention_branch(vit, images):
     import copy
 
-    from vitpatch.analysis.heads import _pruning_hook, _unfused
+    from vitpatch.analysis.pruning import _pruning_hook, _unfused
 
     m = copy.deepcopy(vit)
     l = 1
@@ -208,6 +216,8 @@ def test_head_importance_bad_input(vit, images):
         analysis.head_importance(vit, images, modes=())
     with pytest.raises(ValueError, match="labels"):
         analysis.head_importance(vit, images, labels=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="labels must be class indices"):
+        analysis.head_importance(vit, images, labels=torch.tensor([1, 2, 6]))  # 6 classes: 0..5
     with pytest.raises(ValueError, match="images"):
         analysis.head_importance(vit, images[0])
     with pytest.raises(ValueError, match="VisionTransformer"):

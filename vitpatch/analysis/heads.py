@@ -1,594 +1,449 @@
-"""Head importance by pruning, k-hop attention strength and attention patterns (paper 003; docs/math.md §9).
+"""Paper 003 (docs/math.md §9): head importance by pruning, k-hop attention strength, attention patterns,
+and :func:`heads_report`, the body of ``vitpatch heads``.
 
-Metrics of one layer's map (streamed from :func:`vitpatch.analysis.attention_maps`)::
+The metrics live in :mod:`.pruning` (eq. 3–6, Fig. 4), :mod:`.strength` (eq. 7–8, MAD) and
+:mod:`.patterns` (§5.4, the bit-packed pattern store); this module re-exports them. The report
+streams a dataset once: per head it keeps running means and standard deviations over images
+(:class:`RunningStats`, float64) and histograms of the strength entropy, appends every image's
+values to memory-mapped ``.npy`` files and its binarised patch patterns, bit-packed, to another,
+so its memory does not grow with the number of images::
 
-    from vitpatch import analysis
-    for A in analysis.attention_maps(model, x):                                        # (B, h, N, N)
-        mad = analysis.mean_attention_distance(A, (14, 14), 16, num_prefix_tokens=1)   # (B, h) pixels
-        s = analysis.khop_strength(A, (14, 14), num_prefix_tokens=1)                   # eq. 7-8, (B, h, K)
-        H = analysis.strength_entropy(s)                                               # (B, h) in [0, 1]
-
-Head importance (§5.2, eq. 3–6) by zeroing a head's post-softmax map in a region::
-
-    res = analysis.head_importance(model, x, labels, modes=(1, 2, 3, 4, 5))
-    res.prob, res.jsd, res.cls, res.patch                                              # (B, L, h, modes)
-
-The blocks before ``l`` run once (each block's input is cached from one unpruned forward), the
-``h x len(modes)`` pruned variants of block ``l`` run as one batch from that cached input, and
-the layer-level metrics come from block ``l``'s own output in that same pass: no rerun.
-:func:`head_importance_loop` is the plain one-full-forward-per-head version (the oracle).
+    summary, figures = analysis.heads.heads_report(model, batches, out="runs/heads", modes=(1, 2, 3, 4, 5))
 """
 from __future__ import annotations
 
-import contextlib
-import math
 import numbers
-from dataclasses import dataclass
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+import os
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ._attn import check_attention
-from .maps import attention_modules, check_prefix
+from .maps import attention_maps, model_layout
+from .patterns import (NpyAppender, PackedPatterns, PatternAutoencoder, binarize_patterns, cls_patterns,
+                       context_masks, encode_patterns, pack_patterns, packed_size, pattern_latents,
+                       train_pattern_autoencoder, tsne, unpack_patterns)
+from .pruning import (PRUNE_MODES, TOP_K, HeadImportance, _staged, check_modes, head_importance,
+                      head_importance_loop, image_overview, js_divergence, prune_attention, region_mask)
+from .strength import (LayerStrengths, khop_strength, layer_strengths, mean_attention_distance, ring_sizes,
+                       strength_entropy)
 
-__all__ = ["PRUNE_MODES", "mean_attention_distance", "ring_sizes", "khop_strength", "strength_entropy",
-           "layer_strengths", "LayerStrengths", "region_mask", "prune_attention", "HeadImportance",
-           "head_importance", "head_importance_loop", "js_divergence", "image_overview", "tsne",
-           "cls_patterns", "binarize_patterns", "PatternAutoencoder", "pattern_latents", "context_masks"]
+__all__ = ["PRUNE_MODES", "TOP_K", "check_modes", "mean_attention_distance", "ring_sizes", "khop_strength",
+           "strength_entropy", "layer_strengths", "LayerStrengths", "region_mask", "prune_attention",
+           "HeadImportance", "head_importance", "head_importance_loop", "js_divergence", "image_overview", "tsne",
+           "cls_patterns", "binarize_patterns", "PatternAutoencoder", "pattern_latents", "train_pattern_autoencoder",
+           "encode_patterns", "context_masks", "NpyAppender", "packed_size", "pack_patterns", "unpack_patterns",
+           "PackedPatterns", "RunningStats", "heads_report", "IMPORTANCE_METRICS"]
 
-#: pruning modes (SPEC §9): 0 none, 1 all, 2 R1 CLS->CLS, 3 R2 CLS<->patches, 4 R3 patches->patches, 5 R1 ∪ R2
-PRUNE_MODES = {0: "none", 1: "all", 2: "cls->cls", 3: "cls<->patches", 4: "patches->patches", 5: "cls->cls + cls<->patches"}
-
-
-# ----------------------------------------------------------------------------------- geometry
-def _positions(grid, device=None) -> torch.Tensor:
-    from ..masks import check_grid
-
-    gh, gw = check_grid(grid)
-    p = torch.arange(gh * gw, device=device)
-    return torch.stack([p // gw, p % gw], -1)  # (n, 2) rows, cols
-
-
-def _check_patch_size(patch_size) -> float:
-    if isinstance(patch_size, bool) or not isinstance(patch_size, numbers.Real) or not float(patch_size) > 0:
-        raise ValueError(f"patch_size must be a positive number of pixels, got {patch_size!r}")
-    return float(patch_size)
+#: the per-head importance metrics the report streams: ``HeadImportance`` field names, each ``(L, h, modes)``
+IMPORTANCE_METRICS = ("prob", "p_pruned", "jsd", "cls", "patch")
 
 
-def mean_attention_distance(attn, grid, patch_size, num_prefix_tokens: int = 0) -> torch.Tensor:
-    """Mean attention distance in pixels (paper 003 §2, the ViT paper's convention; docs/math.md §9): ``(..., h)``.
+class RunningStats:
+    """Per-element count, mean and standard deviation over a stream of batches, in float64 (docs/math.md §9).
 
-    ``MAD = (1/n) sum_i sum_j Ap_ij * patch_size * ||pos_i - pos_j||_2`` over the patch block
-    ``Ap = A[..., P:, P:]`` (not renormalised: attention given to prefix tokens counts as distance 0).
-    """
-    ps = _check_patch_size(patch_size)
-    attn, P = check_attention(attn, num_prefix_tokens, grid)
-    pos = _positions(grid, attn.device).double()
-    dist = torch.cdist(pos, pos) * ps
-    Ap = attn[..., P:, P:].double()
-    return (Ap * dist).sum(-1).mean(-1)
-
-
-def _chebyshev(grid, device=None) -> torch.Tensor:
-    pos = _positions(grid, device)
-    return (pos[:, None, :] - pos[None, :, :]).abs().amax(-1)  # (n, n)
-
-
-def ring_sizes(grid) -> torch.Tensor:
-    """``|N_k(u)|`` for every patch ``u`` and ring ``k = 0 .. max(gh, gw) - 1``: ``(n, K)`` int64 (eq. 7)."""
-    from ..masks import check_grid
-
-    gh, gw = check_grid(grid)
-    D = _chebyshev(grid)
-    K = max(gh, gw)
-    return torch.stack([(D == k).sum(1) for k in range(K)], 1)
-
-
-def khop_strength(attn, grid, num_prefix_tokens: int = 0) -> torch.Tensor:
-    """k-hop attention strength (paper 003 §5.3, eq. 7–8; docs/math.md §9): ``(..., h, K)``, ``K = max(gh, gw)``.
-
-    ``N_k(u) = {v : max(|r_u - r_v|, |c_u - c_v|) = k}`` (Chebyshev ring), ``s_k(u) = mean_{v in N_k(u)}
-    Ap[u, v]`` and ``s_k`` the mean of ``s_k(u)`` over the patches ``u`` whose ring ``k`` is not empty.
-    """
-    attn, P = check_attention(attn, num_prefix_tokens, grid)
-    D = _chebyshev(grid, attn.device)
-    K = int(D.max()) + 1
-    onehot = torch.nn.functional.one_hot(D, K).double()  # (n, n, K)
-    size = onehot.sum(1)  # (n, K)
-    Ap = attn[..., P:, P:].double()
-    lead = Ap.shape[:-2]
-    n = Ap.shape[-1]
-    # per query u: sum over v of Ap[u, v] grouped by ring -> (n, ..., K) as a batched matmul over u
-    sums = torch.bmm(Ap.reshape(-1, n, n).transpose(0, 1), onehot)  # (n, M, K)
-    has = size > 0
-    per_u = sums / size.clamp_min(1)[:, None, :]
-    s = (per_u * has[:, None, :]).sum(0) / has.sum(0).clamp_min(1)
-    return s.reshape(*lead, K)
-
-
-def strength_entropy(strength) -> torch.Tensor:
-    """Normalised entropy of the k-hop strengths (paper 003 §5.3; docs/math.md §9): ``(..., h)`` in ``[0, 1]``.
-
-    ``q = s / sum_k s_k``, ``H = -sum_k q_k ln q_k / ln K`` (``0 ln 0 = 0``); 1 for flat strength, 0 when
-    one ring holds all of it.
-    """
-    if not isinstance(strength, torch.Tensor) or not strength.is_floating_point():
-        raise TypeError(f"strength must be a floating-point tensor, got {type(strength).__name__}")
-    if strength.dim() < 1 or strength.shape[-1] < 2:
-        raise ValueError(f"strength must have shape (..., K) with K >= 2 rings, got {tuple(strength.shape)}")
-    if strength.numel() and bool((strength < 0).any()):
-        raise ValueError("strength must be non-negative (attention strengths)")
-    s = strength.double()
-    tot = s.sum(-1, keepdim=True)
-    q = s / tot.clamp_min(1e-300)
-    H = -torch.special.xlogy(q, q).sum(-1) / math.log(s.shape[-1])
-    return torch.where(tot.squeeze(-1) > 0, H, torch.full_like(H, float("nan")))
-
-
-class LayerStrengths(NamedTuple):
-    """Per layer and head, from :func:`layer_strengths`: ``strength (B, L, h, K)``, ``entropy`` and ``mad`` ``(B, L, h)``."""
-
-    strength: torch.Tensor
-    entropy: torch.Tensor
-    mad: torch.Tensor
-
-
-def layer_strengths(maps: Iterable[torch.Tensor], grid, patch_size, num_prefix_tokens: int = 0) -> LayerStrengths:
-    """k-hop strength, its entropy and the mean attention distance of every layer from streamed maps.
-
-    Each ``(B, h, N, N)`` map is reduced to ``(B, h, K)`` before the next one exists (docs/math.md §9).
-    """
-    st, mad = [], []
-    for A in maps:
-        st.append(khop_strength(A, grid, num_prefix_tokens).cpu())
-        mad.append(mean_attention_distance(A, grid, patch_size, num_prefix_tokens).cpu())
-    if not st:
-        raise ValueError("maps yielded no attention map")
-    s = torch.stack(st, 1)
-    return LayerStrengths(s, strength_entropy(s), torch.stack(mad, 1))
-
-
-# ------------------------------------------------------------------------------------ pruning
-def _check_modes(modes) -> Tuple[int, ...]:
-    if isinstance(modes, (int, np.integer)) and not isinstance(modes, bool):
-        modes = (modes,)
-    try:
-        modes = tuple(modes)
-    except TypeError:
-        raise ValueError(f"modes must be a sequence of pruning modes in {sorted(PRUNE_MODES)}, got {modes!r}") from None
-    if not modes:
-        raise ValueError("modes must name at least one pruning mode")
-    for m in modes:
-        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or int(m) not in PRUNE_MODES:
-            raise ValueError(f"modes must be drawn from {sorted(PRUNE_MODES)} ({PRUNE_MODES}), got {m!r}")
-    return tuple(int(m) for m in modes)
-
-
-def region_mask(mode: int, N: int, num_prefix_tokens: int = 1, device=None) -> torch.Tensor:
-    """Bool ``(N, N)``: the entries of a head's map that pruning ``mode`` zeroes (paper 003 §5.2; SPEC §9).
-
-    R1 = ``A[0, 0]``; R2 = ``A[0, P:]`` and ``A[P:, 0]``; R3 = ``A[P:, P:]``. Modes: 0 none, 1 all,
-    2 R1, 3 R2, 4 R3, 5 R1 ∪ R2. Decision (SPEC §9): the paper does not name modes 2–5; this order
-    is ours. With ``P = 0`` there is no CLS token and R1, R2 are empty.
-    """
-    (mode,) = _check_modes((mode,))
-    P = check_prefix(num_prefix_tokens)
-    r = torch.zeros(N, N, dtype=torch.bool, device=device)
-    if mode == 1:
-        r[:] = True
-    if P >= 1 and mode in (2, 5):
-        r[0, 0] = True
-    if P >= 1 and mode in (3, 5):
-        r[0, P:] = True
-        r[P:, 0] = True
-    if mode == 4:
-        r[P:, P:] = True
-    return r
-
-
-def prune_attention(attn: torch.Tensor, heads: Sequence[int], modes: Sequence[int], num_prefix_tokens: int
-                    ) -> torch.Tensor:
-    """Zero head ``heads[v]`` of ``attn`` in the region of ``modes[v]`` for variant ``v`` (no renormalisation).
-
-    ``attn`` is ``(V * B, h, N, N)`` with the variant as the outer batch index; returns a new tensor.
-    """
-    VB, h, N, _ = attn.shape
-    V = len(heads)
-    keep = torch.ones(V, h, N, N, dtype=attn.dtype, device=attn.device)
-    regions = {m: region_mask(m, N, num_prefix_tokens, attn.device) for m in set(modes)}
-    for v, (j, m) in enumerate(zip(heads, modes)):
-        keep[v, j] = (~regions[m]).to(attn.dtype)
-    return (attn.reshape(V, VB // V, h, N, N) * keep[:, None]).reshape(VB, h, N, N)
-
-
-@dataclass
-class HeadImportance:
-    """Result of :func:`head_importance`: every metric ``(B, L, h, len(modes))`` (paper 003 eq. 3–6).
-
-    ``prob`` ``I_prob = p[y] - p_pruned[y]``; ``jsd`` ``I_JSD`` in ``[0, ln 2]``; ``cls`` ``I_cls`` (NaN
-    without a prefix token); ``patch`` ``I_patch``; ``p_pruned`` ``p_pruned[y]`` (the image overview of
-    §5.1); ``p`` ``(B,)`` the unpruned ``p[y]``; ``labels`` ``(B,)`` the ``y`` used; ``modes``.
+    :meth:`update` takes ``(B, *shape)`` values and merges the batch's moments into the running
+    ones (the pairwise form of Welford's algorithm, Chan, Golub & LeVeque 1979): with ``b`` values
+    of mean ``m_b`` and sum of squared deviations ``M2_b``, ``n' = n + b``, ``d = m_b - m``,
+    ``m' = m + d b / n'``, ``M2' = M2 + M2_b + d^2 n b / n'``. NaNs are skipped per element (their
+    ``count`` is lower). ``std`` is the population standard deviation ``sqrt(M2 / n)`` (``ddof=0``,
+    as ``np.std``); elements with no value have mean and std NaN. Memory: three arrays of ``shape``.
     """
 
-    prob: torch.Tensor
-    jsd: torch.Tensor
-    cls: torch.Tensor
-    patch: torch.Tensor
-    p_pruned: torch.Tensor
-    p: torch.Tensor
-    labels: torch.Tensor
-    modes: Tuple[int, ...]
+    def __init__(self):
+        self.shape: Optional[Tuple[int, ...]] = None
+        self.count = self._mean = self._m2 = None
 
-    def to_dict(self) -> dict:
-        return {"modes": list(self.modes), "mode_names": [PRUNE_MODES[m] for m in self.modes],
-                "labels": self.labels.tolist(), "p": self.p.tolist(),
-                **{k: getattr(self, k).tolist() for k in ("prob", "jsd", "cls", "patch", "p_pruned")}}
+    def update(self, values) -> "RunningStats":
+        x = values.detach().cpu().double().numpy() if isinstance(values, torch.Tensor) else \
+            np.asarray(values, dtype=np.float64)
+        if x.ndim < 1:
+            raise ValueError(f"values must have shape (B, ...) with a batch dim, got {x.shape}")
+        if self.shape is None:
+            self.shape = x.shape[1:]
+            self.count = np.zeros(self.shape, np.int64)
+            self._mean = np.zeros(self.shape)
+            self._m2 = np.zeros(self.shape)
+        elif x.shape[1:] != self.shape:
+            raise ValueError(f"values must have shape (B, *{self.shape}), got {x.shape}")
+        ok = ~np.isnan(x)
+        nb = ok.sum(0)
+        mb = np.where(ok, x, 0.0).sum(0) / np.maximum(nb, 1)
+        m2b = (np.where(ok, x - mb, 0.0) ** 2).sum(0)
+        tot = self.count + nb
+        d = mb - self._mean
+        w = nb / np.maximum(tot, 1)
+        self._mean = self._mean + d * w
+        self._m2 = self._m2 + m2b + d * d * self.count * w
+        self.count = tot
+        return self
 
+    def _need(self):
+        if self.shape is None:
+            raise ValueError("RunningStats has seen no values yet (call update first)")
 
-def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``JSD(p || q) = KL(p || m) / 2 + KL(q || m) / 2``, ``m = (p + q) / 2``, natural logs, over the last dim.
+    @property
+    def mean(self) -> np.ndarray:
+        self._need()
+        return np.where(self.count > 0, self._mean, np.nan)
 
-    In ``[0, ln 2]`` (paper 003 eq. 4; docs/math.md §9), clamped there against rounding.
-    """
-    p, q = p.double(), q.double()
-    m = 0.5 * (p + q)
-    kl = lambda a: (torch.special.xlogy(a, a) - torch.special.xlogy(a, m)).sum(-1)  # noqa: E731
-    return (0.5 * kl(p) + 0.5 * kl(q)).clamp(0.0, math.log(2.0))
-
-
-def _staged(model: nn.Module):
-    from .maps import _is_staged_vit
-
-    if not _is_staged_vit(model):
-        raise ValueError("model must be a timm VisionTransformer (blocks in an nn.Sequential), possibly built with "
-                         "a vitpatch attention layer (attn_layer=WindowAttention): its blocks are rerun one at a time")
-    mods = [blk.attn for blk in model.blocks]
-    if any(m not in attention_modules(model) for m in mods):
-        raise ValueError("every block's attn must be timm Attention-like (fused_attn switch and attn_drop module)")
-    return mods
-
-
-def _embed(model, images):
-    x = model.patch_embed(images)
-    x = model._pos_embed(x)
-    x = model.patch_drop(x)
-    return model.norm_pre(x)
+    def std(self, ddof: int = 0) -> np.ndarray:
+        """``sqrt(M2 / (n - ddof))`` per element (NaN where ``n <= ddof``)."""
+        self._need()
+        return np.where(self.count > ddof, np.sqrt(self._m2 / np.maximum(self.count - ddof, 1)), np.nan)
 
 
-def _head(model, x):
-    return model.forward_head(model.norm(x))
+class _Reservoir:
+    """A uniform sample of at most ``k`` rows of a stream without replacement (Vitter's algorithm R), seeded."""
+
+    def __init__(self, k: int, seed: int = 0):
+        self.k, self.seen = int(k), 0
+        self.rng = np.random.default_rng(seed)
+        self.rows: Optional[np.ndarray] = None
+        self.ids = np.full(self.k, -1, np.int64)
+
+    def add(self, rows: np.ndarray, ids: np.ndarray) -> None:
+        if self.k < 1 or len(rows) == 0:
+            self.seen += len(rows)
+            return
+        if self.rows is None:
+            self.rows = np.zeros((self.k, *rows.shape[1:]), rows.dtype)
+        t = self.seen + np.arange(len(rows))
+        slot = np.where(t < self.k, t, self.rng.integers(0, t + 1))
+        for i in np.nonzero(slot < self.k)[0]:  # in stream order: a later row may replace an earlier one
+            self.rows[slot[i]] = rows[i]
+            self.ids[slot[i]] = ids[i]
+        self.seen += len(rows)
+
+    def sample(self) -> Tuple[np.ndarray, np.ndarray]:
+        """``(rows, ids)`` sorted by id."""
+        n = min(self.k, self.seen)
+        if n == 0 or self.rows is None:
+            return np.zeros((0,)), np.zeros(0, np.int64)
+        order = np.argsort(self.ids[:n])
+        return self.rows[:n][order], self.ids[:n][order]
 
 
-def _repeat_kwargs(kwargs: dict, V: int) -> dict:
-    """Repeat per-image forward kwargs (a per-image WindowMask) for ``V`` variants of a batch."""
-    from ..masks import WindowMask
-
-    out = {}
-    for k, v in kwargs.items():
-        if isinstance(v, WindowMask) and v.batch_size is not None:
-            w = v.windows.repeat(V, 1, 1) if v.windows.dim() == 3 else v.windows
-            kk = None if v.key_keep is None else v.key_keep.repeat(V, 1)
-            tk = None if v.token_keep is None else v.token_keep.repeat(V, 1)
-            v = WindowMask(w, v.grid, v.num_prefix_tokens, kk, token_keep=tk)
-        elif isinstance(v, torch.Tensor) and v.dim() >= 1:
-            raise ValueError(f"forward kwarg {k!r} is a tensor: per-image tensors cannot be repeated for the "
-                             f"batched variants (pass a WindowMask or use head_importance_loop)")
-        out[k] = v
-    return out
+def _json(a):
+    """Nested lists (NaN and inf as None: JSON has neither) of an array or scalar."""
+    a = np.asarray(a)
+    if a.dtype.kind != "f":
+        return a.tolist()
+    obj = a.astype(object)
+    obj[~np.isfinite(a)] = None
+    return obj.tolist()
 
 
-@contextlib.contextmanager
-def _unfused(model: nn.Module):
-    """All attention modules unfused and in eval mode, restored afterwards."""
-    mods = attention_modules(model)
-    saved = [m.fused_attn for m in mods]
-    training = [(m, m.training) for m in model.modules()]
-    try:
-        for m in mods:
-            m.fused_attn = False
-        model.eval()
-        yield mods
-    finally:
-        for m, f in zip(mods, saved):
-            m.fused_attn = f
-        for m, t in training:
-            m.training = t
+def _check_int(value, name: str, lo: int, hi: Optional[int] = None, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo or \
+            (hi is not None and value >= hi):
+        rng = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an integer {rng}, got {value!r}")
+    return int(value)
 
 
-def _pruning_hook(attn_module: nn.Module, heads, modes, P: int):
-    def hook(_mod, _args, out):
-        return prune_attention(out, heads, modes, P)
-    return attn_module.attn_drop.register_forward_hook(hook)
+def _importance_mode(modes: Tuple[int, ...]) -> int:
+    """Index of the mode that ranks heads: full pruning (1) when run, else the first non-zero mode."""
+    if 1 in modes:
+        return modes.index(1)
+    return next((i for i, m in enumerate(modes) if m != 0), 0)
 
 
-def _capture_output(module: nn.Module, store: list):
-    def hook(_mod, _args, out):
-        store.append(out)
-    return module.register_forward_hook(hook)
-
-
-def _check_images(images, labels):
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-        raise ValueError(f"images must be a float tensor (B, C, H, W), got {getattr(images, 'shape', type(images).__name__)}")
-    if labels is not None:
-        labels = torch.as_tensor(labels)
-        if labels.shape != (images.shape[0],):
-            raise ValueError(f"labels must have shape (B,) = ({images.shape[0]},), got {tuple(labels.shape)}")
-    return labels
-
-
-class _Collector:
-    """Turns each pruned variant's logits and attention output into its metrics at once (nothing large is kept)."""
-
-    def __init__(self, logits0, z0, labels, P, modes, B, L, h):
-        self.p0 = logits0.double().softmax(-1)
-        self.y = self.p0.argmax(-1) if labels is None else labels.to(self.p0.device).long()
-        self.p0y = self.p0.gather(1, self.y[:, None])[:, 0]
-        self.z0, self.P, self.modes = z0, P, tuple(modes)
-        shape = (B, L, h, len(modes))
-        self.prob, self.jsd, self.pp, self.cls, self.patch = (torch.empty(shape, dtype=torch.float64)
-                                                              for _ in range(5))
-
-    def add(self, l: int, j: int, mi: int, logits: torch.Tensor, z_pruned: torch.Tensor) -> None:
-        q = logits.double().softmax(-1)
-        qy = q.gather(1, self.y[:, None])[:, 0]
-        self.pp[:, l, j, mi] = qy.cpu()
-        self.prob[:, l, j, mi] = (self.p0y - qy).cpu()
-        self.jsd[:, l, j, mi] = js_divergence(self.p0, q).cpu()
-        cos = torch.nn.functional.cosine_similarity(self.z0[l].double(), z_pruned.double(), dim=-1, eps=1e-12)
-        self.cls[:, l, j, mi] = (1 - cos[:, 0]).cpu() if self.P >= 1 else float("nan")
-        self.patch[:, l, j, mi] = (1 - cos[:, self.P:]).mean(-1).cpu()
-
-    def result(self) -> HeadImportance:
-        return HeadImportance(self.prob, self.jsd, self.cls, self.patch, self.pp, self.p0y.cpu(), self.y.cpu(),
-                              self.modes)
+def _unpack_batch(item, count: int):
+    if isinstance(item, torch.Tensor):
+        return None, item, None
+    if isinstance(item, (tuple, list)) and len(item) in (2, 3):
+        names, x = item[0], item[1]
+        return names, x, (item[2] if len(item) == 3 else None)
+    raise ValueError(f"batches must yield (names, images, labels), (names, images) or an images tensor; batch "
+                     f"at image {count} is a {type(item).__name__}")
 
 
 @torch.no_grad()
-def head_importance(model: nn.Module, images: torch.Tensor, labels=None, modes: Sequence[int] = (1,),
-                    max_batch: int = 256, progress: bool = False, **forward_kwargs) -> HeadImportance:
-    """Head importance by pruning (paper 003 §5.2, eq. 3–6; docs/math.md §9), batched.
+def heads_report(model: nn.Module, batches: Iterable, *, out, modes: Sequence[int] = (1,), layer: Optional[int] = None,
+                 head: Optional[int] = None, image: int = 0, ae_epochs: int = 30, top: float = 0.01,
+                 tsne_max: int = 2000, class_names: Optional[Sequence[str]] = None, mean=None, std=None,
+                 max_batch: int = 256, entropy_bins: int = 50, seed: int = 0, progress: bool = False
+                 ) -> Tuple[dict, Dict[str, object]]:
+    """Paper 003 over a stream of images: head importance, k-hop strength, patterns, and Fig. 1 / 7 (``vitpatch heads``).
 
-    Pruning head ``(l, j)`` in mode ``m`` zeroes its post-softmax map in the region of
-    :func:`region_mask` (no renormalisation; the hook sits on ``attn_drop`` of block ``l``, run
-    unfused). Model level: ``I_prob = p[y] - p_pruned[y]`` and ``I_JSD = JSD(p || p_pruned)``
-    (softmax probabilities, natural logs; ``y = labels`` or the unpruned argmax). Layer level, on
-    the attention module's output ``z`` (after the projection): ``I_cls = 1 - cos(z_0, z'_0)``,
-    ``I_patch = mean_i (1 - cos(z_i, z'_i))`` over patch tokens.
+    One pass over ``batches``, items ``(names, images, labels)`` with ``labels`` a LongTensor of true
+    classes (eq. 3) or None to score against the model's unpruned prediction (also ``(names,
+    images)`` or a bare images tensor). Per batch :func:`head_importance` (all ``modes``, top-5
+    kept) and every layer's map give ``I_prob``, ``P_ij[y]``, ``I_JSD``, ``I_cls``, ``I_patch``,
+    k-hop strength, its entropy and MAD per image; they update running means and stds per head
+    (:class:`RunningStats`), entropy histograms per head, and are appended to ``out/per_image/*.npy``
+    (memory-mapped, ``(images, ...)``). Binarised patch patterns (the top ``top`` of ``A[P:, P:]``)
+    of every image, layer and head are appended bit-packed to ``out/patch_patterns.npy`` (row
+    ``(image * L + layer) * h + head``), the autoencoder trains from that file for ``ae_epochs``
+    epochs (0: skip it) and at most ``tsne_max`` of its rows (a seeded uniform sample, plus the
+    selected image's) are laid out by t-SNE; CLS patterns are sampled the same way while streaming
+    (reservoir). Image names are written to ``out/images.txt``. Nothing held grows with the number
+    of images.
 
-    Cost: one unpruned forward caches every block's input; for each block ``l`` the
-    ``h * len(modes)`` variants run as one batch (in chunks of at most ``max_batch`` images, at least one variant each)
-    from that cached input through blocks ``l .. L-1`` and the head. Every attention module runs
-    unfused (explicit softmax) in all passes, so pruned and unpruned numbers share one code path.
+    The selected image is the ``image``-th of the stream; the selected head is ``(layer, head)``,
+    by default the head of largest mean ``I_prob`` (full pruning, mode 1, when run) over all
+    layers (or within ``layer`` when only ``layer`` is given; ``layer`` alone defaults to L // 2
+    when only ``head`` is given).
 
-    Args:
-        model: a timm ``VisionTransformer`` (also with ``attn_layer=WindowAttention`` etc.).
-        images: ``(B, C, H, W)`` model inputs.
-        labels: ``(B,)`` class indices, or None for the unpruned prediction.
-        modes: pruning modes from :data:`PRUNE_MODES`.
-        **forward_kwargs: passed to every block, e.g. ``attn_mask=WindowMask(...)``.
-
-    Returns a :class:`HeadImportance` with ``prob``, ``jsd``, ``cls``, ``patch`` ``(B, L, h, len(modes))``.
+    Returns ``(summary, figures)``: a JSON-ready dict (means and stds over images per head, the
+    selected head and its top-5 predictions under pruning, the files written) and ``{file name:
+    matplotlib Figure}``: ``head_importance.png`` (B1 / Fig. 7, every mode), ``b2_head_modes.png``,
+    ``b3_top5.png``, ``mode_bars.png`` (more than one mode), ``top5_heads.png``, ``khop_strength.png``,
+    ``entropy_layers.png`` (C1), ``c3_entropy_distribution.png``, ``tsne_images.png`` (Fig. 1A, at
+    least 4 images), ``tsne_cls_patterns.png`` / ``d1_density_cls_patterns.png`` (with a CLS token),
+    ``tsne_patch_patterns.png`` / ``d1_density_patch_patterns.png`` (``ae_epochs > 0``),
+    ``context_masks.png`` (D2), ``attention_heatmap.png`` (D4, with a CLS token), ``d3_two_axes.png``,
+    ``d5_threshold_histogram.png``. ``mean`` / ``std`` undo the input normalisation for display
+    (default: the model's ``pretrained_cfg``).
     """
-    modes = _check_modes(modes)
-    labels = _check_images(images, labels)
+    from .plots import paper003 as plots
+    from .plots._common import display_image
+
+    modes = check_modes(modes)
     attn_mods = _staged(model)
-    P = check_prefix(model.num_prefix_tokens)
-    dev = next(model.parameters()).device
-    x = images.to(dev)
-    B, L, h = x.shape[0], len(model.blocks), attn_mods[0].num_heads
-    variants = [(j, mi) for j in range(h) for mi in range(len(modes))]
-    V = len(variants)
-    if isinstance(max_batch, bool) or not isinstance(max_batch, numbers.Integral) or max_batch < 1:
-        raise ValueError(f"max_batch must be a positive integer (images per pruned-variant batch), got {max_batch!r}")
-    chunk = max(1, int(max_batch) // B)
-    with _unfused(model):
-        inputs, z0 = [], []
-        t = _embed(model, x)
-        for blk in model.blocks:
-            inputs.append(t)
-            store: list = []
-            handle = _capture_output(blk.attn, store)
-            try:
-                t = blk(t, **forward_kwargs)
-            finally:
-                handle.remove()
-            z0.append(store[0])
-        out = _Collector(_head(model, t), z0, labels, P, modes, B, L, h)
-        steps = [(l, s) for l in range(L) for s in range(0, V, chunk)]
-        if progress:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(steps, desc="pruned variants", unit="batch", leave=False)
-        for l, s in steps:
-            part = variants[s:s + chunk]
-            Vc = len(part)
-            kw = _repeat_kwargs(forward_kwargs, Vc)
-            tv = inputs[l].repeat(Vc, 1, 1)
-            store = []
-            hooks = [_pruning_hook(attn_mods[l], [j for j, _ in part], [modes[mi] for _, mi in part], P),
-                     _capture_output(attn_mods[l], store)]
-            try:
-                tv = model.blocks[l](tv, **kw)
-            finally:
-                for hk in hooks:
-                    hk.remove()
-            for blk in model.blocks[l + 1:]:
-                tv = blk(tv, **kw)
-            logits = _head(model, tv).reshape(Vc, B, -1)
-            zs = store[0].reshape(Vc, B, *store[0].shape[1:])
-            for v, (j, mi) in enumerate(part):
-                out.add(l, j, mi, logits[v], zs[v])
-        del inputs
-    return out.result()
-
-
-@torch.no_grad()
-def head_importance_loop(model: nn.Module, images: torch.Tensor, labels=None, modes: Sequence[int] = (1,),
-                         **forward_kwargs) -> HeadImportance:
-    """:func:`head_importance` the plain way: one full forward of the batch per pruned ``(l, head, mode)``.
-
-    Same definitions and result; it reruns every block for every pruned head
-    (``L * h * len(modes)`` full forwards). Kept as the oracle of the batched version and as the
-    baseline of ``bench/heads.py``. Works on any model whose attention modules are timm-like.
-    """
-    modes = _check_modes(modes)
-    labels = _check_images(images, labels)
-    attn_mods = [m for m in attention_modules(model)]
-    if not attn_mods:
-        raise ValueError("model has no timm Attention-like module")
-    P = check_prefix(getattr(model, "num_prefix_tokens", 0))
-    dev = next(model.parameters()).device
-    x = images.to(dev)
-    B, L, h = x.shape[0], len(attn_mods), attn_mods[0].num_heads
-    with _unfused(model):
-        z0: list = []
-        hs = [_capture_output(m, z0) for m in attn_mods]
-        try:
-            logits0 = model(x, **forward_kwargs)
-        finally:
-            for hk in hs:
-                hk.remove()
-        out = _Collector(logits0, z0, labels, P, modes, B, L, h)
-        for l in range(L):
-            for j in range(h):
-                for mi, m in enumerate(modes):
-                    store: list = []
-                    hooks = [_pruning_hook(attn_mods[l], [j], [m], P), _capture_output(attn_mods[l], store)]
-                    try:
-                        logits = model(x, **forward_kwargs)
-                    finally:
-                        for hk in hooks:
-                            hk.remove()
-                    out.add(l, j, mi, logits, store[0])
-    return out.result()
-
-
-# ---------------------------------------------------------------------------- overview, t-SNE
-def tsne(features, perplexity: Optional[float] = None, seed: int = 0) -> np.ndarray:
-    """2-D t-SNE (scikit-learn) of ``features (M, D)``; perplexity ``min(30, (M - 1) / 3)`` unless given."""
-    from sklearn.manifold import TSNE
-
-    f = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, float)
-    if f.ndim != 2 or len(f) < 3:
-        raise ValueError(f"features must have shape (M, D) with M >= 3 points, got {f.shape}")
-    f = np.nan_to_num(f)
-    perp = min(30.0, max(1.0, (len(f) - 1) / 3.0)) if perplexity is None else float(perplexity)
-    if not 0 < perp < len(f):
-        raise ValueError(f"perplexity must be in (0, {len(f)}), got {perp}")
-    return TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(f)
-
-
-def image_overview(result: HeadImportance, mode: int = 1, perplexity: Optional[float] = None, seed: int = 0
-                   ) -> np.ndarray:
-    """Image overview (paper 003 §5.1, Fig. 1A): t-SNE of each image's ``L*h`` vector of ``p_pruned[y]``, ``(B, 2)``."""
-    if mode not in result.modes:
-        raise ValueError(f"mode must be one of the result's modes {result.modes}, got {mode!r}")
-    v = result.p_pruned[..., result.modes.index(mode)].reshape(result.p_pruned.shape[0], -1)
-    return tsne(v, perplexity, seed)
-
-
-# --------------------------------------------------------------------------------- patterns (§5.4)
-def cls_patterns(attn, num_prefix_tokens: int = 1) -> torch.Tensor:
-    """CLS pattern of every head (paper 003 §5.4, Fig. 6B): ``concat(A[0, :], A[P:, 0])``, ``(..., h, N + n)``."""
-    attn, P = check_attention(attn, num_prefix_tokens)
-    if P < 1:
-        raise ValueError("num_prefix_tokens must be >= 1 for CLS patterns (token 0 is the CLS token)")
-    return torch.cat([attn[..., 0, :], attn[..., P:, 0]], -1)
-
-
-def binarize_patterns(attn, num_prefix_tokens: int = 0, top: float = 0.01) -> torch.Tensor:
-    """Patch pattern of every head (paper 003 §5.4, Fig. 6C): the top ``top`` share of ``Ap``'s entries
-    set to 1, the rest 0, ``(..., h, n, n)`` float (at least one entry per head)."""
+    P, grid = model_layout(model)
+    L, h = len(model.blocks), attn_mods[0].num_heads
+    n = grid[0] * grid[1]
+    layer = _check_int(layer, "layer", 0, L, allow_none=True)
+    head = _check_int(head, "head", 0, h, allow_none=True)
+    image = _check_int(image, "image", 0)
+    ae_epochs = _check_int(ae_epochs, "ae_epochs", 0)
+    tsne_max = _check_int(tsne_max, "tsne_max", 0)
+    entropy_bins = _check_int(entropy_bins, "entropy_bins", 1)
     if isinstance(top, bool) or not isinstance(top, numbers.Real) or not 0 < float(top) <= 1:
         raise ValueError(f"top must be a fraction in (0, 1], got {top!r}")
-    attn, P = check_attention(attn, num_prefix_tokens)
-    Ap = attn[..., P:, P:]
-    n = Ap.shape[-1]
-    flat = Ap.reshape(*Ap.shape[:-2], n * n)
-    k = max(1, int(math.ceil(float(top) * n * n)))
-    idx = flat.topk(k, -1).indices
-    out = torch.zeros_like(flat, dtype=torch.float32).scatter_(-1, idx, 1.0)
-    return out.reshape(Ap.shape)
+    if out is None:
+        raise ValueError("out must be a folder for the per-image files and the pattern store")
+    out = os.fspath(out)
+    per_dir = os.path.join(out, "per_image")
+    os.makedirs(per_dir, exist_ok=True)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = cfg.get("mean") if mean is None else mean
+    std = cfg.get("std") if std is None else std
 
+    stats = {k: RunningStats() for k in (*IMPORTANCE_METRICS, "p", "strength", "entropy", "mad")}
+    edges = np.linspace(0.0, 1.0, entropy_bins + 1)
+    hist = np.zeros((L, h, entropy_bins), np.int64)
+    writers: Dict[str, NpyAppender] = {}
+    nb = packed_size(n)
+    patterns_path = os.path.join(out, "patch_patterns.npy")
+    pat_store = NpyAppender(patterns_path, np.uint8, (nb,))
+    cls_res = _Reservoir(tsne_max, seed)
+    count, correct, labelled, sel = 0, 0, None, None
 
-class PatternAutoencoder(nn.Module):
-    """Small conv autoencoder of binarised ``n x n`` patch patterns (paper 003 §5.4; SPEC §9 decision).
+    def write(name, arr, dtype):
+        a = arr.detach().cpu().numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
+        if name not in writers:
+            writers[name] = NpyAppender(os.path.join(per_dir, f"{name}.npy"), dtype, a.shape[1:])
+        writers[name].append(a)
 
-    Encoder: conv 1->8 (3x3, stride 2) + ReLU, conv 8->16 (3x3, stride 2) + ReLU, linear to a
-    ``latent``-d code (64). Decoder mirrored: linear, two transposed convs (4x4, stride 2), cropped
-    to ``n x n``; trained with BCE on logits.
-    """
+    names_file = open(os.path.join(out, "images.txt"), "w", encoding="utf-8")
+    try:
+        for item in batches:
+            names, x, y = _unpack_batch(item, count)
+            if not isinstance(x, torch.Tensor) or x.dim() != 4:
+                raise ValueError(f"images must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+            B = x.shape[0]
+            if labelled is None:
+                labelled = y is not None
+            elif labelled != (y is not None):
+                raise ValueError("batches must give labels for every batch or for none (labels=None: predictions)")
+            imp = head_importance(model, x, y, modes=modes, max_batch=max_batch)
+            st, mads, packed, clsr = [], [], [], []
+            patch_px = x.shape[-1] / grid[1]
+            for A in attention_maps(model, x):
+                st.append(khop_strength(A, grid, P).cpu())
+                mads.append(mean_attention_distance(A, grid, patch_px, P).cpu())
+                packed.append(pack_patterns(binarize_patterns(A, P, top)))  # (B, h, nb)
+                if P >= 1:
+                    clsr.append(cls_patterns(A, P).float().cpu().numpy())  # (B, h, N + n)
+            S = torch.stack(st, 1)
+            E = strength_entropy(S)
+            MAD = torch.stack(mads, 1)
+            for k in IMPORTANCE_METRICS:
+                v = getattr(imp, k)
+                stats[k].update(v)
+                write(k, v, np.float32)
+            stats["p"].update(imp.p)
+            for k, v in (("strength", S), ("entropy", E), ("mad", MAD)):
+                stats[k].update(v)
+                write(k, v, np.float32)
+            write("p", imp.p, np.float32)
+            write("label", imp.labels, np.int64)
+            write("pred", imp.pred, np.int64)
+            write("top5_prob", imp.top5_prob, np.float32)
+            write("top5_class", imp.top5_class, np.int32)
+            write("top5_prob0", imp.top5_prob0, np.float32)
+            write("top5_class0", imp.top5_class0, np.int32)
+            correct += int((imp.labels == imp.pred).sum())
+            e = E.numpy()
+            ok = np.isfinite(e)
+            b = np.clip(np.floor(np.where(ok, e, 0) * entropy_bins).astype(np.int64), 0, entropy_bins - 1)
+            flat = (np.arange(L * h).reshape(1, L, h) * entropy_bins + b)[ok]
+            hist += np.bincount(flat, minlength=L * h * entropy_bins).reshape(L, h, entropy_bins)
+            pat_store.append(np.stack(packed, 1).reshape(B * L * h, nb))
+            ids = count * L * h + np.arange(B * L * h)
+            keep = np.ones(B * L * h, bool)
+            i_sel = image - count
+            if 0 <= i_sel < B:
+                keep[i_sel * L * h:(i_sel + 1) * L * h] = False
+                sel = {"name": str(names[i_sel]) if names is not None else f"#{image}", "x": x[i_sel:i_sel + 1].cpu(),
+                       "label": int(imp.labels[i_sel]), "pred": int(imp.pred[i_sel]), "p": float(imp.p[i_sel]),
+                       **{k: getattr(imp, k)[i_sel].numpy() for k in IMPORTANCE_METRICS},
+                       **{k: getattr(imp, k)[i_sel].numpy() for k in ("top5_prob", "top5_class", "top5_prob0",
+                                                                       "top5_class0")},
+                       "entropy": e[i_sel], "strength": S[i_sel].numpy()}
+                if P >= 1:
+                    sel["cls_rows"] = np.stack(clsr, 1)[i_sel].reshape(L * h, -1)
+            if P >= 1:
+                rows = np.stack(clsr, 1).reshape(B * L * h, -1)
+                cls_res.add(rows[keep], ids[keep])
+            for i in range(B):
+                names_file.write(f"{names[i] if names is not None else '#' + str(count + i)}\n")
+            count += B
+    finally:
+        names_file.close()
+        pat_store.close()
+        for w in writers.values():
+            w.close()
+    if count == 0:
+        raise ValueError("batches yielded no images")
+    if sel is None:
+        raise ValueError(f"image must be the index of one of the {count} images, got {image}")
 
-    def __init__(self, n: int, latent: int = 64):
-        super().__init__()
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-            raise ValueError(f"n must be a positive integer (patches), got {n!r}")
-        self.n = int(n)
-        s = (self.n + 1) // 2
-        self.s = (s + 1) // 2
-        self.enc = nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
-                                 nn.Flatten(), nn.Linear(16 * self.s * self.s, latent))
-        self.dec_fc = nn.Linear(latent, 16 * self.s * self.s)
-        self.dec = nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(16, 8, 4, 2, 1), nn.ReLU(),
-                                 nn.ConvTranspose2d(8, 1, 4, 2, 1))
+    means = {k: stats[k].mean for k in stats}
+    stds = {k: stats[k].std() for k in stats}
+    mi = _importance_mode(modes)
+    ranking = np.nan_to_num(means["prob"][..., mi], nan=-np.inf)
+    chosen = "given"
+    if head is None:
+        if layer is None:
+            layer, head = (int(t) for t in np.unravel_index(int(np.argmax(ranking)), (L, h)))
+        else:
+            head = int(np.argmax(ranking[layer]))
+        chosen = f"largest mean I_prob (mode {modes[mi]})"
+    elif layer is None:
+        layer = L // 2
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.enc(x.reshape(-1, 1, self.n, self.n))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.encode(x)
-        y = self.dec(self.dec_fc(z).reshape(-1, 16, self.s, self.s))
-        return y[..., :self.n, :self.n]
-
-
-def pattern_latents(patterns: torch.Tensor, epochs: int = 30, latent: int = 64, lr: float = 3e-3,
-                    batch_size: int = 32, seed: int = 0) -> Tuple[torch.Tensor, List[float]]:
-    """Train :class:`PatternAutoencoder` on ``patterns (M, n, n)`` (0/1) and return ``(latents (M, latent), losses)``."""
-    if not isinstance(patterns, torch.Tensor) or patterns.dim() != 3 or patterns.shape[1] != patterns.shape[2]:
-        raise ValueError(f"patterns must have shape (M, n, n), got {getattr(patterns, 'shape', None)}")
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    x = patterns.detach().float().cpu()
-    model = PatternAutoencoder(x.shape[-1], latent)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    losses = []
-    with torch.enable_grad():
-        for _ in range(max(1, int(epochs))):
-            tot = 0.0
-            for idx in torch.randperm(len(x), generator=g).split(batch_size):
-                xb = x[idx]
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(model(xb)[:, 0], xb)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                tot += float(loss.detach()) * len(idx)
-            losses.append(tot / len(x))
-    with torch.no_grad():
-        return model.encode(x), losses
-
-
-def context_masks(attn, grid, num_prefix_tokens: int = 1, patch: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """Image-context masks (paper 003 Fig. 6D/E) of every head, each ``(..., h, gh, gw)``.
-
-    ``cls_to_patches`` ``A[0, P:]`` and ``patches_to_cls`` ``A[P:, 0]`` (with a CLS token), and for
-    ``patch`` ``p``: ``patch_row`` ``A[P + p, P:]`` (what ``p`` attends to) and ``patch_col``
-    ``A[P:, P + p]`` (who attends to ``p``).
-    """
-    from ..masks import check_grid
-
-    gh, gw = check_grid(grid)
-    attn, P = check_attention(attn, num_prefix_tokens, grid)
-    shape = (*attn.shape[:-2], gh, gw)
-    out = {}
+    # ------------------------------------------------------------------------ figures
+    figs: Dict[str, object] = {}
+    four = ("p_pruned", "jsd", "cls", "patch")
+    figs["head_importance.png"] = plots.plot_importance_metrics(
+        {k: means[k] for k in four}, {k: stds[k] for k in four}, modes, current={k: sel[k] for k in four},
+        selected=(layer, head), unpruned=float(means["p"]))
+    figs["b2_head_modes.png"] = plots.plot_head_modes(
+        {k: means[k][layer, head] for k in four}, {k: stds[k][layer, head] for k in four}, modes,
+        current={k: sel[k][layer, head] for k in four},
+        title=f"layer {layer} head {head} per pruning mode, mean ± std over {count} images (paper 003 Fig. 1 B2)")
+    label_kind = "true class" if labelled else "predicted class"
+    figs["b3_top5.png"] = plots.plot_pruned_top5(
+        sel["top5_prob"][layer, head], sel["top5_class"][layer, head], modes, label=sel["label"],
+        class_names=class_names, unpruned=(sel["top5_prob0"], sel["top5_class0"]),
+        title=f"image {image} ({os.path.basename(sel['name'])}): top-5 with layer {layer} head {head} pruned "
+              f"({label_kind} in bold; paper 003 Fig. 1 B3)")
+    if len(modes) > 1:
+        figs["mode_bars.png"] = plots.plot_mode_bars(means["prob"], modes)
+    figs["top5_heads.png"] = plots.plot_top_heads(means["prob"][..., mi], 5, f"I_prob (mode {modes[mi]})")
+    figs["khop_strength.png"] = plots.plot_khop_strength(means["strength"][layer], layer)
+    figs["entropy_layers.png"] = plots.plot_entropy_layers(means["entropy"])
+    figs["c3_entropy_distribution.png"] = plots.plot_entropy_distribution(
+        hist[layer, head], edges, current=float(sel["entropy"][layer, head]),
+        title=f"layer {layer} head {head}: strength entropy over {int(hist[layer, head].sum())} images\n"
+              f"(paper 003 Fig. 1 C3)")
+    rng = np.random.default_rng(seed)
+    layer_of = np.repeat(np.arange(L), h)
+    tsne_info = {}
+    if count >= 4 and tsne_max >= 4:
+        img_ids = np.sort(rng.choice(count, min(count, tsne_max), replace=False))
+        pp = np.load(os.path.join(per_dir, "p_pruned.npy"), mmap_mode="r")
+        lab = np.load(os.path.join(per_dir, "label.npy"), mmap_mode="r")
+        vec = np.asarray(pp[img_ids][..., mi], dtype=np.float64).reshape(len(img_ids), -1)
+        figs["tsne_images.png"] = plots.plot_tsne(
+            tsne(vec, seed=seed), np.asarray(lab[img_ids]),
+            f"images by P_ij[y] over all heads, mode {modes[mi]} (paper 003 Fig. 1A)", label_kind)
+        tsne_info["images"] = int(len(img_ids))
+    own = np.arange(L * h)
     if P >= 1:
-        out["cls_to_patches"] = attn[..., 0, P:].reshape(shape)
-        out["patches_to_cls"] = attn[..., P:, 0].reshape(shape)
-    if patch is not None:
-        if isinstance(patch, bool) or not isinstance(patch, numbers.Integral) or not 0 <= patch < gh * gw:
-            raise ValueError(f"patch must be a patch index in [0, {gh * gw}), got {patch!r}")
-        out["patch_row"] = attn[..., P + patch, P:].reshape(shape)
-        out["patch_col"] = attn[..., P:, P + patch].reshape(shape)
-    return out
+        rows, rids = cls_res.sample()
+        feats = np.concatenate([rows.reshape(len(rids), -1), sel["cls_rows"]]) if len(rids) else sel["cls_rows"]
+        if len(feats) >= 4:
+            emb = tsne(feats, seed=seed)
+            lay = np.concatenate([(rids // h) % L, layer_of])
+            figs["tsne_cls_patterns.png"] = plots.plot_tsne(
+                emb, lay, f"CLS patterns of {len(feats)} heads (paper 003 Fig. 6B, 12B)", "layer")
+            figs["d1_density_cls_patterns.png"] = plots.plot_pattern_density(
+                emb, emb[len(rids):], layer_of, layer * h + head,
+                title=f"CLS patterns: density of {len(feats)} heads, selected image's heads on top\n"
+                      f"(paper 003 Fig. 1 D1, 10A)")
+            tsne_info["cls_patterns"] = int(len(feats))
+    losses: List[float] = []
+    if ae_epochs > 0:
+        data = PackedPatterns(patterns_path, n)
+        ae, losses = train_pattern_autoencoder(data, epochs=ae_epochs, seed=seed, progress=progress)
+        sel_rows = image * L * h + own
+        n_other = len(data) - L * h  # a sample of the other rows, drawn without listing them all
+        pick = np.sort(rng.choice(n_other, min(n_other, tsne_max), replace=False)) if n_other else own[:0]
+        pick = np.where(pick >= sel_rows[0], pick + L * h, pick)
+        ids = np.concatenate([pick, sel_rows])
+        latents = encode_patterns(ae, data, ids)
+        data.close()
+        if len(ids) >= 4:
+            emb = tsne(latents, seed=seed)
+            lay = (ids // h) % L
+            figs["tsne_patch_patterns.png"] = plots.plot_tsne(
+                emb, lay, f"patch patterns of {len(ids)} heads, AE latents (paper 003 Fig. 6C, 12A)", "layer")
+            figs["d1_density_patch_patterns.png"] = plots.plot_pattern_density(
+                emb, emb[len(pick):], layer_of, layer * h + head,
+                title=f"patch patterns: density of {len(ids)} heads, selected image's heads on top\n"
+                      f"(paper 003 Fig. 1 D1, 12A)")
+            tsne_info["patch_patterns"] = int(len(ids))
+    maps = list(attention_maps(model, sel["x"]))
+    A = maps[layer]
+    img = display_image(sel["x"][0], mean, std)
+    cm = context_masks(A, grid, P, patch=n // 2 + grid[1] // 2)
+    figs["context_masks.png"] = plots.plot_context_masks(img, {k: v[0, head] for k, v in cm.items()},
+                                                         f"layer {layer}, head {head} (paper 003 Fig. 1 D2, 6D/E)")
+    if P >= 1:
+        figs["attention_heatmap.png"] = plots.plot_attention_heatmap(A[0, head], P, f"layer {layer}, head {head} "
+                                                                                   f"(paper 003 Fig. 1 D4)")
+    figs["d3_two_axes.png"] = plots.plot_two_axes(A[0, head], P, top)
+    figs["d5_threshold_histogram.png"] = plots.plot_threshold_histogram(A[0, head], top)
+    del maps, A
+
+    def top5(prob, cls):
+        d = {"prob": [float(v) for v in prob], "class": [int(c) for c in cls]}
+        if class_names is not None:
+            d["name"] = [str(class_names[int(c)]) if 0 <= int(c) < len(class_names) else None for c in cls]
+        return d
+
+    per_image = {k: {"file": os.path.join("per_image", f"{k}.npy"), "shape": [count, *w.row_shape],
+                     "dtype": str(w.dtype)} for k, w in writers.items()}
+    summary = {
+        "grid": list(grid), "num_prefix_tokens": P, "layers": L, "heads": h, "images": count,
+        "image_list": "images.txt", "label_source": "true" if labelled else "pred",
+        "unpruned_accuracy": correct / count if labelled else None,
+        "modes": list(modes), "mode_names": [PRUNE_MODES[m] for m in modes],
+        "mean_over_images": {k: _json(means[k]) for k in IMPORTANCE_METRICS},
+        "std_over_images": {k: _json(stds[k]) for k in IMPORTANCE_METRICS},
+        "p_unpruned_mean": float(means["p"]), "p_unpruned_std": float(stds["p"]),
+        "khop_strength_mean": _json(means["strength"]), "khop_strength_std": _json(stds["strength"]),
+        "strength_entropy_mean": _json(means["entropy"]), "strength_entropy_std": _json(stds["entropy"]),
+        "mad_px_mean": _json(means["mad"]), "mad_px_std": _json(stds["mad"]),
+        "strength_entropy_histogram": {"edges": edges.tolist(), "counts": hist.tolist()},
+        "selected": {"image": image, "name": sel["name"], "layer": layer, "head": head, "chosen_by": chosen,
+                     "label": sel["label"], "pred": sel["pred"], "p": sel["p"],
+                     "top5_unpruned": top5(sel["top5_prob0"], sel["top5_class0"]),
+                     "top5_pruned": {str(m): top5(sel["top5_prob"][layer, head, i], sel["top5_class"][layer, head, i])
+                                     for i, m in enumerate(modes)}},
+        "per_image": per_image,
+        "patch_patterns": {"file": "patch_patterns.npy", "rows": count * L * h, "n": n, "bytes_per_row": nb,
+                           "top": float(top), "order": "(image * layers + layer) * heads + head",
+                           "packing": "np.packbits of the row-major n x n pattern"},
+        "autoencoder": {"epochs": ae_epochs, "losses": losses},
+        "tsne_points": tsne_info,
+    }
+    return summary, figs

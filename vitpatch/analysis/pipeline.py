@@ -134,7 +134,7 @@ def load_model(name: str, checkpoint=None, img_size: Optional[int] = None, devic
         from timm.models import load_state_dict
 
         state = load_state_dict(checkpoint)
-        head = state.get("head.weight")
+        head = state.get("head.weight", state.get("head.fc.weight"))  # timm ViTs; PaCa-ViT (head.fc)
         if isinstance(head, torch.Tensor) and head.dim() == 2:
             kwargs["num_classes"] = head.shape[0]
     model = timm.create_model(name, pretrained=False, **kwargs)

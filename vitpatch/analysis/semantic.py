@@ -10,10 +10,14 @@ Pipeline for one batch (``raw`` the uint8 images as the model sees them, ``x`` t
         afi = analysis.focus_index(A, num_prefix_tokens=1)                        # eq. 5, (B, h)
 
 :func:`layer_semantics` does exactly that loop and stacks only the small per-head results.
-Keypoints come from OpenCV's SIFT, an optional extra: ``pip install -e ".[semantic]"``.
+Over a dataset, :func:`semantic_report` (the ``vitpatch semantic`` command) streams batches and
+keeps running sums only; :func:`mask_prompt_accuracy` / :class:`MaskPromptAccuracy` score mask as
+prompt (§5.1) with counters. Keypoints come from OpenCV's SIFT, an optional extra:
+``pip install -e ".[semantic]"`` (:func:`require_opencv` checks for it).
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
@@ -26,8 +30,9 @@ from .maps import check_prefix
 
 __all__ = ["sift_keypoints", "keypoint_counts", "attended_sets", "interrelation", "interrelation_summary",
            "Interrelation", "focus_index", "layer_semantics", "LayerSemantics", "patch_scores",
-           "mask_patches", "mask_prompt_accuracy", "guided_mae_mask", "curriculum_beta", "to_uint8",
-           "FOCUS_VARIANTS", "MASK_MODES", "MASK_RATIOS"]
+           "mask_patches", "mask_prompt_accuracy", "MaskPromptAccuracy", "guided_mae_mask", "curriculum_beta",
+           "to_uint8", "require_opencv", "check_layers", "default_stages", "check_stages", "stage_layers",
+           "semantic_report", "FOCUS_VARIANTS", "MASK_MODES", "MASK_RATIOS", "STAGE_NAMES", "PER_IMAGE_FILE"]
 
 FOCUS_VARIANTS = ("renorm", "literal")
 MASK_MODES = ("pixel", "drop_tokens")
@@ -36,7 +41,12 @@ _INSTALL = 'pip install -e ".[semantic]"'
 
 
 # ------------------------------------------------------------------------------- keypoints (§2.2)
-def _cv2():
+def require_opencv():
+    """The ``cv2`` module (OpenCV, the ``semantic`` extra of vitpatch) that SIFT (§2.2) needs.
+
+    Raises ``ImportError`` naming the install command when it is missing, so a command can fail
+    before it loads a model.
+    """
     try:
         import cv2
     except ImportError as exc:
@@ -67,7 +77,7 @@ def sift_keypoints(images) -> List[np.ndarray]:
     edgeThreshold=10, sigma=1.6``) on the grayscale of each uint8 RGB image; keypoints at the
     same place with different orientations are kept as OpenCV returns them (002 §2.2).
     """
-    cv2 = _cv2()
+    cv2 = require_opencv()
     imgs = _hwc_uint8(images)
     sift = cv2.SIFT_create()
     out = []
@@ -255,39 +265,69 @@ class LayerSemantics(NamedTuple):
     theta_mean: Optional[torch.Tensor]  # (B, n): theta averaged over the chosen layers and heads (§5.1 score)
 
 
+def check_layers(layers, num_layers: Optional[int] = None, name: str = "layers") -> Optional[List[int]]:
+    """Layer indices as a sorted list without repeats (``None`` stays ``None``: every layer).
+
+    Integers only; negative ones count from the end (``-1`` the last layer). With ``num_layers``
+    every index must lie in ``[-num_layers, num_layers)`` and negative ones are made positive;
+    without it only the types are checked.
+    """
+    if layers is None:
+        return None
+    if isinstance(layers, (numbers.Integral, str, bytes)) or not isinstance(layers, Iterable):
+        raise ValueError(f"{name} must be a sequence of layer indices, got {layers!r}")
+    layers = list(layers)
+    if not layers:
+        raise ValueError(f"{name} must name at least one layer (None for every layer)")
+    for l in layers:
+        if isinstance(l, bool) or not isinstance(l, numbers.Integral):
+            raise ValueError(f"{name} must be integer layer indices, got {l!r}")
+    if num_layers is None:
+        return sorted({int(l) for l in layers})
+    bad = [int(l) for l in layers if not -num_layers <= l < num_layers]
+    if bad:
+        raise ValueError(f"{name} must be layer indices in [{-num_layers}, {num_layers}) for a model with "
+                         f"{num_layers} layers, got {bad}")
+    return sorted({int(l) % num_layers for l in layers})
+
+
 def layer_semantics(maps: Iterable[torch.Tensor], counts, num_prefix_tokens: int = 0, gamma: float = 1.0,
                     weighted: bool = True, variant: str = "renorm", score_layers: Optional[Sequence[int]] = None
                     ) -> LayerSemantics:
     """KK/KN/NK/NN (eq. 4) and AFI (eq. 5) of every layer and head from streamed maps (docs/math.md §8).
 
     ``maps`` yields one ``(B, h, N, N)`` map per layer (:func:`vitpatch.analysis.attention_maps`);
-    each is reduced to ``(B, h)`` numbers before the next one is produced, so memory stays at one
-    layer's map. ``theta_mean`` is the patch score of §5.1: ``theta`` averaged over heads and
-    over ``score_layers`` (default: all layers).
+    each is reduced to ``(B, h)`` numbers (and the ``(B, n)`` head mean of ``theta``) before the
+    next one is produced, so memory stays at one layer's map. ``theta_mean`` is the patch score of
+    §5.1: ``theta`` averaged over heads and over ``score_layers`` (default: all layers; negative
+    indices count from the last layer; an index past the last layer raises ``ValueError``).
     """
     P = check_prefix(num_prefix_tokens)
+    score_layers = check_layers(score_layers, None, "score_layers")  # types now, the range after the last layer
     out: Dict[str, list] = {k: [] for k in ("KK", "KN", "NK", "NN", "AFI")}
-    score, used = None, 0
-    for l, A in enumerate(maps):
+    theta_layers = []  # (B, n) head mean of theta per layer: small, selected after the last layer
+    for A in maps:
         theta = interrelation(A, counts, P, gamma, weighted)
         s = interrelation_summary(theta, counts)
         for k in ("KK", "KN", "NK", "NN"):
             out[k].append(getattr(s, k).cpu())
         out["AFI"].append(focus_index(A, P, variant).cpu())
-        if score_layers is None or l in score_layers:
-            th = torch.nan_to_num(theta, nan=0.0).mean(-2).cpu()
-            score = th if score is None else score + th
-            used += 1
+        theta_layers.append(torch.nan_to_num(theta, nan=0.0).mean(-2).cpu())
     if not out["KK"]:
         raise ValueError("maps yielded no attention map")
+    L = len(theta_layers)
+    chosen = range(L) if score_layers is None else check_layers(score_layers, L, "score_layers")
+    score = sum(theta_layers[l] for l in chosen) / len(chosen)
     st = {k: torch.stack(v, 1) for k, v in out.items()}
-    return LayerSemantics(st["KK"], st["KN"], st["NK"], st["NN"], st["AFI"],
-                          None if score is None else score / used)
+    return LayerSemantics(st["KK"], st["KN"], st["NK"], st["NN"], st["AFI"], score)
 
 
 def patch_scores(model, images, counts, gamma: float = 1.0, weighted: bool = True,
                  layers: Optional[Sequence[int]] = None, **forward_kwargs) -> torch.Tensor:
-    """Patch score ``theta_bar_i`` of §5.1 (docs/math.md §8): mean ``theta_i`` over heads and ``layers``, ``(B, n)``."""
+    """Patch score ``theta_bar_i`` of §5.1 (docs/math.md §8): mean ``theta_i`` over heads and ``layers``, ``(B, n)``.
+
+    ``layers``: layer indices (negative from the last), default all (the paper names none).
+    """
     from .maps import attention_maps, model_layout
 
     P, _ = model_layout(model)
@@ -351,68 +391,138 @@ def _masked_logits(model, images: torch.Tensor, mask: torch.Tensor, mode: str) -
     return model.forward_head(x)
 
 
+def _check_modes(modes) -> Tuple[str, ...]:
+    if isinstance(modes, str) or not isinstance(modes, Iterable):
+        raise ValueError(f"modes must be a sequence drawn from {MASK_MODES}, got {modes!r}")
+    modes = tuple(modes)
+    for m in modes:
+        if m not in MASK_MODES:
+            raise ValueError(f"modes must be drawn from {MASK_MODES}, got {m!r}")
+    if not modes:
+        raise ValueError(f"modes must name at least one of {MASK_MODES}")
+    return modes
+
+
+class MaskPromptAccuracy:
+    """Running Top / Bottom "mask as prompt" accuracy (paper 002 §5.1, Fig. 8; docs/math.md §8).
+
+    Holds integer counters only (correct predictions per mode, Top/Bottom and ratio, and the
+    number of images), so a dataset of any size is scored batch by batch in constant memory::
+
+        acc = MaskPromptAccuracy(ratios=(0.05, 0.1), modes=("pixel",))
+        for images, labels, scores in ...:       # scores: (B, n) patch scores, e.g. patch_scores(...)
+            acc.update(model, images, scores, labels)
+        acc.result()
+
+    Top (Bottom) masks the ``round(r n)`` patches with the highest (lowest) score
+    (:func:`mask_patches`); mode ``"pixel"`` fills a masked patch with 0 in normalised space,
+    ``"drop_tokens"`` drops its token after the position embedding.
+    """
+
+    def __init__(self, ratios: Sequence[float] = MASK_RATIOS, modes: Sequence[str] = MASK_MODES):
+        self.modes = _check_modes(modes)
+        if isinstance(ratios, (str, numbers.Number)) or not isinstance(ratios, Iterable):
+            raise ValueError(f"ratios must be a sequence of numbers in [0, 1], got {ratios!r}")
+        self.ratios = [_check_ratio(r, "ratios") for r in ratios]
+        if not self.ratios:
+            raise ValueError("ratios must name at least one masking ratio")
+        self.correct = {m: {w: [0] * len(self.ratios) for w in ("top", "bottom")} for m in self.modes}
+        self.unmasked = 0
+        self.total = 0
+        self.label_sources: set = set()
+
+    @torch.no_grad()
+    def update(self, model, images: torch.Tensor, scores: torch.Tensor, labels=None) -> None:
+        """Add one batch: normalised ``images (B, 3, H, W)``, patch ``scores (B, n)`` and ``labels (B,)``
+        class indices, or ``None`` for the model's prediction on the unmasked images."""
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            raise ValueError(f"images must be a (B, 3, H, W) tensor, got {getattr(images, 'shape', type(images))}")
+        B = images.shape[0]
+        if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[0] != B:
+            raise ValueError(f"scores must have shape (B, n) = ({B}, n), got {getattr(scores, 'shape', None)}")
+        dev = next(model.parameters()).device
+        training = model.training
+        model.eval()
+        try:
+            images = images.to(dev)
+            scores = scores.to(dev)
+            pred = model(images).argmax(-1)
+            if labels is None:
+                labels, src = pred, "unmasked prediction"
+            else:
+                labels, src = torch.as_tensor(labels).to(dev), "true"
+                if labels.shape != (B,) or labels.is_floating_point():
+                    raise ValueError(f"labels must be ({B},) integer class indices, got {tuple(labels.shape)} "
+                                     f"{labels.dtype}")
+            self.label_sources.add(src)
+            self.unmasked += int((pred == labels).sum())
+            self.total += B
+            for m in self.modes:
+                for i, r in enumerate(self.ratios):
+                    for which in ("top", "bottom"):
+                        out = _masked_logits(model, images, mask_patches(scores, r, which), m).argmax(-1)
+                        self.correct[m][which][i] += int((out == labels).sum())
+        finally:
+            model.train(training)
+
+    def result(self) -> Dict[str, Dict[str, object]]:
+        """``{mode: {"ratios", "top", "bottom", "unmasked", "images", "labels"}}``: accuracies in ``[0, 1]``;
+        ``labels`` is ``"true"``, ``"unmasked prediction"`` or ``"mixed"``."""
+        if self.total == 0:
+            raise ValueError("batches yielded no images")
+        src = next(iter(self.label_sources)) if len(self.label_sources) == 1 else "mixed"
+        return {m: {"ratios": list(self.ratios), "top": [c / self.total for c in self.correct[m]["top"]],
+                    "bottom": [c / self.total for c in self.correct[m]["bottom"]],
+                    "unmasked": self.unmasked / self.total, "images": self.total, "labels": src}
+                for m in self.modes}
+
+
 @torch.no_grad()
 def mask_prompt_accuracy(model, batches, ratios: Sequence[float] = MASK_RATIOS, modes: Sequence[str] = MASK_MODES,
                          gamma: float = 1.0, weighted: bool = True, layers: Optional[Sequence[int]] = None,
-                         mean=None, std=None, progress: bool = False) -> Dict[str, Dict[str, List[float]]]:
+                         mean=None, std=None, progress: bool = False) -> Dict[str, Dict[str, object]]:
     """Top / Bottom "mask as prompt" top-1 accuracy over a dataset (paper 002 §5.1, Fig. 8; docs/math.md §8).
 
-    For each image the patch score is :func:`patch_scores` of the unmasked forward; Top (Bottom)
-    masks the ``round(r n)`` patches with the highest (lowest) score, in each ``mode``:
-    ``"pixel"`` fills the patch with 0 in normalised space, ``"drop_tokens"`` drops its token after
-    the position embedding.
+    Streams: ``batches`` may be any iterable or iterator (a generator over an image folder); each
+    batch is scored and dropped, only the counters of :class:`MaskPromptAccuracy` are kept, so
+    memory does not grow with the number of images. For each image the patch score is
+    :func:`patch_scores` of the unmasked forward over ``layers`` (default all; see
+    :func:`layer_semantics`).
 
     Args:
         model: a timm ``VisionTransformer``.
         batches: iterable of ``(images, labels)`` or ``(images, labels, counts)``; images are
-            normalised ``(B, 3, H, W)``. Without counts they are computed with SIFT on
-            :func:`to_uint8` of the images with ``mean``/``std`` (default: the model's pretrained_cfg).
+            normalised ``(B, 3, H, W)``; ``labels`` ``(B,)`` class indices, or ``None`` to score
+            against the model's prediction on the unmasked image. Without counts they are computed
+            with SIFT on :func:`to_uint8` of the images with ``mean``/``std`` (default: the
+            model's pretrained_cfg).
 
-    Returns ``{mode: {"ratios": [...], "top": [acc...], "bottom": [acc...], "unmasked": acc}}``.
+    Returns ``{mode: {"ratios": [...], "top": [acc...], "bottom": [acc...], "unmasked": acc,
+    "images": count, "labels": "true" | "unmasked prediction" | "mixed"}}``.
     """
     from .maps import model_layout
 
-    for m in modes:
-        if m not in MASK_MODES:
-            raise ValueError(f"modes must be drawn from {MASK_MODES}, got {m!r}")
-    ratios = [_check_ratio(r, "ratios") for r in ratios]
+    acc = MaskPromptAccuracy(ratios, modes)
     check_positive(gamma, "gamma")
+    layers = check_layers(layers, None, "layers")
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean = cfg.get("mean") if mean is None else mean
     std = cfg.get("std") if std is None else std
     P, grid = model_layout(model)
-    patch = None
-    model.eval()
-    dev = next(model.parameters()).device
-    correct = {m: {"top": np.zeros(len(ratios)), "bottom": np.zeros(len(ratios))} for m in modes}
-    plain, total = 0, 0
     it = batches
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(batches, desc="mask as prompt", unit="batch")
     for batch in it:
-        images, labels = batch[0].to(dev), torch.as_tensor(batch[1]).to(dev)
-        if len(batch) > 2 and batch[2] is not None:
-            counts = batch[2]
-        else:
-            if patch is None:
-                patch = images.shape[-1] // grid[1]
-            counts = keypoint_counts(to_uint8(images, mean, std), patch)
-        score = patch_scores(model, images, counts, gamma, weighted, layers).to(dev)
-        plain += int((model(images).argmax(-1) == labels).sum())
-        total += len(labels)
-        for m in modes:
-            for i, r in enumerate(ratios):
-                for which in ("top", "bottom"):
-                    mask = mask_patches(score, r, which)
-                    pred = _masked_logits(model, images, mask, m).argmax(-1)
-                    correct[m][which][i] += int((pred == labels).sum())
-    if total == 0:
-        raise ValueError("batches yielded no images")
-    return {m: {"ratios": ratios, "top": list(correct[m]["top"] / total),
-                "bottom": list(correct[m]["bottom"] / total), "unmasked": plain / total, "images": total}
-            for m in modes}
+        if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+            raise ValueError("batches must yield (images, labels) or (images, labels, counts)")
+        images, labels = batch[0], batch[1]
+        counts = batch[2] if len(batch) > 2 and batch[2] is not None else \
+            keypoint_counts(to_uint8(images, mean, std), images.shape[-1] // grid[1])
+        score = patch_scores(model, images, counts, gamma, weighted, layers)
+        acc.update(model, images, score, labels)
+    return acc.result()
 
 
 # ------------------------------------------------------------------------------ guided MAE mask (§5.2)
@@ -467,3 +577,238 @@ def guided_mae_mask(counts, ratio: float = 0.5, beta: float = 0.1, generator: Op
     ids_shuffle = torch.argsort(noise.double() + 2.0 * mask.double(), dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     return mask, ids_shuffle, ids_restore
+
+
+# ------------------------------------------------------------------------- stages (§4.3) and the report
+def default_stages(num_layers: int) -> List[int]:
+    """Stage boundaries when none are given: three equal parts for the paper's Retrieval, Capture and
+    Coach stages (§4.3, Fig. 7), i.e. the first layers of stages 2 and 3 at ``L // 3`` and ``2 L // 3``
+    (ViT-L/16's 24 layers: ``[8, 16]``). The paper draws the stages but gives no layer numbers."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+    L = int(num_layers)
+    return sorted({b for b in (L // 3, 2 * L // 3) if 0 < b < L})
+
+
+def check_stages(stages, num_layers: int) -> List[int]:
+    """Stage boundaries (the first layer of each new stage) as a sorted list, each in ``(0, num_layers)``."""
+    if isinstance(stages, (str, numbers.Number)) or not isinstance(stages, Iterable):
+        raise ValueError(f"stages must be a sequence of layer indices, got {stages!r}")
+    stages = list(stages)
+    for s in stages:
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+            raise ValueError(f"stages must be integer layer indices, got {s!r}")
+    bad = [int(s) for s in stages if not 0 < s < num_layers]
+    if bad:
+        raise ValueError(f"stages must be layer indices in (0, {num_layers}) (the first layer of each new stage), "
+                         f"got {bad}")
+    return sorted({int(s) for s in stages})
+
+
+def stage_layers(stages: Sequence[int], num_layers: int) -> List[int]:
+    """The layer drawn for each stage in Fig. 7b: the middle one, ``(first + last) // 2``."""
+    edges = [0] + check_stages(stages, num_layers) + [int(num_layers)]
+    return [(a + b - 1) // 2 for a, b in zip(edges[:-1], edges[1:])]
+
+
+#: the paper's names of its three stages (§4.3), used when there are exactly three
+STAGE_NAMES = ("Retrieval", "Capture", "Coach")
+#: the per-image rows of :func:`semantic_report`, one JSON object per line, under ``out``
+PER_IMAGE_FILE = "semantic_images.jsonl"
+_FIELDS = ("KK", "KN", "NK", "NN", "AFI")
+
+
+def _nan_none(t) -> list:
+    """Nested lists with NaN / inf as None (JSON has no NaN)."""
+    def conv(v):
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    return conv(t.tolist())
+
+
+def _unpack(batch):
+    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+        raise ValueError("batches must yield (names, images) or (names, images, labels)")
+    names, x = batch[0], batch[1]
+    y = batch[2] if len(batch) == 3 else None
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"batches: images must be a (B, 3, H, W) tensor, got {getattr(x, 'shape', type(x))}")
+    B = x.shape[0]
+    names = [None] * B if names is None else [str(n) for n in names]
+    if len(names) != B:
+        raise ValueError(f"batches: {len(names)} names for {B} images")
+    if y is not None:
+        y = torch.as_tensor(y)
+        if y.shape != (B,) or y.is_floating_point():
+            raise ValueError(f"batches: labels must be ({B},) integer class indices or None, got "
+                             f"{tuple(y.shape)} {y.dtype}")
+    return names, x, y
+
+
+@torch.no_grad()
+def semantic_report(model, batches, *, gamma: float = 1.0, weighted: bool = True, variant: str = "renorm",
+                    score_layers: Optional[Sequence[int]] = None, stages: Optional[Sequence[int]] = None,
+                    mask_prompt: bool = False, ratios: Sequence[float] = MASK_RATIOS,
+                    modes: Sequence[str] = MASK_MODES, mean=None, std=None, figures: bool = True,
+                    progress: bool = False, out=None):
+    """Paper 002 over a dataset, streamed: what ``vitpatch semantic`` writes (docs/math.md §8).
+
+    One pass over ``batches``; per batch: SIFT counts (§2.2), KK/KN/NK/NN (eq. 4) and AFI (eq. 5)
+    of every layer and head (:func:`layer_semantics`), the patch score ``theta_bar`` of §5.1 over
+    ``score_layers`` and, with ``mask_prompt``, the Top/Bottom accuracies (:class:`MaskPromptAccuracy`).
+    Only running sums are kept (memory does not grow with the number of images); with ``out`` each
+    image's row is appended to ``out/semantic_images.jsonl`` as the batch is done.
+
+    Args:
+        model: a timm ``VisionTransformer`` (``num_prefix_tokens``, ``patch_embed.grid_size``).
+        batches: iterable of ``(names, images)`` or ``(names, images, labels)``: ``names`` the B
+            image names (or ``None``), ``images`` normalised ``(B, 3, H, W)``, ``labels`` ``(B,)``
+            class indices or ``None`` (mask as prompt then scores against the unmasked prediction).
+        gamma, weighted, variant: eq. 2 threshold, eq. 3 weighting, eq. 5 variant.
+        score_layers: layers averaged into the patch score (default all; negative from the end).
+        stages: first layer of each new stage (Fig. 7a/7b); default :func:`default_stages`.
+        mask_prompt, ratios, modes: Top/Bottom mask as prompt (§5.1, Fig. 8).
+        mean, std: the input normalisation (default the model's pretrained_cfg), to recover the
+            uint8 image SIFT sees.
+        figures: build the figures (from the first image, and the dataset means).
+        progress: a tqdm bar over batches.
+        out: folder for the per-image rows (created if needed); ``None`` keeps none.
+
+    Returns ``(summary, figures)``: ``summary`` a JSON-ready dict (per layer and head means and
+    standard deviations over images, NaN as None; ``mask_prompt`` when asked); ``figures`` maps
+    file names to ``matplotlib`` figures: ``fig3_keypoints.png``, ``fig4_attended_row.png``,
+    ``fig5_interrelation.png``, ``fig6_focus_index.png``, ``fig7a_stages.png``,
+    ``fig7b_stage_heatmaps.png`` and, with ``mask_prompt``, ``fig8_mask_prompt.png`` (accuracy vs
+    ratio) and ``fig8_masked_images.png`` (the first image under Top/Bottom masks).
+    """
+    import os
+
+    from .maps import attention_maps, count_layers, model_layout
+
+    require_opencv()
+    gamma = check_positive(gamma, "gamma")
+    if variant not in FOCUS_VARIANTS:
+        raise ValueError(f"variant must be one of {FOCUS_VARIANTS}, got {variant!r}")
+    P, grid = model_layout(model)
+    L = count_layers(model)
+    layers = check_layers(score_layers, L, "score_layers")
+    bounds = default_stages(L) if stages is None else check_stages(stages, L)
+    acc = MaskPromptAccuracy(ratios, modes) if mask_prompt else None
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = cfg.get("mean") if mean is None else mean
+    std = cfg.get("std") if std is None else std
+    it = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(batches, desc="semantic", unit="batch")
+    sums = {k: 0.0 for k in _FIELDS}
+    sq = {k: 0.0 for k in _FIELDS}
+    cnt = {k: 0 for k in _FIELDS}
+    images = keypoints = key_patches = 0
+    first = None
+    rows = None
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        rows = open(os.path.join(out, PER_IMAGE_FILE), "w", encoding="utf-8")
+    try:
+        for batch in it:
+            names, x, y = _unpack(batch)
+            raw = to_uint8(x, mean, std)
+            counts = keypoint_counts(raw, x.shape[-1] // grid[1])
+            res = layer_semantics(attention_maps(model, x), counts, P, gamma, weighted, variant, layers)
+            for k in _FIELDS:
+                v = getattr(res, k).double()  # (B, L, h)
+                ok = ~torch.isnan(v)
+                v0 = torch.where(ok, v, torch.zeros_like(v))
+                sums[k] = sums[k] + v0.sum(0)
+                sq[k] = sq[k] + (v0 * v0).sum(0)
+                cnt[k] = cnt[k] + ok.sum(0)
+            images += len(x)
+            keypoints += int(counts.sum())
+            key_patches += int((counts > 0).sum())
+            if rows is not None:
+                for b, name in enumerate(names):
+                    row = {"image": name, "label": None if y is None else int(y[b]),
+                           "keypoints": int(counts[b].sum()), "keypoint_patches": int((counts[b] > 0).sum()),
+                           "counts": counts[b].tolist(), **{k: _nan_none(getattr(res, k)[b]) for k in _FIELDS}}
+                    rows.write(json.dumps(row) + "\n")
+                rows.flush()
+            if acc is not None:
+                acc.update(model, x, res.theta_mean, y)
+            if first is None and figures:
+                first = (x[:1].clone(), raw[:1].clone(), counts[:1].clone(), res.theta_mean[:1].clone())
+    finally:
+        if rows is not None:
+            rows.close()
+    if images == 0:
+        raise ValueError("batches yielded no images")
+    mean_lh, std_lh = {}, {}
+    for k in _FIELDS:
+        c = cnt[k].double()
+        m = torch.where(c > 0, sums[k] / c.clamp_min(1), torch.full_like(c, float("nan")))
+        var = (sq[k] / c.clamp_min(1) - m * m).clamp_min(0)
+        mean_lh[k] = m
+        std_lh[k] = torch.where(c > 0, var.sqrt(), torch.full_like(c, float("nan")))
+    per_layer = {k: torch.nanmean(v, 1) for k, v in mean_lh.items()}
+    summary = {
+        "images": images, "layers": L, "heads": int(mean_lh["AFI"].shape[1]), "grid": list(grid),
+        "num_prefix_tokens": P, "gamma": gamma, "weighted": bool(weighted), "afi_variant": variant,
+        "afi_direction": "higher = broader attention (entropy; docs/math.md §8)",
+        "score_layers": "all" if layers is None else layers, "stages": bounds,
+        "stage_layers": stage_layers(bounds, L),
+        "keypoints_per_image": keypoints / images, "keypoint_patches_per_image": key_patches / images,
+        "per_layer": {k: _nan_none(v) for k, v in per_layer.items()},
+        "per_layer_head": {k: _nan_none(v) for k, v in mean_lh.items()},
+        "per_layer_head_std": {k: _nan_none(v) for k, v in std_lh.items()},
+        "per_image_file": None if out is None else PER_IMAGE_FILE,
+    }
+    prompt = None
+    if acc is not None:
+        prompt = acc.result()
+        summary["mask_prompt"] = prompt
+        summary["mask_prompt_labels"] = next(iter(prompt.values()))["labels"]
+    figs = {}
+    if figures:
+        figs = _report_figures(model, first, mean_lh, per_layer, bounds, prompt, P, grid, gamma, variant, mean,
+                               None if acc is None else acc.ratios)
+    return summary, figs
+
+
+def _report_figures(model, first, mean_lh, per_layer, bounds, prompt, P, grid, gamma, variant, mean, ratios):
+    """The figures of :func:`semantic_report` from the first image and the dataset means."""
+    from . import plots
+    from .maps import attention_maps
+    from .plots import paper002
+
+    x0, raw0, c0, s0 = first
+    img = plots.display_image(raw0[0])
+    q = int(torch.argmax(c0[0])) if int(c0.sum()) else 0  # the query: the patch with the most keypoints
+    rows, deltas = [], []
+    for A in attention_maps(model, x0):
+        rows.append(A[0, :, P + q, P:].double().mean(0).cpu())  # the head mean of query q's row, (n,)
+        deltas.append(float(focus_index(A, P, variant, per_query=True)[0, :, q].mean()))
+    L = len(rows)
+    mid = rows[L // 2]
+    reps = stage_layers(bounds, L)
+    names = list(STAGE_NAMES) if len(reps) == 3 else [f"stage {i + 1}" for i in range(len(reps))]
+    figs = {
+        "fig3_keypoints.png": plots.plot_keypoints(img, sift_keypoints(raw0)[0], grid, c0[0]),
+        "fig4_attended_row.png": plots.plot_attended_row(img, mid, grid, gamma, q),
+        "fig5_interrelation.png": plots.plot_layer_points({"KK": mean_lh["KK"], "NK": mean_lh["NK"]},
+                                                          "interrelation", "KK and NK per head (paper 002 Fig. 5)"),
+        "fig6_focus_index.png": plots.plot_layer_points({"AFI": mean_lh["AFI"]}, "attention focus index",
+                                                        "AFI per head (paper 002 Fig. 6; higher = broader)"),
+        "fig7a_stages.png": plots.plot_stage_summary(*(per_layer[k] for k in _FIELDS), stages=bounds),
+        "fig7b_stage_heatmaps.png": paper002.plot_stage_heatmaps(
+            img, torch.stack([rows[l] for l in reps]), grid, reps, query=q, names=names,
+            afi=[deltas[l] for l in reps]),
+    }
+    if prompt is not None:
+        figs["fig8_mask_prompt.png"] = plots.plot_mask_prompt(prompt)
+        mode = "pixel" if "pixel" in prompt else next(iter(prompt))
+        figs["fig8_masked_images.png"] = paper002.plot_masked_images(
+            img, s0[0], grid, ratios, result=prompt[mode], fill=mean if mean is not None else (0.5, 0.5, 0.5),
+            title=f"mask as prompt, mode={mode} (paper 002 Fig. 8)")
+    return figs

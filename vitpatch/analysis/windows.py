@@ -15,7 +15,7 @@ import torch
 from ..masks import WindowMask, _window_counts, check_grid, effective_operations
 
 __all__ = ["adaptive_windows", "indiscriminative_patches", "responsive_field", "effective_operations",
-           "num_selected", "num_dropped", "round_half_up"]
+           "num_selected", "num_dropped", "round_half_up", "dip_sweep"]
 
 
 def round_half_up(x: float) -> int:
@@ -122,6 +122,30 @@ def indiscriminative_patches(U: torch.Tensor, beta: float) -> torch.Tensor:
     drop = torch.sort(v, dim=1, stable=True).indices[:, :D]
     keep = torch.ones(B, n, dtype=torch.bool, device=U3.device).scatter_(1, drop, False)
     return keep if batched else keep[0]
+
+
+def dip_sweep(U: torch.Tensor, betas) -> torch.Tensor:
+    """Keep masks of DIP for several ``beta`` at once: paper 000 Fig. 6 (docs/math.md §4).
+
+    ``U``: ``(B, n, n)`` or ``(n, n)``; ``betas``: a sequence of fractions in ``[0, 1)``.
+    Returns bool ``(len(betas), B, n)`` (``(len(betas), n)`` for ``(n, n)`` input) with
+    ``out[k]`` equal to :func:`indiscriminative_patches` ``(U, betas[k])``: the column
+    variances ``v_p`` are sorted once (stable, ties to the lower index) and ``beta_k`` drops
+    the first ``round(beta_k n)`` of that order, so the dropped sets are nested: a larger
+    ``beta`` drops a superset of what a smaller one drops.
+    """
+    U3, batched = _check_u(U)
+    if isinstance(betas, (str, bytes)) or not hasattr(betas, "__iter__"):
+        raise ValueError(f"betas must be a sequence of fractions in [0, 1), got {betas!r}")
+    betas = [_check_fraction(b, "betas", False, True) for b in betas]
+    if not betas:
+        raise ValueError("betas must hold at least one fraction in [0, 1)")
+    B, n, _ = U3.shape
+    order = torch.sort(_column_variance(U3), dim=1, stable=True).indices  # (B, n), least informative first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=U3.device).expand(B, n))
+    dropped = torch.tensor([num_dropped(b, n) for b in betas], device=U3.device)
+    keep = rank.unsqueeze(0) >= dropped.view(-1, 1, 1)  # (K, B, n): patch p kept when its rank >= round(beta n)
+    return keep if batched else keep[:, 0]
 
 
 def column_variance(U: torch.Tensor) -> torch.Tensor:

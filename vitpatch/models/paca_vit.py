@@ -1,15 +1,16 @@
 """PaCa-ViT: the PVTv2-style pyramid of patch-to-cluster attention blocks (paper 004; docs/math.md §7).
 
-Importing :mod:`vitpatch.models` registers six models with timm::
+Importing :mod:`vitpatch.models` registers nine models with timm::
 
     import timm, vitpatch.models
     model = timm.create_model("paca_vit_b0", num_classes=100, drop_path_rate=0.1)
 
 Architecture (paper 004, Fig. 3 and Table 1; §3.2 for the PVTv2 pieces, §3.3 for PaCa):
 
-- stem: ``Conv7x7 s4 p3`` + LayerNorm (Table 1, "Stem" ``(k1, s1, p1) = (7, 4, 3)``), or, in
-  the authors' released configurations, two ``Conv3x3 s2`` + LayerNorm;
-- 4 stages; stages 2–4 start with a transition ``Conv3x3 s2 p1`` + LayerNorm (Table 1);
+- stem: ``Conv7x7 s4 p3`` + LayerNorm (Table 1, "Stem" ``(k1, s1, p1) = (7, 4, 3)``; ``(3, 1, 1)`` in
+  the C100 setting), or, in the authors' released configurations, two ``Conv3x3 s2`` + LayerNorm;
+- 4 stages; stages 2–4 start with a transition ``Conv3x3 s2 p1`` + LayerNorm (Table 1; the C100
+  setting's stage-4 transition has stride 1);
 - blocks: ``x + PaCa(LN(x))`` then ``x + FFN(LN(x))`` (eq. 2–3), where the FFN is the MBlock
   ``fc1 -> depthwise Conv3x3 -> GELU -> fc2`` (§3.2) and the attention of a stage is
   :class:`vitpatch.nn.PaCaAttention` with ``M`` clusters (eq. 6–8), or plain MHSA (timm
@@ -17,8 +18,8 @@ Architecture (paper 004, Fig. 3 and Table 1; §3.2 for the PVTv2 pieces, §3.3 f
   setting of Table 1: ``num_clusters=(64, 64, 0, 0)``);
 - a LayerNorm after every stage; global average pooling and a linear head.
 
-Feature maps of stages 1–4 have strides 4, 8, 16, 32: inputs must have a height and width
-divisible by 32 (any such size works; there is no position embedding).
+Feature maps of stages 1–4 have strides 4, 8, 16, 32 (C100 setting: 1, 2, 4, 4): inputs must have a
+height and width divisible by 32 (C100: 4); any such size works (there is no position embedding).
 
 Registered models (channels; depths; heads; clusters in stages 1-3; FFN ratios):
 
@@ -28,6 +29,9 @@ Registered models (channels; depths; heads; clusters in stages 1-3; FFN ratios):
 - ``paca_vit_tiny``: 96/192/320/384; 2/2/4/2; 2/4/8/16; 100; 4/4/4/4 (the release)
 - ``paca_vit_small``: 96/192/320/384; 3/3/10/3; 2/4/8/16; 100; 4/4/4/4 (the release)
 - ``paca_vit_base``: 96/192/384/512; 3/3/18/3; 2/4/8/16; 100; 4/4/4/4 (the release)
+- ``paca_vit_b0_c100``, ``paca_vit_b1_c100``, ``paca_vit_b2_c100``: B0/B1/B2 in the C100 setting of
+  Table 1 (stem Conv3x3 s1 p1, stage-4 transition stride 1, clusters 64/64 in stages 1-2 and MHSA in
+  stages 3-4; 100 classes; default input 32x32, final map 8x8)
 
 B0/B1/B2 follow Table 1 ("paper" clustering of eq. 6–7, ``r = 4``, computed in every block,
 PVTv2's stem and FFN). tiny/small/base are the authors' released configurations (their
@@ -36,7 +40,8 @@ Conv7x7, GELU, Conv1x1, GELU, Conv1x1 without bias), computed only in the first 
 stage and shared by the stage's other blocks (``clustering_scope="stage"``), a two-conv stem,
 and an FFN whose depthwise conv has a residual connection (``mlp_dw_shortcut=True``).
 
-Parameter counts (computed and checked by ``tests/test_models.py``) against the papers'
+Parameter counts (computed and checked by ``tests/test_models.py``, the C100 models by
+``tests/test_paca_trace.py``) against the papers'
 (docs/math.md §7; paper 004 Tables 2 and 3; the release's README):
 
 ================ ============ ======== ======
@@ -48,21 +53,29 @@ paca_vit_b2       22,658,565   22.7M    -0.2%
 paca_vit_tiny     12,200,680   12.2M    +0.01%
 paca_vit_small    22,037,704   22.0M    +0.2%
 paca_vit_base     46,911,304   46.9M    +0.02%
-b0, C100 setting  2,993,780    3.0M     -0.2%
-b1, C100 setting  11,775,876   11.8M    -0.2%
-b2, C100 setting  20,789,076   20.8M    -0.05%
+paca_vit_b0_c100  2,989,940    3.0M     -0.3%
+paca_vit_b1_c100  11,768,196   11.8M    -0.3%
+paca_vit_b2_c100  20,781,396   20.8M    -0.1%
 ================ ============ ======== ======
 
-(1000-class head; the C100 rows use ``num_classes=100, num_clusters=(64, 64, 0, 0)``, Table 3,
-with the IN1K stem, whose 7x7 kernel has 3.8k (B0) / 7.7k (B1, B2) more weights than the C100
-3x3 stem.) Our B models are exactly timm's PVTv2-B0/B1/B2 (3.67M, 14.01M, 25.36M) minus their
-spatial-reduction convolutions and norms plus the eq. 6–7 clustering and ``cluster_norm`` of
-every PaCa block. B1, B2 and all three C100 counts land within the rounding of the reported
-one-decimal numbers; B0 at 3.344M rounds to 3.3M, 5.8k (0.2%) short of the 3.35M that would
-round to the reported 3.4M. We found no component of Table 1 or §3 that would account for it
-(clustering only in the first block of a stage, as the release does, goes the other way:
-3.27M, and would put B1/B2 at 12.42M/21.35M, off their reported numbers), so we keep the
-paper's stated design and record the gap.
+(1000-class head for the IN1K rows, Table 2; 100-class head for the C100 rows, Table 3. The C100
+models differ from ``num_classes=100, num_clusters=(64, 64, 0, 0)`` on the IN1K B models only in
+the stem's 3x3 instead of 7x7 kernel: 3,840 (B0) / 7,680 (B1, B2) fewer weights; the stride-1
+stage-4 transition has the same weights as a stride-2 one.) Our B models are exactly timm's
+PVTv2-B0/B1/B2 (3.67M, 14.01M, 25.36M) minus their spatial-reduction convolutions and norms plus
+the eq. 6–7 clustering and ``cluster_norm`` of every PaCa block. B1, B2 and all three C100 counts
+land within the rounding of the reported one-decimal numbers; B0 at 3.344M rounds to 3.3M, 5.8k
+(0.2%) short of the 3.35M that would round to the reported 3.4M. We found no component of Table 1
+or §3 that would account for it (clustering only in the first block of a stage, as the release
+does, goes the other way: 3.27M, and would put B1/B2 at 12.42M/21.35M, off their reported
+numbers), so we keep the paper's stated design and record the gap. The C100 counts all round to
+Table 3's.
+
+timm conventions: every registered model traces with ``torch.fx`` through timm's FX helpers
+(``timm.layers.create_feature_extractor``; the PaCa attention and clustering modules are
+``register_notrace_module`` leaves and the stem's input check a ``register_notrace_function``) and
+scripts with ``torch.jit.script`` (:class:`PaCaViTAttention` has a TorchScript forward in plain
+PyTorch ops), both with outputs equal to eager (``tests/test_paca_trace.py``).
 
 Loading the authors' weights: :func:`load_official_checkpoint` (or timm's
 ``pretrained=True, pretrained_cfg_overlay=dict(file=path)``, which runs
@@ -71,13 +84,11 @@ layers become one ``qkv`` (q rows, then k, then v), ``stage{i}.{j}`` becomes
 ``stages.{i-1}.blocks.{j}``, and so on (see :func:`checkpoint_filter_fn`). No weights are
 downloaded: the pretrained configs have no URL.
 
-Not implemented: the C100 stem ``(3, 1, 1)`` and stride-1 stage-4 transition of Table 1 (only
-its stage-3 MHSA, through ``num_clusters``); the release's MLP clustering (``p2cmlp``), its
-clustering teacher (``convmixer``), and its off-by-default layer scale, post-norm, cluster and
-block position embeddings (their checkpoints are refused with a ``ValueError``); ``device`` /
-``dtype`` construction keywords.
+Not implemented: the release's MLP clustering (``p2cmlp``), its clustering teacher
+(``convmixer``), and its off-by-default layer scale, post-norm, cluster and block position
+embeddings (their checkpoints are refused with a ``ValueError``); ``device`` / ``dtype``
+construction keywords.
 """
-from __future__ import annotations
 
 import math
 import re
@@ -85,59 +96,77 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as TF
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention, ClassifierHead, DropPath, LayerNorm, LayerNorm2d, trunc_normal_
-from timm.layers import calculate_drop_path_rates
+from timm.layers import calculate_drop_path_rates, register_notrace_function, register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.pvt_v2 import MlpWithDepthwiseConv
 
-from ..nn import CLUSTERING_VARIANTS, PaCaAttention
+from ..nn import CLUSTERING_VARIANTS, PaCaAttention, PaCaClustering
 
-__all__ = ["PaCaViT", "PaCaBlock", "PaCaStage", "checkpoint_filter_fn", "load_official_checkpoint"]
+__all__ = ["PaCaViT", "PaCaBlock", "PaCaStage", "PaCaViTAttention", "PaCaViTClustering", "checkpoint_filter_fn",
+           "load_official_checkpoint"]
 
 _NORM_EPS = 1e-6  # every LayerNorm of PVTv2 and of the authors' release
 
 
-def _check_images(x, in_chans: int, divisor: int) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor of images (B, C, H, W), got {type(x).__name__}")
-    if x.ndim != 4 or x.shape[1] != in_chans:
-        raise ValueError(f"x must have shape (B, {in_chans}, H, W) (in_chans={in_chans}), got {tuple(x.shape)}")
-    H, W = x.shape[-2:]
-    if H % divisor or W % divisor:
+@register_notrace_function
+def paca_check_images(x: torch.Tensor, in_chans: int, divisor: int) -> None:
+    """The stem's input check: ``x (B, in_chans, H, W)`` with ``H`` and ``W`` divisible by ``divisor``.
+
+    timm's FX tracing keeps it as one leaf call run on the real tensors (``register_notrace_function``;
+    FX only wraps functions whose name has no leading underscore); TorchScript compiles it (the
+    eager-only ``TypeError`` sits behind ``torch.jit.is_scripting()``).
+    """
+    if not torch.jit.is_scripting():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor of images (B, C, H, W), got {type(x).__name__}")
+    shape: List[int] = list(x.shape)
+    if len(shape) != 4 or shape[1] != in_chans:
+        raise ValueError(f"x must have shape (B, {in_chans}, H, W) (in_chans={in_chans}), got {shape}")
+    if shape[2] % divisor != 0 or shape[3] % divisor != 0:
         raise ValueError(f"x: PaCa-ViT needs an image height and width divisible by {divisor} (its total stride), "
-                         f"got {H}x{W}")
+                         f"got {shape[2]}x{shape[3]}")
+
+
+# Stem kinds (Table 1, "Stem"): their stride s_1.
+STEM_STRIDES = {"overlap": 4, "conv3x2": 4, "c100": 1}
 
 
 class PaCaStem(nn.Module):
-    """Stem (Table 1, stage 1): ``"overlap"`` Conv7x7 s4 p3 (PVTv2) or ``"conv3x2"`` two Conv3x3 s2 (the authors'
-    release), then LayerNorm. Checks the image size: height and width divisible by ``size_divisor``."""
+    """Stem (Table 1, stage 1), then LayerNorm: ``"overlap"`` Conv7x7 s4 p3 (PVTv2, IN1K), ``"c100"`` Conv3x3
+    s1 p1 (the C100 setting) or ``"conv3x2"`` two Conv3x3 s2 (the authors' release). Checks the image size:
+    height and width divisible by ``size_divisor``."""
 
     def __init__(self, in_chans: int, dim: int, kind: str = "overlap", size_divisor: int = 32):
         super().__init__()
         self.in_chans, self.size_divisor = in_chans, size_divisor
         if kind == "overlap":
             self.proj = nn.Conv2d(in_chans, dim, 7, stride=4, padding=3)
+        elif kind == "c100":
+            self.proj = nn.Conv2d(in_chans, dim, 3, stride=1, padding=1)
         elif kind == "conv3x2":
             self.proj = nn.Sequential(nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1),
                                       nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1))
         else:
-            raise ValueError(f"stem must be 'overlap' or 'conv3x2', got {kind!r}")
+            raise ValueError(f"stem must be one of {sorted(STEM_STRIDES)}, got {kind!r}")
         self.norm = LayerNorm2d(dim, eps=_NORM_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_images(x, self.in_chans, self.size_divisor)
+        paca_check_images(x, self.in_chans, self.size_divisor)
         return self.norm(self.proj(x))
 
 
 class Transition(nn.Module):
-    """Transition between stages (Table 1): Conv3x3 stride 2 padding 1, then LayerNorm; NCHW in and out."""
+    """Transition between stages (Table 1): Conv3x3 stride ``stride`` (2; 1 before stage 4 in C100) padding 1,
+    then LayerNorm; NCHW in and out."""
 
-    def __init__(self, dim: int, dim_out: int):
+    def __init__(self, dim: int, dim_out: int, stride: int = 2):
         super().__init__()
-        self.proj = nn.Conv2d(dim, dim_out, 3, stride=2, padding=1)
+        self.proj = nn.Conv2d(dim, dim_out, 3, stride=stride, padding=1)
         self.norm = LayerNorm2d(dim_out, eps=_NORM_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,21 +183,116 @@ class MBlockMlp(MlpWithDepthwiseConv):
         super().__init__(in_features, hidden_features, drop=drop)
         self.dw_shortcut = dw_shortcut
 
-    def forward(self, x: torch.Tensor, feat_size: Sequence[int]) -> torch.Tensor:
-        if not self.dw_shortcut:
-            return super().forward(x, feat_size)
+    def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         x = self.fc1(x)
         B, N, C = x.shape
-        y = self.dwconv(x.transpose(1, 2).reshape(B, C, feat_size[0], feat_size[1]))
-        x = x + y.flatten(2).transpose(1, 2)
-        return self.drop(self.fc2(self.drop(self.act(x))))
+        y = self.dwconv(self.relu(x.transpose(1, 2).reshape(B, C, feat_size[0], feat_size[1])))
+        y = y.flatten(2).transpose(1, 2)
+        if self.dw_shortcut:
+            y = y + x
+        return self.drop(self.fc2(self.drop(self.act(y))))
+
+
+@register_notrace_module
+class PaCaViTClustering(PaCaClustering):
+    """:class:`vitpatch.nn.PaCaClustering` (eq. 6–7 logits) as PaCa-ViT holds it: the same module and
+    parameters; a leaf of timm's FX tracing (its grid check needs real sizes) and, under TorchScript,
+    a typed copy of its forward."""
+
+    def forward(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            return super().forward(x, grid)
+        if not hasattr(self, "conv") and not hasattr(self, "dwconv"):  # "linear"
+            return self.fc(x)
+        B, n, C = x.shape
+        if grid is None:
+            raise ValueError("the clustering needs the patch grid (gh, gw)")
+        gh, gw = grid
+        if gh * gw != n:
+            raise ValueError(f"the clustering needs the patch grid (gh, gw) with gh * gw = {n}, got {gh}x{gw}")
+        img = x.transpose(1, 2).reshape(B, C, gh, gw)
+        if hasattr(self, "conv"):  # "paper"
+            return self.fc(self.act(self.conv(img)).flatten(2).transpose(1, 2))
+        y = self.act2(self.pwconv(self.act1(self.dwconv(img))))  # "official"
+        return self.fc(y).flatten(2).transpose(1, 2)
+
+
+@register_notrace_module
+class PaCaViTAttention(PaCaAttention):
+    """:class:`vitpatch.nn.PaCaAttention` (eq. 5–8) as PaCa-ViT holds it: an instance of it, with the same
+    parameters and, in eager mode, the same forward (``grid``, ``return_assignment`` and ``cluster_logits``
+    may also be given by position).
+
+    timm conventions: a leaf of timm's FX tracing (``register_notrace_module``: the layout checks need
+    real sizes; the traced graph calls it as one module, gradients flow through it), and a TorchScript
+    forward in plain PyTorch ops (the math of :func:`vitpatch.reference.cluster_pool` and
+    :func:`vitpatch.reference.cluster_attention`; ``store_assignment`` works, ``return_assignment`` is
+    eager-only).
+    """
+
+    last_assignment: Optional[torch.Tensor]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.clustering is not None:  # same module and state, with the traceable/scriptable forward
+            self.clustering.__class__ = PaCaViTClustering
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                grid: Optional[Tuple[int, int]] = None, return_assignment: bool = False,
+                cluster_logits: Optional[torch.Tensor] = None):
+        if not torch.jit.is_scripting():
+            return super().forward(x, attn_mask, is_causal, grid=grid, return_assignment=return_assignment,
+                                   cluster_logits=cluster_logits)
+        if attn_mask is not None or is_causal:
+            raise ValueError("PaCaAttention takes no attention mask and no is_causal: its keys are cluster tokens")
+        if return_assignment:
+            raise ValueError("return_assignment is not available under TorchScript: set store_assignment = True")
+        if grid is None:
+            raise ValueError("PaCa-ViT's attention needs grid= (gh, gw) under TorchScript")
+        B, N, C = x.shape
+        gh, gw = grid
+        P = N - gh * gw
+        if P < 0:
+            raise ValueError(f"PaCaAttention: {N} tokens do not fit grid {gh}x{gw}")
+        patches = x[:, P:]
+        if cluster_logits is None:
+            if self.clustering is not None:
+                cluster_logits = self.clustering(patches, grid)  # eq. 6
+            else:
+                raise ValueError("this PaCaAttention was built with shared_clustering=True: pass cluster_logits=")
+        logits = cluster_logits
+        if list(logits.shape) != [B, N - P, self.num_clusters]:
+            raise ValueError(f"cluster_logits must have shape (B, n, M) = ({B}, {N - P}, {self.num_clusters}), "
+                             f"got {list(logits.shape)}")
+        assignment = torch.softmax(logits.float(), dim=1)  # eq. 7: over the tokens
+        pooled = torch.softmax(logits.to(patches.dtype), dim=1).transpose(1, 2) @ patches
+        z = self.cluster_norm(pooled)  # eq. 8
+        kv_in = torch.cat([z, x[:, :P]], 1) if P > 0 else z
+        D = self.num_heads * self.head_dim
+        w, b = self.qkv.weight, self.qkv.bias
+        if b is None:
+            q = TF.linear(x, w[:D])
+            kv = TF.linear(kv_in, w[D:])
+        else:
+            q = TF.linear(x, w[:D], b[:D])
+            kv = TF.linear(kv_in, w[D:], b[D:])
+        q = self.q_norm(q.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2))
+        kv = kv.reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = self.k_norm(kv[0]), kv[1]
+        attn = self.attn_drop(torch.softmax(self.scale * (q @ k.transpose(-2, -1)), dim=-1))  # eq. 5
+        out = self.norm((attn @ v).transpose(1, 2).reshape(B, N, D))
+        if self.gate is not None:
+            out = out * self.gate(x).sigmoid()
+        if self.store_assignment:
+            self.last_assignment = assignment.detach()
+        return self.proj_drop(self.proj(out))
 
 
 class PaCaBlock(nn.Module):
     """Transformer block (eq. 2–3): ``x + attn(LN(x))``, ``x + MBlock(LN(x))``.
 
-    ``num_clusters > 0``: :class:`vitpatch.nn.PaCaAttention` (eq. 6–8); with
-    ``owns_clustering=False`` the block has no clustering module and takes the cluster logits
+    ``num_clusters > 0``: :class:`vitpatch.nn.PaCaAttention` (eq. 6–8; a :class:`PaCaViTAttention`);
+    with ``owns_clustering=False`` the block has no clustering module and takes the cluster logits
     of an earlier block (stage-wise clustering). ``num_clusters == 0``: timm's MHSA.
     """
 
@@ -180,10 +304,10 @@ class PaCaBlock(nn.Module):
         self.norm1 = LayerNorm(dim, eps=_NORM_EPS)
         self.num_clusters = num_clusters
         if num_clusters > 0:
-            self.attn = PaCaAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
-                                      num_clusters=num_clusters, clustering=clustering,
-                                      cluster_reduction=cluster_reduction, num_prefix_tokens=0,
-                                      shared_clustering=not owns_clustering)
+            self.attn = PaCaViTAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                                         proj_drop=proj_drop, num_clusters=num_clusters, clustering=clustering,
+                                         cluster_reduction=cluster_reduction, num_prefix_tokens=0,
+                                         shared_clustering=not owns_clustering)
             self.attn.cluster_norm.eps = _NORM_EPS
         else:
             self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
@@ -192,14 +316,17 @@ class PaCaBlock(nn.Module):
         self.mlp = MBlockMlp(dim, int(dim * mlp_ratio), drop=proj_drop, dw_shortcut=mlp_dw_shortcut)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, feat_size: Tuple[int, int], cluster_logits: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, feat_size: Tuple[int, int],
+                cluster_logits: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``x (B, H*W, C)`` → ``(x, cluster_logits)``: the logits this block used (``None`` for MHSA)."""
         y = self.norm1(x)
-        if self.num_clusters > 0:
+        if hasattr(self.attn, "cluster_norm"):  # PaCa (num_clusters > 0); a static test for TorchScript
             if cluster_logits is None:
-                if self.attn.clustering is None:
-                    raise ValueError("this block shares its stage's clustering: pass the first block's cluster_logits")
-                cluster_logits = self.attn.clustering(y, feat_size)  # eq. 6
+                if self.attn.clustering is not None:
+                    cluster_logits = self.attn.clustering(y, feat_size)  # eq. 6
+                else:
+                    raise ValueError("this block shares its stage's clustering: pass the first block's "
+                                     "cluster_logits")
             a = self.attn(y, grid=feat_size, cluster_logits=cluster_logits)
         else:
             a = self.attn(y)
@@ -209,7 +336,8 @@ class PaCaBlock(nn.Module):
 
 
 class PaCaStage(nn.Module):
-    """One stage: optional transition, ``depth`` blocks, LayerNorm; ``(B, C, H, W)`` in and out.
+    """One stage: optional transition (stride ``downsample_stride``), ``depth`` blocks, LayerNorm;
+    ``(B, C, H, W)`` in and out.
 
     ``clustering_scope="block"``: every PaCa block clusters its own input; ``"stage"``: the first
     block clusters and the others reuse its logits (the authors' release).
@@ -218,11 +346,11 @@ class PaCaStage(nn.Module):
     def __init__(self, dim: int, dim_out: int, depth: int, downsample: bool, num_heads: int, mlp_ratio: float,
                  num_clusters: int, clustering: str, cluster_reduction: int, clustering_scope: str,
                  mlp_dw_shortcut: bool, qkv_bias: bool, proj_drop: float, attn_drop: float,
-                 drop_path: Sequence[float]):
+                 drop_path: Sequence[float], downsample_stride: int = 2):
         super().__init__()
         self.grad_checkpointing = False
         self.share_clustering = clustering_scope == "stage" and num_clusters > 0
-        self.downsample = Transition(dim, dim_out) if downsample else None
+        self.downsample = Transition(dim, dim_out, downsample_stride) if downsample else None
         self.blocks = nn.ModuleList([
             PaCaBlock(dim_out, num_heads, mlp_ratio, num_clusters, clustering, cluster_reduction,
                       owns_clustering=not self.share_clustering or j == 0, mlp_dw_shortcut=mlp_dw_shortcut,
@@ -236,7 +364,7 @@ class PaCaStage(nn.Module):
         B, C, H, W = x.shape
         feat_size = (H, W)
         x = x.flatten(2).transpose(1, 2)
-        logits = None
+        logits: Optional[torch.Tensor] = None
         for blk in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x, used = checkpoint(blk, x, feat_size, logits)
@@ -273,7 +401,11 @@ class PaCaViT(nn.Module):
         cluster_reduction: ``r`` of the paper clustering (Table 1: 4).
         clustering_scope: ``"block"`` (every PaCa block clusters) or ``"stage"`` (the first block of
             a stage clusters, the others reuse its logits; the authors' release).
-        stem: ``"overlap"`` (Conv7x7 s4, Table 1) or ``"conv3x2"`` (two Conv3x3 s2, the authors' release).
+        stem: ``"overlap"`` (Conv7x7 s4, Table 1 IN1K), ``"c100"`` (Conv3x3 s1, Table 1 C100) or
+            ``"conv3x2"`` (two Conv3x3 s2, the authors' release).
+        strides: per stage, ``(s_1, ..., s_S)`` of Table 1: ``s_1`` is the stem's (4, or 1 for ``"c100"``),
+            the others the transitions' (1 or 2). Default: the stem's stride, then 2 for every transition;
+            the C100 setting is ``(1, 2, 2, 1)``.
         mlp_dw_shortcut: residual around the FFN's depthwise conv (the authors' release).
         qkv_bias: biases of the q/k/v projections.
         drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate: dropout before the head, after
@@ -285,6 +417,7 @@ class PaCaViT(nn.Module):
                  num_heads: Sequence[int] = (1, 2, 5, 8), mlp_ratios: Sequence[float] = (8, 8, 4, 4),
                  num_clusters: Sequence[int] = (49, 49, 49, 0), clustering: str = "paper",
                  cluster_reduction: int = 4, clustering_scope: str = "block", stem: str = "overlap",
+                 strides: Optional[Sequence[int]] = None,
                  mlp_dw_shortcut: bool = False, qkv_bias: bool = True, drop_rate: float = 0.0,
                  proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0):
         super().__init__()
@@ -305,6 +438,14 @@ class PaCaViT(nn.Module):
                 raise ValueError(f"embed_dims[{i}] = {d} is not divisible by num_heads[{i}] = {h}")
         if clustering not in CLUSTERING_VARIANTS:
             raise ValueError(f"clustering must be one of {CLUSTERING_VARIANTS}, got {clustering!r}")
+        if stem not in STEM_STRIDES:
+            raise ValueError(f"stem must be one of {sorted(STEM_STRIDES)}, got {stem!r}")
+        if strides is None:
+            strides = (STEM_STRIDES[stem],) + (2,) * (S - 1)
+        strides = _per_stage("strides", strides, S)
+        if strides[0] != STEM_STRIDES[stem] or any(t not in (1, 2) for t in strides[1:]):
+            raise ValueError(f"strides must be ({STEM_STRIDES[stem]}, then 1 or 2 per transition) for stem {stem!r}, "
+                             f"got {strides}")
         if clustering_scope not in ("block", "stage"):
             raise ValueError(f"clustering_scope must be 'block' or 'stage', got {clustering_scope!r}")
         if not isinstance(in_chans, int) or in_chans < 1:
@@ -316,18 +457,21 @@ class PaCaViT(nn.Module):
 
         self.num_classes, self.in_chans, self.global_pool = num_classes, in_chans, global_pool
         self.depths, self.embed_dims, self.num_clusters = depths, embed_dims, num_clusters
-        self.size_divisor = 4 * 2 ** (S - 1)
+        self.strides = strides
+        reductions = [math.prod(strides[:i + 1]) for i in range(S)]
+        self.size_divisor = reductions[-1]
         self.patch_embed = PaCaStem(in_chans, embed_dims[0], stem, self.size_divisor)
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         stages, self.feature_info = [], []
         for i in range(S):
             stages.append(PaCaStage(
                 embed_dims[max(i - 1, 0)], embed_dims[i], depths[i], downsample=i > 0, num_heads=num_heads[i],
+                downsample_stride=strides[i],
                 mlp_ratio=mlp_ratios[i], num_clusters=num_clusters[i], clustering=clustering,
                 cluster_reduction=cluster_reduction, clustering_scope=clustering_scope,
                 mlp_dw_shortcut=mlp_dw_shortcut, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
                 attn_drop=attn_drop_rate, drop_path=dpr[i]))
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f"stages.{i}"))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reductions[i], module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.head = self._make_head(num_classes, global_pool, drop_rate)
@@ -553,6 +697,10 @@ _RELEASE_CFG = dict(first_conv="patch_embed.proj.0",
                     notes=("The authors' released ImageNet-1k weights (github.com/iVMCL/PaCaViT) load from a local "
                            "file: pretrained=True, pretrained_cfg_overlay=dict(file=path).",))
 
+# CIFAR-100 (Table 1 C100 column, Table 3): 32x32 inputs, 8x8 final map; the usual CIFAR-100 channel statistics.
+_C100_CFG = dict(num_classes=100, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
+                 mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762))
+
 default_cfgs = generate_default_cfgs({
     "paca_vit_b0": _cfg(),
     "paca_vit_b1": _cfg(),
@@ -560,6 +708,9 @@ default_cfgs = generate_default_cfgs({
     "paca_vit_tiny": _cfg(**_RELEASE_CFG),
     "paca_vit_small": _cfg(**_RELEASE_CFG),
     "paca_vit_base": _cfg(**_RELEASE_CFG),
+    "paca_vit_b0_c100": _cfg(**_C100_CFG),
+    "paca_vit_b1_c100": _cfg(**_C100_CFG),
+    "paca_vit_b2_c100": _cfg(**_C100_CFG),
 })
 
 
@@ -572,6 +723,8 @@ def _create_paca_vit(variant: str, pretrained: bool = False, **kwargs) -> PaCaVi
 # Table 1 (IN1K): clusters 49 in stages 1-3, MHSA in stage 4, r = 4, FFN ratios 8/8/4/4, heads 1/2/5/8.
 _PAPER = dict(num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4), num_clusters=(49, 49, 49, 0), clustering="paper",
               cluster_reduction=4, clustering_scope="block", stem="overlap", mlp_dw_shortcut=False)
+# Table 1 (C100): stem Conv3x3 s1 p1, stage-4 transition stride 1, 64 clusters in stages 1-2, MHSA in 3-4.
+_PAPER_C100 = dict(_PAPER, num_clusters=(64, 64, 0, 0), stem="c100", strides=(1, 2, 2, 1), num_classes=100)
 # The authors' release (models/paca_vit.py, "p2cconv_100_0"): 100 clusters, conv clustering shared per stage.
 _RELEASE = dict(num_heads=(2, 4, 8, 16), mlp_ratios=(4, 4, 4, 4), num_clusters=(100, 100, 100, 0),
                 clustering="official", clustering_scope="stage", stem="conv3x2", mlp_dw_shortcut=True)
@@ -618,3 +771,25 @@ def paca_vit_base(pretrained: bool = False, **kwargs) -> PaCaViT:
     """PaCa-Base, the authors' release (channels 96/192/384/512, depths 3/3/18/3, heads 2/4/8/16, 100 clusters)."""
     return _build("paca_vit_base", pretrained, _RELEASE,
                   dict(embed_dims=(96, 192, 384, 512), depths=(3, 3, 18, 3)), kwargs)
+
+
+@register_model
+def paca_vit_b0_c100(pretrained: bool = False, **kwargs) -> PaCaViT:
+    """PaCa-ViT-B0, CIFAR-100 setting (paper 004, Table 1 C100 column, Table 3): B0 with the Conv3x3 s1 stem,
+    a stride-1 stage-4 transition, 64 clusters in stages 1-2, MHSA in stages 3-4, 100 classes, 32x32 inputs."""
+    return _build("paca_vit_b0_c100", pretrained, _PAPER_C100,
+                  dict(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2)), kwargs)
+
+
+@register_model
+def paca_vit_b1_c100(pretrained: bool = False, **kwargs) -> PaCaViT:
+    """PaCa-ViT-B1, CIFAR-100 setting (paper 004, Table 1 C100 column, Table 3)."""
+    return _build("paca_vit_b1_c100", pretrained, _PAPER_C100,
+                  dict(embed_dims=(64, 128, 320, 512), depths=(2, 2, 2, 2)), kwargs)
+
+
+@register_model
+def paca_vit_b2_c100(pretrained: bool = False, **kwargs) -> PaCaViT:
+    """PaCa-ViT-B2, CIFAR-100 setting (paper 004, Table 1 C100 column, Table 3)."""
+    return _build("paca_vit_b2_c100", pretrained, _PAPER_C100,
+                  dict(embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3)), kwargs)

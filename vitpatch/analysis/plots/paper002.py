@@ -1,5 +1,6 @@
 """Paper 002's figures (docs/math.md §8): keypoints (Fig. 3), an attended row (Fig. 4), per-layer points
-(Fig. 5/6), the stage summary (Fig. 7a), mask as prompt (Fig. 8)."""
+(Fig. 5/6), the stage summary (Fig. 7a), attention heatmaps per stage (Fig. 7b), mask as prompt (Fig. 8:
+accuracy vs ratio, and the masked images)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -8,7 +9,8 @@ import numpy as np
 
 from ._common import _np, _image, _grid, _figure, _cell, _box, _overlay
 
-__all__ = ["plot_keypoints", "plot_attended_row", "plot_layer_points", "plot_stage_summary", "plot_mask_prompt"]
+__all__ = ["plot_keypoints", "plot_attended_row", "plot_layer_points", "plot_stage_summary", "plot_stage_heatmaps",
+           "plot_mask_prompt", "plot_masked_images"]
 
 
 def plot_keypoints(image, keypoints, grid, counts=None):
@@ -155,4 +157,111 @@ def plot_mask_prompt(result):
     return fig
 
 
-# =========================================================================== paper 003 (docs/math.md §9)
+
+def plot_stage_heatmaps(image, rows, grid, layers: Sequence[int], query: Optional[int] = None,
+                        names: Optional[Sequence[str]] = None, afi: Optional[Sequence[float]] = None):
+    """Paper 002 Fig. 7b: one attention heatmap per stage (Retrieval, Capture, Coach, §4.3).
+
+    ``rows``: ``(S, n)``, for each stage the attention row ``Ap[query, :]`` of the layer drawn for
+    it (``layers[s]``; :func:`vitpatch.analysis.semantic.stage_layers` picks the middle layer),
+    over the image; ``afi`` optionally that row's focus index ``delta_query`` (eq. 5, higher =
+    broader), written in the title. ``names`` default ``stage 1`` ... The query patch is boxed in red.
+    """
+    R = _np(rows).astype(np.float64)
+    if R.ndim != 2:
+        raise ValueError(f"rows must have shape (S, n): one attention row per stage, got {R.shape}")
+    S, n = R.shape
+    gh, gw = _grid(grid, n)
+    layers = [int(l) for l in layers]
+    if len(layers) != S:
+        raise ValueError(f"layers must name one layer per stage ({S}), got {len(layers)}")
+    names = [f"stage {i + 1}" for i in range(S)] if names is None else [str(v) for v in names]
+    if len(names) != S:
+        raise ValueError(f"names must have one entry per stage ({S}), got {len(names)}")
+    if afi is not None and len(afi) != S:
+        raise ValueError(f"afi must have one value per stage ({S}), got {len(afi)}")
+    if query is not None and not 0 <= int(query) < n:
+        raise ValueError(f"query must be a patch index in [0, {n}), got {query}")
+    img = _image(image)
+    cw, ch, _, _ = _cell(img, grid)
+    fig, axes = _figure(1, S, 3.4, 3.3)
+    for s in range(S):
+        ax = axes[0, s]
+        title = f"{names[s]}: layer {layers[s]}"
+        if afi is not None:
+            title += f"\nAFI delta of the row {float(afi[s]):.3g} (eq. 5)"
+        _overlay(ax, img, R[s].reshape(gh, gw), title)
+        if query is not None:
+            y, x = divmod(int(query), gw)
+            _box(ax, x, y, x, y, cw, ch, fill=False, edgecolor="red", lw=1.5)
+    who = "" if query is None else f" of patch {int(query)}"
+    fig.suptitle(f"Attention{who} per stage, mean over heads (paper 002 Fig. 7b)", fontsize=10)
+    return fig
+
+
+def plot_masked_images(image, scores, grid, ratios: Optional[Sequence[float]] = None, result=None,
+                       fill=(0.5, 0.5, 0.5), title: Optional[str] = None):
+    """Paper 002 Fig. 8a/8b: the image under Top (row 1) and Bottom (row 2) masks at each ratio.
+
+    Top masks the ``round(r n)`` patches with the highest patch score ``theta_bar`` (§5.1), Bottom
+    the lowest (:func:`vitpatch.analysis.mask_patches`, so the masks are those the accuracy was
+    measured with). Masked patches are painted ``fill`` (RGB in ``[0, 1]``; the dataset mean is
+    what the model sees in ``"pixel"`` mode, 0 after normalisation) and outlined. ``result``: one mode's entry of
+    :func:`vitpatch.analysis.mask_prompt_accuracy`, whose accuracies go into the titles (its ratios
+    are the default ``ratios``).
+    """
+    from ..semantic import MASK_RATIOS, mask_patches
+
+    import torch
+
+    sc = torch.as_tensor(_np(scores).astype(np.float64)).reshape(-1)
+    n = sc.numel()
+    gh, gw = _grid(grid, n)
+    if result is not None and (not isinstance(result, dict) or not {"ratios", "top", "bottom"} <= set(result)):
+        raise ValueError("result must be one mode's dict of mask_prompt_accuracy (ratios, top, bottom, unmasked)")
+    if ratios is None:
+        ratios = result["ratios"] if result is not None else MASK_RATIOS
+    ratios = [float(r) for r in ratios]
+    if not ratios:
+        raise ValueError("ratios must name at least one masking ratio")
+    accs = None
+    if result is not None:
+        known = [float(r) for r in result["ratios"]]
+        accs = {w: {r: a for r, a in zip(known, result[w])} for w in ("top", "bottom")}
+    colour = np.asarray(fill, dtype=np.float64).reshape(-1)
+    if colour.size != 3 or not np.all((colour >= 0) & (colour <= 1)):
+        raise ValueError(f"fill must be an RGB colour in [0, 1], got {fill!r}")
+    img = _image(image)
+    H, W = img.shape[:2]
+    ys = np.round(np.arange(gh + 1) * H / gh).astype(int)
+    xs = np.round(np.arange(gw + 1) * W / gw).astype(int)
+    fig, axes = _figure(2, len(ratios) + 1, 2.3, 2.5)
+    for row, which in enumerate(("top", "bottom")):
+        ax = axes[row, 0]
+        ax.imshow(img, extent=(0, W, H, 0))
+        head = "original"
+        if result is not None and "unmasked" in result:
+            head += f"\nacc {100 * float(result['unmasked']):.1f}%"
+        ax.set_title(head, fontsize=8)
+        ax.set_ylabel("Top (highest score masked)" if which == "top" else "Bottom (lowest score masked)", fontsize=8)
+        for c, r in enumerate(ratios, start=1):
+            m = mask_patches(sc[None], r, which)[0].numpy()
+            out = img.copy()
+            for p in np.nonzero(m)[0]:
+                y, x = divmod(int(p), gw)
+                out[ys[y]:ys[y + 1], xs[x]:xs[x + 1]] = colour
+            ax = axes[row, c]
+            ax.imshow(out, extent=(0, W, H, 0))
+            for p in np.nonzero(m)[0]:  # outlined too, so a fill close to the background stays visible
+                y, x = divmod(int(p), gw)
+                _box(ax, x, y, x, y, W / gw, H / gh, fill=False, edgecolor="black", lw=0.6)
+            k = int(m.sum())
+            t = f"{which.capitalize()} r = {100 * r:g}% ({k} patch{'' if k == 1 else 'es'})"
+            if accs is not None and r in accs[which]:
+                t += f"\nacc {100 * float(accs[which][r]):.1f}%"
+            ax.set_title(t, fontsize=8)
+    for ax in axes.reshape(-1):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title or "Top / Bottom masks of the patch score (paper 002 Fig. 8)", fontsize=10)
+    return fig
