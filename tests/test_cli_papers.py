@@ -40,34 +40,37 @@ def test_semantic_command(folder, tmp_path, capsys):
     pytest.importorskip("cv2")
     out = tmp_path / "sem"
     rc = cli.main(["semantic", str(folder), "--model", MODEL, "--img-size", "64", "--out", str(out),
-                   "--batch-size", "2", "--stages", "2", "4", "--mask-prompt", "--no-progress"])
+                   "--batch-size", "2", "--stages", "2", "4", "--mask-prompt", "--labels", "pred",
+                   "--no-progress"])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     assert "random weights" in cap.err
     res = json.loads((out / "semantic.json").read_text())
-    assert res["images"] == 5 and len(res["per_image"]) == 5
+    rows = [json.loads(line) for line in (out / "semantic_images.jsonl").read_text().splitlines()]
+    assert res["images"] == 5 and len(rows) == 5
     assert len(res["per_layer"]["KK"]) == 6 and len(res["per_layer_head"]["AFI"][0]) == 2
-    assert all(r["keypoints"] > 0 for r in res["per_image"])
+    assert all(r["keypoints"] > 0 for r in rows)
     assert set(res["mask_prompt"]) == {"pixel", "drop_tokens"}
     assert res["mask_prompt"]["pixel"]["unmasked"] == 1.0  # labels are the unmasked predictions
     _pngs_ok(out, ["fig3_keypoints.png", "fig4_attended_row.png", "fig5_interrelation.png",
-                   "fig6_focus_index.png", "fig7a_stages.png", "fig8_mask_prompt.png"])
+                   "fig6_focus_index.png", "fig7a_stages.png", "fig7b_stage_heatmaps.png", "fig8_mask_prompt.png",
+                   "fig8_masked_images.png"])
 
 
 def test_heads_command(folder, tmp_path, capsys):
     out = tmp_path / "heads"
     rc = cli.main(["heads", str(folder), "--model", MODEL, "--img-size", "64", "--out", str(out),
-                   "--modes", "1", "4", "--ae-epochs", "2", "--no-progress"])
+                   "--modes", "1", "4", "--ae-epochs", "2", "--labels", "pred", "--no-progress"])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     res = json.loads((out / "heads.json").read_text())
-    assert res["modes"] == [1, 4] and len(res["images"]) == 5
-    prob = np.array(res["per_image"]["prob"])
-    assert prob.shape == (5, 6, 2, 2)
-    assert np.array(res["per_image"]["strength"]).shape == (5, 6, 2, 4)
+    assert res["modes"] == [1, 4] and res["images"] == 5
+    assert np.load(out / "per_image" / "prob.npy").shape == (5, 6, 2, 2)
+    assert np.load(out / "per_image" / "strength.npy").shape == (5, 6, 2, 4)
     _pngs_ok(out, ["head_importance.png", "mode_bars.png", "top5_heads.png", "khop_strength.png",
                    "entropy_layers.png", "tsne_images.png", "tsne_cls_patterns.png", "tsne_patch_patterns.png",
-                   "context_masks.png", "attention_heatmap.png"])
+                   "context_masks.png", "attention_heatmap.png", "b2_head_modes.png", "b3_top5.png",
+                   "c3_entropy_distribution.png", "d3_two_axes.png", "d5_threshold_histogram.png"])
 
 
 def test_commands_bad_input(folder, tmp_path, capsys):

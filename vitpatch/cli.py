@@ -10,6 +10,10 @@ Subcommands:
   index, optionally mask-as-prompt accuracy (docs/math.md §8), JSON and figures.
 - ``vitpatch heads``: paper 003 over images or a folder: head importance by pruning, k-hop
   strength, mean attention distance, attention patterns (docs/math.md §9), JSON and figures.
+- ``vitpatch interactions``: paper 000 Fig. 2, attention between inner-object patch pairs and
+  inner-outer pairs per layer, streamed over images (docs/math.md §2).
+- ``vitpatch clusters``: paper 004 §3.5, PaCa cluster importance by masking the input with
+  ``1 - H^m``, the most important clusters drawn over the images (docs/math.md §7).
 - ``vitpatch train`` / ``vitpatch eval``: the papers' training experiments on an image folder
   (:mod:`vitpatch.train`); ``python -m vitpatch.train`` for ``torchrun``.
 
@@ -174,31 +178,45 @@ def _run_windows(args) -> int:
 
 
 # ------------------------------------------------------------------------------------- analyze
-@command("analyze", help="draw the paper's patch-interaction figures (U rows, U matrix, windows, responsive field) "
-                         "for one image")
+@command("analyze", help="draw the paper's patch-interaction figures (attention rows, U rows, U matrix, windows, "
+                         "beta sweep of DIP, responsive field) for one image")
 def _analyze_parser(p: argparse.ArgumentParser) -> None:
-    p.epilog = ("Writes fig3_uncertainty_rows.png, fig4_windows.png, fig5_indiscriminative.png, "
-                "fig11_field_tendency.png, fig12_field_size.png and summary.json to --out.")
+    p.epilog = ("Writes fig3a_attention_rows.png, fig3_uncertainty_rows.png, fig4_windows.png, "
+                "fig5_indiscriminative.png, fig6_beta_sweep.png, fig11_field_tendency.png, fig12_field_size.png "
+                "and summary.json to --out. With --windows-run the image's stored windows and keep mask (and the "
+                "run's alpha and beta) are drawn; U, the attention rows and the beta sweep are recomputed with "
+                "--model/--checkpoint, which must be the run's. Fig. 2 over many images: `vitpatch interactions`.")
     p.add_argument("image", metavar="IMAGE", help="an image file")
     _model_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for the PNGs")
     _fraction_args(p)
     p.add_argument("--patches", type=int, nargs="+", default=None, metavar="P",
-                   help="patch indices (row-major on the grid) for the U-row and window figures "
+                   help="patch indices (row-major on the grid) for the attention-row, U-row and window figures "
                         "(default: centre and three off-centre patches)")
+    p.add_argument("--betas", type=float, nargs="+", default=[0.05, 0.07, 0.1, 0.15, 0.2, 0.5], metavar="BETA",
+                   help="DIP fractions of the beta sweep (Fig. 6), each in [0, 1)")
+    p.add_argument("--windows-run", default=None, metavar="DIR",
+                   help="a `vitpatch windows` output folder holding IMAGE: draw its stored windows and keep mask "
+                        "(--alpha/--beta are then the run's)")
     p.add_argument("--dpi", type=int, default=110, help="PNG resolution")
     p.set_defaults(func=_run_analyze)
 
 
 def _run_analyze(args) -> int:
     from . import analysis
-    from .analysis import plots
+    from .analysis.paper000_stats import analyze_report, run_entry
     from .analysis.windows import _check_fraction
 
     _check_fraction(args.alpha, "alpha", True, False)
     _check_fraction(args.beta, "beta", False, True)
+    for b in args.betas:
+        _check_fraction(b, "--betas", False, True)
     if not os.path.isfile(args.image):
         raise ValueError(f"IMAGE {args.image!r} is not a file")
+    stored = None
+    if args.windows_run is not None:  # fail before loading the model when IMAGE is not in the run
+        index, w_run, k_run, meta = run_entry(args.windows_run, args.image)
+        stored = (w_run, k_run)
     device = _default_device(args.device)
     model, weights = _load(args, device)
     transform, cfg = analysis.eval_transform(model)
@@ -212,27 +230,29 @@ def _run_analyze(args) -> int:
         bad = [q for q in args.patches if not 0 <= q < n]
         if bad:
             raise ValueError(f"--patches must be in [0, {n}) for the grid {grid}, got {bad}")
-    windows, keep, U = analysis.compute_windows(model, x, args.alpha, args.beta, return_u=True)
-    size, tendency, R = analysis.responsive_field(windows, keep, grid, return_raw=True)
-    img = plots.display_image(x[0], cfg["mean"], cfg["std"])
-    U0, w0, k0 = U[0].cpu(), windows[0].cpu(), keep[0].cpu()
-    figs = {
-        "fig3_uncertainty_rows.png": plots.plot_uncertainty_rows(img, U0, grid, args.patches),
-        "fig4_windows.png": plots.plot_windows(img, w0, grid, args.patches, keep=k0),
-        "fig5_indiscriminative.png": plots.plot_uncertainty_matrix(U0, k0, img, grid),
-        "fig11_field_tendency.png": plots.plot_field_tendency(img, tendency[0].cpu(), grid, keep=k0),
-        "fig12_field_size.png": plots.plot_field_size(img, size[0].cpu(), grid),
-    }
+    alpha, beta = args.alpha, args.beta
+    if stored is not None:
+        theirs = {"model": meta.get("model"), "weights": meta.get("weights"), "input_size": meta.get("input_size"),
+                  "grid": meta.get("grid"), "num_prefix_tokens": meta.get("num_prefix_tokens")}
+        ours = {"model": args.model, "weights": weights, "input_size": list(cfg["input_size"]), "grid": list(grid),
+                "num_prefix_tokens": P}
+        diff = [f"{k}: run {theirs[k]!r}, now {ours[k]!r}" for k in ours if theirs[k] != ours[k]]
+        if diff:
+            raise ValueError(f"--windows-run {args.windows_run!r} was made with another model or input ("
+                             f"{'; '.join(diff)}); pass the run's --model, --checkpoint and --img-size")
+        alpha, beta = float(meta["alpha"]), float(meta["beta"])
+    summary, figs = analyze_report(model, x, alpha=alpha, beta=beta, patches=args.patches, betas=args.betas,
+                                   mean=cfg["mean"], std=cfg["std"], stored=stored)
     os.makedirs(args.out, exist_ok=True)
     written = _save_figures(figs, args.out, args.dpi)
-    summary = {
-        "image": os.path.abspath(args.image), "model": args.model, "weights": weights, "grid": list(grid),
-        "num_prefix_tokens": P, "alpha": args.alpha, "beta": args.beta,
-        "effective_operations": analysis.effective_operations(windows, grid),
-        "effective_operations_with_dip": analysis.effective_operations(windows, grid, keep),
-        "full_attention_operations": n * n, "dropped_patches": int((~keep).sum()),
-        "mean_field_size": float(size.double().mean()),
-    }
+    summary = {"image": os.path.abspath(args.image), "model": args.model, "weights": weights, **summary}
+    if stored is not None:
+        summary["windows_run"].update(dir=os.path.abspath(args.windows_run), index=int(index))
+        run = summary["windows_run"]
+        if run["windows_differ"] or run["keep_differ"]:
+            print(f"warning: recomputed U does not reproduce the stored run for {args.image}: {run['windows_differ']} "
+                  f"windows and {run['keep_differ']} keep entries of {n} patches differ (other device or weights); "
+                  f"the stored ones are drawn", file=sys.stderr)
     with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
         f.write("\n")
@@ -240,6 +260,99 @@ def _run_analyze(args) -> int:
         print(path)
     print(f"EO {summary['effective_operations']:.0f} of {n * n} ({summary['effective_operations_with_dip']:.0f} "
           f"with DIP); {summary['dropped_patches']} patches dropped")
+    return 0
+
+
+# -------------------------------------------------------------------------------- interactions
+@command("interactions", help="paper 000 Fig. 2: attention between inner-object patch pairs and inner-outer pairs, "
+                              "layer by layer, over images or image folders (streamed)")
+def _interactions_parser(p: argparse.ArgumentParser) -> None:
+    p.epilog = ("Writes inner_outer.json (per layer: mean and std over images of each image's mean inner-inner and "
+                "inner-outer pair score, the pooled pair mean and std; the example image's patches A, B, C) and "
+                "fig2_inner_outer.png to --out. The object is given by --object-masks (segmentation files) or "
+                "--object-box (a box of the model input, by default its central half).")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="image files and/or image folders (searched recursively)")
+    _model_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for the JSON results and the PNG")
+    g = p.add_argument_group("object (the inner patches)")
+    g.add_argument("--object-masks", default=None, metavar="DIR",
+                   help="segmentation masks: DIR/<path of the image below its IMAGE_OR_DIR folder, or its file "
+                        "name>.png (any image extension), the image's size, non-zero = object")
+    g.add_argument("--object-box", type=float, nargs=4, default=None, metavar=("X0", "Y0", "X1", "Y1"),
+                   help="the object as a box of the model input, fractions of width and height; a patch is inner "
+                        "when its centre is inside (default without --object-masks: 0.25 0.25 0.75 0.75)")
+    g.add_argument("--mask-threshold", type=float, default=0.5,
+                   help="with --object-masks: a patch is inner when at least this fraction of its pixels is object")
+    g = p.add_argument_group("run")
+    g.add_argument("--batch-size", type=int, default=8, help="images per forward")
+    g.add_argument("--max-images", type=int, default=None, help="use only the first this many images")
+    g.add_argument("--seed", type=int, default=0, help="seed of the example's random patches A, B, C")
+    g.add_argument("--dpi", type=int, default=110, help="PNG resolution")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_interactions)
+
+
+def _run_interactions(args) -> int:
+    from . import analysis
+    from .analysis.paper000_stats import ObjectMasks, box_objects, inner_outer_report
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max-images must be a positive integer, got {args.max_images}")
+    if args.object_masks is not None and args.object_box is not None:
+        raise ValueError("give --object-masks or --object-box, not both")
+    if not 0 < args.mask_threshold <= 1:
+        raise ValueError(f"--mask-threshold must be in (0, 1], got {args.mask_threshold}")
+    files = _collect_images(args.images)[:args.max_images]
+    device = _default_device(args.device)
+    model, weights = _load(args, device)
+    transform, cfg = analysis.eval_transform(model)
+    P, grid = analysis.model_layout(model)
+    if args.object_masks is not None:
+        objects = ObjectMasks(args.object_masks, transform, grid, threshold=args.mask_threshold,
+                              roots=[d for d in args.images if os.path.isdir(d)])
+        for f in files:  # every mask must exist: fail before the first forward
+            objects.path(f)
+        source = {"masks": os.path.abspath(args.object_masks), "threshold": args.mask_threshold}
+    else:
+        box = args.object_box if args.object_box is not None else [0.25, 0.25, 0.75, 0.75]
+        try:
+            inner = box_objects(grid, box)
+        except ValueError as exc:
+            raise ValueError(f"--object-box: {exc}") from None
+        objects = lambda names, x: inner.expand(len(names), -1)  # noqa: E731
+        source = {"box": list(box), "inner_patches": int(inner.sum())}
+
+    def batches():
+        import torch
+        from PIL import Image
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(files), desc="interactions", unit="img", disable=args.no_progress)
+        for i in range(0, len(files), args.batch_size):
+            chunk = files[i:i + args.batch_size]
+            xs = []
+            for f in chunk:
+                with Image.open(f) as im:
+                    xs.append(transform(im.convert("RGB")))
+            yield chunk, torch.stack(xs)
+            bar.update(len(chunk))
+        bar.close()
+
+    summary, figs = inner_outer_report(model, batches(), objects=objects, mean=cfg["mean"], std=cfg["std"],
+                                       seed=args.seed)
+    summary = {"model": args.model, "weights": weights, "object": source, **summary}
+    os.makedirs(args.out, exist_ok=True)
+    for path in _save_figures(figs, args.out, args.dpi):
+        print(path)
+    _write_json(os.path.join(args.out, "inner_outer.json"), summary)
+    last = summary["num_layers"] - 1
+    fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+    print(f"{summary['num_images']} images; last layer: inner pairs {fmt(summary['inner']['mean'][last])}, "
+          f"inner-outer pairs {fmt(summary['outer']['mean'][last])}; results in "
+          f"{os.path.join(args.out, 'inner_outer.json')}")
     return 0
 
 
@@ -368,198 +481,128 @@ def _nan_list(t):
 @command("semantic", help="paper 002: SIFT keypoint interrelation (KK/KN/NK/NN), attention focus index and "
                           "optionally mask-as-prompt accuracy, over images or an image folder")
 def _semantic_parser(p: argparse.ArgumentParser) -> None:
-    p.epilog = ("Writes semantic.json (per image: keypoint counts, KK/KN/NK/NN and AFI per layer and head; their "
-                "means over images) and fig3_keypoints.png, fig4_attended_row.png, fig5_interrelation.png, "
-                "fig6_focus_index.png, fig7a_stages.png (and fig8_mask_prompt.png with --mask-prompt) to --out. "
+    p.epilog = ("Writes to --out: semantic.json (KK/KN/NK/NN and AFI per layer and head, mean and std over images; "
+                "mask-as-prompt accuracies), semantic_images.jsonl (one line per image, written as it is done: "
+                "keypoint counts, KK/KN/NK/NN and AFI per layer and head), fig3_keypoints.png, "
+                "fig4_attended_row.png, fig5_interrelation.png, fig6_focus_index.png, fig7a_stages.png, "
+                "fig7b_stage_heatmaps.png and, with --mask-prompt, fig8_mask_prompt.png and fig8_masked_images.png. "
+                "Memory does not grow with the number of images. "
                 'Needs OpenCV: pip install -e ".[semantic]".')
     _images_arg(p)
     g = p.add_argument_group("paper 002")
     g.add_argument("--gamma", type=float, default=1.0, help="attended-set threshold factor of eq. 2 (> 0)")
     g.add_argument("--unweighted", action="store_true", help="unweighted theta (|S_i ∩ S_key| / |S_i|) instead of eq. 3")
     g.add_argument("--variant", choices=["renorm", "literal"], default="renorm", help="focus index variant (eq. 5)")
-    g.add_argument("--stages", type=int, nargs="*", default=[], metavar="LAYER",
-                   help="first layer of each new stage, shaded in fig7a (the paper gives none)")
+    g.add_argument("--stages", type=int, nargs="*", default=None, metavar="LAYER",
+                   help="first layer of each new stage (fig7a shading, fig7b panels); default: three equal stages "
+                        "(L // 3, 2L // 3), the paper gives none; --stages alone: one stage")
+    g.add_argument("--score-layers", type=int, nargs="+", default=None, metavar="LAYER",
+                   help="layers whose theta (mean over heads) makes the patch score of mask as prompt (§5.1); "
+                        "negative counts from the last layer (default: all layers)")
     g.add_argument("--mask-prompt", action="store_true",
-                   help="also Top/Bottom mask-as-prompt accuracy (§5.1) in both masking modes; the label is the "
-                        "unmasked prediction (agreement), as an image folder's classes need not match the model's")
+                   help="also Top/Bottom mask-as-prompt accuracy (§5.1, Fig. 8), streamed; the label follows "
+                        "--labels (true: the image folder's class, pred: the unmasked prediction)")
+    g.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.4], metavar="R",
+                   help="masking ratios of mask as prompt, in [0, 1]")
+    g.add_argument("--mask-modes", nargs="+", choices=["pixel", "drop_tokens"], default=["pixel", "drop_tokens"],
+                   help="mask as prompt: zero the patch pixels (normalised) and/or drop its token")
     p.set_defaults(func=_run_semantic)
 
 
 def _run_semantic(args) -> int:
-    import numpy as np
-    import torch
-
     from . import analysis
-    from .analysis import plots
+    from .analysis import semantic
 
-    analysis.semantic._cv2()  # fail early with the install command
+    semantic.require_opencv()  # fail early with the install command
     if not args.gamma > 0:
         raise ValueError(f"--gamma must be > 0, got {args.gamma}")
     device = _default_device(args.device)
     model, weights = _load(args, device)
     transform, cfg = analysis.eval_transform(model)
-    P, grid = analysis.model_layout(model)
-    files, batches = _image_batches(args, transform)
-    per_image, fields = [], ("KK", "KN", "NK", "NN", "AFI")
-    stats = {k: [] for k in fields}
-    first = None
-    prompt_batches = []
-    for names, x in batches:
-        raw = analysis.to_uint8(x, cfg["mean"], cfg["std"])
-        patch = x.shape[-1] // grid[1]
-        counts = analysis.keypoint_counts(raw, patch)
-        res = analysis.layer_semantics(analysis.attention_maps(model, x), counts, P, args.gamma,
-                                       not args.unweighted, args.variant)
-        for k in fields:
-            stats[k].append(getattr(res, k))
-        for b, name in enumerate(names):
-            per_image.append({"image": os.path.abspath(name), "keypoints": int(counts[b].sum()),
-                              "keypoint_patches": int((counts[b] > 0).sum()), "counts": counts[b].tolist(),
-                              **{k: _nan_list(getattr(res, k)[b]) for k in fields}})
-        if first is None:
-            first = (x[:1], raw[:1], counts[:1], patch)
-        if args.mask_prompt:
-            with torch.no_grad():
-                pred = model(x.to(device)).argmax(-1).cpu()
-            prompt_batches.append((x, pred, counts))
-    st = {k: torch.cat(v) for k, v in stats.items()}  # (num_images, L, h)
-    mean_lh = {k: torch.nanmean(v, 0) for k, v in st.items()}
-    L = st["AFI"].shape[1]
-    summary = {"model": args.model, "weights": weights, "grid": list(grid), "num_prefix_tokens": P,
-               "gamma": args.gamma, "weighted": not args.unweighted, "afi_variant": args.variant,
-               "images": len(files), "per_layer": {k: _nan_list(torch.nanmean(v, 1)) for k, v in mean_lh.items()},
-               "per_layer_head": {k: _nan_list(v) for k, v in mean_lh.items()}, "per_image": per_image}
-    os.makedirs(args.out, exist_ok=True)
-    x0, raw0, c0, patch = first
-    img = plots.display_image(raw0[0])
-    maps = list(analysis.attention_maps(model, x0))
-    A = maps[L // 2][0].mean(0, keepdim=True)[None]  # head-mean of the middle layer: (1, 1, N, N)
-    q = int(torch.argmax(c0[0])) if int(c0.sum()) else 0
-    figs = {
-        "fig3_keypoints.png": plots.plot_keypoints(img, analysis.sift_keypoints(raw0)[0], grid, c0[0]),
-        "fig4_attended_row.png": plots.plot_attended_row(img, A[0, 0, P + q, P:], grid, args.gamma, q),
-        "fig5_interrelation.png": plots.plot_layer_points({"KK": mean_lh["KK"], "NK": mean_lh["NK"]},
-                                                          "interrelation", "KK and NK per head (paper 002 Fig. 5)"),
-        "fig6_focus_index.png": plots.plot_layer_points({"AFI": mean_lh["AFI"]}, "attention focus index",
-                                                        "AFI per head (paper 002 Fig. 6)"),
-        "fig7a_stages.png": plots.plot_stage_summary(*(torch.nanmean(mean_lh[k], 1) for k in fields),
-                                                     stages=args.stages),
-    }
-    if args.mask_prompt:
-        acc = analysis.mask_prompt_accuracy(model, prompt_batches, gamma=args.gamma, weighted=not args.unweighted,
-                                            mean=cfg["mean"], std=cfg["std"])
-        summary["mask_prompt"] = acc
-        summary["mask_prompt_labels"] = "unmasked prediction"
-        figs["fig8_mask_prompt.png"] = plots.plot_mask_prompt(acc)
+    _, batches = _image_batches(args, transform, labelled=args.mask_prompt,
+                                num_classes=getattr(model, "num_classes", None))
+    batches = ([[os.path.abspath(f) for f in b[0]], *b[1:]] for b in batches)
+    summary, figs = semantic.semantic_report(
+        model, batches, gamma=args.gamma, weighted=not args.unweighted, variant=args.variant,
+        score_layers=args.score_layers, stages=args.stages, mask_prompt=args.mask_prompt, ratios=args.ratios,
+        modes=args.mask_modes, mean=cfg["mean"], std=cfg["std"], out=args.out)
+    summary = {"model": args.model, "weights": weights,
+               "labels": args.labels if args.mask_prompt else None, **summary}
     _write_json(os.path.join(args.out, "semantic.json"), summary)
     for path in _save_figures(figs, args.out, args.dpi):
         print(path)
-    kk, nk = (float(np.nanmean(mean_lh[k].numpy())) for k in ("KK", "NK"))
-    print(f"{len(files)} images: KK {kk:.3f}, NK {nk:.3f}, AFI {float(mean_lh['AFI'].mean()):.3f} "
-          f"(mean over layers and heads); results in {os.path.join(args.out, 'semantic.json')}")
+    mean = {k: [v for v in summary["per_layer"][k] if v is not None] for k in ("KK", "NK", "AFI")}
+    kk, nk, afi = (sum(v) / len(v) if v else float("nan") for v in mean.values())
+    print(f"{summary['images']} images: KK {kk:.3f}, NK {nk:.3f}, AFI {afi:.3f} (mean over layers and heads); "
+          f"results in {os.path.join(args.out, 'semantic.json')}, per image in "
+          f"{os.path.join(args.out, semantic.PER_IMAGE_FILE)}")
     return 0
 
 
 @command("heads", help="paper 003: head importance by pruning, k-hop attention strength, mean attention distance "
                        "and attention patterns, over images or an image folder")
 def _heads_parser(p: argparse.ArgumentParser) -> None:
-    p.epilog = ("Writes heads.json (per image: I_prob, I_JSD, I_cls, I_patch per layer, head and mode; k-hop "
-                "strength, its entropy and MAD per layer and head) and head_importance.png, mode_bars.png, "
-                "top5_heads.png, khop_strength.png, entropy_layers.png, tsne_images.png, tsne_cls_patterns.png, "
-                "tsne_patch_patterns.png, context_masks.png, attention_heatmap.png to --out. Labels are the "
-                "unpruned predictions.")
+    p.epilog = ("One streaming pass (memory independent of the number of images; vitpatch.analysis.heads_report). "
+                "Writes to --out: heads.json (mean and std over images of I_prob, P_ij[y], I_JSD, I_cls, I_patch "
+                "per layer, head and mode; of the k-hop strength, its entropy and MAD; entropy histograms; the "
+                "selected image and head with its top-5 predictions under pruning), per_image/*.npy (every "
+                "image's values, memory-mapped), patch_patterns.npy (binarised patch patterns, bit-packed), "
+                "images.txt, and the figures of paper 003: head_importance.png (Fig. 7 / B1, every mode), "
+                "b2_head_modes.png, b3_top5.png, mode_bars.png (two or more modes), top5_heads.png, "
+                "khop_strength.png (C2), entropy_layers.png (C1), c3_entropy_distribution.png, tsne_images.png "
+                "(Fig. 1A), tsne_cls_patterns.png, d1_density_cls_patterns.png, tsne_patch_patterns.png, "
+                "d1_density_patch_patterns.png, context_masks.png (D2), attention_heatmap.png (D4), "
+                "d3_two_axes.png, d5_threshold_histogram.png. The selected head (--layer/--head) is by default "
+                "the one of largest mean I_prob.")
     _images_arg(p)
     g = p.add_argument_group("paper 003")
     g.add_argument("--modes", type=int, nargs="+", default=[1], metavar="M",
                    help="pruning modes: 0 none, 1 all, 2 CLS->CLS, 3 CLS<->patches, 4 patches->patches, 5 = 2 + 3")
-    g.add_argument("--layer", type=int, default=None, help="layer of the k-hop, context and heatmap figures "
-                                                            "(default: the middle one)")
-    g.add_argument("--head", type=int, default=0, help="head of the context-mask and heatmap figures")
-    g.add_argument("--ae-epochs", type=int, default=30, help="training epochs of the patch-pattern autoencoder")
+    g.add_argument("--layer", type=int, default=None,
+                   help="layer of the selected head (B2, B3, C2, C3, D1-D5; default: that of the most important "
+                        "head, or the middle layer when only --head is given)")
+    g.add_argument("--head", type=int, default=None,
+                   help="head of the selected head (default: the one of largest mean I_prob, within --layer if given)")
+    g.add_argument("--image", type=int, default=0, help="index of the selected image (B1 line, B3, C3, D1-D5; default: 0, the first)")
+    g.add_argument("--top", type=float, default=0.01,
+                   help="share of a map's entries kept by the pattern binarisation and the D3/D5 threshold, in (0, 1]")
+    g.add_argument("--tsne-max", type=int, default=2000,
+                   help="most heads (and images) laid out by each t-SNE: a seeded uniform sample, plus the "
+                        "selected image's heads")
+    g.add_argument("--ae-epochs", type=int, default=30,
+                   help="training epochs of the patch-pattern autoencoder (0: no patch-pattern figures)")
     p.set_defaults(func=_run_heads)
 
 
 def _run_heads(args) -> int:
-    import numpy as np
-    import torch
+    from .analysis.heads import check_modes, heads_report
+    from .analysis.pipeline import eval_transform
 
-    from . import analysis
-    from .analysis import plots
-
-    modes = analysis.heads._check_modes(args.modes)
+    modes = check_modes(args.modes)
+    if args.image < 0:
+        raise ValueError(f"--image must be a non-negative image index, got {args.image}")
     device = _default_device(args.device)
     model, weights = _load(args, device)
-    analysis.heads._staged(model)
-    transform, cfg = analysis.eval_transform(model)
-    P, grid = analysis.model_layout(model)
-    L, h = len(model.blocks), model.blocks[0].attn.num_heads
-    layer = L // 2 if args.layer is None else args.layer
-    if not 0 <= layer < L:
-        raise ValueError(f"--layer must be in [0, {L}), got {args.layer}")
-    if not 0 <= args.head < h:
-        raise ValueError(f"--head must be in [0, {h}), got {args.head}")
-    files, batches = _image_batches(args, transform)
-    imp, strengths, first = [], [], None
-    for names, x in batches:
-        imp.append(analysis.head_importance(model, x, modes=modes))
-        patch = x.shape[-1] // grid[1]
-        strengths.append(analysis.layer_strengths(analysis.attention_maps(model, x), grid, patch, P))
-        if first is None:
-            first = x[:1]
-    cat = {k: torch.cat([getattr(r, k) for r in imp]) for k in ("prob", "jsd", "cls", "patch", "p_pruned")}
-    labels = torch.cat([r.labels for r in imp])
-    S = {k: torch.cat([getattr(s, k) for s in strengths]) for k in ("strength", "entropy", "mad")}
-    mean = {k: torch.nanmean(v, 0) for k, v in cat.items()}  # (L, h, M)
-    summary = {"model": args.model, "weights": weights, "grid": list(grid), "num_prefix_tokens": P,
-               "images": [os.path.abspath(f) for f in files], "modes": list(modes),
-               "mode_names": [analysis.PRUNE_MODES[m] for m in modes], "labels": labels.tolist(),
-               "mean_over_images": {k: _nan_list(v) for k, v in mean.items()},
-               "khop_strength_mean": _nan_list(S["strength"].mean(0)), "strength_entropy_mean": _nan_list(
-                   S["entropy"].mean(0)), "mad_px_mean": _nan_list(S["mad"].mean(0)),
-               "per_image": {**{k: _nan_list(v) for k, v in cat.items()},
-                             **{k: _nan_list(v) for k, v in S.items()}}}
-    os.makedirs(args.out, exist_ok=True)
+    transform, cfg = eval_transform(model)
+    files, batches = _image_batches(args, transform, labelled=True, num_classes=getattr(model, "num_classes", None))
+    if args.image >= len(files):
+        raise ValueError(f"--image must be in [0, {len(files)}) (the images used), got {args.image}")
+    class_names = None
+    if args.labels == "true":  # the sorted class folders, the label mapping of _folder_labels
+        root = os.path.abspath(args.images[0])
+        class_names = sorted({os.path.relpath(os.path.abspath(f), root).replace(os.sep, "/").split("/", 1)[0]
+                              for f in _collect_images(args.images)})
+    summary, figs = heads_report(model, batches, out=args.out, modes=modes, layer=args.layer, head=args.head,
+                                 image=args.image, ae_epochs=args.ae_epochs, top=args.top, tsne_max=args.tsne_max,
+                                 class_names=class_names, mean=cfg["mean"], std=cfg["std"],
+                                 progress=not args.no_progress)
+    summary = {"model": args.model, "weights": weights, "labels": args.labels, "class_names": class_names, **summary}
     _write_json(os.path.join(args.out, "heads.json"), summary)
-    m0 = 0
-    figs = {
-        "head_importance.png": plots.plot_head_importance(mean["prob"][..., m0], f"I_prob (mode {modes[m0]})"),
-        "top5_heads.png": plots.plot_top_heads(mean["prob"][..., m0], 5, f"I_prob (mode {modes[m0]})"),
-        "khop_strength.png": plots.plot_khop_strength(S["strength"].mean(0)[layer], layer),
-        "entropy_layers.png": plots.plot_entropy_layers(S["entropy"].mean(0)),
-    }
-    if len(modes) > 1:
-        figs["mode_bars.png"] = plots.plot_mode_bars(mean["prob"], modes)
-    if len(files) >= 4:
-        emb = analysis.image_overview(analysis.HeadImportance(cat["prob"], cat["jsd"], cat["cls"], cat["patch"],
-                                                              cat["p_pruned"], torch.zeros(len(labels)), labels, modes),
-                                      mode=modes[m0])
-        figs["tsne_images.png"] = plots.plot_tsne(emb, labels, "images by p_pruned[y] over all heads (Fig. 1A)",
-                                                  "predicted class")
-    maps = list(analysis.attention_maps(model, first))
-    if L * h >= 4:
-        layer_of = np.repeat(np.arange(L), h)
-        if P >= 1:
-            cls = torch.cat([analysis.cls_patterns(A, P)[0] for A in maps])  # (L*h, N + n)
-            figs["tsne_cls_patterns.png"] = plots.plot_tsne(analysis.tsne(cls), layer_of,
-                                                            "CLS patterns of all heads (Fig. 6B)", "layer")
-        pats = torch.cat([analysis.binarize_patterns(A, P)[0] for A in maps])  # (L*h, n, n)
-        lat, _ = analysis.pattern_latents(pats, epochs=args.ae_epochs)
-        figs["tsne_patch_patterns.png"] = plots.plot_tsne(analysis.tsne(lat), layer_of,
-                                                          "patch patterns of all heads, AE latents (Fig. 6C)", "layer")
-    A = maps[layer]
-    img = plots.display_image(first[0], cfg["mean"], cfg["std"])
-    n = grid[0] * grid[1]
-    cm = analysis.context_masks(A, grid, P, patch=n // 2 + grid[1] // 2)
-    figs["context_masks.png"] = plots.plot_context_masks(img, {k: v[0, args.head] for k, v in cm.items()},
-                                                         f"layer {layer}, head {args.head} (Fig. 6D/E)")
-    if P >= 1:
-        figs["attention_heatmap.png"] = plots.plot_attention_heatmap(A[0, args.head], P,
-                                                                     f"layer {layer}, head {args.head}")
     for path in _save_figures(figs, args.out, args.dpi):
         print(path)
-    top = torch.argmax(torch.nan_to_num(mean["prob"][..., m0], nan=-1e9)).item()
-    print(f"{len(files)} images: most important head L{top // h}H{top % h} (I_prob {float(mean['prob'][..., m0].reshape(-1)[top]):.4f}, "
-          f"mode {modes[m0]}); results in {os.path.join(args.out, 'heads.json')}")
+    sel = summary["selected"]
+    print(f"{summary['images']} images ({args.labels} labels): selected head L{sel['layer']}H{sel['head']} "
+          f"({sel['chosen_by']}); results in {os.path.join(args.out, 'heads.json')}")
     return 0
 
 
@@ -596,6 +639,83 @@ def _run_demo(args) -> int:
                      alpha=args.alpha, beta=args.beta, num_clusters=args.clusters, max_steps=args.max_steps,
                      device=_default_device(args.device))
     run_demo(cfg)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ clusters
+@command("clusters", help="paper 004 §3.5: rank a trained PaCa model's clusters by the accuracy drop when each is "
+                          "masked out of the images, and draw the most important ones as heatmaps (Figs. 4-6)")
+def _clusters_parser(p: argparse.ArgumentParser) -> None:
+    p.epilog = ("Writes clusters.json (per PaCa layer and cluster: accuracy drop, mean and std of p_y(x) - p_y(x~), "
+                "entropy; the ranking; the images used) and, per layer k, clusters_importance_layer{k}.png, "
+                "clusters_top_layer{k}.png and clusters_per_image_layer{k}.png to --out. Without --model the model "
+                "is rebuilt from the train_config.json that `vitpatch train` writes beside its checkpoints.")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="image files and/or image folders (searched recursively)")
+    p.add_argument("--checkpoint", required=True, metavar="FILE",
+                   help="trained weights: a `vitpatch train` checkpoint, or a file for --model")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="a registered PaCa model (paca_vit_*); default: the run's model from the train_config.json "
+                        "beside --checkpoint")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for clusters.json and the PNGs")
+    g = p.add_argument_group("paper 004 §3.5")
+    g.add_argument("--layer", nargs="+", default=None, metavar="L",
+                   help="PaCa layer(s): indices among the model's PaCa attention layers (negative from the last), "
+                        "or 'all' (default: the last)")
+    g.add_argument("--top", type=int, default=6, help="clusters drawn per image and listed in the JSON (Fig. 6: 6)")
+    g.add_argument("--show-images", type=int, default=4, metavar="N", help="images drawn in the figures")
+    g.add_argument("--upsample", choices=["bilinear", "nearest"], default="bilinear",
+                   help="how the patch-grid heatmap is brought to the image size")
+    g.add_argument("--all-images", action="store_true",
+                   help="count every image, not only those the model classifies correctly (the paper's choice)")
+    g = p.add_argument_group("run")
+    g.add_argument("--img-size", type=int, default=None, metavar="PIXELS", help="input size (default: the run's)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--batch-size", type=int, default=32, help="images per forward (masked images included)")
+    g.add_argument("--max-images", type=int, default=None, help="use only the first this many images")
+    g.add_argument("--dpi", type=int, default=110, help="PNG resolution")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--labels", choices=["true", "pred"], default="true",
+                   help="'true' = the class folder of each image (one ImageFolder-style IMAGE_OR_DIR, classes "
+                        "sorted as the model's), 'pred' = the model's prediction on the unmasked image")
+    p.set_defaults(func=_run_clusters)
+
+
+def _run_clusters(args) -> int:
+    from .analysis import clusters
+
+    layer = args.layer
+    if layer is not None:
+        if layer == ["all"]:
+            layer = "all"
+        else:
+            try:
+                layer = [int(v) for v in layer]
+            except ValueError:
+                raise ValueError(f"--layer must be integers or 'all', got {' '.join(args.layer)}") from None
+    for name in ("top", "show_images"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    model, weights, transform, dcfg = clusters.load_paca_model(args.checkpoint, args.model, img_size=args.img_size,
+                                                               device=_default_device(args.device))
+    files, batches = _image_batches(args, transform, labelled=True, num_classes=getattr(model, "num_classes", None))
+    batches = (([os.path.abspath(f) for f in names], x, y) for names, x, y in batches)
+    summary, figs = clusters.clusters_report(
+        model, batches, layer=layer, top=args.top, keep=args.show_images, batch_size=args.batch_size,
+        mean=dcfg["mean"], std=dcfg["std"], upsample=args.upsample, correct_only=not args.all_images)
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    summary = {"model": args.model or arch, "checkpoint": os.path.abspath(args.checkpoint), "weights": weights,
+               "labels": args.labels, **summary}
+    os.makedirs(args.out, exist_ok=True)
+    _write_json(os.path.join(args.out, "clusters.json"), summary)
+    for path in _save_figures(figs, args.out, args.dpi):
+        print(path)
+    for lay in summary["layers"]:
+        tops = ", ".join(f"c{t['cluster']} ({t['acc_drop'] if t['acc_drop'] is None else round(t['acc_drop'], 3)})"
+                         for t in lay["top"])
+        print(f"PaCa layer {lay['index']} ({lay['layer']}): most important clusters (accuracy drop over "
+              f"{lay['counted']} of {lay['images']} images): {tops}")
+    print(f"results in {os.path.join(args.out, 'clusters.json')}")
     return 0
 
 

@@ -245,6 +245,7 @@ def semantic_heads_stage(model: nn.Module, images: torch.Tensor, cfg: DemoConfig
     imp = analysis.head_importance(model, x, modes=modes)
     out["head_importance_modes"] = list(modes)
     out["I_prob"] = imp.prob.mean(0).tolist()  # (L, h, modes)
+    out["I_prob_std"] = imp.prob.std(0, unbiased=False).tolist()  # over images (paper 003 Fig. 1 B1 band)
     out["I_jsd"] = imp.jsd.mean(0).tolist()
     out["I_patch"] = imp.patch.mean(0).tolist()
     st = analysis.layer_strengths(analysis.attention_maps(model, x), cfg.grid, cfg.patch_size, 1)
@@ -264,7 +265,8 @@ def _semantic_heads_figures(res: Dict[str, object], cfg: DemoConfig) -> List[str
         fig.suptitle("digits ViT: keypoint interrelation and focus index per layer (paper 002)", fontsize=9)
         figs["semantic_layers.png"] = fig
     prob = torch.tensor(res["I_prob"])
-    figs["head_importance.png"] = plots.plot_head_importance(prob[..., 0], "I_prob (mode 1)")
+    figs["head_importance.png"] = plots.plot_head_importance(prob[..., 0], "I_prob (mode 1)",
+                                                             std=torch.tensor(res["I_prob_std"])[..., 0])
     figs["mode_bars.png"] = plots.plot_mode_bars(prob, res["head_importance_modes"])
     strength = torch.tensor(res["khop_strength"])
     figs["khop_strength.png"] = plots.plot_khop_strength(strength[-1], cfg.depth - 1)
