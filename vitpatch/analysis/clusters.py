@@ -21,7 +21,6 @@ figures (paper 004 Figs. 4-6).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -607,14 +606,6 @@ def _short(name: Optional[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------ loading
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_paca_model(checkpoint, model_name: Optional[str] = None, *, img_size: Optional[int] = None,
                     device="cpu"):
     """A trained PaCa model for :func:`clusters_report`, its evaluation transform and data config.
@@ -638,7 +629,9 @@ def load_paca_model(checkpoint, model_name: Optional[str] = None, *, img_size: O
         raise ValueError(f"checkpoint {checkpoint!r} is not a file")
     if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
         raise ValueError(f"img_size must be a positive integer, got {img_size!r}")
-    digest = f"sha256 {_sha256(checkpoint)[:16]}"
+    from .pipeline import sha256_file
+
+    digest = f"sha256 {sha256_file(checkpoint)[:16]}"
     if model_name is not None:
         from .pipeline import load_model
 

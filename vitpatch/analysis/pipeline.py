@@ -151,7 +151,7 @@ def load_model(name: str, checkpoint=None, img_size: Optional[int] = None, devic
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:  # shape mismatches
             raise ValueError(f"checkpoint {checkpoint!r} does not fit model {name!r}: {exc}") from None
-        weights = f"checkpoint {os.path.basename(checkpoint)} (sha256 {_sha256(checkpoint)[:16]})"
+        weights = f"checkpoint {os.path.basename(checkpoint)} (sha256 {sha256_file(checkpoint)[:16]})"
     else:
         warnings.warn(f"no checkpoint given: {name} has random weights; its windows are meaningless "
                       f"(pass a local checkpoint, e.g. --checkpoint FILE)", UserWarning, stacklevel=2)
@@ -159,7 +159,8 @@ def load_model(name: str, checkpoint=None, img_size: Optional[int] = None, devic
     return model.eval().to(device), weights
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """The SHA-256 hex digest of a file, read in 4 MiB blocks."""
     import hashlib
 
     h = hashlib.sha256()
