@@ -52,10 +52,10 @@ def test_fx_trace_forward_equals_eager(name):
         torch.testing.assert_close(gm(x)["out"], model(x), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["paca_vit_b0", "paca_vit_tiny", "paca_vit_b0_c100"])
+@pytest.mark.parametrize("name", ALL)
 def test_fx_trace_backward_equals_eager(name):
-    """Gradients through the traced graph: input and every parameter, as eager (the stage-wise shared
-    clustering of tiny and the MHSA stages of C100 included). The larger models share these modules."""
+    """Gradients through the traced graph: input and every parameter, as eager, for every registered model
+    (the stage-wise shared clustering of the release models and the MHSA stages of C100 included)."""
     model = _model(name).train()
     x = _images(name).requires_grad_(True)
     w = torch.randn(2, 5, generator=torch.Generator().manual_seed(3))
