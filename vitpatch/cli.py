@@ -271,8 +271,7 @@ def _interactions_parser(p: argparse.ArgumentParser) -> None:
                 "inner-outer pair score, the pooled pair mean and std; the example image's patches A, B, C) and "
                 "fig2_inner_outer.png to --out. The object is given by --object-masks (segmentation files) or "
                 "--object-box (a box of the model input, by default its central half).")
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
-                   help="image files and/or image folders (searched recursively)")
+    _images_positional(p)
     _model_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for the JSON results and the PNG")
     g = p.add_argument_group("object (the inner patches)")
@@ -284,12 +283,8 @@ def _interactions_parser(p: argparse.ArgumentParser) -> None:
                         "when its centre is inside (default without --object-masks: 0.25 0.25 0.75 0.75)")
     g.add_argument("--mask-threshold", type=float, default=0.5,
                    help="with --object-masks: a patch is inner when at least this fraction of its pixels is object")
-    g = p.add_argument_group("run")
-    g.add_argument("--batch-size", type=int, default=8, help="images per forward")
-    g.add_argument("--max-images", type=int, default=None, help="use only the first this many images")
+    g = _run_group(p)
     g.add_argument("--seed", type=int, default=0, help="seed of the example's random patches A, B, C")
-    g.add_argument("--dpi", type=int, default=110, help="PNG resolution")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_interactions)
 
 
@@ -344,10 +339,7 @@ def _run_interactions(args) -> int:
     summary, figs = inner_outer_report(model, batches(), objects=objects, mean=cfg["mean"], std=cfg["std"],
                                        seed=args.seed)
     summary = {"model": args.model, "weights": weights, "object": source, **summary}
-    os.makedirs(args.out, exist_ok=True)
-    for path in _save_figures(figs, args.out, args.dpi):
-        print(path)
-    _write_json(os.path.join(args.out, "inner_outer.json"), summary)
+    _write_report(args, "inner_outer.json", summary, figs)
     last = summary["num_layers"] - 1
     fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
     print(f"{summary['num_images']} images; last layer: inner pairs {fmt(summary['inner']['mean'][last])}, "
@@ -357,30 +349,47 @@ def _run_interactions(args) -> int:
 
 
 # ------------------------------------------------------------------------- semantic and heads
-def _images_arg(p: argparse.ArgumentParser) -> None:
+def _images_positional(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
                    help="image files and/or image folders (searched recursively)")
-    _model_args(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder for the JSON results and PNGs")
+
+
+_LABELS_HELP = ("labels where an equation needs one: 'true' = the class folder of each image (one ImageFolder-style "
+                "IMAGE_OR_DIR, DIR/<class>/<image>, classes sorted as the model's), 'pred' = the model's prediction "
+                "on the unaltered image")
+
+
+def _run_group(p: argparse.ArgumentParser, *, batch_size: int = 8, batch_help: str = "images per forward",
+               labels_help: Optional[str] = None):
+    """The ``run`` options of the commands over images (:func:`_image_batches` reads them); ``--labels``
+    when ``labels_help`` is given. Returns the group, for a command's own run options."""
     g = p.add_argument_group("run")
-    g.add_argument("--batch-size", type=int, default=8, help="images per forward")
+    g.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
     g.add_argument("--max-images", type=int, default=None, help="use only the first this many images")
     g.add_argument("--dpi", type=int, default=110, help="PNG resolution")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--labels", choices=["true", "pred"], default="true",
-                   help="labels where an equation needs one: 'true' = the class folder of each image (one "
-                        "ImageFolder-style IMAGE_OR_DIR, DIR/<class>/<image>, classes sorted as the model's), "
-                        "'pred' = the model's prediction on the unaltered image")
+    if labels_help is not None:
+        g.add_argument("--labels", choices=["true", "pred"], default="true", help=labels_help)
+    return g
+
+
+def _images_arg(p: argparse.ArgumentParser) -> None:
+    """Images, model, ``--out`` and the run options of ``vitpatch semantic`` and ``heads``."""
+    _images_positional(p)
+    _model_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for the JSON results and PNGs")
+    _run_group(p, labels_help=_LABELS_HELP)
 
 
 def _folder_labels(args, files: List[str], num_classes: Optional[int]):
-    """The class index of each file for ``--labels true`` (``None`` for ``--labels pred``).
+    """``(labels, classes)``: the class index of each file and the sorted class folder names for
+    ``--labels true`` (``(None, None)`` for ``--labels pred``).
 
     Needs one ImageFolder-style directory (every image in a class subfolder); its sorted class
     names are the label mapping, so their count must equal the model's number of classes.
     """
     if args.labels == "pred":
-        return None
+        return None, None
     if len(args.images) != 1 or not os.path.isdir(args.images[0]):
         raise ValueError("--labels true needs one image folder DIR/<class>/<image> (its class index is the label); "
                          "pass --labels pred to score against the model's own predictions")
@@ -395,7 +404,7 @@ def _folder_labels(args, files: List[str], num_classes: Optional[int]):
                          f"{num_classes} classes; the sorted folder names must be the model's classes "
                          f"(or pass --labels pred)")
     index = {c: i for i, c in enumerate(classes)}
-    return [index[r.split("/", 1)[0]] for r in rel]
+    return [index[r.split("/", 1)[0]] for r in rel], classes
 
 
 def _collect_images(paths: List[str]) -> List[str]:
@@ -417,16 +426,17 @@ def _collect_images(paths: List[str]) -> List[str]:
 
 
 def _image_batches(args, transform, *, labelled: bool = False, num_classes: Optional[int] = None):
-    """``(files, iterator of (names, batch))`` over the images of ``args.images`` with a tqdm bar over
-    images. With ``labelled`` the items are ``(names, batch, labels)``: ``labels`` a LongTensor of the
-    class folders (``--labels true``, checked against ``num_classes`` by :func:`_folder_labels`) or
-    ``None`` (``--labels pred``). Nothing is kept after a batch is yielded."""
+    """``(files, iterator of (names, batch), classes)`` over the images of ``args.images`` with a tqdm
+    bar over images. With ``labelled`` the items are ``(names, batch, labels)``: ``labels`` a
+    LongTensor of the class folders (``--labels true``, checked against ``num_classes`` by
+    :func:`_folder_labels`, whose sorted names are ``classes``) or ``None`` (``--labels pred``;
+    ``classes`` is ``None`` then and without ``labelled``). Nothing is kept after a batch is yielded."""
     from PIL import Image
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
     files = _collect_images(args.images)
-    labels = _folder_labels(args, files, num_classes) if labelled else None  # classes from the whole folder
+    labels, classes = _folder_labels(args, files, num_classes) if labelled else (None, None)  # the whole folder
     if args.max_images is not None:
         if args.max_images < 1:
             raise ValueError(f"--max-images must be a positive integer, got {args.max_images}")
@@ -451,7 +461,7 @@ def _image_batches(args, transform, *, labelled: bool = False, num_classes: Opti
                 yield chunk, torch.stack(xs), y
             bar.update(len(chunk))
         bar.close()
-    return files, gen()
+    return files, gen(), classes
 
 
 def _save_figures(figs: Dict[str, object], out: str, dpi: int) -> List[str]:
@@ -465,6 +475,17 @@ def _write_json(path: str, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
         f.write("\n")
+
+
+def _write_report(args, json_name: str, summary: dict, figs: Dict[str, object]) -> str:
+    """A report command's outputs in ``args.out``: ``json_name`` and the figures (each path printed);
+    returns the JSON's path."""
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, json_name)
+    _write_json(path, summary)
+    for fig_path in _save_figures(figs, args.out, args.dpi):
+        print(fig_path)
+    return path
 
 
 def _nan_list(t):
@@ -519,7 +540,7 @@ def _run_semantic(args) -> int:
     device = _default_device(args.device)
     model, weights = _load(args, device)
     transform, cfg = analysis.eval_transform(model)
-    _, batches = _image_batches(args, transform, labelled=args.mask_prompt,
+    _, batches, _ = _image_batches(args, transform, labelled=args.mask_prompt,
                                 num_classes=getattr(model, "num_classes", None))
     batches = ([[os.path.abspath(f) for f in b[0]], *b[1:]] for b in batches)
     summary, figs = semantic.semantic_report(
@@ -528,9 +549,7 @@ def _run_semantic(args) -> int:
         modes=args.mask_modes, mean=cfg["mean"], std=cfg["std"], out=args.out)
     summary = {"model": args.model, "weights": weights,
                "labels": args.labels if args.mask_prompt else None, **summary}
-    _write_json(os.path.join(args.out, "semantic.json"), summary)
-    for path in _save_figures(figs, args.out, args.dpi):
-        print(path)
+    _write_report(args, "semantic.json", summary, figs)
     mean = {k: [v for v in summary["per_layer"][k] if v is not None] for k in ("KK", "NK", "AFI")}
     kk, nk, afi = (sum(v) / len(v) if v else float("nan") for v in mean.values())
     print(f"{summary['images']} images: KK {kk:.3f}, NK {nk:.3f}, AFI {afi:.3f} (mean over layers and heads); "
@@ -584,22 +603,16 @@ def _run_heads(args) -> int:
     device = _default_device(args.device)
     model, weights = _load(args, device)
     transform, cfg = eval_transform(model)
-    files, batches = _image_batches(args, transform, labelled=True, num_classes=getattr(model, "num_classes", None))
+    files, batches, class_names = _image_batches(args, transform, labelled=True,
+                                                 num_classes=getattr(model, "num_classes", None))
     if args.image >= len(files):
         raise ValueError(f"--image must be in [0, {len(files)}) (the images used), got {args.image}")
-    class_names = None
-    if args.labels == "true":  # the sorted class folders, the label mapping of _folder_labels
-        root = os.path.abspath(args.images[0])
-        class_names = sorted({os.path.relpath(os.path.abspath(f), root).replace(os.sep, "/").split("/", 1)[0]
-                              for f in _collect_images(args.images)})
     summary, figs = heads_report(model, batches, out=args.out, modes=modes, layer=args.layer, head=args.head,
                                  image=args.image, ae_epochs=args.ae_epochs, top=args.top, tsne_max=args.tsne_max,
                                  class_names=class_names, mean=cfg["mean"], std=cfg["std"],
                                  progress=not args.no_progress)
     summary = {"model": args.model, "weights": weights, "labels": args.labels, "class_names": class_names, **summary}
-    _write_json(os.path.join(args.out, "heads.json"), summary)
-    for path in _save_figures(figs, args.out, args.dpi):
-        print(path)
+    _write_report(args, "heads.json", summary, figs)
     sel = summary["selected"]
     print(f"{summary['images']} images ({args.labels} labels): selected head L{sel['layer']}H{sel['head']} "
           f"({sel['chosen_by']}); results in {os.path.join(args.out, 'heads.json')}")
@@ -650,8 +663,7 @@ def _clusters_parser(p: argparse.ArgumentParser) -> None:
                 "entropy; the ranking; the images used) and, per layer k, clusters_importance_layer{k}.png, "
                 "clusters_top_layer{k}.png and clusters_per_image_layer{k}.png to --out. Without --model the model "
                 "is rebuilt from the train_config.json that `vitpatch train` writes beside its checkpoints.")
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
-                   help="image files and/or image folders (searched recursively)")
+    _images_positional(p)
     p.add_argument("--checkpoint", required=True, metavar="FILE",
                    help="trained weights: a `vitpatch train` checkpoint, or a file for --model")
     p.add_argument("--model", default=None, metavar="NAME",
@@ -668,16 +680,11 @@ def _clusters_parser(p: argparse.ArgumentParser) -> None:
                    help="how the patch-grid heatmap is brought to the image size")
     g.add_argument("--all-images", action="store_true",
                    help="count every image, not only those the model classifies correctly (the paper's choice)")
-    g = p.add_argument_group("run")
+    g = _run_group(p, batch_size=32, batch_help="images per forward (masked images included)",
+                   labels_help="'true' = the class folder of each image (one ImageFolder-style IMAGE_OR_DIR, classes "
+                               "sorted as the model's), 'pred' = the model's prediction on the unmasked image")
     g.add_argument("--img-size", type=int, default=None, metavar="PIXELS", help="input size (default: the run's)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    g.add_argument("--batch-size", type=int, default=32, help="images per forward (masked images included)")
-    g.add_argument("--max-images", type=int, default=None, help="use only the first this many images")
-    g.add_argument("--dpi", type=int, default=110, help="PNG resolution")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--labels", choices=["true", "pred"], default="true",
-                   help="'true' = the class folder of each image (one ImageFolder-style IMAGE_OR_DIR, classes "
-                        "sorted as the model's), 'pred' = the model's prediction on the unmasked image")
     p.set_defaults(func=_run_clusters)
 
 
@@ -698,7 +705,8 @@ def _run_clusters(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     model, weights, transform, dcfg = clusters.load_paca_model(args.checkpoint, args.model, img_size=args.img_size,
                                                                device=_default_device(args.device))
-    files, batches = _image_batches(args, transform, labelled=True, num_classes=getattr(model, "num_classes", None))
+    files, batches, _ = _image_batches(args, transform, labelled=True,
+                                       num_classes=getattr(model, "num_classes", None))
     batches = (([os.path.abspath(f) for f in names], x, y) for names, x, y in batches)
     summary, figs = clusters.clusters_report(
         model, batches, layer=layer, top=args.top, keep=args.show_images, batch_size=args.batch_size,
@@ -706,10 +714,7 @@ def _run_clusters(args) -> int:
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     summary = {"model": args.model or arch, "checkpoint": os.path.abspath(args.checkpoint), "weights": weights,
                "labels": args.labels, **summary}
-    os.makedirs(args.out, exist_ok=True)
-    _write_json(os.path.join(args.out, "clusters.json"), summary)
-    for path in _save_figures(figs, args.out, args.dpi):
-        print(path)
+    _write_report(args, "clusters.json", summary, figs)
     for lay in summary["layers"]:
         tops = ", ".join(f"c{t['cluster']} ({t['acc_drop'] if t['acc_drop'] is None else round(t['acc_drop'], 3)})"
                          for t in lay["top"])
