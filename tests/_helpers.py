@@ -129,3 +129,21 @@ def random_windows(B, gh, gw, generator=None):
     r = torch.randint(0, max(gh, gw), (B, n, 4), generator=generator)
     return torch.stack([(x - r[..., 0]).clamp(min=0), (y - r[..., 1]).clamp(min=0),
                         (x + r[..., 2]).clamp(max=gw - 1), (y + r[..., 3]).clamp(max=gh - 1)], -1)
+
+
+def write_square_images(root, n: int = 5, seed: int = 3):
+    """``n`` 64 px RGB images in two class folders (``a``: the first 3, ``b``: the rest) under ``root``, each a
+    grey field with one bright 8 x 8 square at a random place (SIFT finds it) and a little noise; returns ``root``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        sub = root / ("a" if i < 3 else "b")
+        sub.mkdir(parents=True, exist_ok=True)
+        img = np.full((64, 64, 3), 110, np.uint8)
+        y, x = rng.integers(8, 56, 2)
+        img[y - 4:y + 4, x - 4:x + 4] = 250
+        img = (img.astype(int) + rng.integers(-8, 8, img.shape)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(sub / f"img{i}.png")
+    return root

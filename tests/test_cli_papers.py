@@ -10,24 +10,14 @@ import torch
 from vitpatch import analysis, cli
 from vitpatch.analysis import plots
 
+from _helpers import write_square_images
+
 MODEL = "test_vit"  # timm's small CI ViT (embed 64, depth 6, 2 heads)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from PIL import Image
-
-    base = tmp_path_factory.mktemp("papers")
-    rng = np.random.default_rng(3)
-    for i in range(5):
-        sub = base / "data" / ("a" if i < 3 else "b")
-        sub.mkdir(parents=True, exist_ok=True)
-        img = np.full((64, 64, 3), 110, np.uint8)
-        y, x = rng.integers(8, 56, 2)
-        img[y - 4:y + 4, x - 4:x + 4] = 250  # a bright square: SIFT finds it
-        img = (img.astype(int) + rng.integers(-8, 8, img.shape)).clip(0, 255).astype(np.uint8)
-        Image.fromarray(img).save(sub / f"img{i}.png")
-    return base / "data"
+    return write_square_images(tmp_path_factory.mktemp("papers") / "data")
 
 
 def _pngs_ok(out, names):

@@ -15,6 +15,8 @@ from vitpatch import analysis, cli
 from vitpatch.analysis import semantic
 from vitpatch.analysis.plots import paper002
 
+from _helpers import write_square_images
+
 cv2 = pytest.importorskip("cv2", reason='SIFT needs the "semantic" extra (in the "test" extra too)')
 
 MODEL = "test_vit"  # timm's small CI ViT (embed 64, depth 6, 2 heads)
@@ -276,18 +278,9 @@ def test_stage_heatmaps_draw_one_row_per_stage():
 def folder(tmp_path_factory):
     """Five 64 px images in two class folders (a: 3, b: 2) and a test_vit checkpoint that always says 'a'."""
     import timm
-    from PIL import Image
 
     base = tmp_path_factory.mktemp("sem002")
-    rng = np.random.default_rng(3)
-    for i in range(5):
-        sub = base / "data" / ("a" if i < 3 else "b")
-        sub.mkdir(parents=True, exist_ok=True)
-        img = np.full((64, 64, 3), 110, np.uint8)
-        y, x = rng.integers(8, 56, 2)
-        img[y - 4:y + 4, x - 4:x + 4] = 250  # a bright square: SIFT finds it
-        img = (img.astype(int) + rng.integers(-8, 8, img.shape)).clip(0, 255).astype(np.uint8)
-        Image.fromarray(img).save(sub / f"img{i}.png")
+    write_square_images(base / "data")
     torch.manual_seed(0)
     model = _constant(timm.create_model(MODEL, pretrained=False, img_size=64, num_classes=2), 0)
     torch.save(model.state_dict(), base / "const.pth")
