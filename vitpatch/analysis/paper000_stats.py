@@ -188,6 +188,14 @@ def _check_inner(inner, B: int, n: int) -> torch.Tensor:
     return inner
 
 
+def _moments(acc) -> Tuple[np.ndarray, np.ndarray]:
+    """``(mean, population std)`` per layer from running ``(count, sum, sum of squares)``; NaN where the count is 0."""
+    c, s, q = acc
+    n = np.maximum(c, 1)
+    mu = s / n
+    return np.where(c > 0, mu, np.nan), np.where(c > 0, np.sqrt(np.maximum(q / n - mu * mu, 0)), np.nan)
+
+
 class InnerOuterStats:
     """Running inner / outer pair statistics per layer, paper 000 Fig. 2 (module docstring).
 
@@ -283,28 +291,22 @@ class InnerOuterStats:
     def mean(self, kind: str) -> np.ndarray:
         """``(L,)``: mean over images of the per-image mean ``kind`` pair score."""
         self._check_kind(kind)
-        c, s, _ = self._img[kind]
-        return np.where(c > 0, s / np.maximum(c, 1), np.nan)
+        return _moments(self._img[kind])[0]
 
     def std(self, kind: str) -> np.ndarray:
         """``(L,)``: population std over images of the per-image mean ``kind`` pair score."""
         self._check_kind(kind)
-        c, s, q = self._img[kind]
-        mu = s / np.maximum(c, 1)
-        return np.where(c > 0, np.sqrt(np.maximum(q / np.maximum(c, 1) - mu * mu, 0)), np.nan)
+        return _moments(self._img[kind])[1]
 
     def pair_mean(self, kind: str) -> np.ndarray:
         """``(L,)``: mean score over every ``kind`` pair of every image (pooled)."""
         self._check_kind(kind)
-        c, s, _ = self._pair[kind]
-        return np.where(c > 0, s / np.maximum(c, 1), np.nan)
+        return _moments(self._pair[kind])[0]
 
     def pair_std(self, kind: str) -> np.ndarray:
         """``(L,)``: population std of the score over every ``kind`` pair of every image (pooled)."""
         self._check_kind(kind)
-        c, s, q = self._pair[kind]
-        mu = s / np.maximum(c, 1)
-        return np.where(c > 0, np.sqrt(np.maximum(q / np.maximum(c, 1) - mu * mu, 0)), np.nan)
+        return _moments(self._pair[kind])[1]
 
     def layer_std(self, kind: str) -> float:
         """Mean over images of the population std across layers of the per-image mean ``kind`` score."""

@@ -134,9 +134,9 @@ def load_model(name: str, checkpoint=None, img_size: Optional[int] = None, devic
         from timm.models import load_state_dict
 
         state = load_state_dict(checkpoint)
-        head = state.get("head.weight", state.get("head.fc.weight"))  # timm ViTs; PaCa-ViT (head.fc)
-        if isinstance(head, torch.Tensor) and head.dim() == 2:
-            kwargs["num_classes"] = head.shape[0]
+        classes = num_classes_of(state)
+        if classes is not None:
+            kwargs["num_classes"] = classes
     model = timm.create_model(name, pretrained=False, **kwargs)
     if state is not None:
         filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
@@ -168,6 +168,13 @@ def sha256_file(path: str) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def num_classes_of(state: dict) -> Optional[int]:
+    """The classifier's output count in a timm state dict (``head.weight`` of a ViT, ``head.fc.weight`` of a
+    PaCa-ViT), or ``None`` when it has neither."""
+    head = state.get("head.weight", state.get("head.fc.weight"))
+    return int(head.shape[0]) if isinstance(head, torch.Tensor) and head.dim() == 2 else None
 
 
 def _key_mismatch(model: nn.Module, state: dict):
@@ -214,10 +221,12 @@ def compute_windows(model: nn.Module, images: torch.Tensor, alpha: float, beta: 
 
 
 # -------------------------------------------------------------------------------------- pipeline
-def _write_json_atomic(path: str, obj) -> None:
+def write_json_atomic(path: str, obj, **json_kwargs) -> None:
+    """Write ``obj`` as indented JSON to ``path`` through a temporary file and ``os.replace``, so a reader never
+    sees half a file; ``json_kwargs`` go to ``json.dump`` (e.g. ``sort_keys=True``, ``default=str``)."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        json.dump(obj, f, indent=2, **json_kwargs)
         f.write("\n")
     os.replace(tmp, path)
 
@@ -248,7 +257,7 @@ def _create(out_dir: str, meta: dict, files: Sequence[str]) -> None:
     idx[:] = np.asarray(files, dtype=f"<U{width}")
     idx.flush()
     del idx
-    _write_json_atomic(meta_path, meta)
+    write_json_atomic(meta_path, meta, sort_keys=True)
 
 
 def _diff(old: dict, new: dict) -> List[str]:

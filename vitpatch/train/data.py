@@ -28,7 +28,7 @@ from ..masks import WindowMask, check_grid
 from .config import DIP_CHOICES
 
 __all__ = ["DIP_CHOICES", "write_digits_folder", "split_dir", "WindowStore", "TrainImages", "TrainCollate",
-           "seeded", "item_seed"]
+           "seeded", "seed_all", "item_seed", "derived_seed"]
 
 _DIGITS_MARK = "vitpatch-digits.json"
 
@@ -115,9 +115,21 @@ class WindowStore:
         return out
 
 
+def derived_seed(*keys: int) -> int:
+    """A 32-bit seed that is a function of the integers ``keys`` only (NumPy's ``SeedSequence``)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """The seed of one item's augmentation: a function of ``(seed, epoch, index)`` only."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+    return derived_seed(seed, epoch, index)
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's CPU generators with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
 
 
 @contextlib.contextmanager
@@ -125,9 +137,7 @@ def seeded(seed: int):
     """Seed Python's, NumPy's and torch's CPU generators inside the block, restoring them after."""
     py, npy = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed % (1 << 32))
-        torch.manual_seed(seed)
+        seed_all(seed)
         try:
             yield
         finally:
@@ -140,11 +150,13 @@ class TrainImages(torch.utils.data.Dataset):
 
     ``transform(img)`` (no windows) or ``transform(img, windows, keep) -> (image, windows, keep)``
     (with a :class:`WindowStore`); the windows come out on the model's grid. ``set_epoch``
-    changes the augmentation seed of every item (:func:`item_seed`).
+    changes the augmentation seed of every item (:func:`item_seed`). ``images`` reuses an
+    :class:`~vitpatch.analysis.ImageFiles` scan of ``root`` already made.
     """
 
-    def __init__(self, root, transform, *, store: Optional[WindowStore] = None, seed: int = 0):
-        self.images = ImageFiles(root)
+    def __init__(self, root, transform, *, store: Optional[WindowStore] = None, seed: int = 0,
+                 images: Optional[ImageFiles] = None):
+        self.images = ImageFiles(root) if images is None else images
         self.files, self.labels, self.classes = self.images.files, self.images.labels, self.images.classes
         if not self.classes:
             raise ValueError(f"data folder {os.fspath(root)!r} is not an ImageFolder (root/<class>/<image>): "

@@ -38,7 +38,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .data import TrainCollate, TrainImages, WindowStore, seeded, split_dir, write_digits_folder
+from .._dist import world
+from ..analysis.pipeline import ImageFiles, num_classes_of, write_json_atomic
+from .data import (TrainCollate, TrainImages, WindowStore, derived_seed, seed_all, seeded, split_dir,
+                   write_digits_folder)
 
 from .config import CONFIG_FILE, LAST, METRICS_FILE, TrainConfig, load_run_config
 
@@ -127,8 +130,11 @@ def _input_size(model: nn.Module, cfg: TrainConfig) -> Tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------- data
-def _datasets(cfg: TrainConfig, model: nn.Module):
-    """``(train, val, collate)`` datasets with their transforms (windows moved with the image)."""
+def _split_dataset(cfg: TrainConfig, model: nn.Module, split: str, *, training: bool,
+                   images=None) -> TrainImages:
+    """One split's dataset with its transform: timm's training transform (``training``) or its eval
+    transform; with ``cfg.windows`` the split's windows run, moved with the image
+    (:mod:`vitpatch.train.remap`). ``images``: the split's :class:`~vitpatch.analysis.ImageFiles` scan."""
     from timm.data import create_transform, resolve_data_config
 
     from .remap import AnalysisView, WindowFollowingTransform
@@ -136,33 +142,42 @@ def _datasets(cfg: TrainConfig, model: nn.Module):
     size = _input_size(model, cfg)
     dcfg = resolve_data_config({"input_size": (3, *size)}, model=model)
     mean, std, interp = dcfg["mean"], dcfg["std"], dcfg["interpolation"]
-    P, grid = _layout(model)
-    roots = [split_dir(cfg.data, s) for s in (cfg.train_split, cfg.val_split)]
+    root = split_dir(cfg.data, split)
     if cfg.windows is None:
-        train_tf = create_transform(size, is_training=True, scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip,
-                                    color_jitter=cfg.color_jitter, auto_augment=cfg.aa, interpolation=interp,
-                                    mean=mean, std=std, re_prob=cfg.reprob)
-        val_tf = create_transform(**dcfg, is_training=False)
-        sets = [TrainImages(roots[0], train_tf, seed=cfg.seed), TrainImages(roots[1], val_tf, seed=cfg.seed)]
-        return sets[0], sets[1], TrainCollate()
+        if training:
+            tf = create_transform(size, is_training=True, scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip,
+                                  color_jitter=cfg.color_jitter, auto_augment=cfg.aa, interpolation=interp,
+                                  mean=mean, std=std, re_prob=cfg.reprob)
+        else:
+            tf = create_transform(**dcfg, is_training=False)
+        return TrainImages(root, tf, seed=cfg.seed, images=images)
+    _P, grid = _layout(model)
     if grid is None:
         raise ValueError(f"--windows needs a model with one patch grid (a timm ViT); {cfg.model} has none")
-    stores = [WindowStore(os.path.join(cfg.windows, s)) if os.path.isdir(os.path.join(cfg.windows, s)) else None
-              for s in (cfg.train_split, cfg.val_split)]
-    for s, store in zip((cfg.train_split, cfg.val_split), stores):
-        if store is None:
-            raise ValueError(f"--windows {cfg.windows!r} has no {s!r} run: expected {cfg.windows}/{s} from "
-                             f"`vitpatch windows --data {os.path.join(cfg.data, s)} --out {cfg.windows}/{s}`")
-    train_tf = WindowFollowingTransform(
-        AnalysisView.from_meta(stores[0].meta), input_size=size, out_grid=grid, scale=cfg.scale, ratio=cfg.ratio,
-        hflip=cfg.hflip, interpolation=interp, color_jitter=cfg.color_jitter, auto_augment=cfg.aa, mean=mean,
-        std=std, re_prob=cfg.reprob)
-    val_tf = WindowFollowingTransform.eval(
-        AnalysisView.from_meta(stores[1].meta), input_size=size, out_grid=grid, crop_pct=dcfg["crop_pct"],
-        crop_mode=dcfg.get("crop_mode") or "center", interpolation=interp, mean=mean, std=std)
-    train = TrainImages(roots[0], train_tf, store=stores[0], seed=cfg.seed)
-    val = TrainImages(roots[1], val_tf, store=stores[1], seed=cfg.seed)
-    return train, val, TrainCollate(grid, P, cfg.dip)
+    run = os.path.join(cfg.windows, split)
+    if not os.path.isdir(run):
+        raise ValueError(f"--windows {cfg.windows!r} has no {split!r} run: expected {run} from "
+                         f"`vitpatch windows --data {os.path.join(cfg.data, split)} --out {run}`")
+    store = WindowStore(run)
+    view = AnalysisView.from_meta(store.meta)
+    if training:
+        tf = WindowFollowingTransform(view, input_size=size, out_grid=grid, scale=cfg.scale, ratio=cfg.ratio,
+                                      hflip=cfg.hflip, interpolation=interp, color_jitter=cfg.color_jitter,
+                                      auto_augment=cfg.aa, mean=mean, std=std, re_prob=cfg.reprob)
+    else:
+        tf = WindowFollowingTransform.eval(view, input_size=size, out_grid=grid, crop_pct=dcfg["crop_pct"],
+                                           crop_mode=dcfg.get("crop_mode") or "center", interpolation=interp,
+                                           mean=mean, std=std)
+    return TrainImages(root, tf, store=store, seed=cfg.seed, images=images)
+
+
+def _collate(cfg: TrainConfig, model: nn.Module) -> TrainCollate:
+    """The batches' collate: a :class:`vitpatch.WindowMask` per batch (with the ``--dip`` choice) when windows
+    are used."""
+    if cfg.windows is None:
+        return TrainCollate()
+    P, grid = _layout(model)
+    return TrainCollate(grid, P, cfg.dip)
 
 
 class _Shard(torch.utils.data.Sampler):
@@ -312,12 +327,6 @@ def _all_reduce(t: torch.Tensor, device: torch.device) -> None:
 
 
 # -------------------------------------------------------------------------------------- training
-def _rank_world():
-    from .._dist import world
-
-    return world()
-
-
 def _barrier():
     import torch.distributed as dist
 
@@ -325,21 +334,8 @@ def _barrier():
         dist.barrier()
 
 
-def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    s = int(np.random.SeedSequence([seed, epoch, rank, 7]).generate_state(1)[0])
-    import random
-
-    random.seed(s)
-    np.random.seed(s)
-    torch.manual_seed(s)
-
-
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, default=str)
 
 
 def _trim_metrics(path: str, start_epoch: int) -> None:
@@ -357,7 +353,7 @@ def _prepare_windows(cfg: TrainConfig, device: str) -> TrainConfig:
     """The digits default with window/WinfT attention and no ``--windows``: train the dense ViT
     (``OUT/dense``) and compute each split's windows with it (``OUT/windows/<split>``), as the
     demo does; both steps resume when rerun."""
-    from ..analysis.pipeline import ImageFiles, eval_transform, run_windows
+    from ..analysis.pipeline import eval_transform, run_windows
 
     dense_cfg = replace(cfg, attention="dense", windows=None, dip="none", out=os.path.join(cfg.out, "dense"),
                         resume="auto", stop_after=None, _digits=False)
@@ -462,7 +458,7 @@ def _train(cfg: TrainConfig, device: torch.device, nested: bool) -> dict:
     from timm.utils import CheckpointSaver, ModelEmaV3
     from tqdm.auto import tqdm
 
-    rank, world_size = _rank_world()
+    rank, world_size = world()
     if cfg.batch_size % world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} (global) must be divisible by the {world_size} processes")
     local_batch = cfg.batch_size // world_size
@@ -477,10 +473,13 @@ def _train(cfg: TrainConfig, device: torch.device, nested: bool) -> dict:
         if cfg.attention in ("window", "winft") and cfg.windows is None:
             cfg = _prepare_windows(cfg, str(device))
     # everything is checked before anything is written to cfg.out
-    num_classes = len(TrainImages(split_dir(cfg.data, cfg.train_split), None).classes)
+    train_images = ImageFiles(split_dir(cfg.data, cfg.train_split))  # scanned once: classes, then the dataset
+    num_classes = len(train_images.classes)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, num_classes)
-    train_ds, val_ds, collate = _datasets(cfg, model)
+    train_ds = _split_dataset(cfg, model, cfg.train_split, training=True, images=train_images)
+    val_ds = _split_dataset(cfg, model, cfg.val_split, training=False)
+    collate = _collate(cfg, model)
     if val_ds.classes != train_ds.classes:
         raise ValueError(f"the {cfg.val_split!r} and {cfg.train_split!r} folders have other classes")
     steps = len(train_ds) // cfg.batch_size
@@ -528,7 +527,7 @@ def _train(cfg: TrainConfig, device: torch.device, nested: bool) -> dict:
     end_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start_epoch + cfg.stop_after)
     history = []
     for epoch in range(start_epoch, end_epoch):
-        _seed_epoch(cfg.seed, epoch, rank)
+        seed_all(derived_seed(cfg.seed, epoch, rank, 7))
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
         loader = _loader(train_ds, local_batch, collate, cfg.workers, sampler, True, device)
@@ -545,7 +544,7 @@ def _train(cfg: TrainConfig, device: torch.device, nested: bool) -> dict:
             mask = None if mask is None else mask.to(device)
             targets = labels
             if mix is not None:
-                with seeded(int(np.random.SeedSequence([cfg.seed, epoch, i, 11]).generate_state(1)[0])):
+                with seeded(derived_seed(cfg.seed, epoch, i, 11)):
                     images, targets = mix(images, labels)
             loss, bce = train_step(model, images, targets, mask, cfg=cfg, criterion=criterion, opt=opt,
                                    device=device, inner=inner)
@@ -671,9 +670,9 @@ def evaluate_checkpoint(checkpoint, *, data: Optional[str] = None, windows: Opti
     device_name, own_group = init_distributed(device)
     dev = torch.device(device_name)
     try:
-        num_classes = int(ck[key]["head.weight"].shape[0]) if "head.weight" in ck[key] else None
+        num_classes = num_classes_of(ck[key])
         if num_classes is None:
-            num_classes = len(TrainImages(split_dir(cfg.data, cfg.train_split), None).classes)
+            num_classes = len(ImageFiles(split_dir(cfg.data, cfg.train_split)).classes)
         model = build_model(cfg, num_classes)
         try:
             model.load_state_dict(ck[key])
@@ -681,11 +680,12 @@ def evaluate_checkpoint(checkpoint, *, data: Optional[str] = None, windows: Opti
             raise ValueError(f"--checkpoint {checkpoint!r} does not fit {cfg.model} ({cfg.attention}): {exc}") \
                 from None
         model.to(dev)
-        _train_ds, val_ds, collate = _datasets(replace(cfg, windows=cfg.windows), model)
+        val_ds = _split_dataset(cfg, model, cfg.val_split, training=False)  # the training split is not read
+        collate = _collate(cfg, model)
         if len(val_ds.classes) != num_classes:
             raise ValueError(f"the {cfg.val_split!r} folder has {len(val_ds.classes)} classes, the checkpoint "
                              f"{num_classes}")
-        rank, world_size = _rank_world()
+        rank, world_size = world()
         loader = _loader(val_ds, batch_size, collate, workers, _Shard(len(val_ds), rank, world_size), False, dev)
         metrics = evaluate(model, loader, dev, attention=cfg.attention, amp=cfg.amp, progress=progress)
         result = {"checkpoint": checkpoint, "epoch": ck.get("epoch"), "weights": key, "model": cfg.model,
