@@ -9,11 +9,12 @@ import numpy as np
 __all__ = ["training_figures", "plot_winft_gates"]
 
 
-def _figure(cols: int = 1, width: float = 5.0, height: float = 3.4):
-    from matplotlib.figure import Figure
+def _single():
+    """A one-panel figure and its axes (:func:`vitpatch.analysis.plots._common._figure`)."""
+    from ..analysis.plots._common import _figure
 
-    fig = Figure(figsize=(width * cols, height), layout="constrained")
-    return fig, fig.subplots(1, cols, squeeze=False)[0]
+    fig, axes = _figure(1, 1, 5.0, 3.4)
+    return fig, axes[0, 0]
 
 
 def training_figures(out: str, records: Sequence[dict], attention: str) -> List[str]:
@@ -25,7 +26,7 @@ def training_figures(out: str, records: Sequence[dict], attention: str) -> List[
     steps = [r for r in records if r["kind"] == "step"]
     epochs = [r for r in records if r["kind"] == "epoch"]
     paths = []
-    fig, (ax,) = _figure()
+    fig, ax = _single()
     if steps:
         ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1, label="train (logged steps)")
     if epochs:
@@ -39,7 +40,7 @@ def training_figures(out: str, records: Sequence[dict], attention: str) -> List[
     paths.append(save_figure(fig, os.path.join(out, "loss.png")))
     if not epochs:
         return paths
-    fig, (ax,) = _figure()
+    fig, ax = _single()
     e = [r["epoch"] + 1 for r in epochs]
     ax.plot(e, [r["val_top1"] for r in epochs], "o-", label="top-1")
     ax.plot(e, [r["val_top5"] for r in epochs], "s--", label="top-5")
@@ -52,7 +53,7 @@ def training_figures(out: str, records: Sequence[dict], attention: str) -> List[
     paths.append(save_figure(fig, os.path.join(out, "top1.png")))
     eo = [(r.get("val_eo_patch"), r["val_top1"], r["epoch"] + 1) for r in epochs if r.get("val_eo_patch") is not None]
     if eo:
-        fig, (ax,) = _figure()
+        fig, ax = _single()
         sc = ax.scatter([p[0] for p in eo], [p[1] for p in eo], c=[p[2] for p in eo], cmap="viridis")
         fig.colorbar(sc, ax=ax, label="epoch")
         full = epochs[-1].get("val_eo_full_patch")
@@ -73,6 +74,7 @@ def plot_winft_gates(image, target, gates, grid, num_prefix_tokens: int, patches
     import torch
 
     from ..analysis.plots import default_patches, display_image
+    from ..analysis.plots._common import _figure
 
     gh, gw = grid
     P = int(num_prefix_tokens)
@@ -83,9 +85,7 @@ def plot_winft_gates(image, target, gates, grid, num_prefix_tokens: int, patches
                          f"{tuple(gates.shape)} and {tuple(target.shape)}")
     patches = list(default_patches((gh, gw)) if patches is None else patches)
     img = display_image(image, mean, std)
-    fig, axes = _figure(len(patches) + 1, width=2.4, height=5.0)
-    fig.clear()
-    axes = fig.subplots(2, len(patches) + 1, squeeze=False)
+    fig, axes = _figure(2, len(patches) + 1, width=2.4, height=2.5)
     axes[0, 0].imshow(img)
     axes[0, 0].set_title("image", fontsize=8)
     axes[1, 0].axis("off")
