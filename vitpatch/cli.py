@@ -39,6 +39,8 @@ import sys
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
+from ._dist import default_device  # no torch import at module import: it loads inside the call
+
 __all__ = ["main", "build_parser", "command", "COMMANDS"]
 
 #: name -> (one-line help, function configuring the subparser)
@@ -111,12 +113,6 @@ def _load(args, device: str):
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     return model, weights
-
-
-def _default_device(requested: Optional[str]) -> str:
-    from ._dist import default_device
-
-    return default_device(requested)
 
 
 # ------------------------------------------------------------------------------------- windows
@@ -217,7 +213,7 @@ def _run_analyze(args) -> int:
     if args.windows_run is not None:  # fail before loading the model when IMAGE is not in the run
         index, w_run, k_run, meta = run_entry(args.windows_run, args.image)
         stored = (w_run, k_run)
-    device = _default_device(args.device)
+    device = default_device(args.device)
     model, weights = _load(args, device)
     transform, cfg = analysis.eval_transform(model)
     from PIL import Image
@@ -301,7 +297,7 @@ def _run_interactions(args) -> int:
     if not 0 < args.mask_threshold <= 1:
         raise ValueError(f"--mask-threshold must be in (0, 1], got {args.mask_threshold}")
     files = _collect_images(args.images)[:args.max_images]
-    device = _default_device(args.device)
+    device = default_device(args.device)
     model, weights = _load(args, device)
     transform, cfg = analysis.eval_transform(model)
     P, grid = analysis.model_layout(model)
@@ -537,7 +533,7 @@ def _run_semantic(args) -> int:
     semantic.require_opencv()  # fail early with the install command
     if not args.gamma > 0:
         raise ValueError(f"--gamma must be > 0, got {args.gamma}")
-    device = _default_device(args.device)
+    device = default_device(args.device)
     model, weights = _load(args, device)
     transform, cfg = analysis.eval_transform(model)
     _, batches, _ = _image_batches(args, transform, labelled=args.mask_prompt,
@@ -600,7 +596,7 @@ def _run_heads(args) -> int:
     modes = check_modes(args.modes)
     if args.image < 0:
         raise ValueError(f"--image must be a non-negative image index, got {args.image}")
-    device = _default_device(args.device)
+    device = default_device(args.device)
     model, weights = _load(args, device)
     transform, cfg = eval_transform(model)
     files, batches, class_names = _image_batches(args, transform, labelled=True,
@@ -650,7 +646,7 @@ def _run_demo(args) -> int:
         raise ValueError(f"--clusters must be >= 1, got {args.clusters}")
     cfg = DemoConfig(out=args.out, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
                      alpha=args.alpha, beta=args.beta, num_clusters=args.clusters, max_steps=args.max_steps,
-                     device=_default_device(args.device))
+                     device=default_device(args.device))
     run_demo(cfg)
     return 0
 
@@ -704,7 +700,7 @@ def _run_clusters(args) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     model, weights, transform, dcfg = clusters.load_paca_model(args.checkpoint, args.model, img_size=args.img_size,
-                                                               device=_default_device(args.device))
+                                                               device=default_device(args.device))
     files, batches, _ = _image_batches(args, transform, labelled=True,
                                        num_classes=getattr(model, "num_classes", None))
     batches = (([os.path.abspath(f) for f in names], x, y) for names, x, y in batches)
