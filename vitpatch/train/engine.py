@@ -282,7 +282,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, attention: str, 
                 keep = mask.key_keep if mask.key_keep is not None else mask.token_keep
                 keep = None if keep is None else keep[:, mask.num_prefix_tokens:]
                 sums[4] += effective_operations(mask.windows, mask.grid, keep) * B
-                sums[5] += float(mask.allowed_counts(B).sum()) 
+                sums[5] += float(mask.allowed_counts(B).sum())
                 sums[6] += B
             elif attention == "winft":
                 sums[4] += float(vnn.winft_gate_sum(inner, pairs="patch").sum())
@@ -582,15 +582,15 @@ def _train(cfg: TrainConfig, device: torch.device, nested: bool) -> dict:
                   f"{val['top1']:.2f}% top-5 {val['top5']:.2f}%" +
                   _eo_text(val), flush=True)
         _barrier()
+    records = _read_metrics(metrics_path) if rank == 0 and os.path.exists(metrics_path) else []
     summary = {"out": cfg.out, "model": cfg.model, "attention": cfg.attention, "num_classes": num_classes,
                "epochs_done": end_epoch, "epochs": cfg.epochs, "complete": end_epoch >= cfg.epochs,
-               "world_size": world_size, "device": str(device),
-               "final": _read_metrics(metrics_path)[-1] if rank == 0 and os.path.exists(metrics_path) else None}
+               "world_size": world_size, "device": str(device), "final": records[-1] if records else None}
     if rank == 0 and not nested:
-        if cfg.plots and os.path.exists(metrics_path):
+        if cfg.plots and records:
             from .plots import training_figures
 
-            summary["figures"] = training_figures(cfg.out, _read_metrics(metrics_path), cfg.attention)
+            summary["figures"] = training_figures(cfg.out, records, cfg.attention)
             if cfg.attention == "winft":
                 summary["figures"].append(_winft_figure(inner, val_loader, device, cfg))
         _write_json(os.path.join(cfg.out, "summary.json"), summary)
