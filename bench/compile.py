@@ -12,15 +12,17 @@ launches they would make, exactly as they would make them (arguments, constexprs
 stages). Each distinct launch is then compiled with Triton's own toolchain for an explicit
 ``GPUTarget`` (no GPU and no driver needed), and one JSON row per (configuration, launch)
 records the kernel, registers, spill bytes (ptxas), shared memory, whether the tensor-core
-instruction is in the PTX (``wgmma`` on sm_90a, ``mma.sync`` on sm_80), compile seconds and the
-triton version. A table is printed; :func:`violations` states the budgets that
-``tests/test_compile_gate.py`` enforces:
+instruction is in the PTX (``wgmma`` on sm_90a, ``mma.sync`` on sm_80), the tensor-core
+instructions in the SASS (``hgmma``, ``hmma``, and ``main_loop_hmma``: the ``mma.sync`` in the
+kernel's main loops), compile seconds and the triton version. A table is printed (``tc``:
+HGMMA / HMMA); :func:`violations` states the budgets that ``tests/test_compile_gate.py`` enforces:
 
 * every launch compiles;
 * shared memory within the target's per-block limit (227 KB sm_90a, 163 KB sm_80);
 * 0 spill bytes, every dtype;
 * ``wgmma`` on sm_90a in the dot kernels whose row tile is at least 64 (what one warpgroup
-  instruction needs), for float16 and bfloat16.
+  instruction needs), for float16 and bfloat16, and no ``mma.sync`` (HMMA) in their main loops:
+  every product of the loop on the warpgroup path.
 
 Compiles run in ``--jobs`` worker processes (default: every core), with Triton's cache off so
 that every compile reports its own ptxas figures.
@@ -254,17 +256,39 @@ def ptxas_registers(log: str) -> Optional[int]:
     return int(regs.group(1)) if regs else None
 
 
+def tensor_core_counts(compiled, launch) -> Dict[str, int]:
+    """Tensor-core instructions in the kernel's SASS: ``hgmma`` (warpgroup MMA, sm_90a), ``hmma``
+    (``mma.sync``), and ``main_loop_hmma``, the ``hmma`` inside its main loops (the loops tagged
+    ``# cost: <kind>`` other than the ``prefix`` ones, whose narrow prefix blocks cannot use a
+    warpgroup MMA; ``bench.cost`` reads the same tags)."""
+    from . import cost  # cost imports this module: import it when used
+    sass = cost.disassemble(compiled.asm["cubin"])
+    ops = [m.group(2) for m in map(cost._INSTR.search, sass.splitlines()) if m]
+    tags = cost.tagged_loops(launch.kernel.fn)
+    main = set()
+    for loop in cost.sass_loops(sass):
+        kind = cost.classify(loop, tags)
+        if kind is not None and not kind.startswith("prefix"):
+            main.update(range(loop.start, loop.end + 1))
+    return {"hgmma": ops.count("HGMMA"), "hmma": ops.count("HMMA"),
+            "main_loop_hmma": sum(1 for i in main if ops[i] == "HMMA")}
+
+
 def compile_launch(launch, target: str) -> dict:
-    """Compile one recorded launch for ``target``; registers, spills, shared memory, tensor cores."""
+    """Compile one recorded launch for ``target``; registers, spills, shared memory, tensor cores
+    (whether the target's instruction is in the PTX, and the SASS counts of :func:`tensor_core_counts`)."""
     compiled, text, seconds, error = compile_binary(launch, target)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     ptx = compiled.asm["ptx"] if compiled is not None else ""
+    counts = tensor_core_counts(compiled, launch) if compiled is not None else \
+        dict.fromkeys(("hgmma", "hmma", "main_loop_hmma"))
     return {
         "registers": ptxas_registers(text),
         "spill_stores": int(spills.group(1)) if spills else None,
         "spill_loads": int(spills.group(2)) if spills else None,
         "shared_bytes": int(compiled.metadata.shared) if compiled is not None else None,
         "tensor_cores": (TC_INSTRUCTION[target] in ptx) if compiled is not None else None,
+        **counts,
         "compile_s": round(seconds, 2),
         "error": error,
     }
@@ -342,14 +366,24 @@ def _case(r: dict) -> tuple:
 
 def mark_shipped(rows: List[dict]) -> List[dict]:
     """Set each row's ``shipped``: its case compiled within every budget in every row (variants, kernels)
-    and its configuration is still a candidate of the unit."""
+    and its configuration is still a candidate of the unit. On sm_90a in half precision a clean
+    candidate whose dot kernels run ``mma.sync`` (HMMA) in a main loop ships only where no clean
+    candidate of the same unit, precision and width bucket keeps every main loop on ``wgmma``."""
     from vitpatch.kernels import _launch
     labels = {u: {c.label for c in cs} for u, cs in _launch.CANDIDATES.items()}
     clean: Dict[tuple, bool] = {}
+    mma_sync: Dict[tuple, bool] = {}
     for r in rows:
         if not r["skipped"]:
             current = r["configuration"] in labels.get(r["unit"], ())
             clean[_case(r)] = clean.get(_case(r), current) and not _row_violations(r)
+            mma_sync[_case(r)] = mma_sync.get(_case(r), False) or (r["kernel"] in DOT_ROWS
+                                                                    and bool(r.get("main_loop_hmma")))
+    on_wgmma = {(u, t, lab, b) for (u, _, t, lab, b), ok in clean.items() if ok and not mma_sync[(u, _, t, lab, b)]}
+    for case, ok in clean.items():
+        unit, _, target, label, bucket = case
+        if ok and mma_sync[case] and target == "sm_90a" and label in HALF and (unit, target, label, bucket) in on_wgmma:
+            clean[case] = False
     for r in rows:
         r["shipped"] = bool(not r["skipped"] and clean.get(_case(r)))
     return rows
@@ -390,8 +424,11 @@ def _row_violations(r: dict) -> List[str]:
         bad.append(f"{where}: spills {r['spill_stores']} B stores / {r['spill_loads']} B loads")
     if r["shared_bytes"] is not None and r["shared_bytes"] > r["shared_limit"]:
         bad.append(f"{where}: {r['shared_bytes']} B shared memory > {r['shared_limit']}")
-    if r["target"] == "sm_90a" and r["dtype"] in HALF and r["tc_expected"] and not r["tensor_cores"]:
-        bad.append(f"{where}: no wgmma")
+    if r["target"] == "sm_90a" and r["dtype"] in HALF and r["tc_expected"]:
+        if not r["tensor_cores"]:
+            bad.append(f"{where}: no wgmma")
+        elif r.get("main_loop_hmma"):  # reports from before the counts have no such key
+            bad.append(f"{where}: {r['main_loop_hmma']} HMMA (mma.sync) in its main loops: a product off wgmma")
     return bad
 
 
@@ -414,7 +451,7 @@ def violations(rows: Iterable[dict], shipped_only: bool = False) -> List[str]:
 def table(rows: List[dict]) -> str:
     """One line per compiled kernel, grouped by target and unit."""
     head = f"{'target':7} {'kernel':44} {'configuration':58} {'dtype':8} {'d':>3} {'var':8} {'regs':>4} " \
-           f"{'spill':>5} {'smem':>7} {'tc':>3} {'s':>5} ship"
+           f"{'spill':>5} {'smem':>7} {'tc':>5} {'s':>5} ship"
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["skipped"]:
@@ -423,9 +460,11 @@ def table(rows: List[dict]) -> str:
             continue
         kern = r["kernel"] + "".join(f" {k}={int(v)}" for k, v in r["launch_variant"].items())
         tc = "-" if r["tensor_cores"] is None else ("yes" if r["tensor_cores"] else "no")
+        if r.get("hgmma") is not None:  # SASS counts: HGMMA / HMMA (mma.sync)
+            tc = f"{r['hgmma']}/{r['hmma']}"
         lines.append(f"{r['target']:7} {kern[:44]:44} {r['configuration'][:58]:58} {r['dtype']:8} {r['head_dim']:>3} "
                      f"{r['variant']:8} {str(r['registers']):>4} {str(r['spill_stores']):>5} "
-                     f"{str(r['shared_bytes']):>7} {tc:>3} {r['compile_s']:>5} "
+                     f"{str(r['shared_bytes']):>7} {tc:>5} {r['compile_s']:>5} "
                      f"{'yes' if r.get('shipped') else 'no':>4}" + (f"  ERROR {r['error']}"
                                                                                      if r["error"] else ""))
     return "\n".join(lines)

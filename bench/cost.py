@@ -38,6 +38,7 @@ import ast
 import inspect
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -407,6 +408,9 @@ MACHINE = {
     "l2_bytes_per_cycle": 32,      # tiles come from L2 (about 7.7 TB/s at 1.83 GHz)
     "launch_gap_cycles": 2745,     # 1.5 us between back-to-back kernels (an assumption, not measured)
     "layers": 12,                  # a ViT's blocks share one tile schedule per step
+    "dependent_issue_cycles": 4,   # a lone program's loop: one instruction per warp every 4 cycles (ALU latency)
+    "l2_latency_cycles": 300,      # a load that waits on the previous step's stores (an assumption)
+    "clock_hz": 1.83e9,            # H100 SXM boost clock: host time in cycles
 }
 # per kernel role: matmul FLOP per tile pair in units of BM x BN x d, and what one iteration loads
 ROLE_FLOP = {"fwd": 4, "dq": 6, "dkdv": 8}
@@ -442,18 +446,39 @@ def tile_cycles(loop: dict, head_dim: int, elem_bytes: int = 2, machine: dict = 
     return terms
 
 
+def host_grouping_seconds(n_side: int, density: float, block_m: int, block_n: int, images: int = 4) -> float:
+    """Seconds per image of the ``grouped`` query order's host search (``grouped_tiles``, one CPU
+    thread of this machine) on the AWD windows :func:`visited_tiles` counts, the mean over ``images``."""
+    import time
+
+    from vitpatch.kernels.window_grouping import grouped_tiles
+    from vitpatch.masks import synthetic_awd_windows
+    win = synthetic_awd_windows((n_side, n_side), images, density, seed=0).numpy()
+    start = time.perf_counter()
+    for b in range(images):
+        grouped_tiles(win[b], block_m, 8, block_n // 8)
+    return (time.perf_counter() - start) / images
+
+
 def visited_tiles(n_side: int, density: float, block_m: int, block_n: int, images: int = 4,
                   query_order: str = "auto") -> Dict[str, float]:
-    """Per image: masked and full (query tile, key tile) pairs the window schedule visits, and the
-    query and key tiles, for AWD windows (``synthetic_awd_windows``) on an ``n_side`` square grid;
-    the mean over ``images`` images, counted on CPU from the real schedule (Triton's interpreter)."""
+    """Per image: masked and full (query tile, key tile) pairs the window schedule visits, the
+    query tiles that hold a query (``query_tiles``; the schedule has room for more, ``TQ``, where
+    the query order fills tiles partly) and the key tiles, for AWD windows
+    (``synthetic_awd_windows``) on an ``n_side`` square grid; the mean over ``images`` images,
+    counted on CPU from the real schedule (Triton's interpreter). ``dense_query_tiles`` is
+    ``cdiv(n, block_m)``, the denominator of the visited fraction."""
     from vitpatch import WindowMask, tiles
     from vitpatch.masks import synthetic_awd_windows
     grid = (n_side, n_side)
     mask = WindowMask(synthetic_awd_windows(grid, images, density, seed=0), grid, 1)
     codes = tiles.tile_codes(mask, images, block_m, block_n, query_order=query_order)
+    slots = tiles.query_tokens(mask, images, block_m, block_n, query_order=query_order)
+    used = (slots.view(images, -1, block_m) >= 0).any(2).sum(1).double().mean().item()
     return {"masked": float((codes == 1).sum()) / images, "full": float((codes == 2).sum()) / images,
-            "query_tiles": codes.shape[1], "key_tiles": codes.shape[2], "density": mask.density(images)}
+            "query_tiles": used, "schedule_query_tiles": codes.shape[1],
+            "dense_query_tiles": -(-n_side * n_side // block_m), "key_tiles": codes.shape[2],
+            "density": mask.density(images)}
 
 
 def _loops(rows: Sequence[dict]) -> Dict[Tuple[str, str], Dict[str, dict]]:
@@ -475,7 +500,8 @@ def _window_role_cycles(loops: Dict[str, dict], r: str, tiles_: dict, head_dim: 
         return None
     main = (tiles_["masked"] * cyc(f"{r}:main:masked") + tiles_["full"] * cyc(f"{r}:main:full")
             + (tiles_["query_tiles"] if r != "dkdv" else tiles_["key_tiles"]) * cyc(f"{r}:main:prefix"))
-    # the prefix programs: prefix queries over every key tile (fwd, dq), prefix keys over every query tile
+    # the prefix programs: prefix queries over every key tile (fwd, dq), prefix keys over every query
+    # tile that holds a query (dk/dv: the others cost a query-table read, not counted)
     prefix = (tiles_["query_tiles"] if r == "dkdv" else tiles_["key_tiles"]) * (
         cyc(f"{r}:pre:prefix_query") or cyc(f"{r}:main:prefix_query"))
     return main + prefix
@@ -505,7 +531,7 @@ def predict(rows: Sequence[dict], n_side: int, density: float, batch: int, heads
     if "fwd" not in dense:
         return []
     dense_fwd = dense["fwd"][0] + gap  # one launch
-    window: Dict[str, List[tuple]] = {"fwd": [], "bwd": []}
+    window: Dict[str, List[tuple]] = {"fwd": [], "bwd": [], "grouped": []}
     for (op, config), loops in by_config.items():
         if op != "window_attention":
             continue
@@ -515,11 +541,22 @@ def predict(rows: Sequence[dict], n_side: int, density: float, batch: int, heads
             tiles_cache[key] = visited_tiles(n_side, density, any_row["block_m"], any_row["block_n"])
         t = tiles_cache[key]
         fwd = _window_role_cycles(loops, "fwd", t, head_dim)
+        ships = {r: all(row.get("shipped") for k, row in loops.items() if k.startswith(r + ":"))
+                 for r in ("fwd", "dq", "dkdv")}  # the forward's and the backward's units ship apart
         if fwd is not None:
-            window["fwd"].append((scale * fwd, config, bool(any_row.get("shipped")), t))
+            window["fwd"].append((scale * fwd, config, ships["fwd"], t))
+            if ships["fwd"] and any_row["block_n"] <= 64:  # the host order, as a bound
+                gkey = key + ("grouped",)
+                if gkey not in tiles_cache:
+                    tiles_cache[gkey] = {**visited_tiles(n_side, density, any_row["block_m"], any_row["block_n"],
+                                                         query_order="grouped"),
+                                         "host_s": host_grouping_seconds(n_side, density, any_row["block_m"],
+                                                                         any_row["block_n"])}
+                tg = tiles_cache[gkey]
+                window["grouped"].append((scale * _window_role_cycles(loops, "fwd", tg, head_dim), config, tg))
         dq, dkdv = (_window_role_cycles(loops, r, t, head_dim) for r in ("dq", "dkdv"))
         if dq is not None and dkdv is not None:
-            window["bwd"].append((scale * (dq + dkdv), config, bool(any_row.get("shipped")), t))
+            window["bwd"].append((scale * (dq + dkdv), config, ships["dq"] and ships["dkdv"], t))
     out = []
     base = {"row": "prediction", "op": "window_attention", "n": N, "batch": batch, "heads": heads,
             "head_dim": head_dim, "static": True, "layers_sharing_schedule": layers,
@@ -530,12 +567,31 @@ def predict(rows: Sequence[dict], n_side: int, density: float, batch: int, heads
         build = build_cycles(calls["fwd_build"], calls["torch_fwd_build"], target) / layers
         total = cycles + gap * len(calls["fwd"]) + build
         fwd_total.append((total, config, shipped))
-        out.append({**base, "mode": "fwd", "config": config, "shipped": shipped, "density": round(t["density"], 4),
+        out.append({**base, "mode": "fwd", "config": config, "query_order": "auto", "shipped": shipped,
+                    "density": round(t["density"], 4),
                     "predicted_ratio_vs_dense": total / dense_fwd, "window_cycles_per_sm": total,
                     "terms": {"kernels": cycles, "launch_gaps": gap * len(calls["fwd"]), "schedule_build": build},
                     "dense_cycles_per_sm": dense_fwd, "dense_config": dense["fwd"][1],
-                    "visited_fraction": (t["masked"] + t["full"]) / (t["query_tiles"] * t["key_tiles"]),
-                    "tiles_per_image": {"masked": t["masked"], "full": t["full"]}})
+                    "visited_fraction": (t["masked"] + t["full"]) / (t["dense_query_tiles"] * t["key_tiles"]),
+                    "tiles_per_image": {"masked": t["masked"], "full": t["full"], "query_tiles": t["query_tiles"]}})
+    for cycles, config, t in window["grouped"]:
+        # the grouped order's kernels with the auto order's device build (an underestimate: grouped
+        # builds no sorted order but gathers a perm) and its host search, one per image and step
+        calls = call_launches(n_side, batch, heads, dtype, head_dim, target, config, None)
+        build = build_cycles(calls["fwd_build"], calls["torch_fwd_build"], target) / layers
+        host = t["host_s"] * batch * MACHINE["clock_hz"] / layers
+        kernels_only = cycles + gap * len(calls["fwd"]) + build
+        out.append({**base, "mode": "fwd", "config": config.replace("QUERY_ORDER=auto", "QUERY_ORDER=grouped"),
+                    "query_order": "grouped", "shipped": False, "bound": True, "density": round(t["density"], 4),
+                    "predicted_ratio_vs_dense": (kernels_only + host) / dense_fwd,
+                    "kernels_only_ratio_vs_dense": kernels_only / dense_fwd,
+                    "window_cycles_per_sm": kernels_only + host,
+                    "terms": {"kernels": cycles, "launch_gaps": gap * len(calls["fwd"]), "schedule_build": build,
+                              "host_grouping": host},
+                    "host_grouping_ms_per_image": 1e3 * t["host_s"], "host": platform.processor() or platform.machine(),
+                    "dense_cycles_per_sm": dense_fwd, "dense_config": dense["fwd"][1],
+                    "visited_fraction": (t["masked"] + t["full"]) / (t["dense_query_tiles"] * t["key_tiles"]),
+                    "tiles_per_image": {"masked": t["masked"], "full": t["full"], "query_tiles": t["query_tiles"]}})
     best_fwd = min((w for w in fwd_total if w[2]), default=None, key=lambda w: w[0])
     if best_fwd is not None and "dq" in dense and "dkdv" in dense:
         dense_all = dense_fwd + dense["dq"][0] + dense["dkdv"][0] + 3 * gap  # delta, dq, dk/dv launches
@@ -544,15 +600,17 @@ def predict(rows: Sequence[dict], n_side: int, density: float, batch: int, heads
             build = build_cycles(calls["bwd_build"], calls["torch_bwd_build"], target) / layers
             bwd = cycles + gap * len(calls["bwd"]) + build
             total = best_fwd[0] + bwd
-            out.append({**base, "mode": "fwd+bwd", "config": f"{best_fwd[1]} + {config}", "shipped": shipped,
+            out.append({**base, "mode": "fwd+bwd", "config": f"{best_fwd[1]} + {config}", "query_order": "auto",
+                        "shipped": shipped,
                         "density": round(t["density"], 4), "predicted_ratio_vs_dense": total / dense_all,
                         "window_cycles_per_sm": total,
                         "terms": {"forward": best_fwd[0], "kernels": cycles, "launch_gaps": gap * len(calls["bwd"]),
                                   "schedule_build": build},
                         "dense_cycles_per_sm": dense_all,
                         "dense_config": " + ".join(dense[r][1] for r in ("fwd", "dq", "dkdv")),
-                        "visited_fraction": (t["masked"] + t["full"]) / (t["query_tiles"] * t["key_tiles"]),
-                        "tiles_per_image": {"masked": t["masked"], "full": t["full"]}})
+                        "visited_fraction": (t["masked"] + t["full"]) / (t["dense_query_tiles"] * t["key_tiles"]),
+                        "tiles_per_image": {"masked": t["masked"], "full": t["full"],
+                                            "query_tiles": t["query_tiles"]}})
     return out
 
 
@@ -624,25 +682,48 @@ def call_launches(n_side: int, batch: int, heads: int, dtype: str, head_dim: int
     return out
 
 
-_KERNEL_CYCLES: Dict[str, Tuple[int, int]] = {}
+_KERNEL_CYCLES: Dict[str, Tuple[int, int, int]] = {}
+
+
+def _steps(launch) -> int:
+    """Trip count of a build kernel's sequential ``# cost: steps`` loop: ``_cut_kernel`` walks an
+    image's ``n`` sorted positions in blocks of ``LMIN``."""
+    if launch.kernel.__name__ == "_cut_kernel":
+        n = dict(zip(launch.kernel.jit.arg_names, launch.args))["n"]
+        return -(-int(n) // int(launch.kwargs["LMIN"]))
+    return 0
 
 
 def launch_cycles(launch, target: str, machine: dict = MACHINE) -> float:
-    """Issue cycles per SM of one build launch: programs x the kernel's SASS instructions (every
+    """Cycles per SM of one build launch: programs x the kernel's SASS instructions (every
     loop counted once: at the shapes modelled each build loop runs once, ``tk <= 64``,
-    ``tq <= 128``) x warps / 4, over the SMs."""
+    ``tq <= 128``) x warps / 4, over the SMs. A kernel with a sequential ``# cost: steps`` loop
+    (``_cut_kernel``: one program per image, each alone on its SM) is latency-bound instead: its
+    programs run side by side, each taking trips x (the loop's instructions x the larger of
+    ``dependent_issue_cycles`` (one dependent instruction per warp every 4 cycles) and warps / 4
+    (the schedulers' issue), plus one ``l2_latency_cycles`` for the load that waits on the
+    previous step's stores), in waves of one program per SM."""
     key = gate.launch_key(launch, target)
     if key not in _KERNEL_CYCLES:
         compiled, _, _, error = gate.compile_binary(launch, target)
         if compiled is None:
             raise RuntimeError(f"{launch.kernel.__name__} does not compile: {error}")
-        instrs = sum(1 for line in disassemble(compiled.asm["cubin"]).splitlines() if _INSTR.search(line))
-        _KERNEL_CYCLES[key] = (instrs, int(compiled.metadata.num_warps))
-    instrs, warps = _KERNEL_CYCLES[key]
+        sass = disassemble(compiled.asm["cubin"])
+        instrs = sum(1 for line in sass.splitlines() if _INSTR.search(line))
+        tags = tagged_loops(launch.kernel.fn)
+        step = max((lp.instructions for lp in sass_loops(sass) if "steps" in tags and classify(lp, tags) == "steps"),
+                   default=0)
+        _KERNEL_CYCLES[key] = (instrs, int(compiled.metadata.num_warps), step)
+    instrs, warps, step = _KERNEL_CYCLES[key]
     grid = launch.grid if isinstance(launch.grid, tuple) else tuple(launch.grid)
     programs = 1
     for g in grid:
         programs *= int(g)
+    trips = _steps(launch)
+    if step and trips:
+        waves = -(-programs // machine["sms"])
+        per_instr = max(machine["dependent_issue_cycles"], warps / machine["issue_per_cycle"])
+        return waves * ((instrs + (trips - 1) * step) * per_instr + trips * machine["l2_latency_cycles"])
     return programs * instrs * warps / machine["issue_per_cycle"] / machine["sms"]
 
 
@@ -729,7 +810,8 @@ def main(argv=None) -> int:
 
 
 def _short(config: str) -> str:
-    return config.replace(",ORDER=1,UNIT=64,QUERY_ORDER=auto", "").replace("BLOCK_M=", "BM=").replace("BLOCK_N=", "BN=")
+    return (config.replace(",ORDER=1,UNIT=64,QUERY_ORDER=auto", "").replace(",ORDER=1,UNIT=64,QUERY_ORDER=grouped", "")
+            .replace("BLOCK_M=", "BM=").replace("BLOCK_N=", "BN="))
 
 
 def format_table(rows: Sequence[dict], preds: Sequence[dict]) -> str:
@@ -746,12 +828,16 @@ def format_table(rows: Sequence[dict], preds: Sequence[dict]) -> str:
                      f"{c['integer']:>5} {c['float']:>6} {c['mufu']:>5} {c['hgmma'] + c['hmma']:>5} "
                      f"{str(r['async_wait']):>5} {str(r['registers']):>5} {r['blocks_per_sm']:>7}")
     if preds:
-        lines += ["", "predicted forward time / dense reference (static; sm_90a model, docs/cost_model.md)",
-                  "N      density  config               visited  ratio  (dense config)"]
+        lines += ["", "predicted time / dense reference (static; sm_90a model, docs/cost_model.md)",
+                  "mode     N      density  order    config               visited  ratio  (dense config)"]
         for p in preds:
-            lines.append(f"{p['n']:<6} {p['density']:<8} {_short(p['config']):<20} {p['visited_fraction']:.3f}    "
-                         f"{p['predicted_ratio_vs_dense']:.2f}   ({p['dense_config']})"
-                         f"{'' if p['shipped'] else '  not shipped'}")
+            note = "" if p["shipped"] else "  not shipped"
+            if p.get("bound"):
+                note = (f"  host search {p['host_grouping_ms_per_image']:.1f} ms/image included; kernels and "
+                        f"device build only: {p['kernels_only_ratio_vs_dense']:.2f}")
+            lines.append(f"{p['mode']:<8} {p['n']:<6} {p['density']:<8} {p.get('query_order', 'auto'):<8} "
+                         f"{_short(p['config'])[:40]:<20} {p['visited_fraction']:.3f}    "
+                         f"{p['predicted_ratio_vs_dense']:.2f}   ({p['dense_config']}){note}")
     return "\n".join(lines)
 
 

@@ -46,7 +46,7 @@ from triton.runtime.jit import JITFunction
 
 from vitpatch import _compat, _env
 
-__all__ = ["interpreting", "interpreter", "kernel", "helper", "Kernel", "dot_precision", "precision_label",
+__all__ = ["interpreting", "interpreter", "kernel", "helper", "combine", "Kernel", "dot_precision", "precision_label",
            "LaunchConfig", "CANDIDATES", "INTERPRET", "configs", "candidates", "shipped", "supports", "forcing",
            "forced", "recording", "Launch", "num_sms", "current_target", "width_bucket", "TARGETS", "WIDTH_BUCKETS",
            "HALF", "FP32", "TF32", "ALL_DTYPES"]
@@ -97,6 +97,14 @@ def helper(fn) -> JITFunction:
     return JITFunction(fn)
 
 
+def combine(fn) -> JITFunction:
+    """Declare the combine function of a ``tl.associative_scan`` or ``tl.reduce``: a ``JITFunction``
+    in every mode, the interpreter's included (Triton calls its ``.fn`` there)."""
+    jit = JITFunction(fn)
+    jit.vitpatch_combine = True
+    return jit
+
+
 _PLAIN_GLOBALS: Dict[int, dict] = {}
 
 
@@ -107,7 +115,7 @@ def _plain(fn: types.FunctionType) -> types.FunctionType:
     if plain is None:
         plain = _PLAIN_GLOBALS[id(source)] = dict(source)
         for name, value in source.items():
-            if isinstance(value, JITFunction):
+            if isinstance(value, JITFunction) and not getattr(value, "vitpatch_combine", False):
                 plain[name] = _plain(value.fn)
     return types.FunctionType(fn.__code__, plain, fn.__name__, fn.__defaults__, fn.__closure__)
 
@@ -233,12 +241,16 @@ CANDIDATES: Dict[str, List[LaunchConfig]] = {
     # older copies (async_wait >= 1; python -m bench.cost). The forward ships 128-row query tiles
     # first: by the cost model (docs/cost_model.md) the tiles are bound by L2 traffic, and a
     # 128-row tile halves the K / V bytes per score against 64 rows, more than its larger visited
-    # fraction costs (N = 577: 0.84 vs 0.76 of the tile pairs). The backward keeps 64 x 64 with 4
+    # fraction costs (N = 577: 0.74 vs 0.71 of the tile pairs). The backward keeps 64 x 64 with 4
     # warps (2-3 resident blocks per SM; 128-row dq / dk-dv tiles predict slower).
     "window_fwd": [_c(4, 3, BLOCK_M=128, BLOCK_N=64, **_W), _c(8, 3, BLOCK_M=128, BLOCK_N=64, **_W),
                    _c(4, 3, BLOCK_M=64, BLOCK_N=64, **_W), _c(8, 3, BLOCK_M=64, BLOCK_N=32, **_W)],
+    # 32 x 32 tiles (mma.sync only: a warpgroup MMA needs 64 rows) only where the 64-row ones
+    # spill, above head width 64; 64 x 32 with 8 warps runs dk/dv's 32-row products on mma.sync
+    # inside its main loops, so the gate ships it on sm_80 and in float32 only.
     "window_bwd": [_c(4, 3, BLOCK_M=64, BLOCK_N=64, **_W), _c(8, 3, BLOCK_M=64, BLOCK_N=64, **_W),
-                   _c(8, 3, BLOCK_M=64, BLOCK_N=32, **_W), _c(4, 3, BLOCK_M=32, BLOCK_N=32, **_W)],
+                   _c(8, 3, BLOCK_M=64, BLOCK_N=32, **_W), _c(4, 3, head_dims=(65, 1 << 30), BLOCK_M=32, BLOCK_N=32,
+                                                              **_W)],
     # WinfT (kernels/winft_attention.py): the first clean candidate runs, untuned.
     "winft_gate": [_c(8, 2, BLOCK_M=64, BLOCK_N=64), _c(8, 2, BLOCK_M=64, BLOCK_N=32)],  # pass 1, 2a, BCE grad
     "winft_fwd": [_c(4, 2, BLOCK_M=64, BLOCK_N=64), _c(8, 2, BLOCK_M=64, BLOCK_N=32)],
@@ -251,11 +263,16 @@ CANDIDATES: Dict[str, List[LaunchConfig]] = {
     "paca_pool_dlogits": [_c(4, 2, BLOCK_N=32), _c(8, 2, BLOCK_N=64), _c(4, 2, BLOCK_N=16)],
     "paca_pool_dx": [_c(4, 2, BLOCK_N=32), _c(8, 2, BLOCK_N=64), _c(4, 2, BLOCK_N=64)],
     "paca_attn_fwd": [_c(4, 1, BLOCK_N=32), _c(4, 1, BLOCK_N=64), _c(8, 1, BLOCK_N=64)],
-    "paca_attn_bwd": [_c(8, 1, BLOCK_N=32), _c(8, 1, BLOCK_N=16)],
+    # 64-row query tiles, 8 warps: every product a wgmma on sm_90a and no spills at M = 100
+    # (4 warps spill 228-240 B there), 3 stages (the next tile's q and do in flight: async_wait 2);
+    # 2 stages only for heads wider than 64. 32- and 16-row tiles run q k^T, do v^T and ds k on
+    # mma.sync: the gate ships them on sm_90a in half precision only where no 64-row tile is clean.
+    "paca_attn_bwd": [_c(8, 3, BLOCK_N=64), _c(8, 2, head_dims=(65, 1 << 30), BLOCK_N=64),
+                      _c(8, 1, BLOCK_N=32), _c(8, 1, BLOCK_N=16)],
 }
 # The kernels each unit's configuration governs, by kernel name (the compile gate compiles a
 # unit's candidates for these; a unit's driver also launches its neighbours' kernels).
-_WINDOW_SCHEDULE = {"_window_code_kernel", "_schedule_kernel", "_choice_kernel", "_slot_tables_kernel"}
+_WINDOW_SCHEDULE = {"_window_code_kernel", "_cut_kernel", "_schedule_kernel", "_choice_kernel", "_slot_tables_kernel"}
 UNIT_KERNELS: Dict[str, set] = {
     "window_fwd": _WINDOW_SCHEDULE | {"_fwd_kernel"},
     "window_bwd": _WINDOW_SCHEDULE | {"_transpose_kernel", "_delta_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"},
@@ -267,7 +284,7 @@ UNIT_KERNELS: Dict[str, set] = {
     "paca_pool_dlogits": {"_pool_bwd_dlogits_kernel"},
     "paca_pool_dx": {"_pool_bwd_dx_kernel"},
     "paca_attn_fwd": {"_attn_fwd_kernel"},
-    "paca_attn_bwd": {"_attn_bwd_kernel"},
+    "paca_attn_bwd": {"_attn_bwd_kernel", "_attn_bwd_reduce_kernel"},
 }
 TARGETS = ("sm_90a", "sm_80")
 WIDTH_BUCKETS = (32, 64, 96, 128)

@@ -28,10 +28,14 @@ registered autograd formula, so ``torch.compile`` keeps them in one graph:
     ``dk_m = scale sum_i ds_im q_i``, ``dv_m = sum_i p_im do_i``.
     One backward kernel does all three: each program owns a (batch, head) and a contiguous range
     of query tiles, writes ``dq`` for its rows directly (no other program touches them) and
-    accumulates ``dk``/``dv`` in registers over its query tiles; the per-range partial sums go
-    to a float32 buffer ``(B*h, S, M, d)`` that is summed over ``S`` afterwards. That is
-    deterministic (no atomics), reads ``q`` and ``do`` once, and the range count ``S`` is
-    chosen so that ``B * h * S`` programs fill the GPU even when ``B * h`` is small.
+    accumulates ``dk``/``dv`` in registers over its query tiles. With one range (``S = 1``) it
+    writes ``dk`` and ``dv`` themselves; else the per-range partial sums go to a float32 buffer
+    ``(B*h, S, M, d)`` that one more launch (``_attn_bwd_reduce_kernel``) sums over ``S`` into
+    both. That is deterministic (no atomics), reads ``q`` and ``do`` once, and the range count
+    ``S`` is chosen so that ``B * h * S`` programs fill the GPU even when ``B * h`` is small.
+    The query tiles are 64 rows (the candidates of ``paca_attn_bwd``), so on sm_90a all five
+    products of an iteration are warpgroup MMAs (``wgmma``; 32-row tiles put three of them on
+    ``mma.sync``).
 
 Accumulation is float32 for float32, float16 and bfloat16 inputs; float32 products follow the
 policy of :mod:`vitpatch.kernels._launch` (three-pass TF32 on tensor cores at PyTorch's default
@@ -328,9 +332,27 @@ def _attn_bwd_kernel(Q, K, V, DO, DQ, PDK, PDV, scale, H, N, M, D, rows_per_spli
         rows = bh.to(tl.int64) * N + offs_n
         tl.store(DQ + rows[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mask_nd)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    # one range (num_splits == 1): PDK / PDV are dk and dv themselves, in their dtype; else float32 partials
     part = (pid.to(tl.int64) * M + offs_m[:, None]) * D + offs_d[None, :]
-    tl.store(PDK + part, dk * scale, mask=kv_mask)
-    tl.store(PDV + part, dv, mask=kv_mask)
+    tl.store(PDK + part, (dk * scale).to(PDK.dtype.element_ty), mask=kv_mask)
+    tl.store(PDV + part, dv.to(PDV.dtype.element_ty), mask=kv_mask)
+
+
+@kernel
+def _attn_bwd_reduce_kernel(PDK, PDV, DK, DV, num_splits, MD, BLOCK: tl.constexpr):
+    """dk and dv of one (batch, head), ``BLOCK`` elements of each: the sum of the query ranges'
+    float32 partials, stored in the outputs' dtype (one launch for both)."""
+    bh = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MD
+    acc_k = tl.zeros([BLOCK], tl.float32)
+    acc_v = tl.zeros([BLOCK], tl.float32)
+    for sp in range(0, num_splits):
+        part = (bh * num_splits + sp) * MD + offs
+        acc_k += tl.load(PDK + part, mask=mask, other=0.0)
+        acc_v += tl.load(PDV + part, mask=mask, other=0.0)
+    tl.store(DK + bh * MD + offs, acc_k.to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + bh * MD + offs, acc_v.to(DV.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,11 +398,11 @@ def _prune_attn(configs, named_args, **kwargs):
 
 # kernel -> (policy unit, autotune key)
 _UNITS = {
-    "pool_fwd": ("paca_pool_fwd", ["n", "M", "C", "tokens_per_split"]),
+    "pool_fwd": ("paca_pool_fwd", ["n", "M", "C"]),
     "pool_dlogits": ("paca_pool_dlogits", ["n", "M", "C"]),
     "pool_dx": ("paca_pool_dx", ["n", "M", "C"]),
     "attn_fwd": ("paca_attn_fwd", ["N", "M", "D"]),
-    "attn_bwd": ("paca_attn_bwd", ["N", "M", "D", "rows_per_split"]),
+    "attn_bwd": ("paca_attn_bwd", ["N", "M", "D"]),
 }
 _KERNELS = {"pool_fwd": _pool_fwd_kernel, "pool_combine": _pool_combine_kernel, "pool_dlogits": _pool_bwd_dlogits_kernel,
             "pool_dx": _pool_bwd_dx_kernel, "attn_fwd": _attn_fwd_kernel, "attn_bwd": _attn_bwd_kernel}
@@ -515,14 +537,20 @@ def _attn_backward(do, q, k, v, scale: float, *, rows_per_split: Optional[int] =
             torch.zeros((B, H, M, D), dtype=v.dtype, device=v.device)
     fn, extra, interp = _kernel("attn_bwd", q, D)
     rps, splits = _split_size(N, B * H, q, interp, "attn_split", rows_per_split)
-    pdk = torch.empty((B * H, splits, M, D), dtype=torch.float32, device=q.device)
-    pdv = torch.empty((B * H, splits, M, D), dtype=torch.float32, device=q.device)
+    dk = torch.empty((B, H, M, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, H, M, D), dtype=v.dtype, device=v.device)
+    if splits == 1:  # the kernel writes dk and dv themselves
+        pdk, pdv = dk, dv
+    else:
+        pdk = torch.empty((B * H, splits, M, D), dtype=torch.float32, device=q.device)
+        pdv = torch.empty((B * H, splits, M, D), dtype=torch.float32, device=q.device)
     fn[(B * H * splits,)](
         q, k, v, do, dq, pdk, pdv, scale, H, N, M, D, rps, splits,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(),
         BLOCK_M=_pow2(M), BLOCK_D=_pow2(D), PREC=dot_precision(q.dtype), **extra)
-    dk = pdk.sum(1).view(B, H, M, D).to(k.dtype)
-    dv = pdv.sum(1).view(B, H, M, D).to(v.dtype)
+    if splits > 1:  # one launch sums the ranges' partials of dk and dv
+        block = 256 if interp else 1024
+        _attn_bwd_reduce_kernel[(B * H, triton.cdiv(M * D, block))](pdk, pdv, dk, dv, splits, M * D, BLOCK=block)
     return dq, dk, dv
 
 

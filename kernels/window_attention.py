@@ -140,6 +140,13 @@ def _slot_query(qtab_b, slot):
 
 
 @helper
+def _prefix_end(P, qv):
+    """End of a query tile's prefix-key loop: ``P``, or 0 when the tile holds no query (the empty
+    tiles of the ``sorted`` cut and of ``grouped``: they store nothing, so they may skip the work)."""
+    return tl.where(tl.max(qv.to(tl.int32), 0) > 0, P, 0)
+
+
+@helper
 def _slot_window(qwin_b, slot, BM: tl.constexpr):
     """``(x0, y0, x1, y1)`` of the window of each query slot, from the schedule's slot-ordered
     window table (:func:`vitpatch.kernels.window_schedule._slot_tables`): one 16-byte load per row, no gather."""
@@ -316,8 +323,8 @@ def _fwd_kernel(Q, K, V, O, LSE, QWIN, KEEP, QTAB, QOUT, CHOICE, LIST, CNT, REC,
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
-    # prefix keys: every query attends them (minus dropped ones)
-    for p0 in range(0, P, PB):  # cost: prefix
+    # prefix keys: every query attends them (minus dropped ones); an empty query tile skips them
+    for p0 in range(0, _prefix_end(P, qv), PB):  # cost: prefix
         tok_k, kv, kok = _prefix_keys(p0, keep_b, P, PB, HAS_KEEP)
         k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
         v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
@@ -431,7 +438,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QWIN, KEEP, QTAB, QOUT, CHOICE, 
     lse = tl.load(LSE + (b64 * H + h) * N + tok_q, mask=qv, other=float("inf"))
     delta = tl.load(DELTA + (b64 * H + h) * N + tok_q, mask=qv, other=0.0)
     dq = tl.zeros([BM, BD], tl.float32)
-    for p0 in range(0, P, PB):  # cost: prefix
+    for p0 in range(0, _prefix_end(P, qv), PB):  # cost: prefix
         tok_k, kv, kok = _prefix_keys(p0, keep_b, P, PB, HAS_KEEP)
         k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
         v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
@@ -552,9 +559,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QWIN, KEEP, QTAB, QOUT, CH
         # every patch query attends the prefix keys
         for qt in range(0, TQ):  # cost: prefix_query
             pq, qv = _slot_query(qtab_b, qt * BM + tl.arange(0, BM))
-            q, do, lse, delta = _load_slot_queries(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
-            s = _mask_keys(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), kok, masked_score, True)
-            dk, dv = _dkdv_step(dk, dv, s, q, do, lse, delta, v, qk_scale, DOT_PREC)
+            if tl.max(qv.to(tl.int32), 0) > 0:  # empty query tiles (partly filled orders) hold no query
+                q, do, lse, delta = _load_slot_queries(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
+                s = _mask_keys(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), kok, masked_score, True)
+                dk, dv = _dkdv_step(dk, dv, s, q, do, lse, delta, v, qk_scale, DOT_PREC)
     else:
         qwin_b = QWIN + b * qwin_sb
         qout_b = QOUT + b * qout_sb

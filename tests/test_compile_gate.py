@@ -48,12 +48,17 @@ import json, sys
 from bench import compile as gate
 from vitpatch.kernels import _launch
 # NOT shipped: WinfT dq with 128 x 64 tiles and 2 warps spills at head width 128 (5.8 KB with
-# triton 3.6, 38 KB with 3.8); the window forward with 2 warps has no warpgroup, hence no wgmma
+# triton 3.6, 38 KB with 3.8); the window forward with 2 warps has no warpgroup, hence no wgmma;
+# the window dk/dv with 32-key tiles and 8 warps runs its p^T do and ds^T q products (32 rows) on
+# mma.sync inside its main loops
 _launch.CANDIDATES["winft_dq"] = [_launch._c(2, 2, _launch.HALF, BLOCK_M=128, BLOCK_N=64)]
 _launch.CANDIDATES["window_fwd"] = [_launch._c(2, 2, _launch.HALF, BLOCK_M=64, BLOCK_N=64, ORDER=1, UNIT=64,
                                             QUERY_ORDER="auto")]
+_launch.CANDIDATES["window_bwd"] = [_launch._c(8, 3, _launch.HALF, BLOCK_M=64, BLOCK_N=32, ORDER=1, UNIT=64,
+                                            QUERY_ORDER="auto")]
 rows = gate.run(["sm_90a"], [(gate.Job("winft_dq", 0, "bfloat16", 128, "multiply"), None),
-                             (gate.Job("window_fwd", 0, "bfloat16", 64, "plain"), None)], jobs_n=1, progress=False)
+                             (gate.Job("window_fwd", 0, "bfloat16", 64, "plain"), None),
+                             (gate.Job("window_bwd", 0, "bfloat16", 64, "plain"), None)], jobs_n=1, progress=False)
 json.dump({"rows": rows, "violations": gate.violations(rows)}, sys.stdout)
 """
 
@@ -87,7 +92,7 @@ def test_every_shipped_configuration_meets_the_budgets(cuda_backend):
     assert all(r["registers"] for r in compiled), "ptxas reported no register count"
     assert not out["violations"], "\n".join(out["violations"])
     dot_rows = [r for r in compiled if r["tc_expected"] and r["dtype"] in ("float16", "bfloat16")]
-    assert dot_rows and all(r["tensor_cores"] for r in dot_rows)
+    assert dot_rows and all(r["tensor_cores"] and r["hgmma"] > 0 and r["main_loop_hmma"] == 0 for r in dot_rows)
     assert {r["kernel"] for r in dot_rows} >= {"window_attention._fwd_kernel", "window_attention._bwd_dq_kernel",
                                                "window_attention._bwd_dkdv_kernel",
                                                "winft_attention._attn_fwd_kernel",
@@ -99,6 +104,7 @@ def test_budgets_fail_on_a_bad_configuration(cuda_backend):
     bad = _gate(BAD)["violations"]
     assert any("_attn_dq_kernel" in b and "spills" in b for b in bad), bad
     assert any("_fwd_kernel" in b and "no wgmma" in b for b in bad), bad
+    assert any("_bwd_dkdv_kernel" in b and "HMMA (mma.sync) in its main loops" in b for b in bad), bad
 
 
 def test_gpu_check_dry_run(tmp_path):

@@ -91,7 +91,35 @@ def test_tagged_loops_of_the_kernels():
     assert set(cost.tagged_loops(wt._attn_fwd_kernel.fn)) == {"main"}
     assert set(cost.tagged_loops(wt._bce_grad_kernel.fn)) == {"main", "heads"}
     assert set(cost.tagged_loops(ca._attn_bwd_kernel.fn)) == {"main"}
+    from vitpatch.kernels import window_schedule as ws
+    assert set(cost.tagged_loops(ws._cut_kernel.fn)) == {"steps"}
     assert set(cost.OP_OF_FAMILY) == {"window", "winft", "paca"}
+
+
+def test_build_launch_cycles(monkeypatch):
+    """A build kernel costs its issue cycles spread over the SMs; the sequential ``_cut_kernel`` its
+    steps' latency instead, one program per SM and wave (docs/cost_model.md)."""
+    from types import SimpleNamespace
+
+    from bench import cost
+    m = cost.MACHINE
+    monkeypatch.setattr(cost.gate, "launch_key", lambda launch, target: launch.kernel.__name__)
+    monkeypatch.setitem(cost._KERNEL_CYCLES, "_cut_kernel", (1000, 16, 500))
+    monkeypatch.setitem(cost._KERNEL_CYCLES, "_schedule_kernel", (1368, 4, 0))
+
+    def launch(name, grid, args=(), **kwargs):
+        k = SimpleNamespace(__name__=name, jit=SimpleNamespace(arg_names=["a", "n"]))
+        return SimpleNamespace(kernel=k, grid=grid, args=args, kwargs=kwargs)
+
+    cut = launch("_cut_kernel", (64,), (None, 576), LMIN=64)
+    trips = 9
+    step = max(m["dependent_issue_cycles"], 16 / m["issue_per_cycle"])
+    assert cost._steps(cut) == trips
+    assert cost.launch_cycles(cut, "sm_90a") == (1000 + (trips - 1) * 500) * step + trips * m["l2_latency_cycles"]
+    assert cost.launch_cycles(launch("_cut_kernel", (200,), (None, 576), LMIN=64), "sm_90a") == \
+        2 * cost.launch_cycles(cut, "sm_90a")  # two waves of 132 programs
+    sched = launch("_schedule_kernel", (9, 64, 2))
+    assert cost.launch_cycles(sched, "sm_90a") == 9 * 64 * 2 * 1368 * 4 / 4 / m["sms"]
 
 
 def test_blocks_per_sm():
@@ -187,7 +215,7 @@ print(json.dumps([cost.launch_counts(), names]))
 
 
 def test_launch_counts_of_one_window_call():
-    """Recorded, not run: the first forward builds the schedule (four small launches), a later
+    """Recorded, not run: the first forward builds the schedule (five small launches), a later
     forward reuses it, the backward builds its own when its block sizes differ from the forward's
     (else it reuses the forward's), and the prefix programs are launches of their own. The cost
     model's split of one step's launches agrees, with the PyTorch ops of the build counted."""
@@ -197,7 +225,7 @@ def test_launch_counts_of_one_window_call():
     assert done.returncode == 0, done.stderr[-2000:]
     import json
     c, calls = json.loads(done.stdout.strip().splitlines()[-1])
-    build = ["_window_code_kernel", "_schedule_kernel", "_choice_kernel", "_slot_tables_kernel"]
+    build = ["_window_code_kernel", "_cut_kernel", "_schedule_kernel", "_choice_kernel", "_slot_tables_kernel"]
     assert c["forward_first"] == build + ["_fwd_kernel", "_fwd_kernel"]
     assert c["forward_cached"] == ["_fwd_kernel", "_fwd_kernel"]
     blocks = [label.split(",ORDER")[0] for label in (c["forward_config"], c["backward_config"])]

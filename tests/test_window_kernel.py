@@ -234,13 +234,15 @@ def square_windows(grid, r):
 
 
 # (config, windows of image 0): image 1 always has AWD windows whose grouped order needs 7 tiles of
-# 16 on the 8 x 9 grid (n = 72, cdiv(n, 16) = 5) and visits fewer tiles than sorted and spatial, so
-# every other row of TQ = 7 ends in empty tiles
+# 16 on the 8 x 9 grid (n = 72, cdiv(n, 16) = 5) and visits fewer tiles than spatial, so every
+# other row of TQ = 7 ends in empty tiles. ``best`` also builds ``sorted``, whose cut has room for
+# cdiv(72, 16 / 2) = 9 tiles (TQ = 9) and which ties with grouped on image 1 (17 key tiles; ties
+# go to sorted), while grouped wins image 0 with radius-1 squares (13 against 15).
 PADDED = {
     "grouped_r0": ((16, 16, 1, 16, "grouped"), 0, False),   # image 0: 6 grouped tiles, 1 empty one
     "grouped_r1_keep": ((16, 16, 1, 16, "grouped"), 1, True),
-    "best_spatial_r0": ((16, 16, 1, 16, "best"), 0, False),  # image 0 runs spatial: row 6 holds no slot
-    "best_grouped_r1": ((16, 16, 1, 16, "best"), 1, False),  # image 0 runs grouped (5 tiles), image 1 too (7)
+    "best_spatial_r0": ((16, 16, 1, 16, "best"), 0, False),  # image 0 runs spatial, image 1 sorted (5 tiles)
+    "best_grouped_r1": ((16, 16, 1, 16, "best"), 1, False),  # image 0 runs grouped (5 tiles), image 1 sorted
 }
 
 
@@ -258,7 +260,7 @@ def test_padded_and_empty_query_tiles(wa, ws, tiles, case):
     mask = WindowMask(w, grid, P, keep).to(DEVICE)
     cfg = ws.Config(bm, bn, order, unit, query_order)
     sched = check_schedule_and_values(wa, ws, tiles, cfg, mask, B, P, h=2)
-    assert sched.tq == 7
+    assert sched.tq == (9 if query_order == "best" else 7)
     slots = sched.query_tokens().cpu().reshape(B, sched.tq, bm)
     filled = (slots >= 0).sum(2)
     codes = sched.chosen_codes().cpu()
@@ -266,9 +268,10 @@ def test_padded_and_empty_query_tiles(wa, ws, tiles, case):
     assert bool(((filled > 0) & (filled < bm)).any()), "no partly filled query tile"
     cnt = sched.cnt[sched.choice.long(), torch.arange(B)] if query_order in ("auto", "best") else sched.cnt[0]
     assert bool((codes[filled == 0] == 0).all()) and bool((cnt.cpu()[filled == 0] == 0).all())
-    assert bool((slots[:, 72 // bm + 1:] >= 0).any()), "no valid query past slot n"
+    if query_order == "grouped":  # image 1's 7 tiles reach past slot n (under best it runs sorted)
+        assert bool((slots[:, 72 // bm + 1:] >= 0).any()), "no valid query past slot n"
     if query_order in ("auto", "best"):
-        expect = {"best_spatial_r0": [0, 2], "best_grouped_r1": [2, 2]}[case]
+        expect = {"best_spatial_r0": [0, 1], "best_grouped_r1": [2, 1]}[case]
         assert sched.choice.cpu().tolist() == expect
 
 
@@ -287,6 +290,68 @@ def test_grouped_order_is_a_permutation_and_beats_sorted_on_awd(ws, tiles):
     assert visited["grouped"].sum() < visited["sorted"].sum(), visited
     assert bool((visited["best"] <= torch.minimum(visited["sorted"], visited["grouped"])).all()), visited
     assert bool((visited["best"] <= visited["spatial"]).all()), visited
+
+
+def _best_cut(sig, bm, lmin, lam):
+    """The least cost of cutting the signature sequence ``sig`` (``(n, 4)`` key-tile boxes) into runs
+    of ``lmin .. bm`` (the last: ``1 .. bm``), a run costing its bounding box's area plus ``lam``:
+    the plain O(n * bm) dynamic programme, in Python."""
+    n = len(sig)
+    inf = float("inf")
+    f = [0.0] + [inf] * n
+    for j in range(1, n + 1):
+        x0 = y0 = 1 << 30
+        x1 = y1 = -1
+        for i in range(j - 1, max(-1, j - bm - 1), -1):
+            x0, y0 = min(x0, sig[i][0]), min(y0, sig[i][1])
+            x1, y1 = max(x1, sig[i][2]), max(y1, sig[i][3])
+            if j - i >= lmin or j == n:
+                f[j] = min(f[j], f[i] + (x1 - x0 + 1) * (y1 - y0 + 1) + lam)
+    return f[n]
+
+
+@pytest.mark.parametrize("grid,bm,bn,unit", [((9, 11), 16, 16, 16), ((12, 7), 32, 16, 64), ((5, 3), 32, 32, 64)])
+def test_sorted_order_is_cut_at_least_cost(ws, grid, bm, bn, unit):
+    """The ``sorted`` order's tiles (``_cut_kernel``): each image's patches once each, in Morton order
+    of their windows, in runs of ``bm / 2 .. bm`` (the last of an image: ``1 .. bm``) at the start of
+    their tiles, and the runs' summed cost is the least any such cut has (a plain DP in Python).
+    Odd grids; the last one has fewer patches than a tile."""
+    gen = torch.Generator().manual_seed(7)
+    B = 3
+    windows = local_windows(B, grid, gen, max_radius=3).to(DEVICE)
+    cfg = ws.Config(bm, bn, ws.TILED, unit, "sorted")
+    n = grid[0] * grid[1]
+    perm = ws._sorted_perm(windows.contiguous(), grid, n * 4, cfg).cpu()
+    assert perm.shape == (B, triton_cdiv(n, bm // 2) * bm)
+    kw = ws._unit_shape(unit)[0]
+    kh = bn // kw
+    for b in range(B):
+        w = windows[b].cpu()
+        code = torch.zeros(n, dtype=torch.int64)
+        bits = max(1, (max(grid) - 1).bit_length())
+        for c in range(4):
+            for bit in range(bits):
+                code |= ((w[:, c] >> bit) & 1) << (4 * bit + c)
+        order = torch.argsort(code, stable=True)
+        tiles_ = perm[b].view(-1, bm)
+        runs = [t[t >= 0] for t in tiles_ if (t >= 0).any()]
+        for t in tiles_:  # a run fills its tile from the start
+            k = int((t >= 0).sum())
+            assert bool((t[:k] >= 0).all()) and bool((t[k:] < 0).all())
+        assert torch.equal(torch.cat(runs[::-1]), order)  # runs are written from the last one
+        lengths = [len(r) for r in runs]
+        assert all(bm // 2 <= x <= bm for x in lengths[1:]) and 1 <= lengths[0] <= bm, lengths
+        sig = torch.stack([w[:, 0] // kw, w[:, 1] // kh, w[:, 2] // kw, w[:, 3] // kh], 1)
+        cost = 0
+        for r in runs:
+            s = sig[r]
+            cost += ((s[:, 2].max() - s[:, 0].min() + 1) * (s[:, 3].max() - s[:, 1].min() + 1)).item()
+            cost += ws.CUT_TILE_COST
+        assert cost == _best_cut(sig[order].tolist(), bm, bm // 2, ws.CUT_TILE_COST)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
 
 
 def test_grouped_tiles_on_the_host(ws, wg):

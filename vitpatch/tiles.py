@@ -10,7 +10,8 @@ that has it (a few seconds).
 ``block_m`` / ``block_n`` are the query / key tiles in patch slots; ``order`` ``"tiled"``
 (default) or ``"row_major"`` is the key layout; ``unit`` the tiled square (default 64 = 8 x 8);
 ``query_order`` ``"spatial"``, ``"sorted"``, ``"grouped"`` (``TILED`` keys with ``block_n <=
-unit`` only; its tiles may be partly filled, so ``TQ`` can exceed ``cdiv(n, block_m)``) or
+unit`` only; ``sorted`` and ``grouped`` tiles may be partly filled there, so ``TQ`` can exceed
+``cdiv(n, block_m)``) or
 ``"auto"`` (default: each image runs whichever of spatial and sorted visits fewer tiles, on the
 device) or ``"best"`` (the same among all three; ``grouped`` runs on the host).
 See docs/math.md §1 for what is allowed and the kernel module's docstring for what the codes
