@@ -379,10 +379,12 @@ def mark_shipped(rows: List[dict]) -> List[dict]:
             clean[_case(r)] = clean.get(_case(r), current) and not _row_violations(r)
             mma_sync[_case(r)] = mma_sync.get(_case(r), False) or (r["kernel"] in DOT_ROWS
                                                                     and bool(r.get("main_loop_hmma")))
-    on_wgmma = {(u, t, lab, b) for (u, _, t, lab, b), ok in clean.items() if ok and not mma_sync[(u, _, t, lab, b)]}
+    def group(case: tuple) -> tuple:  # the case without its configuration: unit, target, label, bucket
+        return case[:1] + case[2:]
+
+    on_wgmma = {group(case) for case, ok in clean.items() if ok and not mma_sync[case]}
     for case, ok in clean.items():
-        unit, _, target, label, bucket = case
-        if ok and mma_sync[case] and target == "sm_90a" and label in HALF and (unit, target, label, bucket) in on_wgmma:
+        if ok and mma_sync[case] and case[2] == "sm_90a" and case[3] in HALF and group(case) in on_wgmma:
             clean[case] = False
     for r in rows:
         r["shipped"] = bool(not r["skipped"] and clean.get(_case(r)))

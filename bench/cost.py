@@ -447,16 +447,17 @@ def tile_cycles(loop: dict, head_dim: int, elem_bytes: int = 2, machine: dict = 
 
 
 def host_grouping_seconds(n_side: int, density: float, block_m: int, block_n: int, images: int = 4) -> float:
-    """Seconds per image of the ``grouped`` query order's host search (``grouped_tiles``, one CPU
-    thread of this machine) on the AWD windows :func:`visited_tiles` counts, the mean over ``images``."""
+    """Seconds per image of the ``grouped`` query order's host search (``window_schedule.grouped_perm``
+    on CPU windows, one CPU thread of this machine) on the AWD windows :func:`visited_tiles` counts,
+    the mean over ``images``."""
     import time
 
-    from vitpatch.kernels.window_grouping import grouped_tiles
+    from vitpatch.kernels import window_schedule as ws
     from vitpatch.masks import synthetic_awd_windows
-    win = synthetic_awd_windows((n_side, n_side), images, density, seed=0).numpy()
+    grid = (n_side, n_side)
+    win = synthetic_awd_windows(grid, images, density, seed=0)
     start = time.perf_counter()
-    for b in range(images):
-        grouped_tiles(win[b], block_m, 8, block_n // 8)
+    ws.grouped_perm(win, grid, ws.Config(block_m, block_n, ws.TILED, 64, "grouped"))
     return (time.perf_counter() - start) / images
 
 
@@ -490,6 +491,12 @@ def _loops(rows: Sequence[dict]) -> Dict[Tuple[str, str], Dict[str, dict]]:
         variant = "pre" if (r["launch_variant"].get("PREFIX_Q") or r["launch_variant"].get("PREFIX_K")) else "main"
         out.setdefault((r["op"], r["config"]), {})[f"{role(r['kernel'])}:{variant}:{r['loop']}"] = r
     return out
+
+
+def _tile_fields(t: dict) -> dict:
+    """A prediction row's visited fraction (over the dense query tiles) and tiles per image."""
+    return {"visited_fraction": (t["masked"] + t["full"]) / (t["dense_query_tiles"] * t["key_tiles"]),
+            "tiles_per_image": {"masked": t["masked"], "full": t["full"], "query_tiles": t["query_tiles"]}}
 
 
 def _window_role_cycles(loops: Dict[str, dict], r: str, tiles_: dict, head_dim: int) -> Optional[float]:
@@ -572,8 +579,7 @@ def predict(rows: Sequence[dict], n_side: int, density: float, batch: int, heads
                     "predicted_ratio_vs_dense": total / dense_fwd, "window_cycles_per_sm": total,
                     "terms": {"kernels": cycles, "launch_gaps": gap * len(calls["fwd"]), "schedule_build": build},
                     "dense_cycles_per_sm": dense_fwd, "dense_config": dense["fwd"][1],
-                    "visited_fraction": (t["masked"] + t["full"]) / (t["dense_query_tiles"] * t["key_tiles"]),
-                    "tiles_per_image": {"masked": t["masked"], "full": t["full"], "query_tiles": t["query_tiles"]}})
+                    **_tile_fields(t)})
     for cycles, config, t in window["grouped"]:
         # the grouped order's kernels with the auto order's device build (an underestimate: grouped
         # builds no sorted order but gathers a perm) and its host search, one per image and step
@@ -590,8 +596,7 @@ def predict(rows: Sequence[dict], n_side: int, density: float, batch: int, heads
                               "host_grouping": host},
                     "host_grouping_ms_per_image": 1e3 * t["host_s"], "host": platform.processor() or platform.machine(),
                     "dense_cycles_per_sm": dense_fwd, "dense_config": dense["fwd"][1],
-                    "visited_fraction": (t["masked"] + t["full"]) / (t["dense_query_tiles"] * t["key_tiles"]),
-                    "tiles_per_image": {"masked": t["masked"], "full": t["full"], "query_tiles": t["query_tiles"]}})
+                    **_tile_fields(t)})
     best_fwd = min((w for w in fwd_total if w[2]), default=None, key=lambda w: w[0])
     if best_fwd is not None and "dq" in dense and "dkdv" in dense:
         dense_all = dense_fwd + dense["dq"][0] + dense["dkdv"][0] + 3 * gap  # delta, dq, dk/dv launches
@@ -608,9 +613,7 @@ def predict(rows: Sequence[dict], n_side: int, density: float, batch: int, heads
                                   "schedule_build": build},
                         "dense_cycles_per_sm": dense_all,
                         "dense_config": " + ".join(dense[r][1] for r in ("fwd", "dq", "dkdv")),
-                        "visited_fraction": (t["masked"] + t["full"]) / (t["dense_query_tiles"] * t["key_tiles"]),
-                        "tiles_per_image": {"masked": t["masked"], "full": t["full"],
-                                            "query_tiles": t["query_tiles"]}})
+                        **_tile_fields(t)})
     return out
 
 
