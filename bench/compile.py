@@ -61,7 +61,6 @@ DOT_ROWS = {
     "winft_attention._attn_fwd_kernel": "BLOCK_M",
     "winft_attention._attn_dq_kernel": "BLOCK_M",
     "winft_attention._attn_dkdv_kernel": "BLOCK_N",
-    "winft_attention._bce_grad_kernel": "BLOCK_A",
     "cluster_attention._pool_fwd_kernel": "BLOCK_M",
     "cluster_attention._pool_bwd_dlogits_kernel": "BLOCK_N",
     "cluster_attention._pool_bwd_dx_kernel": "BLOCK_N",
@@ -101,11 +100,10 @@ def _winft(unit: str, dtype: str, d: int, variant: str) -> None:
     B, H, N, P, gw = 2, 3, 197, 1, 14
     q, k, v = (_meta(B, H, N, d, dtype=dtype) for _ in range(3))
     windows, keep = _meta(B, N - P, 4, dtype="int32"), _meta(B, N, dtype="bool")
-    wt._forward(q, k, v, windows, keep, 0.125, variant, P, gw)
-    # and the backward: the BCE gradient (gate), delta (fwd's rows), dq, dkdv
-    lse, bits = _meta(B, H, N), _meta(B, N, 7, dtype="int32")
-    wt._backward(_meta(B, H, N, d, dtype=dtype), _meta(), q, k, v, q, lse, bits, windows, keep, 0.125, variant, P,
-                 gw)
+    out, _loss, _gs, lse, bits, dg = wt._forward(q, k, v, windows, keep, 0.125, variant, P, gw, True)
+    # and the backward: delta (fwd's rows), dq, dkdv with the forward's sigmoid(g) - T folded in
+    wt._backward(_meta(B, H, N, d, dtype=dtype), _meta(), q, k, v, out, lse, bits, dg, windows, keep, 0.125,
+                 variant, P, gw)
 
 
 def _paca(unit: str, dtype: str, d: int, variant: str) -> None:

@@ -1,4 +1,4 @@
-"""``python -m bench.cost``: a static cost model of the window kernels, from their compiled code.
+"""``python -m bench.cost``: a static cost model of the window and WinfT kernels, from their compiled code.
 
     python -m bench.cost                                  # sm_90a, bf16, d = 64: rows and a table
     python -m bench.cost --out bench/results --sass /tmp/sass   # also writes each kernel's SASS
@@ -20,8 +20,9 @@ would use. For each compiled kernel this reads
 * ptxas: registers, and the compiled shared memory; with the warps per block they give the
   resident blocks per SM.
 
-The WinfT and PaCa kernels (``--ops``) get the same loop rows; the predictions below are made
-for the window op only.
+The WinfT and PaCa kernels (``--ops``) get the same loop rows; the WinfT op is predicted too
+(:mod:`bench.winft_cost`: one training step with the loss at N = 197, 577 and 1025, and a
+byte-traffic estimate per call), PaCa has loop rows only.
 
 Rows (``OUT/cost-<target>.jsonl``): one per (kernel, config, dtype, head_dim, loop) with
 ``instructions``, ``by_class``, ``async_wait``, ``registers``, ``shared_bytes``,
@@ -100,6 +101,7 @@ class Loop:
     nested: int          # inner loops inside this range
     tensor_flop: float = 0.0   # per warp and iteration: HGMMA m x n x k x 2 / 4 (a warpgroup's), HMMA m x n x k x 2
     global_bytes: int = 0      # per thread and iteration: widths of the vector global loads (LDG, LDGSTS)
+    outside_nested: int = 0    # instructions of one iteration outside its nested loops (static counts)
 
     @property
     def instructions(self) -> int:
@@ -133,13 +135,15 @@ def sass_loops(sass: str) -> List[Loop]:
         by_class = dict.fromkeys(CLASSES, 0)
         lines: Dict[Tuple[str, int], int] = {}
         flop, nbytes = 0.0, 0
-        for op, src, mods in instrs[start:end + 1]:
+        inner = [(s, e) for s, e in spans if (s, e) != (start, end) and start <= s and e <= end]
+        for at, (op, src, mods) in enumerate(instrs[start:end + 1], start):
             by_class[opcode_class(op)] += 1
-            lines[src] = lines.get(src, 0) + 1
+            if not any(s <= at <= e for s, e in inner):  # a nested loop's lines vote for the nested loop
+                lines[src] = lines.get(src, 0) + 1
             flop += tensor_flop(op, mods)
             nbytes += global_load_bytes(op, mods)
-        nested = sum(1 for s, e in spans if (s, e) != (start, end) and start <= s and e <= end)
-        loops.append(Loop(start, end, by_class, lines, nested, flop, nbytes))
+        outside = (end - start + 1) - len({at for s, e in inner for at in range(s, e + 1)})
+        loops.append(Loop(start, end, by_class, lines, len(inner), flop, nbytes, outside))
     return loops
 
 
@@ -168,18 +172,27 @@ def global_load_bytes(op: str, mods: str) -> int:
     return 16 if ".128" in mods else 8 if ".64" in mods else 0
 
 
-def tagged_loops(fn) -> Dict[str, Tuple[str, int, int]]:
+def tagged_loops(fn, _seen=None) -> Dict[str, Tuple[str, int, int]]:
     """``kind -> (file, first line, last line)`` of the ``for`` loops of a kernel's Python function
-    whose ``for`` line carries ``# cost: <kind>``."""
+    whose ``for`` line carries ``# cost: <kind>``, and of the device helpers it calls (a head loop
+    inside the WinfT gate's ``_gate_tile``: the kernel's own tags win a name clash)."""
+    _seen = set() if _seen is None else _seen
+    _seen.add(fn)
     path = os.path.realpath(inspect.getsourcefile(fn))
     lines, first = inspect.getsourcelines(fn)
-    out = {}
+    out: Dict[str, Tuple[str, int, int]] = {}
+    called: Dict[str, Tuple[str, int, int]] = {}
     for node in ast.walk(ast.parse(textwrap.dedent("".join(lines)))):
         if isinstance(node, ast.For):
             m = re.search(r"#\s*cost:\s*(\w+)", lines[node.lineno - 1])
             if m:
                 out[m.group(1)] = (path, first + node.lineno - 1, first + node.end_lineno - 1)
-    return out
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            callee = getattr(fn, "__globals__", {}).get(node.func.id)
+            inner = getattr(callee, "fn", None)   # a JITFunction helper
+            if inner is not None and inner not in _seen:
+                called.update(tagged_loops(inner, _seen))
+    return {**called, **out}
 
 
 def classify(loop: Loop, tags: Dict[str, Tuple[str, int, int]]) -> Optional[str]:
@@ -391,7 +404,7 @@ def cost_rows(spec: Spec, dtype: str, head_dim: int, target: str, sass_dir: Opti
             continue
         rows.append({**base, "loop": kind, "instructions": loop.instructions, "by_class": loop.by_class,
                      "tensor_flop": loop.tensor_flop * warps, "global_load_bytes": loop.global_bytes * warps * 32,
-                     "nested_loops": loop.nested, "num_warps": warps, "async_wait": waits.get(kind),
+                     "nested_loops": loop.nested, "outside_nested": loop.outside_nested, "num_warps": warps, "async_wait": waits.get(kind),
                      "registers": regs, "shared_bytes": shared,
                      "blocks_per_sm": blocks_per_sm(regs or 255, warps, shared, target),
                      "compile_s": round(seconds, 1)})
@@ -514,6 +527,22 @@ def _window_role_cycles(loops: Dict[str, dict], r: str, tiles_: dict, head_dim: 
     return main + prefix
 
 
+def dense_cycles(rows: Sequence[dict], N: int, batch: int, heads: int, head_dim: int) -> Dict[str, Tuple[float, str]]:
+    """Cycles per SM of each dense reference kernel (``fwd``, ``dq``, ``dkdv``) over ``batch x heads``
+    at sequence length ``N``, each at its best compiled tile shape: ``{role: (cycles, config)}``."""
+    scale = batch * heads / MACHINE["sms"]
+    dense: Dict[str, Tuple[float, str]] = {}
+    for (op, config), loops in _loops(rows).items():
+        if op != "dense":
+            continue
+        for key, r in loops.items():
+            rr = key.split(":", 1)[0]
+            cycles = scale * -(-N // r["block_m"]) * -(-N // r["block_n"]) * tile_cycles(r, head_dim)["total"]
+            if rr not in dense or cycles < dense[rr][0]:
+                dense[rr] = (cycles, config)
+    return dense
+
+
 def predict(rows: Sequence[dict], n_side: int, density: float, batch: int, heads: int, head_dim: int,
             tiles_cache: Optional[dict] = None, dtype: str = "bfloat16", target: str = "sm_90a") -> List[dict]:
     """Predicted forward and forward + backward time of each window configuration relative to the
@@ -526,15 +555,7 @@ def predict(rows: Sequence[dict], n_side: int, density: float, batch: int, heads
     gap = MACHINE["launch_gap_cycles"]
     layers = MACHINE["layers"]
     by_config = _loops(rows)
-    dense: Dict[str, Tuple[float, str]] = {}
-    for (op, config), loops in by_config.items():
-        if op != "dense":
-            continue
-        for key, r in loops.items():
-            rr = key.split(":", 1)[0]
-            cycles = scale * -(-N // r["block_m"]) * -(-N // r["block_n"]) * tile_cycles(r, head_dim)["total"]
-            if rr not in dense or cycles < dense[rr][0]:
-                dense[rr] = (cycles, config)
+    dense = dense_cycles(rows, N, batch, heads, head_dim)
     if "fwd" not in dense:
         return []
     dense_fwd = dense["fwd"][0] + gap  # one launch
@@ -767,7 +788,7 @@ def main(argv=None) -> int:
     p.add_argument("--sass", default=None, help="also write each compiled kernel's SASS here")
     p.add_argument("--no-predict", action="store_true", help="loop rows only (no tile counting)")
     p.add_argument("--ops", default="window,winft,paca",
-                   help="op families whose kernels are costed (comma-separated; predictions: window only)")
+                   help="op families whose kernels are costed (comma-separated; predictions: window, winft)")
     p.add_argument("--kernels", default=None, metavar="REGEX",
                    help="cost only kernels whose name matches (e.g. '_fwd_kernel'; the dense reference always)")
     args = p.parse_args(argv)
@@ -796,6 +817,10 @@ def main(argv=None) -> int:
         for side, density in SHAPES:
             preds += predict(rows, side, density, args.batch, args.heads, args.head_dim, cache, args.dtype,
                              args.target)
+    if not args.no_predict and "winft" in families:
+        from . import winft_cost
+        preds += winft_cost.predict(rows, args.batch, args.heads, args.head_dim, args.dtype, args.target)
+        preds += winft_cost.unit_choices(rows, 577, args.batch, args.heads, args.head_dim, args.dtype, args.target)
     launches = launch_counts(args.dtype, args.head_dim, args.target)
     print(format_table(rows, preds))
     print(f"\nlaunches per window attention call at N = {launches['n']}: first forward "
@@ -830,6 +855,8 @@ def format_table(rows: Sequence[dict], preds: Sequence[dict]) -> str:
         lines.append(f"{r['kernel']:<33} {_short(r['config']):<20} {var:<18} {r['loop']:<12} {r['instructions']:>6} "
                      f"{c['integer']:>5} {c['float']:>6} {c['mufu']:>5} {c['hgmma'] + c['hmma']:>5} "
                      f"{str(r['async_wait']):>5} {str(r['registers']):>5} {r['blocks_per_sm']:>7}")
+    winft = [p for p in preds if p.get("op") == "winft_attention"]
+    preds = [p for p in preds if p.get("op") != "winft_attention"]
     if preds:
         lines += ["", "predicted time / dense reference (static; sm_90a model, docs/cost_model.md)",
                   "mode     N      density  order    config               visited  ratio  (dense config)"]
@@ -841,6 +868,18 @@ def format_table(rows: Sequence[dict], preds: Sequence[dict]) -> str:
             lines.append(f"{p['mode']:<8} {p['n']:<6} {p['density']:<8} {p.get('query_order', 'auto'):<8} "
                          f"{_short(p['config'])[:40]:<20} {p['visited_fraction']:.3f}    "
                          f"{p['predicted_ratio_vs_dense']:.2f}   ({p['dense_config']}){note}")
+    if winft:
+        lines += ["", "WinfT (multiply mode, window target, the BCE loss), predicted time / dense reference (static)",
+                  "mode     N      ratio   compulsory GB  (dense attention's, gate and loss)   largest terms"]
+        for p in (p for p in winft if p["row"] == "prediction"):
+            b = p["bytes"]
+            top = sorted(((v, k) for k, v in p["terms"].items()), reverse=True)[:3]
+            lines.append(f"{p['mode']:<8} {p['n']:<6} {p['predicted_ratio_vs_dense']:.2f}    {b['compulsory'] / 1e9:.3f}"
+                         f"          ({b['dense_attention'] / 1e9:.3f}, {b['gate_and_loss'] / 1e9:.3f})"
+                         f"                   " + ", ".join(f"{k} {v / p['dense_cycles_per_sm']:.2f}" for v, k in top))
+        for p in (p for p in winft if p["row"] == "unit_choice"):
+            cyc = ", ".join(f"{_short(k)} {v / 1e3:.0f}k" for k, v in sorted(p["cycles_per_sm"].items(), key=lambda kv: kv[1]))
+            lines.append(f"unit {p['unit']:<11} N = {p['n']}: cycles per SM by candidate: {cyc}")
     return "\n".join(lines)
 
 

@@ -251,12 +251,27 @@ CANDIDATES: Dict[str, List[LaunchConfig]] = {
     "window_bwd": [_c(4, 3, BLOCK_M=64, BLOCK_N=64, **_W), _c(8, 3, BLOCK_M=64, BLOCK_N=64, **_W),
                    _c(8, 3, BLOCK_M=64, BLOCK_N=32, **_W), _c(4, 3, head_dims=(65, 1 << 30), BLOCK_M=32, BLOCK_N=32,
                                                               **_W)],
-    # WinfT (kernels/winft_attention.py): the first clean candidate runs, untuned.
-    "winft_gate": [_c(8, 2, BLOCK_M=64, BLOCK_N=64), _c(8, 2, BLOCK_M=64, BLOCK_N=32)],  # pass 1, 2a, BCE grad
-    "winft_fwd": [_c(4, 2, BLOCK_M=64, BLOCK_N=64), _c(8, 2, BLOCK_M=64, BLOCK_N=32)],
-    "winft_dkdv": [_c(8, 2, BLOCK_M=64, BLOCK_N=64), _c(8, 1, BLOCK_M=64, BLOCK_N=32),
-                   _c(8, 2, BLOCK_M=64, BLOCK_N=32)],
-    "winft_dq": [_c(8, 2, BLOCK_M=64, BLOCK_N=32), _c(4, 2, BLOCK_M=32, BLOCK_N=32)],
+    # WinfT (kernels/winft_attention.py): the first clean candidate runs, untuned; the order is the
+    # cost model's (python -m bench.cost, docs/cost_model.md "WinfT"). The gate passes are GEMMs of
+    # width C = H d bound by their tiles' L2 reads: 128 x 128 reads half the bytes per score of
+    # 64 x 64. Pass 1 with a target (its sigmoid, softplus, target tile and the kept
+    # sigmoid(g) - T) spills at 128 x 128, so it is a unit of its own. 128-row forward and dq tiles
+    # halve the K / V (and sigmoid(g) - T) bytes per score; dk/dv runs 32-query tiles of a
+    # 64-key block with 4 warps (64 x 64 spills with the folded tile). The gate passes' BLOCK_M
+    # and BLOCK_N are multiples of 32 (pass 2a packs W^T 32 queries a word). float32 (three-pass
+    # TF32) fits the backward only in 16 x 16 tiles.
+    "winft_threshold": [_c(8, 3, BLOCK_M=128, BLOCK_N=64), _c(8, 3, BLOCK_M=64, BLOCK_N=128),
+                        _c(8, 3, BLOCK_M=64, BLOCK_N=64), _c(8, 2, BLOCK_M=64, BLOCK_N=32)],
+    "winft_gate": [_c(8, 3, BLOCK_M=128, BLOCK_N=128), _c(8, 3, BLOCK_M=128, BLOCK_N=64),
+                   _c(8, 3, BLOCK_M=64, BLOCK_N=64), _c(8, 2, BLOCK_M=64, BLOCK_N=32)],
+    "winft_fwd": [_c(4, 3, BLOCK_M=128, BLOCK_N=64), _c(8, 3, BLOCK_M=128, BLOCK_N=64), _c(4, 3, BLOCK_M=64, BLOCK_N=64),
+                  _c(8, 2, BLOCK_M=64, BLOCK_N=32), _c(4, 1, dtypes=("float32", "tf32"), BLOCK_M=32, BLOCK_N=32)],
+    "winft_dq": [_c(8, 3, BLOCK_M=128, BLOCK_N=64), _c(4, 3, BLOCK_M=64, BLOCK_N=64), _c(8, 3, BLOCK_M=64, BLOCK_N=64),
+                 _c(8, 2, BLOCK_M=64, BLOCK_N=32), _c(4, 2, BLOCK_M=32, BLOCK_N=32),
+                 _c(4, 1, dtypes=("float32", "tf32"), BLOCK_M=16, BLOCK_N=16)],
+    "winft_dkdv": [_c(4, 3, BLOCK_M=32, BLOCK_N=64), _c(8, 3, BLOCK_M=64, BLOCK_N=64), _c(8, 2, BLOCK_M=64, BLOCK_N=64),
+                   _c(8, 2, BLOCK_M=64, BLOCK_N=32), _c(8, 1, BLOCK_M=64, BLOCK_N=32),
+                   _c(4, 1, dtypes=("float32", "tf32"), BLOCK_M=16, BLOCK_N=16)],
     # PaCa (kernels/cluster_attention.py): triton.autotune over the clean candidates. "Head width"
     # is the channel count for the pooling units.
     "paca_pool_fwd": [_c(4, 2, BLOCK_N=32), _c(8, 2, BLOCK_N=64), _c(4, 2, BLOCK_N=64), _c(8, 2, BLOCK_N=128)],
@@ -276,7 +291,8 @@ _WINDOW_SCHEDULE = {"_window_code_kernel", "_cut_kernel", "_schedule_kernel", "_
 UNIT_KERNELS: Dict[str, set] = {
     "window_fwd": _WINDOW_SCHEDULE | {"_fwd_kernel"},
     "window_bwd": _WINDOW_SCHEDULE | {"_transpose_kernel", "_delta_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"},
-    "winft_gate": {"_threshold_kernel", "_gate_bits_kernel", "_bce_grad_kernel"},
+    "winft_threshold": {"_threshold_kernel"},
+    "winft_gate": {"_gate_bits_kernel"},
     "winft_fwd": {"_attn_fwd_kernel", "_delta_kernel"},
     "winft_dq": {"_attn_dq_kernel"},
     "winft_dkdv": {"_attn_dkdv_kernel"},
@@ -293,7 +309,8 @@ WIDTH_BUCKETS = (32, 64, 96, 128)
 INTERPRET: Dict[str, LaunchConfig] = {
     "window_fwd": _c(1, 1, BLOCK_M=16, BLOCK_N=16, ORDER=1, UNIT=16, QUERY_ORDER="auto"),
     "window_bwd": _c(1, 1, BLOCK_M=16, BLOCK_N=16, ORDER=1, UNIT=16, QUERY_ORDER="auto"),
-    "winft_gate": _c(1, 1, BLOCK_M=16, BLOCK_N=32),
+    "winft_threshold": _c(1, 1, BLOCK_M=32, BLOCK_N=32),
+    "winft_gate": _c(1, 1, BLOCK_M=32, BLOCK_N=32),  # the bits pass packs W^T 32 queries a word
     "winft_fwd": _c(1, 1, BLOCK_M=16, BLOCK_N=16),
     "winft_dkdv": _c(1, 1, BLOCK_M=16, BLOCK_N=16),
     "winft_dq": _c(1, 1, BLOCK_M=16, BLOCK_N=16),
@@ -305,7 +322,7 @@ INTERPRET: Dict[str, LaunchConfig] = {
 }
 
 # Units whose gate logits must be exact (WinfT's hard threshold): float32 always three-pass TF32.
-EXACT_UNITS = ("winft_gate",)
+EXACT_UNITS = ("winft_threshold", "winft_gate")
 
 
 def candidates(unit: str) -> List[LaunchConfig]:

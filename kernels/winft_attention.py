@@ -12,26 +12,37 @@ Math (per image ``b``, heads ``h``, queries ``i``, keys ``j``)::
     L     = mean_{b,i,j} softplus(g_ij) - T_ij g_ij  (= BCE(sigmoid(g), T))       eq. 11
     gate_sum_b = sum_ij W_ij (diagonal included in mask mode)                    Table 3's EO
 
-Kernels (nothing ``N x N`` in floating point is ever stored; the target is never dense):
+Kernels (nothing ``N x N`` per head is ever stored; the target is never dense):
 
-1. ``_threshold_kernel`` (pass 1), one program per (query block, image): streams key tiles,
-   computes the gate tile ``g`` as one GEMM over the full width ``C = h d`` (a loop over the
-   heads), and accumulates ``sum_j sigmoid(g)`` and, with a target, the BCE row sums, the target
-   tile being derived in registers from the ``O(n)`` windows and ``key_keep``.
-2. ``_gate_bits_kernel`` (pass 2a), same grid: recomputes ``g`` tile by tile, thresholds it and
-   packs ``W`` (with the diagonal in mask mode) into 32-bit words, ``(B, N, ceil(N/32))``, and
-   counts it (``gate_sum``). ``W`` is shared by all heads, so this is one bit per pair and
-   image: ``32 h`` times smaller than one float32 attention matrix of the layer.
+1. ``_threshold_kernel`` (pass 1), one program per (query block, image, key split): streams
+   key tiles, computes the gate tile ``g`` as one GEMM over the full width ``C = h d`` (a loop
+   over the heads), and accumulates ``sum_j sigmoid(g)`` and, with a target, the BCE row sums,
+   the target tile built in registers from each query's window (read once per program) and
+   each key's grid position (worked out once per key tile). When the loss will be
+   differentiated it also stores ``sigmoid(g) - T`` (eq. 11's gradient through ``g`` without
+   its factor, in ``[-1, 1]``) once, in the inputs' dtype, ``(B, N, ceil(N/16)*16)``: one
+   ``N x N`` per image, ``1/h`` of one attention matrix, kept for the backward.
+2. ``_gate_bits_kernel`` (pass 2a), same grid: recomputes ``g`` tile by tile, tests it against
+   ``logit(t_i)`` (one compare per element) and packs ``W`` (with the diagonal in mask mode)
+   into 32-bit words, twice: per query row (``W``) and per key row (``W^T``), ``(2, B, N, NW)``
+   with ``NW`` even, and counts it (``gate_sum``). ``W`` is shared by all heads: one bit per
+   pair and image.
 3. ``_attn_fwd_kernel`` (pass 2b), one program per (query block, image x head): flash-style
-   online softmax with the ``W`` tile read from the bits; saves the log-sum-exp.
-4. Backward: ``_delta_kernel`` (``rowsum(dO * O)``), ``_attn_dkdv_kernel`` (one program per key
-   block, loops over query tiles) and ``_attn_dq_kernel`` (per query block, loops over key
-   tiles), with ``W`` read from the same bits (held constant). With a target, ``_bce_grad_kernel``
-   runs twice (per query block for ``dq``, per key block on ``g^T`` tiles for ``dk``), recomputes
-   ``g`` tile by tile and adds
-   ``dL/dq_h = c (sigmoid(g) - T) k_h / h`` and ``dL/dk_h = c (sigmoid(g) - T)^T q_h / h``
-   (``c = dL_out / (B N^2)``) into one float32 buffer that the attention kernels fold in (used
-   for ``dq``, then reused for ``dk``).
+   online softmax in base 2 (the scale folded into one multiply-add), ``W`` read as each row's
+   word(s) per key tile (one 8-byte read for a 64-key tile) and expanded in registers against
+   loop-constant lane masks; the last, partial key tile is peeled off so full tiles carry no
+   key mask. Saves the natural log-sum-exp.
+4. Backward: ``_delta_kernel`` (``rowsum(dO * O)``), ``_attn_dq_kernel`` (per query block, loops
+   over key tiles, ``W`` from the row words) and ``_attn_dkdv_kernel`` (per key block, loops over
+   query tiles, ``W^T`` from the key-row words). With the loss, the tile of ``sigmoid(g) - T``
+   kept by pass 1 is folded into their last products: ``dq = scale (dS + (c / scale)(sigmoid(g)
+   - T)) K`` with ``c = dL_out / (B N^2 h)``, and the same transposed for ``dk``; no float32
+   buffer, no read-modify-write, no recomputation of ``g``. That is the bfloat16 path up to head
+   width 64; in float16 the factor ``c / scale`` underflows in an operand, and in float32 or
+   above head width 64 the tile would make dk/dv spill, so there two batched products
+   (``torch.matmul``, every head) add the loss's part after the kernels. When the
+   forward did not keep the tile (``keep_grad=False``), the backward runs pass 1 again for it.
+   When only the loss is used, two batched products (``torch.matmul``) give the gradients.
 
 Why ``W`` is recomputed once into bits instead of inside every head's program: ``g`` needs all
 ``h`` heads, so a per-head attention program that recomputed it would do ``h`` extra head-dots
@@ -42,16 +53,16 @@ reuses the bits instead of recomputing ``g`` per head. Counted in head-dot produ
 (query tile, key tile) pair: forward ``h`` (pass 1) + ``h`` (pass 2a) + ``2h`` (attention)
 = ``4h``, twice dense flash attention's ``2h``; backward ``7h`` (``s, dv, dp, dk`` in the
 key-block kernel, ``s, dp, dq`` in the query-block kernel, as in Triton's fused-attention
-tutorial) plus ``4h`` with a target (``g`` twice, ``dq``, ``dk``). A single all-heads attention program that reuses its
-per-head logits for ``g`` would save the ``h`` of pass 2a but needs ``(h, BM, d)`` accumulators
-in registers (and ``h`` padded to a power of two), which forces small query tiles; without a
-GPU to measure on, the bits design was chosen as the one whose every kernel is a standard
-GEMM or flash-attention tile loop.
+tutorial), the loss's gradient riding on the last two. Pass 2a cannot join pass 1: ``t_i``
+needs every key of the row first; keeping ``g`` between them (``B N^2`` float32 written and read
+back from DRAM) would save at most a quarter of pass 2a in the static model (docs/cost_model.md).
+The cost model (``python -m bench.cost``, docs/cost_model.md "WinfT") prices each kernel.
 
-Tile sizes come from the launch policy (:mod:`vitpatch.kernels._launch`, units ``winft_gate``,
-``winft_fwd``, ``winft_dq``, ``winft_dkdv``): one configuration per dtype and head width,
-untuned; small pinned tiles under the interpreter. The gate logits ``g`` (passes 1 and 2a and
-the BCE gradient's recomputation) always use ``dot_precision(dtype, exact=True)`` (three-pass
+Tile sizes come from the launch policy (:mod:`vitpatch.kernels._launch`, units
+``winft_threshold`` (pass 1), ``winft_gate`` (pass 2a), ``winft_fwd``, ``winft_dq``, ``winft_dkdv``): one configuration per dtype and head width,
+untuned; small pinned tiles under the interpreter. The gate passes split their keys over a third
+grid axis when row blocks x images would make fewer than two waves. The gate logits ``g``
+(passes 1 and 2a) always use ``dot_precision(dtype, exact=True)`` (three-pass
 TF32 for float32 inputs, about float32 accuracy), because ``W`` is decided by comparing
 ``sigmoid(g)`` with its row mean; the attention dots follow the float32 policy
 (``torch.get_float32_matmul_precision()``).
@@ -67,6 +78,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from . import _launch
 from ._launch import dot_precision, helper, interpreting, kernel
@@ -78,10 +90,18 @@ _MAX_HEAD_DIM = 128
 
 
 # =============================================================================== jit helpers
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+# The online softmax's running maximum starts at this finite value instead of -inf: a row whose
+# first key tiles are all gated off (mask mode) keeps it with exp2(m_i - m_new) = 1, never NaN.
+# Scaled scores are assumed above it.
+_M_START = tl.constexpr(-1.0e30)
+
+
 @helper
 def _gate_tile(a_ptr, sa_h, sa_n, sa_d, offs_a, b_ptr, sb_h, sb_n, sb_d, offs_b, offs_d, N, H, D, inv_h,
                BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr):
-    """``(1/H) sum_heads a_h[offs_a] . b_h[offs_b]``: a gate tile of eq. 8 (``g`` or ``g^T``), float32.
+    """``(1/H) sum_heads a_h[offs_a] . b_h[offs_b]``: a tile of the gate logits ``g`` (eq. 8), float32.
 
     One GEMM with reduction width ``C = H * D``, done as a loop over the heads.
     """
@@ -90,7 +110,7 @@ def _gate_tile(a_ptr, sa_h, sa_n, sa_d, offs_a, b_ptr, sb_h, sb_n, sb_d, offs_b,
     a_off = offs_a[:, None] * sa_n + offs_d[None, :] * sa_d
     b_off = offs_b[:, None] * sb_n + offs_d[None, :] * sb_d
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
-    for hh in range(H):
+    for hh in range(H):  # cost: gate_heads
         a = tl.load(a_ptr + hh * sa_h + a_off, mask=a_mask, other=0.0)
         b = tl.load(b_ptr + hh * sb_h + b_off, mask=b_mask, other=0.0)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
@@ -98,59 +118,114 @@ def _gate_tile(a_ptr, sa_h, sa_n, sa_d, offs_a, b_ptr, sb_h, sb_n, sb_d, offs_b,
 
 
 @helper
-def _target_tile(win_ptr, sw_n, sw_c, keep_ptr, qi, kj, N, P, GW, HAS_KEEP: tl.constexpr):
-    """``T[qi, kj]`` (eq. 10 = the allowed rule of docs/math.md §1) for broadcastable index tensors.
-
-    ``win_ptr`` points at this image's windows ``(n, 4)`` (x_left, y_top, x_right, y_bottom);
-    ``keep_ptr`` at its ``key_keep`` row (uint8). ``T = keep[j] and (i < P or j < P or patch
-    j - P inside window i - P)``. Pass ``qi`` as a column and ``kj`` as a row for a ``T`` tile,
-    the other way round for a ``T^T`` tile.
-    """
-    ok_i = qi < N
+def _query_windows(win_ptr, sw_n, sw_c, qi, N, P, GW, GH):
+    """The target rule's per-query half (eq. 10 = the allowed rule of docs/math.md §1), read once
+    per program: the window ``(x_left, y_top, x_right, y_bottom)`` of each query row ``qi`` (a
+    vector), the whole grid for a prefix query (it may attend to every kept key) and for a padding
+    row (masked by its caller)."""
+    ok = (qi >= P) & (qi < N)
     wp = win_ptr + tl.maximum(qi - P, 0) * sw_n
-    xl = tl.load(wp, mask=ok_i, other=0)
-    yt = tl.load(wp + sw_c, mask=ok_i, other=0)
-    xr = tl.load(wp + 2 * sw_c, mask=ok_i, other=0)
-    yb = tl.load(wp + 3 * sw_c, mask=ok_i, other=0)
-    pj = tl.maximum(kj - P, 0)
-    kx = pj % GW
-    ky = pj // GW
-    t = (kx >= xl) & (kx <= xr) & (ky >= yt) & (ky <= yb)
-    t = t | (qi < P) | (kj < P)
+    xl = tl.where(ok, tl.load(wp, mask=ok, other=0), 0)
+    yt = tl.where(ok, tl.load(wp + sw_c, mask=ok, other=0), 0)
+    xr = tl.where(ok, tl.load(wp + 2 * sw_c, mask=ok, other=0), GW - 1)
+    yb = tl.where(ok, tl.load(wp + 3 * sw_c, mask=ok, other=0), GH - 1)
+    return xl, yt, xr, yb
+
+
+@helper
+def _key_coords(keep_ptr, kj, N, P, GW, inv_gw, HAS_KEEP: tl.constexpr):
+    """The target rule's per-key half for the key vector ``kj``: the patch key's grid column and row
+    (``-1``, outside every window, for a prefix key or a dropped one) and whether it is a kept
+    prefix key (allowed for every query). The row is ``floor((j - P + 0.5) / GW)`` in float32,
+    exact while the grid has fewer than 4 million patches, instead of an integer division."""
+    pj = kj - P
+    ky = ((pj.to(tl.float32) + 0.5) * inv_gw).to(tl.int32)
+    kx = pj - ky * GW
+    kept = kj < N
     if HAS_KEEP:
-        keep = tl.load(keep_ptr + kj, mask=kj < N, other=0)
-        t = t & (keep != 0)
-    return t
+        kept = kept & (tl.load(keep_ptr + kj, mask=kj < N, other=0) != 0)
+    patch = kept & (pj >= 0)
+    return tl.where(patch, kx, -1), tl.where(patch, ky, -1), kept & (pj < 0)
 
 
 @helper
-def _bits_tile(bits_ptr, NW, qi, kj, valid):
-    """``W[qi, kj]`` read from the packed gate (bit ``j % 32`` of word ``(i, j // 32)``), as bool."""
-    words = tl.load(bits_ptr + qi * NW + kj // 32, mask=valid, other=0)
-    return ((words >> (kj % 32)) & 1) != 0
+def _target(xl, yt, xr, yb, kx, ky, kpre):
+    """``T`` of a tile from the rows' windows (:func:`_query_windows`) and the keys' coordinates
+    (:func:`_key_coords`): four compares and an or per element."""
+    return (((kx[None, :] >= xl[:, None]) & (kx[None, :] <= xr[:, None]) & (ky[None, :] >= yt[:, None])
+             & (ky[None, :] <= yb[:, None])) | kpre[None, :])
 
 
 @helper
-def _sigmoid(x):
-    """``1 / (1 + exp(-x))`` from ``exp(-|x|)``, so no intermediate overflows for large ``|x|``."""
-    e = tl.exp(-tl.abs(x))
-    return tl.where(x >= 0, 1.0, e) / (1.0 + e)
+def _key_range(N, per_split):
+    """The keys ``[lo, hi)`` of this program's split (grid axis 2) of a gate pass: whole key tiles."""
+    lo = tl.program_id(2) * per_split
+    return lo, tl.minimum(lo + per_split, N)
 
 
 @helper
-def _softplus(x):
-    """``log(1 + exp(x))`` without overflow: ``max(x, 0) + log(1 + exp(-|x|))``."""
-    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+def _words(row_ptr, n0, rmask, NW, BLOCK_N: tl.constexpr):
+    """The gate words that cover keys ``[n0, n0 + BLOCK_N)`` of each row (``row_ptr``: the rows'
+    first words), read once per row and tile: ``(lo, hi)``. With ``BLOCK_N <= 32`` (a divisor of
+    32) ``lo`` is shifted so that key ``n0`` is bit 0 and ``hi`` is ``lo``; with ``BLOCK_N = 64``
+    the tile's keys are the 32 bits of ``lo`` then those of ``hi``, read as one 8-byte word (rows
+    hold an even number of words)."""
+    tl.static_assert(BLOCK_N <= 64)
+    w0 = n0 // 32
+    if BLOCK_N > 32:
+        w = tl.load((row_ptr + w0).to(tl.pointer_type(tl.int64)), mask=rmask & (w0 < NW), other=0)
+        lo = w.to(tl.int32)
+        hi = (w >> 32).to(tl.int32)
+    else:
+        lo = tl.load(row_ptr + w0, mask=rmask & (w0 < NW), other=0) >> (n0 % 32)
+        hi = lo
+    return lo, hi
 
 
-# =============================================================================== forward
+@helper
+def _keep(lo, hi, lanes, BLOCK_N: tl.constexpr):
+    """``W`` of a tile as bool, expanded in registers from the rows' words (:func:`_words`): bit
+    ``lanes`` (the key's place in the tile). ``lo``/``hi`` and ``lanes`` broadcast against each
+    other (rows along one axis, keys along the other); the per-lane bit masks are loop constants."""
+    if BLOCK_N > 32:
+        return (tl.where(lanes < 32, lo, hi) & (1 << (lanes % 32))) != 0
+    else:
+        return (lo & (1 << lanes)) != 0
+
+
+@helper
+def _log(x, FAST: tl.constexpr):
+    """``log(x)``: on a GPU (``FAST``) ``lg2.approx`` times ``ln 2`` (about 2^-22 relative error;
+    libdevice's ``logf`` is a long polynomial); ``tl.log`` in the interpreter."""
+    if FAST:
+        return libdevice.fast_logf(x)
+    else:
+        return tl.log(x)
+
+
+@helper
+def _div(a, b, FAST: tl.constexpr):
+    """``a / b``: on a GPU (``FAST``) ``div.approx`` (a reciprocal and a product, about 2 ulp);
+    ``tl.fdiv`` in the interpreter."""
+    if FAST:
+        return libdevice.fast_dividef(a, b)
+    else:
+        return tl.fdiv(a, b)
+
+
+# =============================================================================== gate passes
 @kernel
-def _threshold_kernel(Q, K, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd,
-                      WIN, s_wb, s_wn, s_wc, KEEP, s_keep,
-                      THR, BCE_ROWS, N, H, D, P, GW, inv_h, inv_n,
-                      HAS_TARGET: tl.constexpr, HAS_KEEP: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """Pass 1: ``t_i = mean_j sigmoid(g_ij)`` and the BCE row sums ``sum_j softplus(g_ij) - T_ij g_ij``."""
+def _threshold_kernel(Q, K, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, WIN, s_wb, s_wn, s_wc, KEEP, s_keep,
+                      THR, BCE_ROWS, DG, s_gb, s_gn, B, N, H, D, P, GW, GH, inv_gw, inv_h, per_split,
+                      HAS_TARGET: tl.constexpr,
+                      HAS_KEEP: tl.constexpr, SAVE_DG: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """Pass 1 over one split of the keys: ``sum_j sigmoid(g_ij)`` and, with a target, the BCE row sums
+    ``sum_j softplus(g_ij) - T_ij g_ij`` (partial sums ``(splits, B, N)``, added in split order).
+    ``SAVE_DG``: also the BCE's gradient through ``g`` without its factor, ``sigmoid(g) - T`` (eq. 11
+    differentiated, in ``[-1, 1]``), stored in ``DG``'s dtype for the backward's dq and dk/dv
+    kernels to fold into their products: ``g`` is formed here anyway, so the backward never
+    recomputes it."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -158,29 +233,45 @@ def _threshold_kernel(Q, K, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd,
     row_ok = offs_m < N
     q_base = Q + b * s_qb
     k_base = K + b * s_kb
+    lo, hi = _key_range(N, per_split)
     w_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     bce = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):  # cost: gate_threshold
+    if HAS_TARGET:
+        xl, yt, xr, yb = _query_windows(WIN + b * s_wb, s_wn, s_wc, offs_m, N, P, GW, GH)
+    for start_n in range(lo, hi, BLOCK_N):  # cost: gate_threshold
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        valid = row_ok[:, None] & (offs_n[None, :] < N)
+        valid = row_ok[:, None] & (offs_n[None, :] < hi)
         g = _gate_tile(q_base, s_qh, s_qn, s_qd, offs_m, k_base, s_kh, s_kn, s_kd, offs_n, offs_d,
                        N, H, D, inv_h, BLOCK_M, BLOCK_N, PREC)
-        w_sum += tl.sum(tl.where(valid, _sigmoid(g), 0.0), axis=1)
+        e = tl.exp(-tl.abs(g))  # shared by the sigmoid and the softplus
+        sig = _div(tl.where(g >= 0, 1.0, e), 1.0 + e, FAST)
+        w_sum += tl.sum(tl.where(valid, sig, 0.0), axis=1)
         if HAS_TARGET:
-            tgt = _target_tile(WIN + b * s_wb, s_wn, s_wc, KEEP + b * s_keep, offs_m[:, None], offs_n[None, :],
-                               N, P, GW, HAS_KEEP)
-            bce += tl.sum(tl.where(valid, _softplus(g) - tl.where(tgt, g, 0.0), 0.0), axis=1)
-    tl.store(THR + b * N + offs_m, w_sum * inv_n, mask=row_ok)
+            kx, ky, kpre = _key_coords(KEEP + b * s_keep, offs_n, N, P, GW, inv_gw, HAS_KEEP)
+            tgt = _target(xl, yt, xr, yb, kx, ky, kpre)
+            # softplus(g) - T g = max(g, 0) + log(1 + e) - T g
+            bce += tl.sum(tl.where(valid, tl.maximum(g, 0.0) + _log(1.0 + e, FAST) - tl.where(tgt, g, 0.0), 0.0),
+                          axis=1)
+            if SAVE_DG:
+                tl.store(DG + b * s_gb + offs_m[:, None] * s_gn + offs_n[None, :],
+                         (sig - tgt.to(tl.float32)).to(DG.dtype.element_ty), mask=valid)
+    part = (tl.program_id(2) * B + b) * N + offs_m
+    tl.store(THR + part, w_sum, mask=row_ok)
     if HAS_TARGET:
-        tl.store(BCE_ROWS + b * N + offs_m, bce, mask=row_ok)
+        tl.store(BCE_ROWS + part, bce, mask=row_ok)
 
 
 @kernel
 def _gate_bits_kernel(Q, K, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd,
-                      THR, BITS, COUNT, N, NW, H, D, inv_h,
+                      THR, BITS, COUNT, B, N, NW, H, D, inv_h, inv_n, per_split, splits,
                       MASK_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """Pass 2a: ``W = [sigmoid(g) > t]`` (plus the diagonal in mask mode) packed 32 keys a word; row counts."""
+    """Pass 2a over one split of the keys: ``W = [sigmoid(g) > t]`` (plus the diagonal in mask mode),
+    ``t_i`` the mean of pass 1's ``splits`` partial sums, tested as ``g > logit(t)``; partial row
+    counts (this pass's own key splits).
+    ``BITS`` is ``(2, B, N, NW)`` int32: ``W`` packed 32 keys a word per query row, then ``W^T``
+    packed 32 queries a word per key row (what the dk/dv kernel reads, a key block's words per
+    query tile, as the forward reads ``W``). ``BLOCK_M`` and ``BLOCK_N`` are multiples of 32."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -188,17 +279,26 @@ def _gate_bits_kernel(Q, K, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd,
     row_ok = offs_m < N
     q_base = Q + b * s_qb
     k_base = K + b * s_kb
-    thr = tl.load(THR + b * N + offs_m, mask=row_ok, other=2.0)  # > 1: nothing passes on padding rows
+    thr = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for z in range(splits):
+        thr += tl.load(THR + (z * B + b) * N + offs_m, mask=row_ok, other=0.0)
+    thr = tl.where(row_ok, thr * inv_n, 0.5)
+    # sigmoid(g) > t  <=>  g > log(t / (1 - t)): one compare per element (+inf on padding rows)
+    logit = tl.where(row_ok, tl.log(thr) - tl.log(1.0 - thr), float("inf"))
     shift = tl.arange(0, BLOCK_N) % 32
     word = tl.arange(0, BLOCK_N // 32)
+    shift_t = tl.arange(0, BLOCK_M) % 32
+    word_t = pid_m * (BLOCK_M // 32) + tl.arange(0, BLOCK_M // 32)
     bits_base = BITS + b * N * NW
+    bits_t = BITS + (B + b) * N * NW
+    lo, hi = _key_range(N, per_split)
     count = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    for start_n in range(0, N, BLOCK_N):  # cost: gate_bits
+    for start_n in range(lo, hi, BLOCK_N):  # cost: gate_bits
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        valid = row_ok[:, None] & (offs_n[None, :] < N)
+        valid = row_ok[:, None] & (offs_n[None, :] < hi)
         g = _gate_tile(q_base, s_qh, s_qn, s_qd, offs_m, k_base, s_kh, s_kn, s_kd, offs_n, offs_d,
                        N, H, D, inv_h, BLOCK_M, BLOCK_N, PREC)
-        w = (_sigmoid(g) > thr[:, None]) & valid
+        w = (g > logit[:, None]) & valid
         if MASK_MODE:
             w = w | ((offs_m[:, None] == offs_n[None, :]) & valid)
         wi = w.to(tl.int32)
@@ -208,59 +308,81 @@ def _gate_bits_kernel(Q, K, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd,
         wcol = start_n // 32 + word
         tl.store(bits_base + offs_m[:, None] * NW + wcol[None, :], packed,
                  mask=row_ok[:, None] & (wcol[None, :] < NW))
-    tl.store(COUNT + b * N + offs_m, count, mask=row_ok)
+        packed_t = tl.sum(tl.reshape(wi << shift_t[:, None], (BLOCK_M // 32, 32, BLOCK_N)), axis=1)
+        tl.store(bits_t + offs_n[None, :] * NW + word_t[:, None], packed_t,
+                 mask=(offs_n[None, :] < hi) & (word_t[:, None] < NW))
+    tl.store(COUNT + (tl.program_id(2) * B + b) * N + offs_m, count, mask=row_ok)
+
+
+# =============================================================================== attention
+@helper
+def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n0, lo, hi, lanes, d_ok, N, s_kn, s_vn, qk2,
+              MASK_MODE: tl.constexpr, EDGE: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """One key tile of the gated online softmax (base 2, ``qk2 = scale log2(e)`` applied to the row
+    maximum and inside the ``exp2`` argument). ``EDGE``: the last, partial key tile (its keys are
+    checked against ``N``; full tiles load and compute without a key mask)."""
+    if EDGE:
+        col_ok = (n0 + lanes) < N
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :]
+    k = tl.load(k_ptrs + n0 * s_kn, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs + n0 * s_vn, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    keep = _keep(lo[:, None], hi[:, None], lanes[None, :], BLOCK_N)
+    if MASK_MODE:  # gated-off keys removed (their bits, and those of keys >= N, are 0)
+        s = tl.where(keep, s, float("-inf"))
+    else:  # eq. 9: a gated-off logit is 0
+        s = tl.where(keep, s, 0.0)
+        if EDGE:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk2)
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s * qk2 - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return acc, m_new, l_i
 
 
 @kernel
 def _attn_fwd_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                     BITS, OUT, LSE, N, NW, H, D, scale,
+                     BITS, OUT, LSE, N, NW, H, D, qk2,
                      MASK_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """Pass 2b: ``out = softmax(s) v`` with ``s`` gated by ``W`` (eq. 9), online softmax; saves the LSE.
-
-    ``OUT`` is contiguous ``(B, H, N, D)``, ``LSE`` float32 ``(B, H, N)``.
-    """
+    """Pass 2b: ``out = softmax(s) v`` with ``s`` gated by ``W`` (eq. 9), online softmax; saves the
+    natural log-sum-exp. ``OUT`` is contiguous ``(B, H, N, D)``, ``LSE`` float32 ``(B, H, N)``.
+    ``W`` comes as each row's word(s) per key tile, read one tile ahead."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     hh = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    lanes = tl.arange(0, BLOCK_N)
     row_ok = offs_m < N
     d_ok = offs_d < D
     q = tl.load(Q + b * s_qb + hh * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b * s_kb + hh * s_kh
-    v_base = V + b * s_vb + hh * s_vh
-    bits_base = BITS + b * N * NW
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    k_ptrs = K + b * s_kb + hh * s_kh + lanes[:, None] * s_kn + offs_d[None, :] * s_kd
+    v_ptrs = V + b * s_vb + hh * s_vh + lanes[:, None] * s_vn + offs_d[None, :] * s_vd
+    rows = BITS + b * N * NW + offs_m * NW
+    m_i = tl.full((BLOCK_M,), _M_START, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):  # cost: main
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < N
-        valid = row_ok[:, None] & col_ok[None, :]
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        w = _bits_tile(bits_base, NW, offs_m[:, None], offs_n[None, :], valid)
-        if MASK_MODE:
-            s = tl.where(w, s, float("-inf"))
-        else:
-            s = tl.where(col_ok[None, :], tl.where(w, s, 0.0), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+    n_full = N - N % BLOCK_N
+    lo, hi = _words(rows, 0, row_ok, NW, BLOCK_N)
+    for n0 in range(0, n_full, BLOCK_N):  # cost: main
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n0, lo, hi, lanes, d_ok, N, s_kn, s_vn, qk2,
+                                  MASK_MODE, False, BLOCK_N, PREC)
+        lo, hi = _words(rows, n0 + BLOCK_N, row_ok, NW, BLOCK_N)
+    if n_full < N:
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_full, lo, hi, lanes, d_ok, N, s_kn, s_vn,
+                                  qk2, MASK_MODE, True, BLOCK_N, PREC)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     o_ptr = OUT + pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :]
     tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + pid_bh * N + offs_m, m_i + tl.log(l_safe), mask=row_ok)
+    tl.store(LSE + pid_bh * N + offs_m, (m_i + tl.log2(l_safe)) * _LN2, mask=row_ok)
 
 
 # =============================================================================== backward
@@ -281,160 +403,171 @@ def _delta_kernel(OUT, DO, s_db, s_dh, s_dn, s_dd, DELTA, N, H, D,
     tl.store(DELTA + pid_bh * N + offs_m, delta, mask=offs_m < N)
 
 
-@kernel
-def _attn_dkdv_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                      DO, s_db, s_dh, s_dn, s_dd, LSE, DELTA, BITS, DK_EXTRA, DK, DV, N, NW, H, D, scale,
-                      MASK_MODE: tl.constexpr, HAS_EXTRA: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """``dK, dV`` of one key block with ``W`` held constant (transposed tiles, ``s^T = k q^T``).
+@helper
+def _grad_scores(s, dp, lse2, delta, keep, qk2, MASK_MODE: tl.constexpr):
+    """``dS / scale`` of one tile with ``W`` held constant: ``p (dp - delta)``, ``p`` recomputed as
+    ``exp2(qk2 s - lse2)`` from the gated logits; in multiply mode also times ``W`` (``s = scale
+    q.k W``). ``s``, ``dp`` and the broadcast row terms ``lse2 = log2(e) lse`` and ``delta`` in one
+    orientation (a tile or its transpose)."""
+    if MASK_MODE:
+        p = tl.where(keep, tl.math.exp2(s * qk2 - lse2), 0.0)
+        return p, p * (dp - delta)
+    else:
+        p = tl.math.exp2(tl.where(keep, s, 0.0) * qk2 - lse2)
+        return p, tl.where(keep, p * (dp - delta), 0.0)
 
-    ``dV = P^T dO``; ``dS = P * (dP - delta)`` (times ``W`` in multiply mode, since
-    ``s = scale q.k W``); ``dK = scale dS^T Q`` (+ ``DK_EXTRA``, the BCE part, when given).
-    """
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    hh = pid_bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    col_ok = offs_n < N
-    d_ok = offs_d < D
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * s_kb + hh * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
-    v = tl.load(V + b * s_vb + hh * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
-    q_base = Q + b * s_qb + hh * s_qh
-    do_base = DO + b * s_db + hh * s_dh
-    bits_base = BITS + b * N * NW
-    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for start_m in range(0, N, BLOCK_M):  # cost: main
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < N
-        q_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * s_dn + offs_d[None, :] * s_dd, mask=q_mask, other=0.0)
-        lse = tl.load(LSE + pid_bh * N + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + pid_bh * N + offs_m, mask=row_ok, other=0.0)
-        valid = col_ok[:, None] & row_ok[None, :]
-        s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * scale
-        w_t = _bits_tile(bits_base, NW, offs_m[None, :], offs_n[:, None], valid)
-        if MASK_MODE:
-            s_t = tl.where(w_t, s_t, float("-inf"))
-        else:
-            s_t = tl.where(valid, tl.where(w_t, s_t, 0.0), float("-inf"))
-        p_t = tl.exp(s_t - lse[None, :])
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        if not MASK_MODE:
-            ds_t = tl.where(w_t, ds_t, 0.0)
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
-    dk = dk * scale
-    out_off = pid_bh * N * D + offs_n[:, None] * D + offs_d[None, :]
-    if HAS_EXTRA:
-        dk += tl.load(DK_EXTRA + out_off, mask=kv_mask, other=0.0)
-    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+@helper
+def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, g_ptrs, g_rows, n0, lo, hi, lanes, d_ok, N,
+             s_kn, s_vn, qk2, fold, MASK_MODE: tl.constexpr, EDGE: tl.constexpr, FOLD: tl.constexpr,
+             BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """One key tile of ``dq``: ``dq += (dS / scale) k``; with ``FOLD`` the loss's ``sigmoid(g) - T``
+    tile rides on the same product (``fold`` = its factor over ``scale``)."""
+    if EDGE:
+        col_ok = (n0 + lanes) < N
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        g_mask = g_rows[:, None] & col_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :]
+        g_mask = g_rows[:, None]
+    k = tl.load(k_ptrs + n0 * s_kn, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs + n0 * s_vn, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    keep = _keep(lo[:, None], hi[:, None], lanes[None, :], BLOCK_N)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    p, ds = _grad_scores(s, dp, lse2[:, None], delta[:, None], keep, qk2, MASK_MODE)  # 0 at keys >= N (no bits)
+    if FOLD:
+        ds += fold * tl.load(g_ptrs + n0, mask=g_mask, other=0.0).to(tl.float32)
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
 
 
 @kernel
 def _attn_dq_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                    DO, s_db, s_dh, s_dn, s_dd, LSE, DELTA, BITS, DQ_EXTRA, DQ, N, NW, H, D, scale,
-                    MASK_MODE: tl.constexpr, HAS_EXTRA: tl.constexpr,
+                    DO, s_db, s_dh, s_dn, s_dd, LSE, DELTA, BITS, DG, s_gb, s_gn, DLOSS, DQ,
+                    N, NW, H, D, scale, qk2,
+                    bce_coef, MASK_MODE: tl.constexpr, FOLD: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """``dQ = scale dS K`` of one query block with ``W`` held constant (+ ``DQ_EXTRA``, the BCE part)."""
+    """``dQ = scale dS K`` of one query block with ``W`` held constant, plus (``FOLD``) the loss's
+    ``dL_out bce_coef (sigmoid(g) - T) K`` (``bce_coef = 1 / (B N^2 H)``), the tile of
+    ``sigmoid(g) - T`` read from ``DG`` and folded into the product."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     hh = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    lanes = tl.arange(0, BLOCK_N)
     row_ok = offs_m < N
     d_ok = offs_d < D
     q_mask = row_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * s_qb + hh * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
     do = tl.load(DO + b * s_db + hh * s_dh + offs_m[:, None] * s_dn + offs_d[None, :] * s_dd, mask=q_mask, other=0.0)
-    lse = tl.load(LSE + pid_bh * N + offs_m, mask=row_ok, other=0.0)
+    lse2 = tl.load(LSE + pid_bh * N + offs_m, mask=row_ok, other=0.0) * _LOG2E
     delta = tl.load(DELTA + pid_bh * N + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b * s_kb + hh * s_kh
-    v_base = V + b * s_vb + hh * s_vh
-    bits_base = BITS + b * N * NW
+    k_ptrs = K + b * s_kb + hh * s_kh + lanes[:, None] * s_kn + offs_d[None, :] * s_kd
+    v_ptrs = V + b * s_vb + hh * s_vh + lanes[:, None] * s_vn + offs_d[None, :] * s_vd
+    g_ptrs = DG + b * s_gb + offs_m[:, None] * s_gn + lanes[None, :]
+    rows = BITS + b * N * NW + offs_m * NW
+    kappa = 0.0
+    if FOLD:
+        kappa = tl.load(DLOSS).to(tl.float32) * bce_coef
+    fold = kappa / scale
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):  # cost: main
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < N
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
-        valid = row_ok[:, None] & col_ok[None, :]
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        w = _bits_tile(bits_base, NW, offs_m[:, None], offs_n[None, :], valid)
-        if MASK_MODE:
-            s = tl.where(w, s, float("-inf"))
-        else:
-            s = tl.where(valid, tl.where(w, s, 0.0), float("-inf"))
-        p = tl.exp(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        if not MASK_MODE:
-            ds = tl.where(w, ds, 0.0)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    n_full = N - N % BLOCK_N
+    lo, hi = _words(rows, 0, row_ok, NW, BLOCK_N)
+    for n0 in range(0, n_full, BLOCK_N):  # cost: main
+        dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, g_ptrs, row_ok, n0, lo, hi, lanes,
+                              d_ok, N, s_kn, s_vn, qk2, fold, MASK_MODE, False, FOLD, BLOCK_N, PREC)
+        lo, hi = _words(rows, n0 + BLOCK_N, row_ok, NW, BLOCK_N)
+    if n_full < N:
+        dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, g_ptrs, row_ok, n_full, lo, hi, lanes,
+                              d_ok, N, s_kn, s_vn, qk2, fold, MASK_MODE, True, FOLD, BLOCK_N, PREC)
     dq = dq * scale
-    out_off = pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :]
-    if HAS_EXTRA:
-        dq += tl.load(DQ_EXTRA + out_off, mask=q_mask, other=0.0)
-    tl.store(DQ + out_off, dq.to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(DQ + pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@helper
+def _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, g_ptrs, lse_ptr, delta_ptr, m0, lo, hi, lanes, d_ok,
+               g_cols, N, s_qn, s_dn, s_gn, qk2, fold, MASK_MODE: tl.constexpr, EDGE: tl.constexpr,
+               FOLD: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+    """One query tile of a key block's ``dk``, ``dv`` on transposed tiles (``s^T = k q^T``):
+    ``dv += P^T dO``, ``dk += (dS^T / scale) q`` with the BCE's ``(sigmoid(g) - T)^T`` folded in as
+    in :func:`_dq_tile`. ``EDGE``: the last, partial query tile (rows >= N read as zeros, their
+    log-sum-exp as +inf, so they add nothing)."""
+    if EDGE:
+        row_ok = (m0 + lanes) < N
+        qd_mask = row_ok[:, None] & d_ok[None, :]
+        g_mask = row_ok[:, None] & g_cols[None, :]
+        lse2 = tl.load(lse_ptr + m0 + lanes, mask=row_ok, other=float("inf")) * _LOG2E
+        delta = tl.load(delta_ptr + m0 + lanes, mask=row_ok, other=0.0)
+    else:
+        qd_mask = d_ok[None, :]
+        g_mask = g_cols[None, :]
+        lse2 = tl.load(lse_ptr + m0 + lanes) * _LOG2E
+        delta = tl.load(delta_ptr + m0 + lanes)
+    q = tl.load(q_ptrs + m0 * s_qn, mask=qd_mask, other=0.0)
+    do = tl.load(do_ptrs + m0 * s_dn, mask=qd_mask, other=0.0)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PREC)
+    keep_t = _keep(lo[:, None], hi[:, None], lanes[None, :], BLOCK_M)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+    p_t, ds_t = _grad_scores(s_t, dp_t, lse2[None, :], delta[None, :], keep_t, qk2, MASK_MODE)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
+    if FOLD:  # the tile read as stored (query rows, contiguous keys), then transposed
+        ds_t += fold * tl.trans(tl.load(g_ptrs + m0 * s_gn, mask=g_mask, other=0.0)).to(tl.float32)
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
+    return dk, dv
 
 
 @kernel
-def _bce_grad_kernel(A, B_, s_ab, s_ah, s_an, s_ad, s_bb, s_bh, s_bn, s_bd,
-                     WIN, s_wb, s_wn, s_wc, KEEP, s_keep, DLOSS, GRAD,
-                     N, H, D, P, GW, inv_h, inv_count,
-                     A_IS_QUERY: tl.constexpr, HAS_KEEP: tl.constexpr,
-                     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-                     GATE_PREC: tl.constexpr):
-    """BCE gradient through ``g`` for the rows ``offs_a`` of ``A`` (eq. 11 differentiated).
-
-    With ``A = q``, ``B_ = k`` (``A_IS_QUERY``): ``dq_h[i] += c sum_j (sigmoid(g_ij) - T_ij) k_h[j] / H``;
-    with ``A = k``, ``B_ = q``: ``dk_h[j] += c sum_i (sigmoid(g_ij) - T_ij) q_h[i] / H``, on ``g^T``
-    tiles. ``c = dL_out / (B N^2)``. ``GRAD`` is a float32 ``(B, H, N, D)`` buffer (its old content
-    is ignored: the first key tile initialises it); this program owns its rows, so the per-tile
-    read-modify-write needs no atomics.
-    """
-    pid_a = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+def _attn_dkdv_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+                      DO, s_db, s_dh, s_dn, s_dd, LSE, DELTA, BITS, DG, s_gb, s_gn, DLOSS, DK, DV,
+                      N, NW, H, D,
+                      scale, qk2, bce_coef, MASK_MODE: tl.constexpr, FOLD: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """``dK, dV`` of one key block with ``W`` held constant: ``dV = P^T dO``; ``dS = P * (dP - delta)``
+    (times ``W`` in multiply mode, since ``s = scale q.k W``); ``dK = scale dS^T Q`` plus
+    ``dL_out bce_coef (sigmoid(g) - T)^T Q`` (``FOLD``). ``W^T`` comes as each key row's word(s) per query
+    tile (the transposed bits), read one tile ahead."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    hh = pid_bh % H
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    a_ok = offs_a < N
+    lanes = tl.arange(0, BLOCK_M)
+    col_ok = offs_n < N
     d_ok = offs_d < D
-    a_base = A + b * s_ab
-    b_base = B_ + b * s_bb
-    c = tl.load(DLOSS).to(tl.float32) * inv_count * inv_h
-    grad_base = GRAD + b * H * N * D
-    out_off = offs_a[:, None] * D + offs_d[None, :]
-    out_mask = a_ok[:, None] & d_ok[None, :]
-    for start_b in range(0, N, BLOCK_B):  # cost: main
-        offs_b = start_b + tl.arange(0, BLOCK_B)
-        b_ok = offs_b < N
-        valid = a_ok[:, None] & b_ok[None, :]
-        g = _gate_tile(a_base, s_ah, s_an, s_ad, offs_a, b_base, s_bh, s_bn, s_bd, offs_b, offs_d,
-                       N, H, D, inv_h, BLOCK_A, BLOCK_B, GATE_PREC)
-        if A_IS_QUERY:
-            tgt = _target_tile(WIN + b * s_wb, s_wn, s_wc, KEEP + b * s_keep, offs_a[:, None], offs_b[None, :],
-                               N, P, GW, HAS_KEEP)
-        else:
-            tgt = _target_tile(WIN + b * s_wb, s_wn, s_wc, KEEP + b * s_keep, offs_b[None, :], offs_a[:, None],
-                               N, P, GW, HAS_KEEP)
-        dg = tl.where(valid, _sigmoid(g) - tgt.to(tl.float32), 0.0)  # in [-1, 1]: safe in half precision
-        b_mask = b_ok[:, None] & d_ok[None, :]
-        b_off = offs_b[:, None] * s_bn + offs_d[None, :] * s_bd
-        for hh in range(H):  # cost: heads
-            bh = tl.load(b_base + hh * s_bh + b_off, mask=b_mask, other=0.0)
-            part = tl.dot(dg.to(bh.dtype), bh, input_precision=PREC)
-            ptr = grad_base + hh * N * D + out_off
-            prev = tl.load(ptr, mask=out_mask & (start_b > 0), other=0.0)  # the first tile initialises
-            tl.store(ptr, prev + part * c, mask=out_mask)
-            tl.debug_barrier()  # the next key tile's load of these rows may run on other threads of the CTA
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * s_kb + hh * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
+    v = tl.load(V + b * s_vb + hh * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+    q_ptrs = Q + b * s_qb + hh * s_qh + lanes[:, None] * s_qn + offs_d[None, :] * s_qd
+    do_ptrs = DO + b * s_db + hh * s_dh + lanes[:, None] * s_dn + offs_d[None, :] * s_dd
+    g_ptrs = DG + b * s_gb + lanes[:, None] * s_gn + offs_n[None, :]
+    lse_ptr = LSE + pid_bh * N
+    delta_ptr = DELTA + pid_bh * N
+    rows = BITS + (tl.num_programs(1) // H + b) * N * NW + offs_n * NW
+    kappa = 0.0
+    if FOLD:
+        kappa = tl.load(DLOSS).to(tl.float32) * bce_coef
+    fold = kappa / scale
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    m_full = N - N % BLOCK_M
+    lo, hi = _words(rows, 0, col_ok, NW, BLOCK_M)
+    for m0 in range(0, m_full, BLOCK_M):  # cost: main
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, g_ptrs, lse_ptr, delta_ptr, m0, lo, hi,
+                                    lanes, d_ok, col_ok, N, s_qn, s_dn, s_gn, qk2, fold, MASK_MODE, False,
+                                    FOLD, BLOCK_M, PREC)
+        lo, hi = _words(rows, m0 + BLOCK_M, col_ok, NW, BLOCK_M)
+    if m_full < N:
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, g_ptrs, lse_ptr, delta_ptr, m_full, lo,
+                                    hi, lanes, d_ok, col_ok, N, s_qn, s_dn, s_gn, qk2, fold, MASK_MODE, True,
+                                    FOLD, BLOCK_M, PREC)
+    dk = dk * scale
+    out_off = pid_bh * N * D + offs_n[:, None] * D + offs_d[None, :]
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 # =============================================================================== launchers
@@ -473,138 +606,182 @@ def _target_args(windows: Optional[torch.Tensor], key_keep: Optional[torch.Tenso
     return win + (keep, s_keep), True, True
 
 
-def _forward(q, k, v, windows, key_keep, scale: float, mode: str, num_prefix: int, grid_w: int):
+# programs per SM the gate passes aim for: two waves
+_GATE_PROGRAMS_PER_SM = 2
+
+
+def _gate_grid(N: int, B: int, cfg: _launch.LaunchConfig, device: torch.device) -> Tuple[Tuple[int, int, int], int]:
+    """The gate passes' grid ``(row blocks, B, splits)`` and keys per split (whole key tiles). The
+    keys are split only when ``row blocks x B`` programs would make fewer than two waves over the
+    SMs (for example B = 16, N = 1025, 128-row tiles: 144 programs on 132 SMs). Under the
+    interpreter this counts 132 SMs too, so small test shapes split their keys."""
+    rows, tiles = triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
+    want = _GATE_PROGRAMS_PER_SM * _launch.num_sms(device)
+    splits = max(1, min(tiles, triton.cdiv(want, rows * B)))
+    per_split = triton.cdiv(tiles, splits) * cfg["BLOCK_N"]
+    return (rows, B, triton.cdiv(N, per_split)), per_split
+
+
+def _gate_pass1(q, k, windows, key_keep, num_prefix: int, grid_w: int, save_dg: bool):
+    """Launch pass 1 (:func:`_threshold_kernel`): ``(thr, bce_rows, dg)``, the
+    partial row sums ``(splits, B, N)`` and, with ``save_dg`` (a target given), ``sigmoid(g) - T`` as
+    a ``(B, N, ceil(N / 16) * 16)`` tensor in ``q``'s dtype (rows 16-element aligned for the
+    backward's tile loads; the padding columns are never read), else an empty tensor."""
+    B, H, N, D = q.shape
+    dev = q.device
+    gate = _config("winft_threshold", q.dtype, D)
+    grid, per_split = _gate_grid(N, B, gate, dev)
+    has_target = windows is not None
+    thr = torch.empty(grid[2], B, N, dtype=torch.float32, device=dev)
+    bce_rows = torch.empty(grid[2], B, N, dtype=torch.float32, device=dev) if has_target else thr
+    save_dg = save_dg and has_target
+    dg = torch.empty(B, N, triton.cdiv(N, 16) * 16 if save_dg else 0, dtype=q.dtype, device=dev)
+    tgt, _, has_keep = _target_args(windows, key_keep, thr)
+    gw = max(grid_w, 1)
+    _threshold_kernel[grid](
+        q, k, *_s4(q), *_s4(k), *tgt, thr, bce_rows, dg, dg.stride(0), dg.stride(1), B, N, H, D, num_prefix,
+        gw, max((N - num_prefix) // gw, 1), 1.0 / gw, 1.0 / H, per_split, HAS_TARGET=has_target,
+        HAS_KEEP=has_keep, SAVE_DG=save_dg, FAST=not interpreting(), BLOCK_D=_head_block(D), PREC=dot_precision(q.dtype, exact=True), **_meta(gate))
+    return thr, bce_rows, dg
+
+
+def _forward(q, k, v, windows, key_keep, scale: float, mode: str, num_prefix: int, grid_w: int, save_dg: bool):
     B, H, N, D = q.shape
     dev = q.device
     BD = _head_block(D)
     prec, gate_prec = dot_precision(q.dtype), dot_precision(q.dtype, exact=True)
-    NW = triton.cdiv(N, 32)
+    NW = 2 * triton.cdiv(N, 64)  # words per row, even: a 64-key tile's two words are one 8-byte read
     mask_mode = mode == "mask"
-    thr = torch.empty(B, N, dtype=torch.float32, device=dev)
-    bce_rows = torch.empty(B, N, dtype=torch.float32, device=dev)
-    bits = torch.empty(B, N, NW, dtype=torch.int32, device=dev)
-    counts = torch.empty(B, N, dtype=torch.int32, device=dev)
+    thr, bce_rows, dg = _gate_pass1(q, k, windows, key_keep, num_prefix, grid_w, save_dg)
+    gate = _config("winft_gate", q.dtype, D)
+    grid, per_split = _gate_grid(N, B, gate, dev)
+    counts = torch.empty(grid[2], B, N, dtype=torch.int32, device=dev)
+    bits = torch.zeros(2, B, N, NW, dtype=torch.int32, device=dev)  # the padding words stay 0
     out = torch.empty(B, H, N, D, dtype=q.dtype, device=dev)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=dev)
-    tgt, has_target, has_keep = _target_args(windows, key_keep, thr)
-    gate = _config("winft_gate", q.dtype, D)
-    gm = gate["BLOCK_M"]
-    _threshold_kernel[(triton.cdiv(N, gm), B)](
-        q, k, *_s4(q), *_s4(k), *tgt, thr, bce_rows, N, H, D, num_prefix, max(grid_w, 1), 1.0 / H, 1.0 / N,
-        HAS_TARGET=has_target, HAS_KEEP=has_keep, BLOCK_D=BD, PREC=gate_prec, **_meta(gate))
-    _gate_bits_kernel[(triton.cdiv(N, gm), B)](
-        q, k, *_s4(q), *_s4(k), thr, bits, counts, N, NW, H, D, 1.0 / H,
+    _gate_bits_kernel[grid](
+        q, k, *_s4(q), *_s4(k), thr, bits, counts, B, N, NW, H, D, 1.0 / H, 1.0 / N, per_split, thr.shape[0],
         MASK_MODE=mask_mode, BLOCK_D=BD, PREC=gate_prec, **_meta(gate))
     fwd = _config("winft_fwd", q.dtype, D)
     _attn_fwd_kernel[(triton.cdiv(N, fwd["BLOCK_M"]), B * H)](
-        q, k, v, *_s4(q), *_s4(k), *_s4(v), bits, out, lse, N, NW, H, D, scale,
+        q, k, v, *_s4(q), *_s4(k), *_s4(v), bits, out, lse, N, NW, H, D, scale * _LOG2E.value,
         MASK_MODE=mask_mode, BLOCK_D=BD, PREC=prec, **_meta(fwd))
-    if has_target:
+    if windows is not None:
         loss = (bce_rows.sum() / (B * N * N)).to(q.dtype)
     else:
         loss = torch.zeros((), dtype=q.dtype, device=dev)
-    gate_sum = counts.sum(1).to(torch.float32)
-    return out, loss, gate_sum, lse, bits
+    gate_sum = counts.sum((0, 2)).to(torch.float32)
+    return out, loss, gate_sum, lse, bits, dg
 
 
-def _backward(dout, dloss, q, k, v, out, lse, bits, windows, key_keep, scale: float, mode: str,
+def _backward(dout, dloss, q, k, v, out, lse, bits, dg, windows, key_keep, scale: float, mode: str,
               num_prefix: int, grid_w: int):
     B, H, N, D = q.shape
     dev = q.device
     BD = _head_block(D)
-    prec, gate_prec = dot_precision(q.dtype), dot_precision(q.dtype, exact=True)
-    NW = bits.shape[-1]
+    prec = dot_precision(q.dtype)
+    NW = bits.shape[-1]  # bits: (2, B, N, NW), W then W^T
     mask_mode = mode == "mask"
     with_bce = windows is not None and dloss is not None
-    # one float32 buffer holds the BCE part of dq, then (after dq is final) that of dk
-    extra = torch.empty(B, H, N, D, dtype=torch.float32, device=dev) if with_bce else None
-    gate = _config("winft_gate", q.dtype, D)
-
-    def bce_grad(rows, cols, is_query):
-        tgt, _, has_keep = _target_args(windows, key_keep, lse)
-        _bce_grad_kernel[(triton.cdiv(N, gate["BLOCK_M"]), B)](
-            rows, cols, *_s4(rows), *_s4(cols), *tgt, dloss.reshape(1), extra, N, H, D, num_prefix,
-            max(grid_w, 1), 1.0 / H, 1.0 / (B * N * N), A_IS_QUERY=is_query, HAS_KEEP=has_keep,
-            BLOCK_D=BD, PREC=prec, GATE_PREC=gate_prec, **_meta(gate, BLOCK_M="BLOCK_A", BLOCK_N="BLOCK_B"))
-
+    bce_coef = 1.0 / (B * N * N * H)
+    if with_bce and dg.numel() == 0:  # the forward did not keep sigmoid(g) - T: pass 1 again
+        dg = _gate_pass1(q, k, windows, key_keep, num_prefix, grid_w, True)[2]
     if dout is None:  # only the loss is used: the attention contributes nothing
         zeros = torch.zeros(B, H, N, D, dtype=q.dtype, device=dev)
         if not with_bce:
             return zeros, zeros.clone(), zeros.clone()
-        bce_grad(q, k, True)
-        dq = extra.to(q.dtype, copy=True)  # extra is reused for dk
-        bce_grad(k, q, False)
-        return dq, extra.to(k.dtype), zeros
+        dq, dk = _bce_products(dg, q, k, dloss, bce_coef)
+        return dq.to(q.dtype), dk.to(k.dtype), zeros
+    # sigmoid(g) - T rides on the attention's dq and dk products in bfloat16 up to head width 64;
+    # in float16 its factor dL_out / (B N^2 H scale) underflows in an operand, and in float32 or
+    # above head width 64 its tile would make the dk/dv kernel spill: there two batched products
+    # add it after the kernels
+    fold = with_bce and q.dtype == torch.bfloat16 and D <= 64
     dq = torch.empty(B, H, N, D, dtype=q.dtype, device=dev)
     dk = torch.empty(B, H, N, D, dtype=k.dtype, device=dev)
     dv = torch.empty(B, H, N, D, dtype=v.dtype, device=dev)
     delta = torch.empty(B, H, N, dtype=torch.float32, device=dev)
+    dg_args = (dg, dg.stride(0), dg.stride(1), dloss.reshape(1)) if with_bce else (delta, 0, 0, delta)
     rows = _config("winft_fwd", q.dtype, D)["BLOCK_M"]
     _delta_kernel[(triton.cdiv(N, rows), B * H)](out, dout, *_s4(dout), delta, N, H, D, BLOCK_M=rows, BLOCK_D=BD)
-    if with_bce:
-        bce_grad(q, k, True)
     dq_cfg = _config("winft_dq", q.dtype, D)
     _attn_dq_kernel[(triton.cdiv(N, dq_cfg["BLOCK_M"]), B * H)](
-        q, k, v, *_s4(q), *_s4(k), *_s4(v), dout, *_s4(dout), lse, delta, bits,
-        extra if with_bce else delta, dq, N, NW, H, D, scale,
-        MASK_MODE=mask_mode, HAS_EXTRA=with_bce, BLOCK_D=BD, PREC=prec, **_meta(dq_cfg))
-    if with_bce:
-        bce_grad(k, q, False)
+        q, k, v, *_s4(q), *_s4(k), *_s4(v), dout, *_s4(dout), lse, delta, bits, *dg_args, dq,
+        N, NW, H, D, scale, scale * _LOG2E.value, bce_coef, MASK_MODE=mask_mode, FOLD=fold, BLOCK_D=BD, PREC=prec,
+        **_meta(dq_cfg))
     kv_cfg = _config("winft_dkdv", q.dtype, D)
     _attn_dkdv_kernel[(triton.cdiv(N, kv_cfg["BLOCK_N"]), B * H)](
-        q, k, v, *_s4(q), *_s4(k), *_s4(v), dout, *_s4(dout), lse, delta, bits,
-        extra if with_bce else delta, dk, dv, N, NW, H, D, scale,
-        MASK_MODE=mask_mode, HAS_EXTRA=with_bce, BLOCK_D=BD, PREC=prec, **_meta(kv_cfg))
+        q, k, v, *_s4(q), *_s4(k), *_s4(v), dout, *_s4(dout), lse, delta, bits, *dg_args, dk, dv,
+        N, NW, H, D, scale, scale * _LOG2E.value, bce_coef, MASK_MODE=mask_mode, FOLD=fold, BLOCK_D=BD, PREC=prec,
+        **_meta(kv_cfg))
+    if with_bce and not fold:
+        dq_bce, dk_bce = _bce_products(dg, q, k, dloss, bce_coef)
+        dq, dk = (dq.float() + dq_bce).to(q.dtype), (dk.float() + dk_bce).to(k.dtype)
     return dq, dk, dv
+
+
+def _bce_products(dg, q, k, dloss, bce_coef: float):
+    """The loss's gradients alone, float32: ``c (sigmoid(g) - T) K`` and ``c (sigmoid(g) - T)^T Q`` per
+    head (``c = dL_out bce_coef``), as two batched products of the kept tile with every head."""
+    N = q.shape[2]
+    g = dg[:, None, :, :N]
+    kappa = dloss.float() * bce_coef
+    return torch.matmul(g, k).float() * kappa, torch.matmul(g.transpose(-2, -1), q).float() * kappa
 
 
 # =============================================================================== torch.library op
 @torch.library.custom_op("vitpatch::winft_fwd", mutates_args=())
 def winft_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Optional[torch.Tensor],
               key_keep: Optional[torch.Tensor], scale: float, mode: str, num_prefix_tokens: int,
-              grid_w: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """WinfT forward (docs/math.md §6): ``(out, loss, gate_sum, lse, bits)``; the last two are saved for backward."""
-    return _forward(q, k, v, windows, key_keep, scale, mode, num_prefix_tokens, grid_w)
+              grid_w: int, keep_grad: bool = False
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """WinfT forward (docs/math.md §6): ``(out, loss, gate_sum, lse, bits, dg)``; the last three are
+    saved for backward. ``dg`` is ``sigmoid(g) - T`` (``(B, N, ceil(N/16)*16)``, q's dtype) when
+    ``keep_grad`` and a target are given (the loss will be differentiated), else empty."""
+    return _forward(q, k, v, windows, key_keep, scale, mode, num_prefix_tokens, grid_w, keep_grad)
 
 
 @winft_fwd.register_fake
-def _winft_fwd_fake(q, k, v, windows, key_keep, scale, mode, num_prefix_tokens, grid_w):
+def _winft_fwd_fake(q, k, v, windows, key_keep, scale, mode, num_prefix_tokens, grid_w, keep_grad=False):
     B, H, N, D = q.shape
+    dg_cols = (N + 15) // 16 * 16 if keep_grad and windows is not None else 0
     return (q.new_empty(B, H, N, D), q.new_empty(()), q.new_empty(B, dtype=torch.float32),
-            q.new_empty(B, H, N, dtype=torch.float32), q.new_empty(B, N, (N + 31) // 32, dtype=torch.int32))
+            q.new_empty(B, H, N, dtype=torch.float32), q.new_empty(2, B, N, (N + 63) // 64 * 2, dtype=torch.int32),
+            q.new_empty(B, N, dg_cols))
 
 
 @torch.library.custom_op("vitpatch::winft_bwd", mutates_args=())
 def winft_bwd(dout: Optional[torch.Tensor], dloss: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
-              v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, bits: torch.Tensor,
+              v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, bits: torch.Tensor, dg: torch.Tensor,
               windows: Optional[torch.Tensor], key_keep: Optional[torch.Tensor], scale: float, mode: str,
               num_prefix_tokens: int, grid_w: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """WinfT backward: ``(dq, dk, dv)`` of the attention with ``W`` held constant plus the BCE through ``g``."""
-    return _backward(dout, dloss, q, k, v, out, lse, bits, windows, key_keep, scale, mode,
+    """WinfT backward: ``(dq, dk, dv)`` of the attention with ``W`` held constant plus the BCE through
+    ``g`` (from the forward's ``dg``; recomputed by pass 1 when it is empty)."""
+    return _backward(dout, dloss, q, k, v, out, lse, bits, dg, windows, key_keep, scale, mode,
                      num_prefix_tokens, grid_w)
 
 
 @winft_bwd.register_fake
-def _winft_bwd_fake(dout, dloss, q, k, v, out, lse, bits, windows, key_keep, scale, mode, num_prefix_tokens,
+def _winft_bwd_fake(dout, dloss, q, k, v, out, lse, bits, dg, windows, key_keep, scale, mode, num_prefix_tokens,
                     grid_w):
     B, H, N, D = q.shape
     return q.new_empty(B, H, N, D), k.new_empty(B, H, N, D), v.new_empty(B, H, N, D)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, windows, key_keep, scale, mode, num_prefix_tokens, grid_w = inputs
-    out, _loss, gate_sum, lse, bits = output
-    ctx.save_for_backward(q, k, v, out, lse, bits, windows, key_keep)
+    q, k, v, windows, key_keep, scale, mode, num_prefix_tokens, grid_w, _keep_grad = inputs
+    out, _loss, gate_sum, lse, bits, dg = output
+    ctx.save_for_backward(q, k, v, out, lse, bits, dg, windows, key_keep)
     ctx.scale, ctx.mode, ctx.num_prefix_tokens, ctx.grid_w = scale, mode, num_prefix_tokens, grid_w
-    ctx.mark_non_differentiable(gate_sum, lse, bits)
+    ctx.mark_non_differentiable(gate_sum, lse, bits, dg)
     ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: its kernels are skipped
 
 
-def _winft_fwd_backward(ctx, dout, dloss, _dgate_sum, _dlse, _dbits):
-    q, k, v, out, lse, bits, windows, key_keep = ctx.saved_tensors
-    dq, dk, dv = winft_bwd(dout, dloss, q, k, v, out, lse, bits, windows, key_keep, ctx.scale, ctx.mode,
+def _winft_fwd_backward(ctx, dout, dloss, _dgate_sum, _dlse, _dbits, _ddg):
+    q, k, v, out, lse, bits, dg, windows, key_keep = ctx.saved_tensors
+    dq, dk, dv = winft_bwd(dout, dloss, q, k, v, out, lse, bits, dg, windows, key_keep, ctx.scale, ctx.mode,
                            ctx.num_prefix_tokens, ctx.grid_w)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 winft_fwd.register_autograd(_winft_fwd_backward, setup_context=_setup_context)
@@ -619,7 +796,8 @@ def winft_attention_unsupported(q, k, v, scale, mode, windows, key_keep, num_pre
         return f"head width {q.shape[-1]} > {_MAX_HEAD_DIM}"
     if q.numel() == 0:
         return f"empty input of shape {tuple(q.shape)}"
-    return _launch.supports(("winft_gate", "winft_fwd", "winft_dq", "winft_dkdv"), q.dtype, q.shape[-1])
+    return _launch.supports(("winft_threshold", "winft_gate", "winft_fwd", "winft_dq", "winft_dkdv"), q.dtype,
+                            q.shape[-1])
 
 
 def winft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mode: str,
@@ -636,6 +814,7 @@ def winft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     ``loss`` are differentiable with respect to ``q, k, v`` (the loss through ``g`` into ``q``
     and ``k``).
     """
-    out, loss, gate_sum, _lse, _bits = winft_fwd(q, k, v, windows, key_keep, float(scale), mode,
-                                                 num_prefix_tokens, grid_w)
+    keep_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    out, loss, gate_sum, _lse, _bits, _dg = winft_fwd(q, k, v, windows, key_keep, float(scale), mode,
+                                                      num_prefix_tokens, grid_w, keep_grad)
     return out, loss, gate_sum

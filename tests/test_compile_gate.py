@@ -183,7 +183,7 @@ def test_float32_policy(monkeypatch):
     monkeypatch.setattr(_launch, "interpreting", lambda: False)
     monkeypatch.setattr(_launch, "current_target", lambda: "sm_90a")
     window = ("window_fwd", "window_bwd")
-    winft = ("winft_gate", "winft_fwd", "winft_dq", "winft_dkdv")
+    winft = ("winft_threshold", "winft_gate", "winft_fwd", "winft_dq", "winft_dkdv")
     before = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")

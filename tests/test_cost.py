@@ -48,7 +48,9 @@ def test_sass_loops_and_classes():
     assert inner.by_class["load"] == 1 and inner.by_class["control"] == 1 and inner.nested == 0
     assert outer.nested == 1 and outer.by_class["hgmma"] == 1 and outer.by_class["mufu"] == 1
     assert outer.by_class["integer"] == 1 and outer.by_class["float"] == 1 and outer.by_class["control"] == 2
-    assert outer.lines[("/k.py", 11)] == 4 and outer.lines[("/k.py", 10)] == 2
+    # the nested loop's two instructions vote for it, not for the outer loop
+    assert outer.lines[("/k.py", 11)] == 2 and outer.lines[("/k.py", 10)] == 2
+    assert outer.outside_nested == 5 and inner.outside_nested == 2
     assert cost.opcode_class("UIADD3") == "uniform" and cost.opcode_class("SHFL") == "shuffle"
     assert cost.opcode_class("HMMA") == "hmma" and cost.opcode_class("WEIRD") == "other"
     assert outer.tensor_flop == 2 * 64 * 64 * 16 / 4  # a warpgroup's HGMMA, a quarter per warp
@@ -89,7 +91,7 @@ def test_tagged_loops_of_the_kernels():
     assert set(cost.tagged_loops(wa._bwd_dkdv_kernel.fn)) == {"prefix", "prefix_query", "masked", "full"}
     from vitpatch.kernels import cluster_attention as ca, winft_attention as wt
     assert set(cost.tagged_loops(wt._attn_fwd_kernel.fn)) == {"main"}
-    assert set(cost.tagged_loops(wt._bce_grad_kernel.fn)) == {"main", "heads"}
+    assert set(cost.tagged_loops(wt._threshold_kernel.fn)) == {"gate_threshold", "gate_heads"}  # the helper's loop too
     assert set(cost.tagged_loops(ca._attn_bwd_kernel.fn)) == {"main"}
     from vitpatch.kernels import window_schedule as ws
     assert set(cost.tagged_loops(ws._cut_kernel.fn)) == {"steps"}
@@ -237,3 +239,65 @@ def test_launch_counts_of_one_window_call():
     assert calls["bwd"] == ["_delta_kernel", "_bwd_dq_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel",
                             "_bwd_dkdv_kernel"]
     assert calls["torch_fwd_build"] >= 1  # argsort of the sorted order, at least
+
+
+def _winft_rows(pins, dense_total=600.0):
+    """Made-up loop rows for every WinfT kernel of ``pins`` and for the dense reference."""
+    from bench import winft_cost
+    rows = []
+
+    def row(kernel, config, loop, instr, warps=4, mufu=0, flop=0.0, nbytes=0, outside=None, op="winft_attention",
+            bm=64, bn=64):
+        rows.append({"row": "loop", "op": op, "kernel": kernel, "config": config, "loop": loop, "instructions": instr,
+                     "outside_nested": instr if outside is None else outside, "num_warps": warps,
+                     "by_class": {"mufu": mufu}, "tensor_flop": flop, "global_load_bytes": nbytes, "async_wait": 2,
+                     "blocks_per_sm": 1, "block_m": bm, "block_n": bn, "launch_variant": {}})
+    for unit, cfg in pins.items():
+        for name in __import__("vitpatch.kernels._launch", fromlist=["x"]).UNIT_KERNELS[unit]:
+            full = f"winft_attention.{name}"
+            if name in winft_cost.GATE_KERNELS:
+                row(full, cfg.label, "gate_heads", 100, warps=8, flop=4096.0 * 300, nbytes=32 * 400)
+                row(full, cfg.label, "gate_" + ("threshold" if "threshold" in name else "bits"), 1100, warps=8,
+                    mufu=64, outside=1000)
+            elif name != "_delta_kernel":
+                row(full, cfg.label, "main", 500, nbytes=32 * 100)
+    for name in ("_dense_fwd_kernel", "_dense_bwd_dq_kernel", "_dense_bwd_dkdv_kernel"):
+        row(f"dense_attention.{name}", "BM=64,BN=64,w4,s3", "dense", dense_total, op="dense")
+    return rows
+
+
+def test_winft_step_is_costed_kernel_by_kernel():
+    """One WinfT step with the loss, recorded through the launchers: two gate passes in the forward
+    and none in the backward (sigmoid(g) - T kept by pass 1); each launch costed from its loop rows:
+    a gate pass as tiles x (heads x its head loop + its own work), an attention kernel as programs
+    x tiles x its loop; the byte count has the kept tile."""
+    from bench import cost, winft_cost
+    from vitpatch.kernels import _launch
+    pins = {u: _launch.candidates(u)[0] for u in winft_cost.UNITS}
+    N, B, H, d = 197, 4, 3, 64
+    calls = winft_cost.step_launches(N, B, H, d, "bfloat16", "sm_90a", pins)
+    assert [x.kernel.__name__ for x in calls["fwd"]] == ["_threshold_kernel", "_gate_bits_kernel", "_attn_fwd_kernel"]
+    assert [x.kernel.__name__ for x in calls["bwd"]] == ["_delta_kernel", "_attn_dq_kernel", "_attn_dkdv_kernel"]
+    rows = _winft_rows(pins)
+    by = winft_cost._index(rows)
+    m = cost.MACHINE
+    thr = calls["fwd"][0]
+    gate = pins["winft_threshold"]
+    grid = thr.grid
+    tiles = grid[0] * grid[1] * -(-N // gate["BLOCK_N"])
+    head = max(100 * 8 / 4, 300.0, 400.0)  # issue, tensor (4096 x 300 / 4096), memory (32 x 400 / 32): overlapped
+    own = max(1000 * 8 / 4, 64 * 8 * 32 / 16)
+    assert winft_cost.launch_cycles(thr, gate.label, by, d) == pytest.approx(tiles * (H * head + own) / m["sms"])
+    fwd = calls["fwd"][2]
+    progs = fwd.grid[0] * fwd.grid[1]
+    assert winft_cost.launch_cycles(fwd, pins["winft_fwd"].label, by, d) == pytest.approx(
+        progs * -(-N // pins["winft_fwd"]["BLOCK_N"]) * max(500, 100) / m["sms"])
+    assert winft_cost.launch_cycles(calls["bwd"][0], pins["winft_fwd"].label, by, d) == 0.0  # delta: left out
+    dg = thr.args[[n for n in thr.kernel.jit.arg_names].index("DG")]
+    assert tuple(dg.shape) == (B, N, 208)  # kept for the backward, rows 16-element aligned
+    assert winft_cost.compulsory_bytes(calls["bwd"][1]) > dg.numel() * 2
+    preds = winft_cost.predict(rows, B, H, d, pins=pins, shapes=(N,))
+    assert [p["mode"] for p in preds] == ["fwd", "fwd+bwd"]
+    p = preds[1]
+    assert p["predicted_ratio_vs_dense"] == pytest.approx(p["winft_cycles_per_sm"] / p["dense_cycles_per_sm"])
+    assert p["bytes"]["gate_and_loss"] == p["bytes"]["compulsory"] - p["bytes"]["dense_attention"] > 0

@@ -1,7 +1,7 @@
 """Kernel-specific checks of the WinfT Triton kernels (kernels/winft_attention.py, docs/math.md §6).
 
 Under the interpreter (no GPU) every case is float32 with small pinned tiles (16 x 16 attention
-tiles, 16 x 32 gate tiles), so the shapes below span several tiles: the two-pass threshold is
+tiles, 32 x 32 gate tiles), so the shapes below span several tiles: the two-pass threshold is
 really accumulated over key tiles, rows and keys are ragged, and the gate bits cross words.
 """
 import pytest
@@ -75,11 +75,13 @@ def test_gate_bits_and_threshold(kern, mode):
     """The packed W (pass 2a, from the pass-1 threshold) is exactly the reference's, bit for bit."""
     B, h, N, d = 2, 2, 45, 16
     q, k, v = qkv(B, h, N, d)
-    out, loss, gate_sum, lse, bits = kern.winft_fwd(q, k, v, None, None, d ** -0.5, mode, 0, 1)
-    assert bits.shape == (B, N, 2) and bits.dtype == torch.int32
+    out, loss, gate_sum, lse, bits, dg = kern.winft_fwd(q, k, v, None, None, d ** -0.5, mode, 0, 1)
+    assert dg.numel() == 0  # no target: nothing kept for the loss's gradient
+    assert bits.shape == (2, B, N, 2) and bits.dtype == torch.int32
     _, _, used = reference.winft_parts(q.double(), k.double(), mode)
-    W = _unpack(bits, N)
+    W = _unpack(bits[0], N)
     assert torch.equal(W, used), f"{int((W != used).sum())} gate bits differ"
+    assert torch.equal(_unpack(bits[1], N), used.transpose(1, 2)), "the transposed bits are not W^T"
     assert 0 < int(used.sum()) < B * N * N
     assert torch.equal(gate_sum, used.sum((1, 2)).float())
     assert float(loss) == 0.0  # no target
@@ -135,7 +137,7 @@ def test_custom_op_registration(kern):
     N = P + 6
     target = WindowMask(random_windows(B, *grid), grid, P, torch.rand(B, N) > 0.2).to(DEVICE)
     q, k, v = (x.requires_grad_() for x in qkv(B, h, N, d))
-    args = (q, k, v, target.windows, target.key_keep, 0.25, "multiply", P, grid[1])
+    args = (q, k, v, target.windows, target.key_keep, 0.25, "multiply", P, grid[1], True)
     torch.library.opcheck(kern.winft_fwd, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
@@ -216,3 +218,51 @@ def test_timm_model_triton_matches_torch(kern, monkeypatch, mode):
     assert torch.equal(g1, g2)
     for i, (a, b) in enumerate(zip(p1, p2)):
         assert_close(a, b, 1e-4, f"gradient of parameter {i}")
+
+
+
+def test_backward_recomputes_what_the_forward_did_not_keep(kern):
+    """``sigmoid(g) - T`` kept by the forward (``keep_grad``) or recomputed by the backward's pass 1:
+    the same gradients, bit for bit, and the kept tensor is exactly that product of pass 1."""
+    B, h, grid, P, d = 2, 2, (4, 5), 1, 16
+    N = P + 20
+    target = WindowMask(random_windows(B, *grid), grid, P, torch.rand(B, N) > 0.3).to(DEVICE)
+    q, k, v = qkv(B, h, N, d)
+    grads = []
+    for keep_grad in (True, False):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out, loss, _, _, _, dg = kern.winft_fwd(*leaves, target.windows, target.key_keep, 0.3, "multiply", P,
+                                                 grid[1], keep_grad)
+        assert dg.shape == ((B, N, 32) if keep_grad else (B, N, 0))
+        (out.sum() + 5.0 * loss).backward()
+        grads.append([x.grad for x in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    g = (q.double() @ k.double().transpose(-2, -1)).mean(1)
+    T = target.dense(B).double()
+    _, _, _, _, _, dg = kern.winft_fwd(q, k, v, target.windows, target.key_keep, 0.3, "multiply", P, grid[1], True)
+    assert_close(dg[..., :N], torch.sigmoid(g) - T, 1e-4, "sigmoid(g) - T")
+
+
+@pytest.mark.parametrize("mode", ["multiply", "mask"])
+def test_shipped_tile_widths(kern, mode):
+    """The GPU's tile shapes in the interpreter: 64-key attention tiles (a row's two gate words read
+    as one 8-byte word, then split), 64-key dk/dv blocks over the transposed words, 64 x 128 and
+    128 x 64 gate tiles (the passes split their keys differently); ragged N over two words per
+    tile, gradients included."""
+    from vitpatch.kernels import _launch
+    B, h, grid, P, d = 1, 2, (7, 11), 1, 16
+    N = P + grid[0] * grid[1]  # 78: a full 64-key tile and a partial one
+    target = WindowMask(random_windows(B, *grid), grid, P, torch.rand(B, N) > 0.25).to(DEVICE)
+    q, k, v = qkv(B, h, N, d)
+    c = _launch.LaunchConfig
+    pins = {"winft_threshold": c((("BLOCK_M", 64), ("BLOCK_N", 128)), 1, 1),
+            "winft_gate": c((("BLOCK_M", 128), ("BLOCK_N", 64)), 1, 1),
+            "winft_fwd": c((("BLOCK_M", 32), ("BLOCK_N", 64)), 1, 1),
+            "winft_dq": c((("BLOCK_M", 32), ("BLOCK_N", 64)), 1, 1),
+            "winft_dkdv": c((("BLOCK_M", 32), ("BLOCK_N", 64)), 1, 1)}
+    with _launch.forcing(pins):
+        check_against_reference(
+            lambda q, k, v: functional.winft_attention(q, k, v, mode=mode, target=target, return_gate_sum=True),
+            lambda q, k, v: reference.winft_attention(q, k, v, mode=mode, target=target, return_gate_sum=True),
+            [q, k, v])
