@@ -646,20 +646,9 @@ _NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "view", "_uns
               "is_same_size", "_reshape_alias", "clone_meta"}
 
 
-def call_launches(n_side: int, batch: int, heads: int, dtype: str, head_dim: int, target: str,
-                  fwd_label: Optional[str] = None, bwd_label: Optional[str] = None) -> dict:
-    """The launches of one window attention step at ``N = 1 + n_side^2`` with ``batch x heads``
-    (recorded on ``meta`` tensors, nothing runs): Triton kernels through the launchers, PyTorch
-    ops counted through a dispatch mode (those that launch a kernel). ``{"fwd_build", "fwd",
-    "bwd_build", "bwd"}``: launch lists, and ``"torch_fwd_build"`` / ``"torch_bwd_build"`` counts.
-    The forward configuration is ``fwd_label`` (default: the first shipped), the backward's
-    ``bwd_label``; the backward builds its own schedule when its block sizes differ."""
-    import torch
+def torch_launches():
+    """A dispatch mode that counts the PyTorch ops run inside it that launch a kernel (``.n``)."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from vitpatch.kernels import _launch
-    from vitpatch.kernels import window_attention as wa
-    from vitpatch.kernels.window_schedule import Config
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -670,6 +659,22 @@ def call_launches(n_side: int, batch: int, heads: int, dtype: str, head_dim: int
             if func.__name__.split(".")[0] not in _NO_LAUNCH:
                 self.n += 1
             return func(*args, **(kwargs or {}))
+
+    return Count()
+
+
+def call_launches(n_side: int, batch: int, heads: int, dtype: str, head_dim: int, target: str,
+                  fwd_label: Optional[str] = None, bwd_label: Optional[str] = None) -> dict:
+    """The launches of one window attention step at ``N = 1 + n_side^2`` with ``batch x heads``
+    (recorded on ``meta`` tensors, nothing runs): Triton kernels through the launchers, PyTorch
+    ops counted through a dispatch mode (those that launch a kernel). ``{"fwd_build", "fwd",
+    "bwd_build", "bwd"}``: launch lists, and ``"torch_fwd_build"`` / ``"torch_bwd_build"`` counts.
+    The forward configuration is ``fwd_label`` (default: the first shipped), the backward's
+    ``bwd_label``; the backward builds its own schedule when its block sizes differ."""
+    import torch
+    from vitpatch.kernels import _launch
+    from vitpatch.kernels import window_attention as wa
+    from vitpatch.kernels.window_schedule import Config
 
     dt = getattr(torch, dtype)
 
@@ -687,7 +692,7 @@ def call_launches(n_side: int, batch: int, heads: int, dtype: str, head_dim: int
     marks = []
     with _launch.forcing({"window_fwd": fwd, "window_bwd": bwd}), _launch.recording(target) as launches:
         cfg_f, cfg_b = Config.of(fwd), Config.of(bwd)
-        with Count() as c:
+        with torch_launches() as c:
             wa.cached_schedule(windows, None, grid, P, batch, cfg_f)
         out["torch_fwd_build"] = c.n
         marks.append(len(launches))
@@ -695,7 +700,7 @@ def call_launches(n_side: int, batch: int, heads: int, dtype: str, head_dim: int
         # build launches among theirs
         wa._forward(q, k, v, windows, None, grid, P, 0.125, cfg_f)
         marks.append(len(launches))
-        with Count() as c:
+        with torch_launches() as c:
             wa.cached_schedule(windows, None, grid, P, batch, cfg_b).transposed()
         out["torch_bwd_build"] = c.n
         marks.append(len(launches))

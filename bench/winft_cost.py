@@ -26,7 +26,7 @@ it, and the rest is what the gate and the loss add. Static figures: no GPU has c
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import cost
 
@@ -54,19 +54,8 @@ def step_launches(N: int, batch: int, heads: int, head_dim: int, dtype: str, tar
     ``{"fwd": [...], "bwd": [...], "torch_fwd": n, "torch_bwd": n}`` (PyTorch ops that launch a
     kernel, counted by a dispatch mode)."""
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from vitpatch.kernels import _launch, winft_attention as wt
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.__name__.split(".")[0] not in cost._NO_LAUNCH:
-                self.n += 1
-            return func(*args, **(kwargs or {}))
 
     dt = getattr(torch, dtype)
     P = 1
@@ -76,10 +65,10 @@ def step_launches(N: int, batch: int, heads: int, head_dim: int, dtype: str, tar
     keep = torch.empty(batch, N, dtype=torch.bool, device="meta")
     out: dict = {}
     with _launch.forcing(pins), _launch.recording(target) as launches:
-        with Count() as c:
+        with cost.torch_launches() as c:
             o, _loss, _gs, lse, bits, dg = wt._forward(q, k, v, windows, keep, 0.125, "multiply", P, side, True)
         out["torch_fwd"], mark = c.n, len(launches)
-        with Count() as c:
+        with cost.torch_launches() as c:
             wt._backward(torch.empty_like(o), torch.empty((), dtype=dt, device="meta"), q, k, v, o, lse, bits, dg,
                          windows, keep, 0.125, "multiply", P, side)
         out["torch_bwd"] = c.n
@@ -104,22 +93,26 @@ def _index(rows: Sequence[dict]) -> Dict[tuple, Dict[str, dict]]:
     return out
 
 
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= int(x)
-    return out
+def _iterations(launch) -> Tuple[str, int, int]:
+    """``(name, loop iterations summed over the launch's programs, heads)`` of one WinfT launch: a
+    gate pass runs one iteration per (row block, image, key tile), an attention kernel one per
+    program and key tile (query tile for dk/dv)."""
+    name = launch.kernel.__name__
+    args = dict(zip(launch.kernel.jit.arg_names, launch.args))
+    kw = launch.kwargs
+    grid = tuple(int(g) for g in launch.grid)
+    N = int(args["N"])
+    if name in GATE_KERNELS:
+        return name, grid[0] * grid[1] * -(-N // int(kw["BLOCK_N"])), int(args["H"])
+    step = kw["BLOCK_M"] if name == "_attn_dkdv_kernel" else kw.get("BLOCK_N", N)
+    return name, math.prod(grid) * -(-N // int(step)), int(args["H"])
 
 
 def launch_cycles(launch, label: str, rows_by: Dict[tuple, Dict[str, dict]], head_dim: int,
                   machine: dict = cost.MACHINE) -> Optional[float]:
     """Cycles per SM of one recorded WinfT launch (``label``: its unit's configuration), ``0.0``
     for the delta kernel (left out), ``None`` when its loop rows are missing."""
-    name = launch.kernel.__name__
-    args = dict(zip(launch.kernel.jit.arg_names, launch.args))
-    kw = launch.kwargs
-    grid = launch.grid if isinstance(launch.grid, tuple) else tuple(launch.grid)
-    N, H = int(args["N"]), int(args["H"])
+    name, iterations, H = _iterations(launch)
     if name == "_delta_kernel":
         return 0.0
     if name in GATE_KERNELS:
@@ -130,14 +123,11 @@ def launch_cycles(launch, label: str, rows_by: Dict[tuple, Dict[str, dict]], hea
         warps = outer["num_warps"]
         own_issue = outer["outside_nested"] * warps / machine["issue_per_cycle"]
         own_mufu = (outer["by_class"]["mufu"] - heads["by_class"]["mufu"]) * warps * 32 / machine["mufu_per_cycle"]
-        per_tile = H * cost.tile_cycles(heads, head_dim)["total"] + max(own_issue, own_mufu)
-        tiles = grid[0] * grid[1] * -(-N // int(kw["BLOCK_N"]))
-        return tiles * per_tile / machine["sms"]
+        return iterations * (H * cost.tile_cycles(heads, head_dim)["total"] + max(own_issue, own_mufu)) / machine["sms"]
     main = _loop(rows_by, name, label, "main")
     if main is None:
         return None
-    steps = -(-N // int(kw["BLOCK_M"] if name == "_attn_dkdv_kernel" else kw["BLOCK_N"]))
-    return _prod(grid) * steps * cost.tile_cycles(main, head_dim)["total"] / machine["sms"]
+    return iterations * cost.tile_cycles(main, head_dim)["total"] / machine["sms"]
 
 
 def compulsory_bytes(launch) -> int:
@@ -162,23 +152,14 @@ def dense_bytes(N: int, batch: int, heads: int, head_dim: int, elem: int) -> Dic
 def l2_bytes(launch, label: str, rows_by: Dict[tuple, Dict[str, dict]]) -> Optional[int]:
     """Bytes of the vector tile loads one launch issues to L2 (the SASS's ``LDG`` / ``LDGSTS`` of 8
     or 16 bytes per thread, per loop iteration, times the iterations), ``None`` without rows."""
-    name = launch.kernel.__name__
+    name, iterations, H = _iterations(launch)
     if name == "_delta_kernel":
         return 0
-    args = dict(zip(launch.kernel.jit.arg_names, launch.args))
-    kw = launch.kwargs
-    grid = launch.grid if isinstance(launch.grid, tuple) else tuple(launch.grid)
-    N, H = int(args["N"]), int(args["H"])
     if name in GATE_KERNELS:
         heads = _loop(rows_by, name, label, "gate_heads")
-        if heads is None:
-            return None
-        return grid[0] * grid[1] * -(-N // int(kw["BLOCK_N"])) * H * int(heads["global_load_bytes"])
+        return None if heads is None else iterations * H * int(heads["global_load_bytes"])
     main = _loop(rows_by, name, label, "main")
-    if main is None:
-        return None
-    steps = -(-N // int(kw["BLOCK_M"] if name == "_attn_dkdv_kernel" else kw["BLOCK_N"]))
-    return _prod(grid) * steps * int(main["global_load_bytes"])
+    return None if main is None else iterations * int(main["global_load_bytes"])
 
 
 def unit_of(kernel_name: str) -> str:
