@@ -10,7 +10,7 @@ setup(
     classifiers=["Programming Language :: Python :: 3.11", "Programming Language :: Python :: 3.12",
                  "Programming Language :: Python :: 3.13"],
     packages=["vitpatch", "vitpatch.models", "vitpatch.analysis", "vitpatch.analysis.plots", "vitpatch.train",
-              "vitpatch.kernels"],
+              "vitpatch.kernels", "vitpatch.kernels.window"],
     package_dir={"vitpatch.kernels": "kernels"},
     install_requires=[
         "torch>=2.11",  # tested with 2.11 (the GPU machine's) and 2.14.1

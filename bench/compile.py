@@ -80,7 +80,7 @@ def _window(unit: str, dtype: str, d: int, variant: str) -> None:
     import torch
 
     from vitpatch.kernels import _launch, window_attention as wa
-    from vitpatch.kernels.window_schedule import Config
+    from vitpatch.kernels.window import Config
     B, H, grid, P = 2, 3, (24, 24), 1
     N = P + grid[0] * grid[1]
     q, k, v = (_meta(B, H, N, d, dtype=dtype) for _ in range(3))

@@ -460,12 +460,12 @@ def tile_cycles(loop: dict, head_dim: int, elem_bytes: int = 2, machine: dict = 
 
 
 def host_grouping_seconds(n_side: int, density: float, block_m: int, block_n: int, images: int = 4) -> float:
-    """Seconds per image of the ``grouped`` query order's host search (``window_schedule.grouped_perm``
+    """Seconds per image of the ``grouped`` query order's host search (``window.grouped_perm``
     on CPU windows, one CPU thread of this machine) on the AWD windows :func:`visited_tiles` counts,
     the mean over ``images``."""
     import time
 
-    from vitpatch.kernels import window_schedule as ws
+    from vitpatch.kernels import window as ws
     from vitpatch.masks import synthetic_awd_windows
     grid = (n_side, n_side)
     win = synthetic_awd_windows(grid, images, density, seed=0)
@@ -674,7 +674,7 @@ def call_launches(n_side: int, batch: int, heads: int, dtype: str, head_dim: int
     import torch
     from vitpatch.kernels import _launch
     from vitpatch.kernels import window_attention as wa
-    from vitpatch.kernels.window_schedule import Config
+    from vitpatch.kernels.window import Config
 
     dt = getattr(torch, dtype)
 

@@ -169,7 +169,7 @@ def schedule_build_ms(mask, q, repeats: int = 5) -> float:
     forward's first shipped configuration (what a model pays when its windows change)."""
     import torch
     from vitpatch.kernels import _launch
-    from vitpatch.kernels import window_schedule as ws
+    from vitpatch.kernels import window as ws
     cfg = ws.Config.of(_launch.configs("window_fwd", q.dtype, q.shape[-1])[0])
     windows = mask.windows.to(q.device)
     keep = None if mask.key_keep is None else mask.key_keep.to(q.device)

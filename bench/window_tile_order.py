@@ -64,7 +64,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 
 from vitpatch import WindowMask  # noqa: E402
-from vitpatch.kernels import window_schedule as wa  # noqa: E402
+from vitpatch.kernels import window as wa  # noqa: E402
 from vitpatch.masks import synthetic_awd_windows  # noqa: E402
 
 GRIDS = [(14, 14), (24, 24), (32, 32), (64, 64)]
@@ -188,7 +188,7 @@ def main() -> int:
                     else:
                         k_order, unit, q_order = spec
                         # one schedule launch, as in tile_codes / query_tokens
-                        sched = wa._schedule_for(mask.windows, mask.key_keep, mask.grid, mask.num_prefix_tokens, IMAGES, bm, bn,
+                        sched = wa.schedule._schedule_for(mask.windows, mask.key_keep, mask.grid, mask.num_prefix_tokens, IMAGES, bm, bn,
                                                  k_order, unit, q_order)
                         codes = sched.chosen_codes().expand(IMAGES, -1, -1).cpu()
                         q_slots = sched.query_tokens().expand(IMAGES, -1)

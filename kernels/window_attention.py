@@ -13,7 +13,7 @@ output and gradients are exactly zero, never NaN). Separate kernels give ``dq`` 
 tile) and ``dk, dv`` (per key tile), so no atomics are needed.
 
 The mask is never stored, neither dense nor per tile element: the kernels visit only the key
-tiles the schedule of :mod:`vitpatch.kernels.window_schedule` lists for their query tile (the
+tiles the schedule of :mod:`vitpatch.kernels.window` lists for their query tile (the
 backward's ``dk, dv`` kernel reads the transposed lists). A *full* tile (inside every window of
 its query tile) runs without a mask; a *masked* tile adds the window bias as one more
 tensor-core product (:func:`_mask_window`): the query rows' outside indicators for the tile's
@@ -41,7 +41,8 @@ import triton.language as tl
 
 from . import _launch
 from ._launch import dot_precision, helper, interpreting, kernel
-from .window_schedule import Config, Schedule, _prefix_block, _slot_patch, cached_schedule
+from .window import Config, Schedule, cached_schedule
+from .window.layout import _prefix_block, _slot_patch
 
 __all__ = ["window_attention", "window_attention_unsupported", "SUPPORTED_HEAD_DIMS"]
 
@@ -149,7 +150,7 @@ def _prefix_end(P, qv):
 @helper
 def _slot_window(qwin_b, slot, BM: tl.constexpr):
     """``(x0, y0, x1, y1)`` of the window of each query slot, from the schedule's slot-ordered
-    window table (:func:`vitpatch.kernels.window_schedule._slot_tables`): one 16-byte load per row, no gather."""
+    window table (:func:`vitpatch.kernels.window.schedule._slot_tables`): one 16-byte load per row, no gather."""
     w = tl.load(qwin_b + slot[:, None] * 4 + tl.arange(0, 4)[None, :])
     xs, ys = tl.split(tl.reshape(w, (BM, 2, 2)))
     x0, x1 = tl.split(xs)
@@ -181,7 +182,7 @@ def _lane_masks(BN: tl.constexpr, TW: tl.constexpr, KE: tl.constexpr, masked_sco
 @helper
 def _outside_cols(x0, y0, TW: tl.constexpr, KE: tl.constexpr, GWP: tl.constexpr, KA: tl.constexpr):
     """``[KE]``: the columns of the schedule's outside table
-    (:func:`vitpatch.kernels.window_schedule._slot_tables`) that
+    (:func:`vitpatch.kernels.window.schedule._slot_tables`) that
     hold the key tile at ``(x0, y0)``: its ``TW`` grid columns, then its grid rows (columns past
     the tile's rows meet zeros of :func:`_lane_masks`; the table's rows have slack for them). Runs
     of ``TW`` contiguous columns, each starting at a multiple of ``KA`` (the tile origin's

@@ -229,7 +229,7 @@ def test_unit_kernel_table_beside_the_candidates():
     from vitpatch.kernels import _launch
     assert set(_launch.UNIT_KERNELS) == set(_launch.CANDIDATES)
     names = set()
-    for mod in ("window_attention", "window_schedule", "winft_attention", "cluster_attention"):
+    for mod in ("window_attention", "window.schedule", "winft_attention", "cluster_attention"):
         module = importlib.import_module(f"vitpatch.kernels.{mod}")
         names |= {n for n, v in vars(module).items() if isinstance(v, _launch.Kernel)}
     for unit, kernels in _launch.UNIT_KERNELS.items():

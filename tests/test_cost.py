@@ -93,7 +93,7 @@ def test_tagged_loops_of_the_kernels():
     assert set(cost.tagged_loops(wt._attn_fwd_kernel.fn)) == {"main"}
     assert set(cost.tagged_loops(wt._threshold_kernel.fn)) == {"gate_threshold", "gate_heads"}  # the helper's loop too
     assert set(cost.tagged_loops(ca._attn_bwd_kernel.fn)) == {"main"}
-    from vitpatch.kernels import window_schedule as ws
+    from vitpatch.kernels.window import schedule as ws
     assert set(cost.tagged_loops(ws._cut_kernel.fn)) == {"steps"}
     assert set(cost.OP_OF_FAMILY) == {"window", "winft", "paca"}
 

@@ -27,13 +27,19 @@ def wa():
 
 @pytest.fixture(scope="module")
 def ws(wa):
-    from vitpatch.kernels import window_schedule as module
+    from vitpatch.kernels.window import schedule as module
+    return module
+
+
+@pytest.fixture(scope="module")
+def wl(wa):
+    from vitpatch.kernels.window import layout as module
     return module
 
 
 @pytest.fixture(scope="module")
 def wg(wa):
-    from vitpatch.kernels import window_grouping as module
+    from vitpatch.kernels.window import grouping as module
     return module
 
 
@@ -123,11 +129,11 @@ def masks_for(kind, B, grid, P):
 # ----------------------------------------------------------------------------------- layout
 @pytest.mark.parametrize("grid", [(1, 1), (5, 7), (9, 11), (8, 8)])
 @pytest.mark.parametrize("order,unit", [(0, 64), (1, 16), (1, 64), (1, 32)])
-def test_slot_layout(ws, grid, order, unit):
+def test_slot_layout(wl, grid, order, unit):
     """Every patch sits in exactly one slot; a tiled square holds a TW x TH rectangle of the grid."""
     gh, gw = grid
     P = 2
-    slots = ws.slot_tokens(grid, P, order, unit)
+    slots = wl.slot_tokens(grid, P, order, unit)
     valid = slots[slots >= 0]
     assert torch.equal(valid.sort().values, torch.arange(P, P + gh * gw))
     if order == 0:
@@ -163,11 +169,12 @@ def check_schedule_and_values(wa, ws, tiles, cfg, mask, B, P, h=1, d=16, scale=0
     dq, dk, dv, rec_q, rec_k = wa._backward(dout, q, k, v, out, lse, mask.windows, mask.key_keep, mask.grid, P,
                                             scale, cfg, record=True, sched=sched)
 
+    from vitpatch.kernels.window import slot_tokens
     q_slots = sched.query_tokens().expand(B, -1).cpu()
     assert q_slots.shape[1] == sched.tq * bm
     for b in range(B):  # every patch query sits in exactly one slot
         assert torch.equal(q_slots[b][q_slots[b] >= 0].sort().values, torch.arange(P, N))
-    expected = dense_tile_codes(mask, B, q_slots, ws.slot_tokens(mask.grid, P, cfg.order, cfg.unit), bm, bn)
+    expected = dense_tile_codes(mask, B, q_slots, slot_tokens(mask.grid, P, cfg.order, cfg.unit), bm, bn)
     codes = sched.chosen_codes().expand(B, -1, -1).cpu()
     assert torch.equal(codes, tiles.tile_codes(mask, B, bm, bn, order=cfg.order, unit=cfg.unit,
                                                query_order=cfg.query_order).cpu())

@@ -1,6 +1,6 @@
 """The window kernels' tile schedule for a :class:`~vitpatch.WindowMask` (tests, benchmarks, studies).
 
-Thin wrappers over :mod:`vitpatch.kernels.window_schedule`, which takes the raw mask tensors.
+Thin wrappers over :mod:`vitpatch.kernels.window`, which takes the raw mask tensors.
 The schedule is built by the very launches the kernels use: on CUDA tensors on the GPU, on CPU
 tensors in Triton's interpreter, so the visited-tile counts of benchmark rows are available on a
 machine without a GPU. The interpreter needs ``TRITON_INTERPRET=1`` before triton is imported;
@@ -34,20 +34,20 @@ __all__ = ["tile_codes", "tile_schedule", "visited_fraction", "query_tokens", "s
 
 
 def _schedule_module():
-    return importlib.import_module("vitpatch.kernels.window_schedule")
+    return importlib.import_module("vitpatch.kernels.window")
 
 
 _CHILD = """
 import sys, torch
-from vitpatch.kernels import _launch, window_schedule
+from vitpatch.kernels import _launch, window
 args, kwargs = torch.load(sys.argv[1])
 with _launch.interpreter():
-    torch.save(getattr(window_schedule, sys.argv[3])(*args, **kwargs), sys.argv[2])
+    torch.save(getattr(window, sys.argv[3])(*args, **kwargs), sys.argv[2])
 """
 
 
 def _in_child(name: str, args: tuple, kwargs: dict) -> torch.Tensor:
-    """``window_schedule.<name>(*args, **kwargs)`` in a child process with ``TRITON_INTERPRET=1``."""
+    """``window.<name>(*args, **kwargs)`` in a child process with ``TRITON_INTERPRET=1``."""
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = os.path.join(tmp, "args.pt"), os.path.join(tmp, "out.pt")
         torch.save((args, kwargs), src)
@@ -97,7 +97,7 @@ def visited_fraction(mask: WindowMask, batch_size: Optional[int] = None, block_m
     Dense, not the schedule's ``TQ`` (which counts the padding tiles of the spatial and ``grouped``
     orders): the same denominator for every query order."""
     vis = tile_schedule(mask, batch_size, block_m, block_n, order=order, unit=unit, query_order=query_order)
-    return _schedule_module()._dense_fraction(vis, mask.grid, block_m)
+    return _schedule_module().schedule._dense_fraction(vis, mask.grid, block_m)
 
 
 def query_tokens(mask: WindowMask, batch_size: Optional[int] = None, block_m: int = 64, block_n: int = 64, *,

@@ -4,7 +4,7 @@ Given one image's windows, :func:`grouped_tiles` packs the patch queries into qu
 ``bm`` slots so that the union of the key tiles (``kw x kh`` squares of the grid) their windows
 touch is small: a greedy cover by window signatures (the key tiles a window touches), then a
 local search that moves whole signature groups between tiles and cuts tiles whose union grew
-too large (see ``vitpatch.kernels.window_schedule`` for where it is used and what it costs).
+too large (see ``vitpatch.kernels.window`` for where it is used and what it costs).
 No torch, no Triton: it runs on the host, once per schedule build.
 """
 from __future__ import annotations

@@ -1,78 +1,8 @@
-"""The tile schedule of window-masked attention (paper 000 §4.1 eq. 4; docs/math.md §1).
-
-The attention kernels (:mod:`vitpatch.kernels.window_attention`) never store the mask: they
-evaluate it from the ``O(n)`` windows and, above all, skip whole tiles. This module decides
-which tiles, on the device, before the attention kernels run:
-
-* **Key tiles** are compact pieces of the patch grid: patches are laid out in *slots*,
-  ``TILED`` (default) grouping the grid into ``TH x TW`` squares of ``unit`` slots (8 x 8 for
-  64) and ``ROW_MAJOR`` keeping the token order. A key tile is then one rectangle of the grid
-  (at most three for a row-major run), which a rectangular window covers entirely or misses
-  far more often than a strip of rows. Slots past the grid's edge are padding. The layout is
-  index arithmetic in the kernels (``_slot_patch``): nothing is copied, results land in token
-  order.
-* **Query tiles** (``Config.query_order``) are ``spatial`` (the same squares), ``sorted``,
-  ``grouped``, ``auto`` or ``best``:
-
-  - ``sorted``: the patch queries ordered by a 4-D Morton code of their windows ``(x_left,
-    y_top, x_right, y_bottom)``, so a tile holds queries with similar windows and the union of
-    its windows stays small. Where key tiles are rectangles (``TILED``, ``BN <= unit``) the order
-    is cut where the windows change rather than every ``BM``: runs of ``BM / 2 .. BM`` queries
-    chosen by a dynamic programme on the device (``_cut_kernel``: least summed bounding box of
-    the runs' windows in key tiles), one run per tile, so ``TQ = cdiv(n, BM / 2)`` with padding
-    slots and unused tiles (they visit nothing). On AWD windows at 128-row tiles this visits
-    0.74 instead of 0.84 of the dense tile pairs at ``n = 576`` and 0.31 instead of 0.35 at
-    ``n = 4096``, density 0.05; elsewhere the chunks are every ``BM``.
-  - ``grouped``: tiles made on the host (:func:`grouped_perm`) to minimise the key tiles they
-    visit. A query's *signature* is its window quantised to the key-tile grid, exactly the
-    rectangle of key tiles it touches, and a tile visits the union of its queries' signatures.
-    A cover greedy makes the tiles (each new tile takes up to ``BM`` queries whose signatures lie
-    inside one signature rectangle ``R``, the ``R`` with the most such queries, at most ``BM``,
-    per key tile); a local search then moves whole signature groups between tiles, merges partly
-    filled tiles, and cuts a row, a column or a whole tile out of a tile's union where the
-    displaced queries fit into tiles whose unions already hold them
-    (:func:`vitpatch.kernels.window_grouping.grouped_tiles`).
-    Tiles may be partly filled (padding slots, ``-1`` in ``perm``), so there can be more than
-    ``cdiv(n, BM)`` of them (1.0 to 1.5x on AWD windows, up to 2.8x on radius-1 squares); ``TQ``
-    is the largest count over the images. Only for ``TILED`` keys with ``BN <= unit`` (a key
-    tile is one rectangle). It costs one device-to-host copy of the windows per schedule build
-    (one sync on CUDA; the schedule is cached, see below).
-  - ``auto`` (default): ``spatial`` and ``sorted`` are scheduled and each image runs the one
-    with fewer visited tiles (ties: spatial), decided on the device: no host work, no sync.
-  - ``best``: ``auto`` plus ``grouped`` (where it applies), ties to spatial, then sorted. No
-    single order wins: AWD windows (a patch plus far-away partners) defeat spatial tiles and
-    favour ``grouped`` (at density 0.23 with 64 x 64 tiles, 0.62 instead of ``auto``'s 0.73 of
-    the tiles at ``n = 576``, 0.42 instead of 0.50 at ``n = 4096``), large square windows
-    favour spatial, small squares and small grids often ``sorted``
-    (``bench/window_tile_order.py``). It is not the default because ``grouped`` runs on the
-    host: 15-25 ms per image at ``n = 576`` and 85-170 ms at ``n = 4096`` (one CPU thread)
-    plus a sync, every time per-image windows change, against a 15% cut of the attention
-    kernels' tile visits; whether that pays needs GPU timings.
-
-  Every ``perm`` has ``TQ * BM`` slots; the kernels bound their ``perm`` reads by that length,
-  so a valid query may sit in a slot ``>= n``, and a tile with no valid query visits nothing.
-* **Prefix tokens** stay out of the tiles: every patch-query tile visits the ``P`` prefix keys
-  in one narrow block (16 to 64 wide), and the prefix queries have their own narrow block that
-  visits every key tile.
-* **Schedule.** One launch (``_schedule_kernel``, a program per query tile, image and query
-  order) classifies every (query tile, key tile) pair by testing the tile's windows against
-  the key tile's rectangles: ``0`` skip (no window reaches it, or all its keys are dropped),
-  ``1`` masked (the element mask is evaluated), ``2`` full (the key tile lies inside every
-  window of the query tile and has no padding and no dropped key: no element mask at all). It
-  writes the ``(V, Bs, TQ, TK)`` int8 code table and, per query tile, the compacted list of key
-  tiles (masked first, full at the end of the row). The backward pass compacts the columns
-  (``_transpose_kernel``), so a key tile visits only the query tiles that reach it. ``Bs = 1``
-  for shared windows without ``key_keep``: one schedule for the batch (batch stride 0). A
-  schedule is kept (weakly keyed on the mask tensors and their version counters) and reused
-  by every block of a model that passes the same mask, forward and backward.
-
-Because the schedule depends on the block sizes, the window kernels tune their configuration
-themselves (schedule build included; ``window_attention._pick_config``) instead of through
-``triton.autotune``.
-
-Helpers for tests and benchmarks, built by the launchers' own code path and taking the raw
-mask tensors: :func:`tile_codes`, :func:`tile_schedule`, :func:`visited_fraction`,
-:func:`query_tokens`, :func:`slot_tokens` (``vitpatch.tiles`` offers them on a ``WindowMask``).
+"""The device tile schedule of the window kernels (see :mod:`vitpatch.kernels.window` for what it
+decides and why): the query orders (``sorted`` built and cut on the device, ``grouped`` by the
+host search of :mod:`.grouping`), the classification of every (query tile, key tile) pair, the
+per-slot tables the attention kernels read, the schedule cache, and the helpers that expose the
+schedule to tests and benchmarks.
 """
 from __future__ import annotations
 
@@ -86,143 +16,12 @@ import triton.language as tl
 
 from vitpatch._cache import TensorCache
 
-from ._launch import LaunchConfig, combine, helper, interpreting, kernel
-from .window_grouping import grouped_tiles as _grouped_tiles
+from .._launch import combine, helper, interpreting, kernel
+from .grouping import grouped_tiles as _grouped_tiles
+from .layout import ORDERS, ROW_MAJOR, TILED, Config, _Layout, _layout, _slot_patch, _unit_shape
 
-__all__ = ["Config", "ROW_MAJOR", "TILED", "ORDERS", "QUERY_ORDERS", "slot_tokens", "tile_codes", "tile_schedule",
-           "visited_fraction", "query_tokens", "grouped_perm", "build_schedule", "cached_schedule", "Schedule"]
-
-ROW_MAJOR, TILED = 0, 1
-ORDERS = {"row_major": ROW_MAJOR, "tiled": TILED}
-QUERY_ORDERS = ("spatial", "sorted", "grouped", "auto", "best")
-
-
-# ================================================================================ configuration
-def _unit_shape(unit: int) -> Tuple[int, int]:
-    """``(TW, TH)`` of a ``TILED`` square of ``unit`` slots: ``TW = 2^ceil(log2(unit) / 2)``."""
-    tw = 1 << ((unit.bit_length() - 1 + 1) // 2)
-    return tw, unit // tw
-
-
-@dataclass(frozen=True)
-class Config:
-    """One launch configuration.
-
-    ``block_m`` query slots and ``block_n`` key slots per tile (powers of two, >= 16);
-    ``order`` the key layout, ``ROW_MAJOR`` or ``TILED``; ``unit`` the slots of one ``TILED``
-    square (``TH x TW``, ``TW = 2^ceil(log2(unit) / 2)``: 8 x 8 for 64); ``query_order``
-    ``"spatial"``, ``"sorted"``, ``"grouped"`` (``TILED`` with ``block_n <= unit`` only) or
-    ``"auto"`` or ``"best"`` (see the module docstring); ``num_warps``, ``num_stages`` (GPU only).
-    """
-
-    block_m: int
-    block_n: int
-    order: int = TILED
-    unit: int = 64
-    query_order: str = "auto"
-    num_warps: int = 4
-    num_stages: int = 2
-
-    def __post_init__(self):
-        for name in ("block_m", "block_n", "unit"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
-                raise ValueError(f"{name} must be a positive power of two, got {value!r}")
-        for name in ("block_m", "block_n"):
-            if getattr(self, name) < 16:
-                raise ValueError(f"{name} must be at least 16 (tl.dot), got {getattr(self, name)}")
-        if self.order not in (ROW_MAJOR, TILED):
-            raise ValueError(f"order must be ROW_MAJOR (0) or TILED (1), got {self.order!r}")
-        if self.order == TILED and self.unit < 4:
-            raise ValueError(f"unit must be at least 4 for the TILED order, got {self.unit}")
-        if self.query_order not in QUERY_ORDERS:
-            raise ValueError(f"query_order must be one of {QUERY_ORDERS}, got {self.query_order!r}")
-        if self.order == TILED:
-            tw = _unit_shape(self.unit)[0]
-            for name in ("block_m", "block_n"):
-                b = getattr(self, name)
-                if b < self.unit and b % tw:
-                    raise ValueError(f"{name} = {b} must be a multiple of the square width {tw} (unit {self.unit})")
-        if self.query_order == "grouped" and not self.groups_queries:
-            raise ValueError("query_order 'grouped' needs the TILED key layout with block_n <= unit (a key tile is "
-                             f"then one rectangle of the grid), got order {self.order}, block_n {self.block_n}, "
-                             f"unit {self.unit}")
-
-    @property
-    def groups_queries(self) -> bool:
-        """Whether the ``grouped`` query order applies: ``TILED`` keys with ``block_n <= unit``, so that
-        every key tile is one rectangle of the grid (``block_n / TW`` rows of a square)."""
-        return self.order == TILED and self.block_n <= self.unit
-
-    @property
-    def perm_orders(self) -> Tuple[str, ...]:
-        """The query orders given by a ``perm`` that this config schedules, besides ``spatial``:
-        ``auto`` builds ``sorted``; ``best`` builds ``sorted`` and ``grouped`` (``sorted`` only where
-        ``grouped`` does not apply)."""
-        if self.query_order == "auto":
-            return ("sorted",)
-        if self.query_order == "best":
-            return ("sorted", "grouped") if self.groups_queries else ("sorted",)
-        return () if self.query_order == "spatial" else (self.query_order,)
-
-    @property
-    def schedule_key(self) -> Tuple[int, int, int, int, str]:
-        """What the schedule depends on: tiles, layout and query order (not warps or stages, so the
-        forward and a backward configuration that differs in those only share one schedule)."""
-        return (self.block_m, self.block_n, self.order, self.unit, self.query_order)
-
-    @classmethod
-    def of(cls, launch: LaunchConfig) -> "Config":
-        """The window configuration a policy entry (``kernels/_launch.py``, units ``window_fwd``/``window_bwd``) names."""
-        return cls(launch["BLOCK_M"], launch["BLOCK_N"], launch["ORDER"], launch["UNIT"], launch["QUERY_ORDER"],
-                   launch.num_warps, launch.num_stages)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Slot layout of the patch keys: ``slots`` slots in ``nbx x nby`` squares of ``tw x th``."""
-
-    order: int
-    unit: int
-    tw: int
-    th: int
-    nbx: int
-    nby: int
-    slots: int
-
-
-def _layout(grid: Tuple[int, int], cfg: Config) -> _Layout:
-    gh, gw = grid
-    if cfg.order == ROW_MAJOR:
-        return _Layout(ROW_MAJOR, cfg.unit, 1, 1, 1, 1, gh * gw)
-    tw, th = _unit_shape(cfg.unit)
-    nbx, nby = triton.cdiv(gw, tw), triton.cdiv(gh, th)
-    return _Layout(TILED, cfg.unit, tw, th, nbx, nby, nbx * nby * cfg.unit)
-
-
-def slot_tokens(grid, num_prefix_tokens: int = 0, order: int = TILED, unit: int = 64) -> torch.Tensor:
-    """The token index held by each key slot (``-1`` for a padding slot), int64 ``(slots,)``.
-
-    The host-side statement of the layout the kernels compute by index arithmetic
-    (``_slot_patch``): ``ROW_MAJOR`` is the patch order itself; ``TILED`` walks ``TH x TW``
-    squares in row-major order of squares, row-major inside each square.
-    """
-    gh, gw = grid
-    lay = _layout((gh, gw), Config(16, 16, order, unit))
-    s = torch.arange(lay.slots)
-    if order == ROW_MAJOR:
-        return s + num_prefix_tokens
-    blk, loc = s // unit, s % unit
-    x = (blk % lay.nbx) * lay.tw + loc % lay.tw
-    y = (blk // lay.nbx) * lay.th + loc // lay.tw
-    valid = (x < gw) & (y < gh)
-    return torch.where(valid, num_prefix_tokens + y * gw + x, torch.full_like(s, -1))
-
-
-def _prefix_block(P: int) -> int:
-    """Width of the narrow block that holds prefix tokens: a power of two in [16, 64]."""
-    return min(64, max(16, triton.next_power_of_2(max(P, 1))))
-
+__all__ = ["tile_codes", "tile_schedule", "visited_fraction", "query_tokens", "grouped_perm", "build_schedule",
+           "cached_schedule", "Schedule", "resolve_config"]
 
 
 # ================================================================================ grouped query order (host)
@@ -231,7 +30,7 @@ def grouped_perm(windows: torch.Tensor, grid: Tuple[int, int], cfg: Config) -> t
     patch indices (``0 .. n-1``, each once per row) or ``-1`` for padding slots; ``tq`` is the
     largest tile count over the images (shorter rows end in whole padding tiles).
 
-    Computed on the host (:func:`vitpatch.kernels.window_grouping.grouped_tiles`): CUDA windows cost
+    Computed on the host (:func:`vitpatch.kernels.window.grouping.grouped_tiles`): CUDA windows cost
     one device-to-host copy of the ``(Bw, n, 4)`` windows, i.e. one synchronisation per schedule
     build (``cached_schedule`` builds once per mask). ``meta`` windows (the compile gate) give ``tq = cdiv(n, block_m)``
     padding-only rows. Needs :attr:`Config.groups_queries`.
@@ -254,23 +53,6 @@ def grouped_perm(windows: torch.Tensor, grid: Tuple[int, int], cfg: Config) -> t
         out[b, :r.size] = r
     return torch.from_numpy(out).to(win.device)
 
-
-@helper
-def _slot_patch(slot, GH, GW, NBX, ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr):
-    """Patch index, column, row and validity of key-layout slots (the in-kernel ``slot_tokens``)."""
-    if ORDER == 0:
-        valid = slot < GH * GW
-        p = tl.where(valid, slot, 0)
-        x = p % GW
-        y = p // GW
-    else:
-        blk = slot // (TW * TH)
-        loc = slot % (TW * TH)
-        x = (blk % NBX) * TW + loc % TW
-        y = (blk // NBX) * TH + loc // TW
-        valid = (x < GW) & (y < GH)
-        p = tl.where(valid, y * GW + x, 0)
-    return p, x, y, valid
 
 
 @helper
