@@ -53,9 +53,9 @@ HALF = ("float16", "bfloat16")
 # Dot kernels and the constexpr that is their first GEMM's row count: with at least 64 rows a
 # warpgroup MMA (wgmma) is possible on sm_90a, and the gate expects it for half precision.
 DOT_ROWS = {
-    "window_attention._fwd_kernel": "BM",
-    "window_attention._bwd_dq_kernel": "BM",
-    "window_attention._bwd_dkdv_kernel": "BM",
+    "window_attention._fwd_kernel": "BLOCK_M",
+    "window_attention._bwd_dq_kernel": "BLOCK_M",
+    "window_attention._bwd_dkdv_kernel": "BLOCK_M",
     "winft_attention._threshold_kernel": "BLOCK_M",
     "winft_attention._gate_bits_kernel": "BLOCK_M",
     "winft_attention._attn_fwd_kernel": "BLOCK_M",
@@ -64,8 +64,8 @@ DOT_ROWS = {
     "cluster_attention._pool_fwd_kernel": "BLOCK_M",
     "cluster_attention._pool_bwd_dlogits_kernel": "BLOCK_N",
     "cluster_attention._pool_bwd_dx_kernel": "BLOCK_N",
-    "cluster_attention._attn_fwd_kernel": "BLOCK_N",
-    "cluster_attention._attn_bwd_kernel": "BLOCK_N",
+    "cluster_attention._attn_fwd_kernel": "BLOCK_M",
+    "cluster_attention._attn_bwd_kernel": "BLOCK_M",
 }
 
 
@@ -131,10 +131,10 @@ def _paca_fits(unit: str, cfg, d: int, variant: str) -> Optional[str]:
     if not unit.startswith("paca_attn"):
         return None
     from vitpatch.kernels import cluster_attention as ca
-    bm, bd = max(16, 1 << (int(variant[1:]) - 1).bit_length()), max(16, 1 << (d - 1).bit_length())
-    if ca.attn_tile_fits(cfg["BLOCK_N"], bm, bd):
+    bn, bd = max(16, 1 << (int(variant[1:]) - 1).bit_length()), max(16, 1 << (d - 1).bit_length())
+    if ca.attn_tile_fits(cfg["BLOCK_M"], bn, bd):
         return None
-    return f"pruned at run time: BLOCK_N {cfg['BLOCK_N']} x {max(bm, bd)} exceeds the register tile bound"
+    return f"pruned at run time: BLOCK_M {cfg['BLOCK_M']} x {max(bn, bd)} exceeds the register tile bound"
 
 
 DRIVERS = {"window": (_window, ("plain", "keep")), "winft": (_winft, ("multiply", "mask")),

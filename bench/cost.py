@@ -718,8 +718,8 @@ def _steps(launch) -> int:
     """Trip count of a build kernel's sequential ``# cost: steps`` loop: ``_cut_kernel`` walks an
     image's ``n`` sorted positions in blocks of ``LMIN``."""
     if launch.kernel.__name__ == "_cut_kernel":
-        n = dict(zip(launch.kernel.jit.arg_names, launch.args))["n"]
-        return -(-int(n) // int(launch.kwargs["LMIN"]))
+        named = launch.named
+        return -(-int(named["n"]) // int(named["LMIN"]))
     return 0
 
 

@@ -3,7 +3,7 @@ window kernels against: the cheapest loop a dense kernel of the same tile shape 
 
 One program per (query tile, head, image); its loop walks every key tile with the online softmax
 in base 2 (the scale folded into one multiply), the two products on tensor cores, no mask: the
-sequence length must be a multiple of ``BN`` (the model's reference is the steady state of a
+sequence length must be a multiple of ``BLOCK_N`` (the model's reference is the steady state of a
 dense kernel; a real one masks its last tile separately). Written for this project; it follows
 the published flash-attention algorithm (Dao et al. 2022), not any code.
 
@@ -28,20 +28,20 @@ def _tile(base, b, h, sb, sh, sn, rows, dd):
 
 @kernel
 def _dense_fwd_kernel(Q, K, V, O, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, N, qk_scale,
-                      HEAD_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    rows = pid * BM + tl.arange(0, BM)
-    cols = tl.arange(0, BN)
-    dd = tl.arange(0, HEAD_D)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dd = tl.arange(0, HEAD_DIM)
     q = tl.load(_tile(Q, b, h, sqb, sqh, sqn, rows, dd))
     kb = _tile(K, b, h, skb, skh, skn, cols, dd)
     vb = _tile(V, b, h, svb, svh, svn, cols, dd)
-    m_i = tl.full([BM], float("-inf"), tl.float32)
-    l_i = tl.zeros([BM], tl.float32)
-    acc = tl.zeros([BM, HEAD_D], tl.float32)
-    for start in range(0, N, BN):  # cost: dense
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start in range(0, N, BLOCK_N):  # cost: dense
         k = tl.load(kb + start * skn)
         v = tl.load(vb + start * svn)
         s = tl.dot(q, tl.trans(k)) * qk_scale
@@ -71,21 +71,21 @@ def attention(q, k, v, scale: float, block_m: int = 64, block_n: int = 64, num_w
     _dense_fwd_kernel[(N // block_m, H, B)](
         q, k, v, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), N, scale * _LOG2E,
-        HEAD_D=d, BM=block_m, BN=block_n, num_warps=num_warps, num_stages=num_stages)
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
 
 @kernel
 def _dense_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, N, qk_scale,
-                         sm_scale, HEAD_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                         sm_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``dq`` of one query tile: ``p`` from the saved base-2 ``lse``, ``ds = p (dout v^T - delta)``."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    rows = pid * BM + tl.arange(0, BM)
-    cols = tl.arange(0, BN)
-    dd = tl.arange(0, HEAD_D)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dd = tl.arange(0, HEAD_DIM)
     q_off = b * sqb + h * sqh + rows[:, None] * sqn + dd[None, :]
     q = tl.load(Q + q_off)
     do = tl.load(DO + q_off)
@@ -93,8 +93,8 @@ def _dense_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, s
     delta = tl.load(DELTA + (b * tl.num_programs(1) + h) * N + rows)
     kb = _tile(K, b, h, skb, skh, skn, cols, dd)
     vb = _tile(V, b, h, svb, svh, svn, cols, dd)
-    dq = tl.zeros([BM, HEAD_D], tl.float32)
-    for start in range(0, N, BN):  # cost: dense
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start in range(0, N, BLOCK_N):  # cost: dense
         k = tl.load(kb + start * skn)
         v = tl.load(vb + start * svn)
         p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
@@ -105,22 +105,22 @@ def _dense_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, s
 
 @kernel
 def _dense_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, N,
-                           qk_scale, sm_scale, HEAD_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                           qk_scale, sm_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``dk``, ``dv`` of one key tile over every query tile."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    keys = pid * BN + tl.arange(0, BN)
-    rows = tl.arange(0, BM)
-    dd = tl.arange(0, HEAD_D)
+    keys = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    dd = tl.arange(0, HEAD_DIM)
     k = tl.load(_tile(K, b, h, skb, skh, skn, keys, dd))
     v = tl.load(_tile(V, b, h, svb, svh, svn, keys, dd))
     qb = _tile(Q, b, h, sqb, sqh, sqn, rows, dd)
     dob = _tile(DO, b, h, sqb, sqh, sqn, rows, dd)
     stats = (b * tl.num_programs(1) + h) * N + rows
-    dk = tl.zeros([BN, HEAD_D], tl.float32)
-    dv = tl.zeros([BN, HEAD_D], tl.float32)
-    for start in range(0, N, BM):  # cost: dense
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for start in range(0, N, BLOCK_M):  # cost: dense
         q = tl.load(qb + start * sqn)
         do = tl.load(dob + start * sqn)
         lse = tl.load(LSE + stats + start)
@@ -151,7 +151,7 @@ def attention_backward(dout, q, k, v, scale: float, block_m: int = 64, block_n: 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), N, scale * _LOG2E, scale)
-    meta = dict(HEAD_D=d, BM=block_m, BN=block_n, num_warps=num_warps, num_stages=num_stages)
+    meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     _dense_bwd_dq_kernel[(N // block_m, H, B)](q, k, v, dout, lse.contiguous(), delta.contiguous(), dq, *strides, **meta)
     _dense_bwd_dkdv_kernel[(N // block_n, H, B)](q, k, v, dout, lse.contiguous(), delta.contiguous(), dk, dv,
                                                  *strides, **meta)

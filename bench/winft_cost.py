@@ -98,8 +98,7 @@ def _iterations(launch) -> Tuple[str, int, int]:
     gate pass runs one iteration per (row block, image, key tile), an attention kernel one per
     program and key tile (query tile for dk/dv)."""
     name = launch.kernel.__name__
-    args = dict(zip(launch.kernel.jit.arg_names, launch.args))
-    kw = launch.kwargs
+    args = kw = launch.named
     grid = tuple(int(g) for g in launch.grid)
     N = int(args["N"])
     if name in GATE_KERNELS:
@@ -133,7 +132,7 @@ def launch_cycles(launch, label: str, rows_by: Dict[tuple, Dict[str, dict]], hea
 def compulsory_bytes(launch) -> int:
     """Bytes of every distinct tensor argument of one launch (each read or written once in full)."""
     seen, total = set(), 0
-    for a in launch.args:
+    for a in launch.named.values():
         if hasattr(a, "element_size") and id(a) not in seen:
             seen.add(id(a))
             total += a.numel() * a.element_size()

@@ -21,10 +21,16 @@ Every kernel file and the compile gate (``python -m bench.compile``) read this m
   own results (``python -m bench.compile --write-policy``): only candidates with 0 spill bytes,
   shared memory within the limit and wgmma (sm_90a, half precision) ship; the gate's reports in
   ``bench/results/`` show every candidate, pruned ones included. :func:`configs` gives what a
-  launch may use now, :func:`supports` why a case is declined. Launchers pick among them (the
-  window kernels with their own tuner, the PaCa kernels through ``triton.autotune``, WinfT the
-  first). :data:`INTERPRET` holds the one small pinned configuration each unit runs in the
+  launch may use now, :func:`supports` why a case is declined. Every launcher picks among them
+  through :func:`select` (one candidate: it; several: timed once per case on the GPU, the
+  fastest kept). :data:`INTERPRET` holds the one small pinned configuration each unit runs in the
   interpreter.
+* **Names**: every kernel names its arguments in one dialect, and every launcher passes them by
+  keyword: tensors in capitals (``Q``, ``K``, ``V``, ``O``, ``DO``, ``LSE``, ...), strides
+  ``stride_<tensor><axis>`` (:func:`strides`; axes ``b``, ``h``, ``n``, ``d``, or ``_b`` for a
+  per-image table), sizes ``B``, ``H``, ``N`` (tokens), ``M`` (clusters), ``HEAD_DIM``; tiles
+  ``BLOCK_M`` (a program's query rows, or output rows: the clusters of the PaCa pooling),
+  ``BLOCK_N`` (the key or reduction tile), ``BLOCK_D`` (the head width padded to a power of two).
 * **The compile gate's hooks**: :func:`recording` collects the launches a launcher would make
   (on ``meta`` tensors, with nothing run) and :func:`forcing` pins a unit's configuration, so
   the gate compiles exactly what the launchers launch, with their own argument lists.
@@ -37,9 +43,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import logging
 import types
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from triton.runtime.jit import JITFunction
@@ -47,8 +54,8 @@ from triton.runtime.jit import JITFunction
 from vitpatch import _compat, _env
 
 __all__ = ["interpreting", "interpreter", "kernel", "helper", "combine", "Kernel", "dot_precision", "precision_label",
-           "LaunchConfig", "CANDIDATES", "INTERPRET", "configs", "candidates", "shipped", "supports", "forcing",
-           "forced", "recording", "Launch", "num_sms", "current_target", "width_bucket", "TARGETS", "WIDTH_BUCKETS",
+           "strides", "LaunchConfig", "CANDIDATES", "INTERPRET", "configs", "select", "keywords", "candidates", "shipped", "supports",
+           "forcing", "forced", "recording", "Launch", "num_sms", "current_target", "width_bucket", "TARGETS", "WIDTH_BUCKETS",
            "HALF", "FP32", "TF32", "ALL_DTYPES"]
 
 # ================================================================================ interpreter
@@ -123,8 +130,8 @@ def _plain(fn: types.FunctionType) -> types.FunctionType:
 class Kernel:
     """A Triton kernel built lazily for the mode it is launched in (GPU or interpreter).
 
-    ``kernel[grid](*args, **meta)`` launches it like a ``JITFunction``; :attr:`jit` is the GPU
-    form (what ``triton.autotune`` wraps and the compile gate compiles). Under :func:`recording`
+    ``kernel[grid](**arguments)`` launches it like a ``JITFunction`` (the launchers name every
+    argument); :attr:`jit` is the GPU form (what the compile gate compiles). Under :func:`recording`
     a launch is recorded instead of run.
     """
 
@@ -146,18 +153,33 @@ class Kernel:
         return InterpretedFunction(_plain(self.fn))
 
     def __getitem__(self, grid):
-        rec = _RECORDER.get()
-        if rec is not None:
-            return functools.partial(_record, rec, self, grid)
-        return (self.interpreted if interpreting() else self.jit)[grid]
+        return _DISPATCH.get()(self, grid)
 
     def __repr__(self) -> str:
         return f"Kernel({self.fn.__module__}.{self.__name__})"
 
 
+def _run(k: Kernel, grid):
+    """How a launch runs: the interpreted or the GPU form, by the mode (:func:`interpreting`)."""
+    return (k.interpreted if interpreting() else k.jit)[grid]
+
+
+# what ``kernel[grid]`` returns: :func:`_run`, or inside :func:`recording` a recorder (the test
+# hook stays out of the launch path: one context-variable read either way)
+_DISPATCH: contextvars.ContextVar[Callable] = contextvars.ContextVar("vitpatch_dispatch", default=_run)
+
+
 def kernel(fn) -> Kernel:
     """Declare a kernel (see :class:`Kernel`)."""
     return Kernel(fn)
+
+
+def strides(name: str, t: torch.Tensor, axes: str = "bhnd") -> Dict[str, int]:
+    """``t``'s strides as keyword arguments, named as every kernel names them: ``stride_<name><axis>``
+    (``strides("q", q)``: ``stride_qb, stride_qh, stride_qn, stride_qd``)."""
+    if len(axes) != t.dim():
+        raise ValueError(f"axes must name each of the {t.dim()} dimensions of {name}, got {axes!r}")
+    return {f"stride_{name}{a}": s for a, s in zip(axes, t.stride())}
 
 
 # ================================================================================ precision
@@ -247,11 +269,12 @@ CANDIDATES: Dict[str, List[LaunchConfig]] = {
                    _c(4, 3, BLOCK_M=64, BLOCK_N=64, **_W), _c(8, 3, BLOCK_M=64, BLOCK_N=32, **_W)],
     # 32 x 32 tiles (mma.sync only: a warpgroup MMA needs 64 rows) only where the 64-row ones
     # spill, above head width 64; 64 x 32 with 8 warps runs dk/dv's 32-row products on mma.sync
-    # inside its main loops, so the gate ships it on sm_80 and in float32 only.
-    "window_bwd": [_c(4, 3, BLOCK_M=64, BLOCK_N=64, **_W), _c(8, 3, BLOCK_M=64, BLOCK_N=64, **_W),
-                   _c(8, 3, BLOCK_M=64, BLOCK_N=32, **_W), _c(4, 3, head_dims=(65, 1 << 30), BLOCK_M=32, BLOCK_N=32,
-                                                              **_W)],
-    # WinfT (kernels/winft_attention.py): the first clean candidate runs, untuned; the order is the
+    # inside its main loops, so the gate ships it on sm_80 and in float32 only. (64 x 64 with 8
+    # warps was dropped: its dk/dv holds 1 block per SM, and the cost model predicts its backward
+    # 1.2x the 4-warp one's at every benchmark shape; 64 x 32 covers its float32 cases.)
+    "window_bwd": [_c(4, 3, BLOCK_M=64, BLOCK_N=64, **_W), _c(8, 3, BLOCK_M=64, BLOCK_N=32, **_W),
+                   _c(4, 3, head_dims=(65, 1 << 30), BLOCK_M=32, BLOCK_N=32, **_W)],
+    # WinfT (kernels/winft_attention.py): each unit timed over its clean candidates (select); the order is the
     # cost model's (python -m bench.cost, docs/cost_model.md "WinfT"). The gate passes are GEMMs of
     # width C = H d bound by their tiles' L2 reads: 128 x 128 reads half the bytes per score of
     # 64 x 64. Pass 1 with a target (its sigmoid, softplus, target tile and the kept
@@ -274,18 +297,19 @@ CANDIDATES: Dict[str, List[LaunchConfig]] = {
     "winft_dkdv": [_c(4, 3, BLOCK_M=32, BLOCK_N=64), _c(8, 3, BLOCK_M=64, BLOCK_N=64), _c(8, 2, BLOCK_M=64, BLOCK_N=32),
                    _c(8, 1, BLOCK_M=64, BLOCK_N=32),
                    _c(4, 1, dtypes=("float32", "tf32"), head_dims=(1, 32), BLOCK_M=16, BLOCK_N=16)],
-    # PaCa (kernels/cluster_attention.py): triton.autotune over the clean candidates. "Head width"
-    # is the channel count for the pooling units.
+    # PaCa (kernels/cluster_attention.py): BLOCK_N is the pooling's token tile (its clusters are
+    # its output rows, BLOCK_M, fixed by M), BLOCK_M the attention's query tile (its keys, the M
+    # clusters, are one tile). "Head width" is the channel count for the pooling units.
     "paca_pool_fwd": [_c(4, 2, BLOCK_N=32), _c(8, 2, BLOCK_N=64), _c(4, 2, BLOCK_N=64), _c(8, 2, BLOCK_N=128)],
     "paca_pool_dlogits": [_c(4, 2, BLOCK_N=32), _c(8, 2, BLOCK_N=64), _c(4, 2, BLOCK_N=16)],
     "paca_pool_dx": [_c(4, 2, BLOCK_N=32), _c(8, 2, BLOCK_N=64), _c(4, 2, BLOCK_N=64)],
-    "paca_attn_fwd": [_c(4, 1, BLOCK_N=32), _c(4, 1, BLOCK_N=64), _c(8, 1, BLOCK_N=64)],
+    "paca_attn_fwd": [_c(4, 1, BLOCK_M=32), _c(4, 1, BLOCK_M=64), _c(8, 1, BLOCK_M=64)],
     # 64-row query tiles, 8 warps: every product a wgmma on sm_90a and no spills at M = 100
     # (4 warps spill 228-240 B there), 3 stages (the next tile's q and do in flight: async_wait 2);
     # 2 stages only for heads wider than 64. 32- and 16-row tiles run q k^T, do v^T and ds k on
     # mma.sync: the gate ships them on sm_90a in half precision only where no 64-row tile is clean.
-    "paca_attn_bwd": [_c(8, 3, BLOCK_N=64), _c(8, 2, head_dims=(65, 1 << 30), BLOCK_N=64),
-                      _c(8, 1, BLOCK_N=32), _c(8, 1, BLOCK_N=16)],
+    "paca_attn_bwd": [_c(8, 3, BLOCK_M=64), _c(8, 2, head_dims=(65, 1 << 30), BLOCK_M=64),
+                      _c(8, 1, BLOCK_M=32), _c(8, 1, BLOCK_M=16)],
 }
 # The kernels each unit's configuration governs, by kernel name (the compile gate compiles a
 # unit's candidates for these; a unit's driver also launches its neighbours' kernels).
@@ -319,8 +343,8 @@ INTERPRET: Dict[str, LaunchConfig] = {
     "paca_pool_fwd": _c(1, 1, BLOCK_N=16),
     "paca_pool_dlogits": _c(1, 1, BLOCK_N=16),
     "paca_pool_dx": _c(1, 1, BLOCK_N=16),
-    "paca_attn_fwd": _c(1, 1, BLOCK_N=16),
-    "paca_attn_bwd": _c(1, 1, BLOCK_N=16),
+    "paca_attn_fwd": _c(1, 1, BLOCK_M=16),
+    "paca_attn_bwd": _c(1, 1, BLOCK_M=16),
 }
 
 # Units whose gate logits must be exact (WinfT's hard threshold): float32 always three-pass TF32.
@@ -379,6 +403,62 @@ def configs(unit: str, dtype: torch.dtype, head_dim: int) -> List[LaunchConfig]:
     return found
 
 
+def keywords(cfg: LaunchConfig) -> dict:
+    """A configuration's launch keywords: its constexprs and, on a GPU, ``num_warps`` and ``num_stages``."""
+    return dict(cfg.params) if interpreting() else cfg.meta
+
+
+_SELECTED: Dict[tuple, LaunchConfig] = {}
+_log = logging.getLogger("vitpatch.kernels")
+
+
+def _bench(fn: Callable[[], object]) -> float:
+    """Milliseconds of one call of ``fn`` (median of ``triton.testing.do_bench``); tests replace it."""
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=3, rep=10)
+
+
+def select(unit: str, dtype: torch.dtype, head_dim: int, *, key: tuple = (), device: Optional[torch.device] = None,
+           run: Optional[Callable[[LaunchConfig], object]] = None,
+           fits: Optional[Callable[[LaunchConfig], bool]] = None) -> LaunchConfig:
+    """The configuration ``unit`` launches for this call: the one launch selection of every op.
+
+    The candidates are :func:`configs` (the interpreter's pinned one, a forced one, or those the
+    compile gate shipped for the target, precision and head width), less those ``fits`` rejects
+    (all of them kept if it rejects every one). One candidate: it. Several, on a GPU: the first
+    call per ``(unit, dtype, head_dim, key, device)`` runs ``run(cfg)`` for each under
+    ``triton.testing.do_bench`` and keeps the fastest (candidates that run out of resources are
+    skipped; the choice is logged on ``vitpatch.kernels`` at DEBUG). ``key`` holds what else
+    changes the best configuration (token and cluster counts, the query tiles' schedule); ``run``
+    launches the unit's kernels with ``cfg`` on the call's own tensors (the work must be
+    repeatable: every kernel here writes its outputs whole, no atomics). Without ``run``, or
+    while the compile gate records launches, the first candidate.
+    """
+    cands = configs(unit, dtype, head_dim)
+    if fits is not None:
+        cands = [c for c in cands if fits(c)] or cands[:1]
+    if len(cands) == 1 or run is None or is_recording():
+        return cands[0]
+    index = None if device is None else device.index
+    cache_key = (unit, dtype, head_dim, tuple(key), index, tuple(cands))
+    chosen = _SELECTED.get(cache_key)
+    if chosen is None:
+        from triton.runtime.errors import OutOfResources
+        times = {}
+        for cand in cands:
+            try:
+                times[cand] = _bench(lambda: run(cand))
+            except OutOfResources as err:
+                _log.debug("%s %s: %s", unit, cand.label, err)
+        if not times:
+            raise RuntimeError(f"no {unit} configuration fits this device for {precision_label(dtype)} at head "
+                               f"width {head_dim}: every candidate ran out of resources")
+        chosen = _SELECTED[cache_key] = min(times, key=times.get)
+        _log.debug("%s for %s, head width %d, %s: %s (%s)", unit, dtype, head_dim, key, chosen.label,
+                   ", ".join(f"{c.label} {t:.3f} ms" for c, t in times.items()))
+    return chosen
+
+
 @torch.compiler.assume_constant_result
 def supports(units, dtype: torch.dtype, head_dim: int) -> Optional[str]:
     """Why the kernels of ``units`` cannot run ``dtype`` at ``head_dim`` on this GPU now, or ``None``.
@@ -427,6 +507,11 @@ class Launch:
     args: tuple
     kwargs: dict
 
+    @property
+    def named(self) -> dict:
+        """Every argument by the kernel's parameter name (launches pass them by keyword)."""
+        return {**dict(zip(self.kernel.jit.arg_names, self.args)), **self.kwargs}
+
 
 _RECORDER: contextvars.ContextVar[Optional[List[Launch]]] = contextvars.ContextVar("vitpatch_recorder",
                                                                                    default=None)
@@ -448,6 +533,7 @@ def recording(target: str = "sm_90a") -> Iterator[List[Launch]]:
     """
     launches: List[Launch] = []
     token = _RECORDER.set(launches)
+    dispatch = _DISPATCH.set(lambda k, grid: functools.partial(_record, launches, k, grid))
     mode = _FORCE_INTERPRET.set(False)
     tgt = _TARGET.set(target)
     try:
@@ -455,6 +541,7 @@ def recording(target: str = "sm_90a") -> Iterator[List[Launch]]:
     finally:
         _TARGET.reset(tgt)
         _FORCE_INTERPRET.reset(mode)
+        _DISPATCH.reset(dispatch)
         _RECORDER.reset(token)
 
 

@@ -40,13 +40,13 @@ registered autograd formula, so ``torch.compile`` keeps them in one graph:
 Accumulation is float32 for float32, float16 and bfloat16 inputs; float32 products follow the
 policy of :mod:`vitpatch.kernels._launch` (three-pass TF32 on tensor cores at PyTorch's default
 ``"highest"`` matmul precision, one-pass TF32 at ``"high"``/``"medium"``). Inputs may be
-non-contiguous: every kernel takes strides. On a GPU the block sizes are autotuned over the
-policy's candidates (units ``paca_*``); under ``TRITON_INTERPRET=1`` (CPU tensors) exactly one
-small pinned configuration runs.
+non-contiguous: every kernel takes strides. On a GPU the block sizes are chosen among the
+policy's candidates (units ``paca_*``) by :func:`vitpatch.kernels._launch.select`, timed once per
+token and cluster count; under ``TRITON_INTERPRET=1`` (CPU tensors) exactly one small pinned
+configuration runs.
 
 Kernels and launchers only; validation and the backend choice live in ``vitpatch.functional``.
 """
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._launch import dot_precision, interpreting, kernel
+from ._launch import dot_precision, interpreting, kernel, keywords, strides
 
 __all__ = ["cluster_pool", "cluster_attention", "cluster_pool_unsupported", "cluster_attention_unsupported",
            "MAX_CLUSTERS", "MAX_HEAD_DIM"]
@@ -75,7 +75,7 @@ _INTERP = {"pool_block_m": 32, "pool_block_c": 16, "pool_split": 24, "attn_split
 @kernel
 def _pool_fwd_kernel(L, X, Z, STATS, PACC, PMAX, PSUM,
                      n, M, C, tokens_per_split, num_splits, plane,
-                     s_lb, s_ln, s_lm, s_xb, s_xn, s_xc,
+                     stride_lb, stride_ln, stride_lm, stride_xb, stride_xn, stride_xc,
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                      SINGLE: tl.constexpr, PREC: tl.constexpr):
     """One token range x one tile of clusters x one tile of channels: online softmax over the tokens.
@@ -94,8 +94,8 @@ def _pool_fwd_kernel(L, X, Z, STATS, PACC, PMAX, PSUM,
     mask_c = offs_c < C
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, n)
-    l_base = L + b.to(tl.int64) * s_lb
-    x_base = X + b.to(tl.int64) * s_xb
+    l_base = L + b.to(tl.int64) * stride_lb
+    x_base = X + b.to(tl.int64) * stride_xb
 
     run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -103,7 +103,7 @@ def _pool_fwd_kernel(L, X, Z, STATS, PACC, PMAX, PSUM,
     for t0 in range(start, end, BLOCK_N):  # cost: main
         offs_n = t0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        lg = tl.load(l_base + offs_n[:, None] * s_ln + offs_m[None, :] * s_lm,
+        lg = tl.load(l_base + offs_n[:, None] * stride_ln + offs_m[None, :] * stride_lm,
                      mask=mask_n[:, None] & mask_m[None, :], other=0.0).to(tl.float32)
         lg = tl.where(mask_n[:, None], lg, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(lg, axis=0))
@@ -112,7 +112,7 @@ def _pool_fwd_kernel(L, X, Z, STATS, PACC, PMAX, PSUM,
         alpha = tl.exp(run_max - shift)
         p = tl.exp(lg - shift[None, :])
         run_sum = run_sum * alpha + tl.sum(p, axis=0)
-        xt = tl.load(x_base + offs_n[:, None] * s_xn + offs_c[None, :] * s_xc,
+        xt = tl.load(x_base + offs_n[:, None] * stride_xn + offs_c[None, :] * stride_xc,
                      mask=mask_n[:, None] & mask_c[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(tl.trans(p.to(xt.dtype)), xt, input_precision=PREC)
         run_max = new_max
@@ -171,7 +171,8 @@ def _pool_combine_kernel(Z, STATS, PACC, PMAX, PSUM, M, C, num_splits, plane,
 
 @kernel
 def _pool_bwd_dlogits_kernel(L, X, Z, DZ, STATS, DL, n, M, C, plane,
-                             s_lb, s_ln, s_lm, s_xb, s_xn, s_xc, s_dzb, s_dzm, s_dzc,
+                             stride_lb, stride_ln, stride_lm, stride_xb, stride_xn, stride_xc,
+                             stride_dzb, stride_dzm, stride_dzc,
                              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                              PREC: tl.constexpr):
     """``dlogits_im = a_im (dz_m . x_i - dz_m . z_m)`` for a tile of tokens x a tile of clusters (loop over C)."""
@@ -188,22 +189,22 @@ def _pool_bwd_dlogits_kernel(L, X, Z, DZ, STATS, DL, n, M, C, plane,
     st = STATS + b.to(tl.int64) * M + offs_m
     mx = tl.load(st, mask=mask_m, other=0.0)
     log_sum = tl.load(st + plane, mask=mask_m, other=0.0)
-    lg = tl.load(L + b.to(tl.int64) * s_lb + offs_n[:, None] * s_ln + offs_m[None, :] * s_lm,
+    lg = tl.load(L + b.to(tl.int64) * stride_lb + offs_n[:, None] * stride_ln + offs_m[None, :] * stride_lm,
                  mask=mask_nm, other=0.0).to(tl.float32)
     a = tl.where(mask_nm, tl.exp((lg - mx[None, :]) - log_sum[None, :]), 0.0)
 
-    x_base = X + b.to(tl.int64) * s_xb
-    dz_base = DZ + b.to(tl.int64) * s_dzb
+    x_base = X + b.to(tl.int64) * stride_xb
+    dz_base = DZ + b.to(tl.int64) * stride_dzb
     z_base = Z + b.to(tl.int64) * M * C
     xdz = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     zdz = tl.zeros([BLOCK_M], tl.float32)
     for c0 in range(0, C, BLOCK_C):  # cost: main
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        xt = tl.load(x_base + offs_n[:, None] * s_xn + offs_c[None, :] * s_xc,
+        xt = tl.load(x_base + offs_n[:, None] * stride_xn + offs_c[None, :] * stride_xc,
                      mask=mask_n[:, None] & mask_c[None, :], other=0.0)
         mask_mc = mask_m[:, None] & mask_c[None, :]
-        dzt = tl.load(dz_base + offs_m[:, None] * s_dzm + offs_c[None, :] * s_dzc, mask=mask_mc, other=0.0)
+        dzt = tl.load(dz_base + offs_m[:, None] * stride_dzm + offs_c[None, :] * stride_dzc, mask=mask_mc, other=0.0)
         zt = tl.load(z_base + offs_m[:, None] * C + offs_c[None, :], mask=mask_mc, other=0.0)
         xdz += tl.dot(xt, tl.trans(dzt.to(xt.dtype)), input_precision=PREC)
         zdz += tl.sum(dzt.to(tl.float32) * zt.to(tl.float32), axis=1)
@@ -214,7 +215,7 @@ def _pool_bwd_dlogits_kernel(L, X, Z, DZ, STATS, DL, n, M, C, plane,
 
 @kernel
 def _pool_bwd_dx_kernel(L, DZ, STATS, DX, n, M, C, plane,
-                        s_lb, s_ln, s_lm, s_dzb, s_dzm, s_dzc,
+                        stride_lb, stride_ln, stride_lm, stride_dzb, stride_dzm, stride_dzc,
                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                         PREC: tl.constexpr):
     """``dx_i = sum_m a_im dz_m`` for a tile of tokens x a tile of channels (loop over the clusters)."""
@@ -226,8 +227,8 @@ def _pool_bwd_dx_kernel(L, DZ, STATS, DX, n, M, C, plane,
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_n = offs_n < n
     mask_c = offs_c < C
-    l_base = L + b.to(tl.int64) * s_lb
-    dz_base = DZ + b.to(tl.int64) * s_dzb
+    l_base = L + b.to(tl.int64) * stride_lb
+    dz_base = DZ + b.to(tl.int64) * stride_dzb
     acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     for m0 in range(0, M, BLOCK_M):  # cost: main
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -236,9 +237,9 @@ def _pool_bwd_dx_kernel(L, DZ, STATS, DX, n, M, C, plane,
         st = STATS + b.to(tl.int64) * M + offs_m
         mx = tl.load(st, mask=mask_m, other=0.0)
         log_sum = tl.load(st + plane, mask=mask_m, other=0.0)
-        lg = tl.load(l_base + offs_n[:, None] * s_ln + offs_m[None, :] * s_lm, mask=mask_nm, other=0.0)
+        lg = tl.load(l_base + offs_n[:, None] * stride_ln + offs_m[None, :] * stride_lm, mask=mask_nm, other=0.0)
         a = tl.where(mask_nm, tl.exp((lg.to(tl.float32) - mx[None, :]) - log_sum[None, :]), 0.0)
-        dzt = tl.load(dz_base + offs_m[:, None] * s_dzm + offs_c[None, :] * s_dzc,
+        dzt = tl.load(dz_base + offs_m[:, None] * stride_dzm + offs_c[None, :] * stride_dzc,
                       mask=mask_m[:, None] & mask_c[None, :], other=0.0)
         acc += tl.dot(a.to(dzt.dtype), dzt, input_precision=PREC)
     tl.store(DX + (b.to(tl.int64) * n + offs_n[:, None]) * C + offs_c[None, :], acc.to(DX.dtype.element_ty),
@@ -250,44 +251,46 @@ def _pool_bwd_dx_kernel(L, DZ, STATS, DX, n, M, C, plane,
 # ---------------------------------------------------------------------------------------------
 
 @kernel
-def _attn_fwd_kernel(Q, K, V, O, scale, H, N, M, D,
-                     s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_km, s_kd, s_vb, s_vh, s_vm, s_vd,
-                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+def _attn_fwd_kernel(Q, K, V, O, scale, H, N, M, HEAD_DIM,
+                     stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                     stride_vb, stride_vh, stride_vn, stride_vd,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      PREC: tl.constexpr):
     """A tile of queries against all ``M`` keys of its head: exact softmax in one tile."""
     pid = tl.program_id(0)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    bh = pid // n_tiles
+    m_tiles = tl.cdiv(N, BLOCK_M)
+    bh = pid // m_tiles
     b = bh // H
     hh = bh % H
-    offs_n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = (pid % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    mask_nd = (offs_n < N)[:, None] & (offs_d < D)[None, :]
-    # all M keys and values of the head, zero-padded to one (BLOCK_M, BLOCK_D) tile each
-    kv_mask = mask_m[:, None] & (offs_d < D)[None, :]
-    k = tl.load(K + b.to(tl.int64) * s_kb + hh.to(tl.int64) * s_kh + offs_m[:, None] * s_km + offs_d[None, :] * s_kd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * s_vb + hh.to(tl.int64) * s_vh + offs_m[:, None] * s_vm + offs_d[None, :] * s_vd,
-                mask=kv_mask, other=0.0)
-    q = tl.load(Q + b.to(tl.int64) * s_qb + hh.to(tl.int64) * s_qh + offs_n[:, None] * s_qn + offs_d[None, :] * s_qd,
-                mask=mask_nd, other=0.0)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < M
+    mask_md = (offs_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    # all M keys and values of the head, zero-padded to one (BLOCK_N, BLOCK_D) tile each
+    kv_mask = mask_n[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(K + b.to(tl.int64) * stride_kb + hh.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn
+                + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + hh.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn
+                + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + hh.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qn
+                + offs_d[None, :] * stride_qd, mask=mask_md, other=0.0)
     # softmax_m(scale q_i . k_m) over the whole row at once (padding keys get probability 0)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-    s = tl.where(mask_m[None, :], s, float("-inf"))
+    s = tl.where(mask_n[None, :], s, float("-inf"))
     p = tl.exp(s - tl.max(s, axis=1)[:, None])
     p = p * (1.0 / tl.sum(p, axis=1))[:, None]
     o = tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    rows = bh.to(tl.int64) * N + offs_n
-    tl.store(O + rows[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=mask_nd)
+    rows = bh.to(tl.int64) * N + offs_m
+    tl.store(O + rows[:, None] * HEAD_DIM + offs_d[None, :], o.to(O.dtype.element_ty), mask=mask_md)
 
 
 @kernel
-def _attn_bwd_kernel(Q, K, V, DO, DQ, PDK, PDV, scale, H, N, M, D, rows_per_split, num_splits,
-                     s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_km, s_kd, s_vb, s_vh, s_vm, s_vd,
-                     s_dob, s_doh, s_don, s_dod,
-                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+def _attn_bwd_kernel(Q, K, V, DO, DQ, PDK, PDV, scale, H, N, M, HEAD_DIM, rows_per_split, num_splits,
+                     stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                     stride_vb, stride_vh, stride_vn, stride_vd,
+                     stride_dob, stride_doh, stride_don, stride_dod,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      PREC: tl.constexpr):
     """One (batch, head) x one range of query rows: dq for those rows, partial dk and dv over them.
 
@@ -299,41 +302,41 @@ def _attn_bwd_kernel(Q, K, V, DO, DQ, PDK, PDV, scale, H, N, M, D, rows_per_spli
     split = pid % num_splits
     b = bh // H
     hh = bh % H
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < M
-    mask_d = offs_d < D
-    kv_mask = mask_m[:, None] & mask_d[None, :]
-    k = tl.load(K + b.to(tl.int64) * s_kb + hh.to(tl.int64) * s_kh + offs_m[:, None] * s_km + offs_d[None, :] * s_kd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * s_vb + hh.to(tl.int64) * s_vh + offs_m[:, None] * s_vm + offs_d[None, :] * s_vd,
-                mask=kv_mask, other=0.0)
-    q_base = Q + b.to(tl.int64) * s_qb + hh.to(tl.int64) * s_qh
-    do_base = DO + b.to(tl.int64) * s_dob + hh.to(tl.int64) * s_doh
-    dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    mask_n = offs_n < M
+    mask_d = offs_d < HEAD_DIM
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(K + b.to(tl.int64) * stride_kb + hh.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn
+                + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + hh.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn
+                + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    q_base = Q + b.to(tl.int64) * stride_qb + hh.to(tl.int64) * stride_qh
+    do_base = DO + b.to(tl.int64) * stride_dob + hh.to(tl.int64) * stride_doh
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     start = split * rows_per_split
     end = tl.minimum(start + rows_per_split, N)
-    for n0 in range(start, end, BLOCK_N):  # cost: main
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        mask_nd = mask_n[:, None] & mask_d[None, :]
-        q = tl.load(q_base + offs_n[:, None] * s_qn + offs_d[None, :] * s_qd, mask=mask_nd, other=0.0)
-        do = tl.load(do_base + offs_n[:, None] * s_don + offs_d[None, :] * s_dod, mask=mask_nd, other=0.0)
+    for m0 in range(start, end, BLOCK_M):  # cost: main
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < end
+        mask_md = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=mask_md, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=mask_md, other=0.0)
         # the same row softmax as the forward, recomputed whole; rows past the range get p = 0
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        s = tl.where(mask_m[None, :], s, float("-inf"))
+        s = tl.where(mask_n[None, :], s, float("-inf"))
         p = tl.exp(s - tl.max(s, axis=1)[:, None])
-        p = tl.where(mask_n[:, None], p * (1.0 / tl.sum(p, axis=1))[:, None], 0.0)
+        p = tl.where(mask_m[:, None], p * (1.0 / tl.sum(p, axis=1))[:, None], 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v.to(do.dtype)), input_precision=PREC)
         ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
         dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale
-        rows = bh.to(tl.int64) * N + offs_n
-        tl.store(DQ + rows[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mask_nd)
+        rows = bh.to(tl.int64) * N + offs_m
+        tl.store(DQ + rows[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mask_md)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     # one range (num_splits == 1): PDK / PDV are dk and dv themselves, in their dtype; else float32 partials
-    part = (pid.to(tl.int64) * M + offs_m[:, None]) * D + offs_d[None, :]
+    part = (pid.to(tl.int64) * M + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
     tl.store(PDK + part, (dk * scale).to(PDK.dtype.element_ty), mask=kv_mask)
     tl.store(PDV + part, dv.to(PDV.dtype.element_ty), mask=kv_mask)
 
@@ -356,7 +359,7 @@ def _attn_bwd_reduce_kernel(PDK, PDV, DK, DV, num_splits, MD, BLOCK: tl.constexp
 
 
 # ---------------------------------------------------------------------------------------------
-# launch helpers: policy configurations (pinned, single or autotuned), split sizes
+# launch helpers: the configuration of a unit (pinned, single or timed), split sizes
 # ---------------------------------------------------------------------------------------------
 
 def _require_cuda(t: torch.Tensor) -> None:
@@ -384,62 +387,17 @@ def _split_size(total: int, programs: int, t: torch.Tensor, interp: bool, key: s
     return size, triton.cdiv(total, size)
 
 
-def attn_tile_fits(block_n: int, block_m: int, block_d: int) -> bool:
-    """Whether a query tile of ``block_n`` rows against ``block_m`` keys of width ``block_d`` fits in registers."""
-    return block_n * max(block_m, block_d) <= 128 * 128
+def attn_tile_fits(block_m: int, block_n: int, block_d: int) -> bool:
+    """Whether a query tile of ``block_m`` rows against ``block_n`` keys of width ``block_d`` fits in registers."""
+    return block_m * max(block_n, block_d) <= 128 * 128
 
 
-def _prune_attn(configs, named_args, **kwargs):
-    """Drop query tiles whose score tile (BLOCK_N x BLOCK_M) or operand tiles would not fit in registers."""
-    bm, bd = named_args.get("BLOCK_M", kwargs.get("BLOCK_M")), named_args.get("BLOCK_D", kwargs.get("BLOCK_D"))
-    kept = [c for c in configs if attn_tile_fits(c.kwargs["BLOCK_N"], bm, bd)]
-    return kept or configs[:1]
-
-
-# kernel -> (policy unit, autotune key)
-_UNITS = {
-    "pool_fwd": ("paca_pool_fwd", ["n", "M", "C"]),
-    "pool_dlogits": ("paca_pool_dlogits", ["n", "M", "C"]),
-    "pool_dx": ("paca_pool_dx", ["n", "M", "C"]),
-    "attn_fwd": ("paca_attn_fwd", ["N", "M", "D"]),
-    "attn_bwd": ("paca_attn_bwd", ["N", "M", "D"]),
-}
-_KERNELS = {"pool_fwd": _pool_fwd_kernel, "pool_combine": _pool_combine_kernel, "pool_dlogits": _pool_bwd_dlogits_kernel,
-            "pool_dx": _pool_bwd_dx_kernel, "attn_fwd": _attn_fwd_kernel, "attn_bwd": _attn_bwd_kernel}
-
-
-@functools.lru_cache(maxsize=None)
-def _tuned(name: str, cands: Tuple[_launch.LaunchConfig, ...]):
-    """The autotuned GPU variant of a kernel over the policy's candidates (built on first use)."""
-    configs = [triton.Config(dict(c.params), num_warps=c.num_warps, num_stages=c.num_stages) for c in cands]
-    prune = {"early_config_prune": _prune_attn} if name.startswith("attn") else None
-    return triton.autotune(configs, key=_UNITS[name][1], prune_configs_by=prune)(_gpu_form(_KERNELS[name]))
-
-
-def _gpu_form(k: _launch.Kernel):
-    """What ``triton.autotune`` wraps: the kernel's GPU build (a seam for the interpreter test of the wiring)."""
-    return k.jit
-
-
-def _kernel(name: str, t: torch.Tensor, width: int = 0):
-    """``(launchable, extra kwargs, interpreted)`` for kernel ``name`` on ``t`` (``width``: channels or head width).
-
-    In the interpreter: the kernel with the policy's pinned tile. On a GPU: the policy's one
-    configuration, or ``triton.autotune`` over its candidates when several ship for the dtype
-    (``pool_combine`` has nothing to tune).
-    """
-    k = _KERNELS[name]
-    interp = interpreting()
-    if not interp:
+def _select(unit: str, t: torch.Tensor, width: int, key: tuple, run, fits=None) -> _launch.LaunchConfig:
+    """The configuration of ``unit`` for this call (:func:`vitpatch.kernels._launch.select`, timed
+    over the clean candidates on a GPU, keyed on the sizes that change the best one)."""
+    if not interpreting():
         _require_cuda(t)
-    if name not in _UNITS:
-        return k, {}, interp
-    cands = _launch.configs(_UNITS[name][0], t.dtype, width)
-    if interp:
-        return k, dict(cands[0].params), True
-    if len(cands) == 1 or _launch.is_recording():  # the compile gate forces the unit it compiles
-        return k, cands[0].meta, False
-    return _tuned(name, tuple(cands)), {}, False
+    return _launch.select(unit, t.dtype, width, key=key, device=t.device, run=run, fits=fits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,7 +423,7 @@ def _pool_forward(logits: torch.Tensor, x: torch.Tensor, *, tokens_per_split: Op
     stats = torch.empty((2, B, M), dtype=torch.float32, device=x.device)
     if B == 0 or C == 0:  # nothing to pool (backward of an empty z gives zero gradients)
         return z, stats.zero_()
-    fn, extra, interp = _kernel("pool_fwd", x, C)
+    interp = interpreting()
     bm, bc = _pool_tiles(M, C, interp)
     m_tiles, c_tiles = triton.cdiv(M, bm), triton.cdiv(C, bc)
     tps, splits = _split_size(n, B * m_tiles * c_tiles, x, interp, "pool_split", tokens_per_split)
@@ -476,13 +434,17 @@ def _pool_forward(logits: torch.Tensor, x: torch.Tensor, *, tokens_per_split: Op
         pacc = torch.empty((B, splits, M, C), dtype=torch.float32, device=x.device)
         pmax = torch.empty((B, splits, M), dtype=torch.float32, device=x.device)
         psum = torch.empty((B, splits, M), dtype=torch.float32, device=x.device)
-    fn[(B * m_tiles, splits, c_tiles)](
-        logits, x, z, stats, pacc, pmax, psum, n, M, C, tps, splits, B * M,
-        *logits.stride(), *x.stride(),
-        BLOCK_M=bm, BLOCK_C=bc, SINGLE=single, PREC=dot_precision(x.dtype), **extra)
+
+    def pool(cfg):
+        _pool_fwd_kernel[(B * m_tiles, splits, c_tiles)](
+            L=logits, X=x, Z=z, STATS=stats, PACC=pacc, PMAX=pmax, PSUM=psum, n=n, M=M, C=C, tokens_per_split=tps,
+            num_splits=splits, plane=B * M, **strides("l", logits, "bnm"), **strides("x", x, "bnc"), BLOCK_M=bm,
+            BLOCK_C=bc, SINGLE=single, PREC=dot_precision(x.dtype), **keywords(cfg))
+
+    pool(_select("paca_pool_fwd", x, C, (n, M, C), pool))
     if not single:
-        combine, _, _ = _kernel("pool_combine", x)
-        combine[(B * m_tiles, c_tiles)](z, stats, pacc, pmax, psum, M, C, splits, B * M, BLOCK_M=bm, BLOCK_C=bc)
+        _pool_combine_kernel[(B * m_tiles, c_tiles)](Z=z, STATS=stats, PACC=pacc, PMAX=pmax, PSUM=psum, M=M, C=C,
+                                                     num_splits=splits, plane=B * M, BLOCK_M=bm, BLOCK_C=bc)
     return z, stats
 
 
@@ -498,17 +460,21 @@ def _pool_backward(dz, logits, x, z, stats):
         return dlogits, dx
     if C == 0:  # z is empty, so nothing depends on the logits
         return dlogits.zero_(), dx
-    fn, extra, interp = _kernel("pool_dlogits", x, C)
-    bm, bc = _pool_tiles(M, C, interp)
+    bm, bc = _pool_tiles(M, C, interpreting())
     prec = dot_precision(x.dtype)
     m_tiles, c_tiles = triton.cdiv(M, bm), triton.cdiv(C, bc)
-    fn[lambda meta: (B * m_tiles, triton.cdiv(n, meta["BLOCK_N"]))](
-        logits, x, z, dz, stats, dlogits, n, M, C, B * M, *logits.stride(), *x.stride(), *dz.stride(),
-        BLOCK_M=bm, BLOCK_C=bc, PREC=prec, **extra)
-    fn, extra, _ = _kernel("pool_dx", x, C)
-    fn[lambda meta: (B * triton.cdiv(n, meta["BLOCK_N"]), c_tiles)](
-        logits, dz, stats, dx, n, M, C, B * M, *logits.stride(), *dz.stride(),
-        BLOCK_M=bm, BLOCK_C=bc, PREC=prec, **extra)
+    common = dict(L=logits, DZ=dz, STATS=stats, n=n, M=M, C=C, plane=B * M, **strides("l", logits, "bnm"),
+                  **strides("dz", dz, "bmc"), BLOCK_M=bm, BLOCK_C=bc, PREC=prec)
+
+    def grad_logits(cfg):
+        _pool_bwd_dlogits_kernel[(B * m_tiles, triton.cdiv(n, cfg["BLOCK_N"]))](
+            X=x, Z=z, DL=dlogits, **strides("x", x, "bnc"), **common, **keywords(cfg))
+
+    def grad_x(cfg):
+        _pool_bwd_dx_kernel[(B * triton.cdiv(n, cfg["BLOCK_N"]), c_tiles)](DX=dx, **common, **keywords(cfg))
+
+    grad_logits(_select("paca_pool_dlogits", x, C, (n, M, C), grad_logits))
+    grad_x(_select("paca_pool_dx", x, C, (n, M, C), grad_x))
     return dlogits, dx
 
 
@@ -519,10 +485,14 @@ def _attn_forward(q, k, v, scale: float):
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     if B * H * N == 0:
         return out
-    fn, extra, _ = _kernel("attn_fwd", q, D)
-    fn[lambda meta: (B * H * triton.cdiv(N, meta["BLOCK_N"]),)](
-        q, k, v, out, scale, H, N, M, D, *q.stride(), *k.stride(), *v.stride(),
-        BLOCK_M=_pow2(M), BLOCK_D=_pow2(D), PREC=dot_precision(q.dtype), **extra)
+    bn, bd = _pow2(M), _pow2(D)
+
+    def attend(cfg):
+        _attn_fwd_kernel[(B * H * triton.cdiv(N, cfg["BLOCK_M"]),)](
+            Q=q, K=k, V=v, O=out, scale=scale, H=H, N=N, M=M, HEAD_DIM=D, **strides("q", q), **strides("k", k),
+            **strides("v", v), BLOCK_N=bn, BLOCK_D=bd, PREC=dot_precision(q.dtype), **keywords(cfg))
+
+    attend(_select("paca_attn_fwd", q, D, (N, M), attend, lambda c: attn_tile_fits(c["BLOCK_M"], bn, bd)))
     return out
 
 
@@ -535,7 +505,7 @@ def _attn_backward(do, q, k, v, scale: float, *, rows_per_split: Optional[int] =
     if B * H == 0 or N == 0:
         return dq, torch.zeros((B, H, M, D), dtype=k.dtype, device=k.device), \
             torch.zeros((B, H, M, D), dtype=v.dtype, device=v.device)
-    fn, extra, interp = _kernel("attn_bwd", q, D)
+    interp = interpreting()
     rps, splits = _split_size(N, B * H, q, interp, "attn_split", rows_per_split)
     dk = torch.empty((B, H, M, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H, M, D), dtype=v.dtype, device=v.device)
@@ -544,13 +514,19 @@ def _attn_backward(do, q, k, v, scale: float, *, rows_per_split: Optional[int] =
     else:
         pdk = torch.empty((B * H, splits, M, D), dtype=torch.float32, device=q.device)
         pdv = torch.empty((B * H, splits, M, D), dtype=torch.float32, device=q.device)
-    fn[(B * H * splits,)](
-        q, k, v, do, dq, pdk, pdv, scale, H, N, M, D, rps, splits,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-        BLOCK_M=_pow2(M), BLOCK_D=_pow2(D), PREC=dot_precision(q.dtype), **extra)
+    bn, bd = _pow2(M), _pow2(D)
+
+    def grad(cfg):
+        _attn_bwd_kernel[(B * H * splits,)](
+            Q=q, K=k, V=v, DO=do, DQ=dq, PDK=pdk, PDV=pdv, scale=scale, H=H, N=N, M=M, HEAD_DIM=D,
+            rows_per_split=rps, num_splits=splits, **strides("q", q), **strides("k", k), **strides("v", v),
+            **strides("do", do), BLOCK_N=bn, BLOCK_D=bd, PREC=dot_precision(q.dtype), **keywords(cfg))
+
+    grad(_select("paca_attn_bwd", q, D, (N, M), grad, lambda c: attn_tile_fits(c["BLOCK_M"], bn, bd)))
     if splits > 1:  # one launch sums the ranges' partials of dk and dv
         block = 256 if interp else 1024
-        _attn_bwd_reduce_kernel[(B * H, triton.cdiv(M * D, block))](pdk, pdv, dk, dv, splits, M * D, BLOCK=block)
+        _attn_bwd_reduce_kernel[(B * H, triton.cdiv(M * D, block))](PDK=pdk, PDV=pdv, DK=dk, DV=dv,
+                                                                   num_splits=splits, MD=M * D, BLOCK=block)
     return dq, dk, dv
 
 

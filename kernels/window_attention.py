@@ -24,8 +24,7 @@ their patches and windows from per-slot tables (one load per row, no layout arit
 entries are read ahead of their use, so the loops' copies pipeline (python -m bench.cost).
 Launch configurations come from the policy in :mod:`vitpatch.kernels._launch` (units
 ``window_fwd`` and ``window_bwd``); since the schedule depends on the block sizes, the
-configuration is tuned here, schedule build included (:func:`_pick_config`), not by
-``triton.autotune``.
+configuration is timed with the schedule build included (:func:`_pick_config`).
 
 The kernel entry points take raw tensors and sizes (windows, ``key_keep``, grid, prefix count);
 ``vitpatch.functional`` unpacks a ``WindowMask`` into them.
@@ -40,7 +39,8 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._launch import dot_precision, helper, interpreting, kernel
+from ._flash import online_step
+from ._launch import dot_precision, helper, interpreting, kernel, strides
 from .window import Config, Schedule, cached_schedule
 from .window.layout import _prefix_block, _slot_patch
 
@@ -72,12 +72,12 @@ def _load_real_rows(base, tok, s_n, d_off, dmask):
 
 
 @helper
-def _patch_keys(kt, keep_b, P, GH, GW, NBX, BN: tl.constexpr, ORDER: tl.constexpr, TW: tl.constexpr,
+def _patch_keys(kt, keep_b, P, GH, GW, NBX, BLOCK_N: tl.constexpr, ORDER: tl.constexpr, TW: tl.constexpr,
                 TH: tl.constexpr, HAS_KEEP: tl.constexpr, FULL: tl.constexpr = False):
     """Key tile ``kt``: ``(tokens, x0, y0, lx, ly, valid, allowed)``, the key at lane ``j`` being the
     patch at column ``x0 + lx[j]``, row ``y0 + ly[j]`` (allowed: valid and kept).
 
-    In the tiled layout, when ``BN`` divides a ``TW x TH`` unit, a tile is ``BN / TW`` rows of one
+    In the tiled layout, when ``BLOCK_N`` divides a ``TW x TH`` unit, a tile is ``BLOCK_N / TW`` rows of one
     unit: ``x0, y0`` are scalars (one division by the run-time unit count ``NBX`` per tile) and
     ``lx, ly`` depend on the lane alone (``j % TW``, ``j // TW``: compile-time shifts), so window
     tests against them need per-row bounds relative to ``x0, y0`` and no per-element division.
@@ -86,9 +86,9 @@ def _patch_keys(kt, keep_b, P, GH, GW, NBX, BN: tl.constexpr, ORDER: tl.constexp
     schedule found inside every window of its query tile, which holds no padding and no dropped key
     (its validity is not computed: every lane is a patch).
     """
-    j = tl.arange(0, BN)
-    if ORDER == 1 and (TW * TH) % BN == 0:
-        first = kt * BN
+    j = tl.arange(0, BLOCK_N)
+    if ORDER == 1 and (TW * TH) % BLOCK_N == 0:
+        first = kt * BLOCK_N
         blk = first // (TW * TH)
         x0 = (blk % NBX) * TW
         y0 = (blk // NBX) * TH + (first % (TW * TH)) // TW
@@ -103,7 +103,7 @@ def _patch_keys(kt, keep_b, P, GH, GW, NBX, BN: tl.constexpr, ORDER: tl.constexp
             kv = (kx < GW) & (ky < GH)
             kp = tl.where(kv, ky * GW + kx, 0)
     else:
-        kp, lx, ly, kv = _slot_patch(kt * BN + j, GH, GW, NBX, ORDER, TW, TH)
+        kp, lx, ly, kv = _slot_patch(kt * BLOCK_N + j, GH, GW, NBX, ORDER, TW, TH)
         lx = tl.where(kv, lx, GW)  # padding lies outside every window (as in the tiled layout)
         x0 = 0
         y0 = 0
@@ -114,9 +114,9 @@ def _patch_keys(kt, keep_b, P, GH, GW, NBX, BN: tl.constexpr, ORDER: tl.constexp
 
 
 @helper
-def _prefix_keys(p0, keep_b, P, PB: tl.constexpr, HAS_KEEP: tl.constexpr):
+def _prefix_keys(p0, keep_b, P, BLOCK_P: tl.constexpr, HAS_KEEP: tl.constexpr):
     """Token index, validity and allowed-ness of the prefix block starting at ``p0``."""
-    tok = p0 + tl.arange(0, PB)
+    tok = p0 + tl.arange(0, BLOCK_P)
     kv = tok < P
     kok = kv
     if HAS_KEEP:
@@ -141,18 +141,29 @@ def _slot_query(qtab_b, slot):
 
 
 @helper
-def _prefix_end(P, qv):
-    """End of a query tile's prefix-key loop: ``P``, or 0 when the tile holds no query (the empty
-    tiles of the ``sorted`` cut and of ``grouped``: they store nothing, so they may skip the work)."""
-    return tl.where(tl.max(qv.to(tl.int32), 0) > 0, P, 0)
+def _holds_query(qtab_b, first_slot):
+    """Whether the query tile whose slots start at ``first_slot`` holds a query: one scalar load,
+    since every query order fills a tile's slots from its start (``Schedule.qtab``). The empty tiles
+    (the ``sorted`` cut's and ``grouped``'s unused ones) store nothing, so they may skip work."""
+    return tl.load(qtab_b + first_slot) >= 0
 
 
 @helper
-def _slot_window(qwin_b, slot, BM: tl.constexpr):
+def _prefix_end(P, qtab_b, first_slot, PREFIX_Q: tl.constexpr):
+    """End of a query tile's prefix-key loop: ``P``, or 0 for a patch tile that holds no query."""
+    if PREFIX_Q:
+        end = P
+    else:
+        end = tl.where(_holds_query(qtab_b, first_slot), P, 0)
+    return end
+
+
+@helper
+def _slot_window(qwin_b, slot, BLOCK_M: tl.constexpr):
     """``(x0, y0, x1, y1)`` of the window of each query slot, from the schedule's slot-ordered
     window table (:func:`vitpatch.kernels.window.schedule._slot_tables`): one 16-byte load per row, no gather."""
     w = tl.load(qwin_b + slot[:, None] * 4 + tl.arange(0, 4)[None, :])
-    xs, ys = tl.split(tl.reshape(w, (BM, 2, 2)))
+    xs, ys = tl.split(tl.reshape(w, (BLOCK_M, 2, 2)))
     x0, x1 = tl.split(xs)
     y0, y1 = tl.split(ys)
     return x0, y0, x1, y1
@@ -168,12 +179,12 @@ def _ext_cast(x, EXT_BF16: tl.constexpr):
 
 
 @helper
-def _lane_masks(BN: tl.constexpr, TW: tl.constexpr, KE: tl.constexpr, masked_score, EXT_BF16: tl.constexpr):
-    """``[KE, BN]``, the key side of the window bias as a product: column ``j`` holds
+def _lane_masks(BLOCK_N: tl.constexpr, TW: tl.constexpr, KE: tl.constexpr, masked_score, EXT_BF16: tl.constexpr):
+    """``[KE, BLOCK_N]``, the key side of the window bias as a product: column ``j`` holds
     ``masked_score`` at row ``j % TW`` (the key's column in its tile) and at row ``TW + j // TW``
     (its grid row in the tile), 0 elsewhere; the same for every tile of the tiled layout (see
     :func:`_patch_keys`)."""
-    j = tl.arange(0, BN)
+    j = tl.arange(0, BLOCK_N)
     c = tl.arange(0, KE)
     hit = (c[:, None] == (j % TW)[None, :]) | (c[:, None] == (TW + j // TW)[None, :])
     return _ext_cast(tl.where(hit, masked_score, 0.0), EXT_BF16)
@@ -194,7 +205,7 @@ def _outside_cols(x0, y0, TW: tl.constexpr, KE: tl.constexpr, GWP: tl.constexpr,
 
 @helper
 def _window_bias(wx0, wy0, wx1, wy1, kx, ky, masked_score):
-    """``[BM, BN]``: 0 where key ``(kx, ky)`` lies inside the query's window, ``masked_score``
+    """``[BLOCK_M, BLOCK_N]``: 0 where key ``(kx, ky)`` lies inside the query's window, ``masked_score``
     (or twice it) elsewhere, element by element: the layouts whose tiles are not squares of one
     unit (row-major), where the product of :func:`_mask_window` does not apply."""
     bx = tl.where((kx[None, :] >= wx0[:, None]) & (kx[None, :] <= wx1[:, None]), 0.0, masked_score)
@@ -210,7 +221,7 @@ def _mask_window(s, out_rows, cols, win, x0, y0, lx, ly, kok, kmask, masked_scor
 
     ``EXT``: the bias is one more tensor-core product accumulated onto the scores, the outside
     indicators of the query rows (``out_rows``: row pointers into the schedule's outside table,
-    ``cols`` from :func:`_outside_cols`; a ``BM x KE`` tile loaded like ``q``) times ``kmask``
+    ``cols`` from :func:`_outside_cols`; a ``BLOCK_M x KE`` tile loaded like ``q``) times ``kmask``
     (:func:`_lane_masks`): ``masked_score`` times the number of the key's coordinates outside the
     query's window, with no per-element compare. Else ``win = (wx0, wy0, wx1, wy1)`` and
     :func:`_window_bias`, element by element."""
@@ -223,18 +234,18 @@ def _mask_window(s, out_rows, cols, win, x0, y0, lx, ly, kok, kmask, masked_scor
 
 
 @helper
-def _mask_operands(qout_b, qwin_b, slots, masked_score, BM: tl.constexpr, BN: tl.constexpr, TW: tl.constexpr,
+def _mask_operands(qout_b, qwin_b, slots, masked_score, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TW: tl.constexpr,
                    KE: tl.constexpr, RW: tl.constexpr, EXT: tl.constexpr, EXT_BF16: tl.constexpr):
     """What the masked key tiles of query slots ``slots`` need (:func:`_mask_window`): with ``EXT``
     the per-lane masked scores and the slots' rows of the outside table, else their windows."""
     if EXT:
-        kmask = _lane_masks(BN, TW, KE, masked_score, EXT_BF16)
+        kmask = _lane_masks(BLOCK_N, TW, KE, masked_score, EXT_BF16)
         out_rows = qout_b + slots[:, None] * RW
         win = 0
     else:
         kmask = 0
         out_rows = qout_b
-        win = _slot_window(qwin_b, slots, BM)
+        win = _slot_window(qwin_b, slots, BLOCK_M)
     return kmask, out_rows, win
 
 
@@ -247,8 +258,8 @@ def _mask_keys(s, kok, masked_score, HAS_KEEP: tl.constexpr):
 
 
 @helper
-def _key_tile(kt, q, Kb, Vb, keep_b, out_rows, win, kmask, masked_score, P, GH, GW, skn, svn, kd, vd, dmask,
-              NBX: tl.constexpr, BN: tl.constexpr, ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr,
+def _key_tile(kt, q, Kb, Vb, keep_b, out_rows, win, kmask, masked_score, P, GH, GW, stride_kn, stride_vn, kd, vd, dmask,
+              NBX: tl.constexpr, BLOCK_N: tl.constexpr, ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr,
               KE: tl.constexpr, KA: tl.constexpr, EXT: tl.constexpr, HAS_KEEP: tl.constexpr, KIND: tl.constexpr,
               DOT_PREC: tl.constexpr):
     """Key tile ``kt`` of the patch keys against a query tile's ``q``: ``(s, k, v)``, ``s`` the
@@ -257,15 +268,15 @@ def _key_tile(kt, q, Kb, Vb, keep_b, out_rows, win, kmask, masked_score, P, GH, 
     :func:`_mask_window`); 2: a full tile (nothing masked, no validity computed). The forward and
     dq kernels share it; their loops differ only in the step they take with the scores."""
     if KIND == 2:
-        tok_k, x0, y0, lx, ly, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, False, True)
+        tok_k, x0, y0, lx, ly, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BLOCK_N, ORDER, TW, TH, False, True)
     else:
-        tok_k, x0, y0, lx, ly, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
+        tok_k, x0, y0, lx, ly, kv, kok = _patch_keys(kt, keep_b, P, GH, GW, NBX, BLOCK_N, ORDER, TW, TH, HAS_KEEP)
     if KIND == 0:
-        k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
-        v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
+        k = _load_rows(Kb, tok_k, kv, stride_kn, kd, dmask)
+        v = _load_rows(Vb, tok_k, kv, stride_vn, vd, dmask)
     else:
-        k = _load_real_rows(Kb, tok_k, skn, kd, dmask)
-        v = _load_real_rows(Vb, tok_k, svn, vd, dmask)
+        k = _load_real_rows(Kb, tok_k, stride_kn, kd, dmask)
+        v = _load_real_rows(Vb, tok_k, stride_vn, vd, dmask)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     if KIND == 0:
         s = _mask_keys(s, kok, masked_score, True)
@@ -275,25 +286,14 @@ def _key_tile(kt, q, Kb, Vb, keep_b, out_rows, win, kmask, masked_score, P, GH, 
     return s, k, v
 
 
-@helper
-def _online_step(acc, m_i, l_i, s, qk_scale, v, DOT_PREC: tl.constexpr):
-    """One key tile of the online softmax (base 2). ``s`` unscaled, finite (not allowed elements at
-    the masked score, far below every allowed one); ``qk_scale > 0`` is applied to the row maximum,
-    and to the scores inside the ``exp2`` argument by one fused multiply-add per element."""
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s * qk_scale - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    return acc, m_new, l_i
-
-
 @kernel
 def _fwd_kernel(Q, K, V, O, LSE, QWIN, KEEP, QTAB, QOUT, CHOICE, LIST, CNT, REC,
-                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-                H, N, P, GH, GW, NBX: tl.constexpr, TQ, TK, BS, qwin_sb, keep_sb, qtab_sb, qout_sb, sched_sb, qk_scale,
-                masked_score,
-                HEAD_D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PB: tl.constexpr,
+                stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
+                H, N, P, GH, GW, NBX: tl.constexpr, TQ, TK, BS,
+                stride_qwin_b, stride_keep_b, stride_qtab_b, stride_qout_b, stride_sched_b, qk_scale, masked_score,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_P: tl.constexpr,
                 ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr, HAS_KEEP: tl.constexpr,
                 QMODE: tl.constexpr, EXT: tl.constexpr, KE: tl.constexpr, KA: tl.constexpr, RW: tl.constexpr,
                 EXT_BF16: tl.constexpr,
@@ -303,43 +303,45 @@ def _fwd_kernel(Q, K, V, O, LSE, QWIN, KEEP, QTAB, QOUT, CHOICE, LIST, CNT, REC,
     h = tl.program_id(1)
     b = tl.program_id(2)
     b64 = b.to(tl.int64)
-    offs_d = tl.arange(0, BD)
-    dmask = offs_d < HEAD_D
-    kd = offs_d * skd
-    vd = offs_d * svd
-    keep_b = KEEP + b * keep_sb
-    Kb = K + b64 * skb + h * skh
-    Vb = V + b64 * svb + h * svh
-    bsch = b * sched_sb
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    kd = offs_d * stride_kd
+    vd = offs_d * stride_vd
+    keep_b = KEEP + b * stride_keep_b
+    Kb = K + b64 * stride_kb + h * stride_kh
+    Vb = V + b64 * stride_vb + h * stride_vh
+    bsch = b * stride_sched_b
     if PREFIX_Q:
-        tok_q = pid * BM + tl.arange(0, BM)
+        tok_q = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         qv = tok_q < P
     else:
         vsel = 0
         if QMODE == 2:
             vsel = tl.load(CHOICE + bsch)
-        pq, qv = _slot_query(QTAB + b * qtab_sb, pid * BM + tl.arange(0, BM))
+        pq, qv = _slot_query(QTAB + b * stride_qtab_b, pid * BLOCK_M + tl.arange(0, BLOCK_M))
         tok_q = P + pq
-    q = _load_rows(Q + b64 * sqb + h * sqh, tok_q, qv, sqn, offs_d * sqd, dmask)
-    m_i = tl.full([BM], float("-inf"), tl.float32)
-    l_i = tl.zeros([BM], tl.float32)
-    acc = tl.zeros([BM, BD], tl.float32)
+    q = _load_rows(Q + b64 * stride_qb + h * stride_qh, tok_q, qv, stride_qn, offs_d * stride_qd, dmask)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # prefix keys: every query attends them (minus dropped ones); an empty query tile skips them
-    for p0 in range(0, _prefix_end(P, qv), PB):  # cost: prefix
-        tok_k, kv, kok = _prefix_keys(p0, keep_b, P, PB, HAS_KEEP)
-        k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
-        v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
+    p_end = _prefix_end(P, QTAB + b * stride_qtab_b, pid * BLOCK_M, PREFIX_Q)
+    for p0 in range(0, p_end, BLOCK_P):  # cost: prefix
+        tok_k, kv, kok = _prefix_keys(p0, keep_b, P, BLOCK_P, HAS_KEEP)
+        k = _load_rows(Kb, tok_k, kv, stride_kn, kd, dmask)
+        v = _load_rows(Vb, tok_k, kv, stride_vn, vd, dmask)
         s = _mask_keys(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), kok, masked_score, True)
-        acc, m_i, l_i = _online_step(acc, m_i, l_i, s, qk_scale, v, DOT_PREC)
+        acc, m_i, l_i = online_step(acc, m_i, l_i, s, qk_scale, v, DOT_PREC)
     if PREFIX_Q:
         # prefix queries attend every patch key: all tiles, mask = valid and kept
         for kt in range(0, TK):  # cost: prefix_query
-            s, k, v = _key_tile(kt, q, Kb, Vb, keep_b, 0, 0, 0, masked_score, P, GH, GW, skn, svn, kd, vd, dmask, NBX,
-                                BN, ORDER, TW, TH, KE, KA, EXT, HAS_KEEP, 0, DOT_PREC)
-            acc, m_i, l_i = _online_step(acc, m_i, l_i, s, qk_scale, v, DOT_PREC)
+            s, k, v = _key_tile(kt, q, Kb, Vb, keep_b, 0, 0, 0, masked_score, P, GH, GW, stride_kn, stride_vn, kd, vd,
+                                dmask, NBX, BLOCK_N, ORDER, TW, TH, KE, KA, EXT, HAS_KEEP, 0, DOT_PREC)
+            acc, m_i, l_i = online_step(acc, m_i, l_i, s, qk_scale, v, DOT_PREC)
     else:
-        kmask, out_rows, win = _mask_operands(QOUT + b * qout_sb, QWIN + b * qwin_sb, pid * BM + tl.arange(0, BM),
-                                              masked_score, BM, BN, TW, KE, RW, EXT, EXT_BF16)
+        kmask, out_rows, win = _mask_operands(QOUT + b * stride_qout_b, QWIN + b * stride_qwin_b,
+                                              pid * BLOCK_M + tl.arange(0, BLOCK_M), masked_score, BLOCK_M, BLOCK_N,
+                                              TW, KE, RW, EXT, EXT_BF16)
         row = (vsel * BS + bsch) * TQ + pid
         n_m = tl.load(CNT + row * 2)
         n_f = tl.load(CNT + row * 2 + 1)
@@ -350,9 +352,9 @@ def _fwd_kernel(Q, K, V, O, LSE, QWIN, KEEP, QTAB, QOUT, CHOICE, LIST, CNT, REC,
         for i in range(0, n_m):  # cost: masked
             kt = kt_next
             kt_next = _list_entry(lst, i + 1, n_m)
-            s, k, v = _key_tile(kt, q, Kb, Vb, keep_b, out_rows, win, kmask, masked_score, P, GH, GW, skn, svn, kd, vd,
-                                dmask, NBX, BN, ORDER, TW, TH, KE, KA, EXT, HAS_KEEP, 1, DOT_PREC)
-            acc, m_i, l_i = _online_step(acc, m_i, l_i, s, qk_scale, v, DOT_PREC)
+            s, k, v = _key_tile(kt, q, Kb, Vb, keep_b, out_rows, win, kmask, masked_score, P, GH, GW, stride_kn,
+                                stride_vn, kd, vd, dmask, NBX, BLOCK_N, ORDER, TW, TH, KE, KA, EXT, HAS_KEEP, 1, DOT_PREC)
+            acc, m_i, l_i = online_step(acc, m_i, l_i, s, qk_scale, v, DOT_PREC)
             if RECORD:
                 tl.store(rec + kt, 1)
         # key tiles inside every window of the query tile: no mask
@@ -360,9 +362,9 @@ def _fwd_kernel(Q, K, V, O, LSE, QWIN, KEEP, QTAB, QOUT, CHOICE, LIST, CNT, REC,
         for i in range(TK - n_f, TK):  # cost: full
             kt = kt_next
             kt_next = _list_entry(lst, i + 1, TK)
-            s, k, v = _key_tile(kt, q, Kb, Vb, keep_b, out_rows, win, kmask, masked_score, P, GH, GW, skn, svn, kd, vd,
-                                dmask, NBX, BN, ORDER, TW, TH, KE, KA, EXT, HAS_KEEP, 2, DOT_PREC)
-            acc, m_i, l_i = _online_step(acc, m_i, l_i, s, qk_scale, v, DOT_PREC)
+            s, k, v = _key_tile(kt, q, Kb, Vb, keep_b, out_rows, win, kmask, masked_score, P, GH, GW, stride_kn,
+                                stride_vn, kd, vd, dmask, NBX, BLOCK_N, ORDER, TW, TH, KE, KA, EXT, HAS_KEEP, 2, DOT_PREC)
+            acc, m_i, l_i = online_step(acc, m_i, l_i, s, qk_scale, v, DOT_PREC)
             if RECORD:
                 tl.store(rec + kt, 2)
     # a row that met no allowed key holds masked scores only (or none): it outputs zeros
@@ -370,24 +372,26 @@ def _fwd_kernel(Q, K, V, O, LSE, QWIN, KEEP, QTAB, QOUT, CHOICE, LIST, CNT, REC,
     l_safe = tl.where(has, l_i, 1.0)
     out = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(has, m_i + tl.math.log2(l_safe), float("inf"))
-    ob = O + b64 * sob + h * soh
-    tl.store(ob + tok_q[:, None] * son + (offs_d * sod)[None, :], out.to(O.dtype.element_ty),
+    ob = O + b64 * stride_ob + h * stride_oh
+    tl.store(ob + tok_q[:, None] * stride_on + (offs_d * stride_od)[None, :], out.to(O.dtype.element_ty),
              mask=qv[:, None] & dmask[None, :])
     tl.store(LSE + (b64 * H + h) * N + tok_q, lse, mask=qv)
 
 
 @kernel
-def _delta_kernel(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H, N,
-                  HEAD_D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+def _delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_od,
+                  stride_dob, stride_doh, stride_don, stride_dod, H, N,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """``delta_i = sum_d out_i * dout_i`` (fp32): the row term of the softmax gradient."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    offs_d = tl.arange(0, BD)
-    dmask = offs_d < HEAD_D
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
     valid = rows < N
-    o = _load_rows(O + b * sob + h * soh, rows, valid, son, offs_d * sod, dmask).to(tl.float32)
-    do = _load_rows(DO + b * sdb + h * sdh, rows, valid, sdn, offs_d * sdd, dmask).to(tl.float32)
+    o = _load_rows(O + b * stride_ob + h * stride_oh, rows, valid, stride_on, offs_d * stride_od, dmask).to(tl.float32)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, rows, valid, stride_don, offs_d * stride_dod,
+                    dmask).to(tl.float32)
     tl.store(DELTA + (b * H + h) * N + rows, tl.sum(o * do, 1), mask=valid)
 
 
@@ -403,11 +407,13 @@ def _dq_step(dq, s, do, lse, delta, k, v, qk_scale, DOT_PREC: tl.constexpr):
 
 @kernel
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QWIN, KEEP, QTAB, QOUT, CHOICE, LIST, CNT, REC,
-                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-                   sgb, sgh, sgn, sgd, H, N, P, GH, GW, NBX: tl.constexpr, TQ, TK, BS, qwin_sb, keep_sb, qtab_sb,
-                   qout_sb, sched_sb,
+                   stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_don, stride_dod,
+                   stride_gb, stride_gh, stride_gn, stride_gd, H, N, P, GH, GW, NBX: tl.constexpr, TQ, TK, BS,
+                   stride_qwin_b, stride_keep_b, stride_qtab_b, stride_qout_b, stride_sched_b,
                    qk_scale, masked_score, sm_scale,
-                   HEAD_D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PB: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_P: tl.constexpr,
                    ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr, HAS_KEEP: tl.constexpr,
                    QMODE: tl.constexpr, EXT: tl.constexpr, KE: tl.constexpr, KA: tl.constexpr, RW: tl.constexpr,
                 EXT_BF16: tl.constexpr,
@@ -417,42 +423,44 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QWIN, KEEP, QTAB, QOUT, CHOICE, 
     h = tl.program_id(1)
     b = tl.program_id(2)
     b64 = b.to(tl.int64)
-    offs_d = tl.arange(0, BD)
-    dmask = offs_d < HEAD_D
-    kd = offs_d * skd
-    vd = offs_d * svd
-    keep_b = KEEP + b * keep_sb
-    Kb = K + b64 * skb + h * skh
-    Vb = V + b64 * svb + h * svh
-    bsch = b * sched_sb
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    kd = offs_d * stride_kd
+    vd = offs_d * stride_vd
+    keep_b = KEEP + b * stride_keep_b
+    Kb = K + b64 * stride_kb + h * stride_kh
+    Vb = V + b64 * stride_vb + h * stride_vh
+    bsch = b * stride_sched_b
     if PREFIX_Q:
-        tok_q = pid * BM + tl.arange(0, BM)
+        tok_q = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         qv = tok_q < P
     else:
         vsel = 0
         if QMODE == 2:
             vsel = tl.load(CHOICE + bsch)
-        pq, qv = _slot_query(QTAB + b * qtab_sb, pid * BM + tl.arange(0, BM))
+        pq, qv = _slot_query(QTAB + b * stride_qtab_b, pid * BLOCK_M + tl.arange(0, BLOCK_M))
         tok_q = P + pq
-    q = _load_rows(Q + b64 * sqb + h * sqh, tok_q, qv, sqn, offs_d * sqd, dmask)
-    do = _load_rows(DO + b64 * sdb + h * sdh, tok_q, qv, sdn, offs_d * sdd, dmask)
+    q = _load_rows(Q + b64 * stride_qb + h * stride_qh, tok_q, qv, stride_qn, offs_d * stride_qd, dmask)
+    do = _load_rows(DO + b64 * stride_dob + h * stride_doh, tok_q, qv, stride_don, offs_d * stride_dod, dmask)
     lse = tl.load(LSE + (b64 * H + h) * N + tok_q, mask=qv, other=float("inf"))
     delta = tl.load(DELTA + (b64 * H + h) * N + tok_q, mask=qv, other=0.0)
-    dq = tl.zeros([BM, BD], tl.float32)
-    for p0 in range(0, _prefix_end(P, qv), PB):  # cost: prefix
-        tok_k, kv, kok = _prefix_keys(p0, keep_b, P, PB, HAS_KEEP)
-        k = _load_rows(Kb, tok_k, kv, skn, kd, dmask)
-        v = _load_rows(Vb, tok_k, kv, svn, vd, dmask)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    p_end = _prefix_end(P, QTAB + b * stride_qtab_b, pid * BLOCK_M, PREFIX_Q)
+    for p0 in range(0, p_end, BLOCK_P):  # cost: prefix
+        tok_k, kv, kok = _prefix_keys(p0, keep_b, P, BLOCK_P, HAS_KEEP)
+        k = _load_rows(Kb, tok_k, kv, stride_kn, kd, dmask)
+        v = _load_rows(Vb, tok_k, kv, stride_vn, vd, dmask)
         s = _mask_keys(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), kok, masked_score, True)
         dq = _dq_step(dq, s, do, lse, delta, k, v, qk_scale, DOT_PREC)
     if PREFIX_Q:
         for kt in range(0, TK):  # cost: prefix_query
-            s, k, v = _key_tile(kt, q, Kb, Vb, keep_b, 0, 0, 0, masked_score, P, GH, GW, skn, svn, kd, vd, dmask, NBX,
-                                BN, ORDER, TW, TH, KE, KA, EXT, HAS_KEEP, 0, DOT_PREC)
+            s, k, v = _key_tile(kt, q, Kb, Vb, keep_b, 0, 0, 0, masked_score, P, GH, GW, stride_kn, stride_vn, kd, vd,
+                                dmask, NBX, BLOCK_N, ORDER, TW, TH, KE, KA, EXT, HAS_KEEP, 0, DOT_PREC)
             dq = _dq_step(dq, s, do, lse, delta, k, v, qk_scale, DOT_PREC)
     else:
-        kmask, out_rows, win = _mask_operands(QOUT + b * qout_sb, QWIN + b * qwin_sb, pid * BM + tl.arange(0, BM),
-                                              masked_score, BM, BN, TW, KE, RW, EXT, EXT_BF16)
+        kmask, out_rows, win = _mask_operands(QOUT + b * stride_qout_b, QWIN + b * stride_qwin_b,
+                                              pid * BLOCK_M + tl.arange(0, BLOCK_M), masked_score, BLOCK_M, BLOCK_N,
+                                              TW, KE, RW, EXT, EXT_BF16)
         row = (vsel * BS + bsch) * TQ + pid
         n_m = tl.load(CNT + row * 2)
         n_f = tl.load(CNT + row * 2 + 1)
@@ -462,8 +470,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QWIN, KEEP, QTAB, QOUT, CHOICE, 
         for i in range(0, n_m):  # cost: masked
             kt = kt_next
             kt_next = _list_entry(lst, i + 1, n_m)
-            s, k, v = _key_tile(kt, q, Kb, Vb, keep_b, out_rows, win, kmask, masked_score, P, GH, GW, skn, svn, kd, vd,
-                                dmask, NBX, BN, ORDER, TW, TH, KE, KA, EXT, HAS_KEEP, 1, DOT_PREC)
+            s, k, v = _key_tile(kt, q, Kb, Vb, keep_b, out_rows, win, kmask, masked_score, P, GH, GW, stride_kn,
+                                stride_vn, kd, vd, dmask, NBX, BLOCK_N, ORDER, TW, TH, KE, KA, EXT, HAS_KEEP, 1, DOT_PREC)
             dq = _dq_step(dq, s, do, lse, delta, k, v, qk_scale, DOT_PREC)
             if RECORD:
                 tl.store(rec + kt, 1)
@@ -471,13 +479,13 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QWIN, KEEP, QTAB, QOUT, CHOICE, 
         for i in range(TK - n_f, TK):  # cost: full
             kt = kt_next
             kt_next = _list_entry(lst, i + 1, TK)
-            s, k, v = _key_tile(kt, q, Kb, Vb, keep_b, out_rows, win, kmask, masked_score, P, GH, GW, skn, svn, kd, vd,
-                                dmask, NBX, BN, ORDER, TW, TH, KE, KA, EXT, HAS_KEEP, 2, DOT_PREC)
+            s, k, v = _key_tile(kt, q, Kb, Vb, keep_b, out_rows, win, kmask, masked_score, P, GH, GW, stride_kn,
+                                stride_vn, kd, vd, dmask, NBX, BLOCK_N, ORDER, TW, TH, KE, KA, EXT, HAS_KEEP, 2, DOT_PREC)
             dq = _dq_step(dq, s, do, lse, delta, k, v, qk_scale, DOT_PREC)
             if RECORD:
                 tl.store(rec + kt, 2)
-    gb = DQ + b64 * sgb + h * sgh
-    tl.store(gb + tok_q[:, None] * sgn + (offs_d * sgd)[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+    gb = DQ + b64 * stride_gb + h * stride_gh
+    tl.store(gb + tok_q[:, None] * stride_gn + (offs_d * stride_gd)[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=qv[:, None] & dmask[None, :])
 
 
@@ -494,21 +502,21 @@ def _dkdv_step(dk, dv, s, q, do, lse, delta, v, qk_scale, DOT_PREC: tl.constexpr
 
 
 @helper
-def _load_query_side(Qb, DOb, LSEb, DELTAb, tok_q, qv, sqn, sdn, qd, dd, dmask):
+def _load_query_side(Qb, DOb, LSEb, DELTAb, tok_q, qv, stride_qn, stride_don, qd, dd, dmask):
     """``q, dout, lse, delta`` of query rows ``tok_q`` (zeros and ``lse = inf`` where not ``qv``)."""
-    q = _load_rows(Qb, tok_q, qv, sqn, qd, dmask)
-    do = _load_rows(DOb, tok_q, qv, sdn, dd, dmask)
+    q = _load_rows(Qb, tok_q, qv, stride_qn, qd, dmask)
+    do = _load_rows(DOb, tok_q, qv, stride_don, dd, dmask)
     lse = tl.load(LSEb + tok_q, mask=qv, other=float("inf"))
     delta = tl.load(DELTAb + tok_q, mask=qv, other=0.0)
     return q, do, lse, delta
 
 
 @helper
-def _load_slot_queries(Qb, DOb, LSEb, DELTAb, tok_q, qv, sqn, sdn, qd, dd, dmask):
+def _load_slot_queries(Qb, DOb, LSEb, DELTAb, tok_q, qv, stride_qn, stride_don, qd, dd, dmask):
     """:func:`_load_query_side` for query slots, whose rows are all real tokens (a padding slot
     points at a real row): the rows load unmasked, ``lse = inf`` at padding makes ``p = 0`` there."""
-    q = _load_real_rows(Qb, tok_q, sqn, qd, dmask)
-    do = _load_real_rows(DOb, tok_q, sdn, dd, dmask)
+    q = _load_real_rows(Qb, tok_q, stride_qn, qd, dmask)
+    do = _load_real_rows(DOb, tok_q, stride_don, dd, dmask)
     lse = tl.where(qv, tl.load(LSEb + tok_q), float("inf"))
     delta = tl.load(DELTAb + tok_q)
     return q, do, lse, delta
@@ -516,11 +524,13 @@ def _load_slot_queries(Qb, DOb, LSEb, DELTAb, tok_q, qv, sqn, sdn, qd, dd, dmask
 
 @kernel
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QWIN, KEEP, QTAB, QOUT, CHOICE, LIST_T, CNT_T, REC,
-                     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-                     sgb, sgh, sgn, sgd, H, N, P, GH, GW, NBX: tl.constexpr, TQ, TK, BS, qwin_sb, keep_sb, qtab_sb,
-                   qout_sb, sched_sb,
+                     stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                     stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_don, stride_dod,
+                     stride_gb, stride_gh, stride_gn, stride_gd, H, N, P, GH, GW, NBX: tl.constexpr, TQ, TK, BS,
+                     stride_qwin_b, stride_keep_b, stride_qtab_b, stride_qout_b, stride_sched_b,
                      qk_scale, masked_score, sm_scale,
-                     HEAD_D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PB: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_P: tl.constexpr,
                      ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr, HAS_KEEP: tl.constexpr,
                      QMODE: tl.constexpr, EXT: tl.constexpr, KE: tl.constexpr, KA: tl.constexpr, RW: tl.constexpr,
                 EXT_BF16: tl.constexpr,
@@ -531,44 +541,46 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QWIN, KEEP, QTAB, QOUT, CH
     h = tl.program_id(1)
     b = tl.program_id(2)
     b64 = b.to(tl.int64)
-    offs_d = tl.arange(0, BD)
-    dmask = offs_d < HEAD_D
-    qd = offs_d * sqd
-    dd = offs_d * sdd
-    keep_b = KEEP + b * keep_sb
-    bsch = b * sched_sb
-    qtab_b = QTAB + b * qtab_sb
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    qd = offs_d * stride_qd
+    dd = offs_d * stride_dod
+    keep_b = KEEP + b * stride_keep_b
+    bsch = b * stride_sched_b
+    qtab_b = QTAB + b * stride_qtab_b
     if PREFIX_K:
-        tok_k, kv, kok = _prefix_keys(pid * BN, keep_b, P, BN, HAS_KEEP)
+        tok_k, kv, kok = _prefix_keys(pid * BLOCK_N, keep_b, P, BLOCK_N, HAS_KEEP)
     else:
-        tok_k, x0, y0, lx, ly, kv, kok = _patch_keys(pid, keep_b, P, GH, GW, NBX, BN, ORDER, TW, TH, HAS_KEEP)
-    k = _load_rows(K + b64 * skb + h * skh, tok_k, kv, skn, offs_d * skd, dmask)
-    v = _load_rows(V + b64 * svb + h * svh, tok_k, kv, svn, offs_d * svd, dmask)
-    Qb = Q + b64 * sqb + h * sqh
-    DOb = DO + b64 * sdb + h * sdh
+        tok_k, x0, y0, lx, ly, kv, kok = _patch_keys(pid, keep_b, P, GH, GW, NBX, BLOCK_N, ORDER, TW, TH, HAS_KEEP)
+    k = _load_rows(K + b64 * stride_kb + h * stride_kh, tok_k, kv, stride_kn, offs_d * stride_kd, dmask)
+    v = _load_rows(V + b64 * stride_vb + h * stride_vh, tok_k, kv, stride_vn, offs_d * stride_vd, dmask)
+    Qb = Q + b64 * stride_qb + h * stride_qh
+    DOb = DO + b64 * stride_dob + h * stride_doh
     LSEb = LSE + (b64 * H + h) * N
     DELTAb = DELTA + (b64 * H + h) * N
-    dk = tl.zeros([BN, BD], tl.float32)
-    dv = tl.zeros([BN, BD], tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # prefix queries attend every key
-    for p0 in range(0, P, PB):  # cost: prefix
-        tok_q = p0 + tl.arange(0, PB)
-        q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, tok_q, tok_q < P, sqn, sdn, qd, dd, dmask)
+    for p0 in range(0, P, BLOCK_P):  # cost: prefix
+        tok_q = p0 + tl.arange(0, BLOCK_P)
+        q, do, lse, delta = _load_query_side(Qb, DOb, LSEb, DELTAb, tok_q, tok_q < P, stride_qn, stride_don, qd, dd,
+                                             dmask)
         s = _mask_keys(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), kok, masked_score, True)
         dk, dv = _dkdv_step(dk, dv, s, q, do, lse, delta, v, qk_scale, DOT_PREC)
     if PREFIX_K:
         # every patch query attends the prefix keys
         for qt in range(0, TQ):  # cost: prefix_query
-            pq, qv = _slot_query(qtab_b, qt * BM + tl.arange(0, BM))
-            if tl.max(qv.to(tl.int32), 0) > 0:  # empty query tiles (partly filled orders) hold no query
-                q, do, lse, delta = _load_slot_queries(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
+            if _holds_query(qtab_b, qt * BLOCK_M):  # empty query tiles (partly filled orders) are skipped
+                pq, qv = _slot_query(qtab_b, qt * BLOCK_M + tl.arange(0, BLOCK_M))
+                q, do, lse, delta = _load_slot_queries(Qb, DOb, LSEb, DELTAb, P + pq, qv, stride_qn, stride_don, qd, dd,
+                                                       dmask)
                 s = _mask_keys(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), kok, masked_score, True)
                 dk, dv = _dkdv_step(dk, dv, s, q, do, lse, delta, v, qk_scale, DOT_PREC)
     else:
-        qwin_b = QWIN + b * qwin_sb
-        qout_b = QOUT + b * qout_sb
+        qwin_b = QWIN + b * stride_qwin_b
+        qout_b = QOUT + b * stride_qout_b
         if EXT:
-            kmask = _lane_masks(BN, TW, KE, masked_score, EXT_BF16)
+            kmask = _lane_masks(BLOCK_N, TW, KE, masked_score, EXT_BF16)
             cols = _outside_cols(x0, y0, TW, KE, NBX * TW, KA)
         else:
             kmask = 0
@@ -582,22 +594,23 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QWIN, KEEP, QTAB, QOUT, CH
         # an iteration waits for another load of the same iteration
         qt_next = _list_entry(lst, 0, n_m)
         qt_after = _list_entry(lst, 1, n_m)
-        slots_next = qt_next * BM + tl.arange(0, BM)
+        slots_next = qt_next * BLOCK_M + tl.arange(0, BLOCK_M)
         pq_next, qv_next = _slot_query(qtab_b, slots_next)
         for i in range(0, n_m):  # cost: masked
             qt = qt_next
             pq = pq_next
             qv = qv_next
             slots = slots_next
-            slots_next = qt_after * BM + tl.arange(0, BM)
+            slots_next = qt_after * BLOCK_M + tl.arange(0, BLOCK_M)
             pq_next, qv_next = _slot_query(qtab_b, slots_next)
             qt_next = qt_after
             qt_after = _list_entry(lst, i + 2, n_m)
-            q, do, lse, delta = _load_slot_queries(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
+            q, do, lse, delta = _load_slot_queries(Qb, DOb, LSEb, DELTAb, P + pq, qv, stride_qn, stride_don, qd, dd,
+                                                   dmask)
             if EXT:
                 win = 0
             else:
-                win = _slot_window(qwin_b, slots, BM)
+                win = _slot_window(qwin_b, slots, BLOCK_M)
             s = _mask_window(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), qout_b + slots[:, None] * RW, cols, win,
                              x0, y0, lx, ly, kok, kmask, masked_score, EXT, HAS_KEEP)
             dk, dv = _dkdv_step(dk, dv, s, q, do, lse, delta, v, qk_scale, DOT_PREC)
@@ -605,21 +618,22 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QWIN, KEEP, QTAB, QOUT, CH
                 tl.store(rec + qt, 1)
         qt_next = _list_entry(lst, TQ - n_f, TQ)
         qt_after = _list_entry(lst, TQ - n_f + 1, TQ)
-        pq_next, qv_next = _slot_query(qtab_b, qt_next * BM + tl.arange(0, BM))
+        pq_next, qv_next = _slot_query(qtab_b, qt_next * BLOCK_M + tl.arange(0, BLOCK_M))
         for i in range(TQ - n_f, TQ):  # cost: full
             qt = qt_next
             pq = pq_next
             qv = qv_next
-            pq_next, qv_next = _slot_query(qtab_b, qt_after * BM + tl.arange(0, BM))
+            pq_next, qv_next = _slot_query(qtab_b, qt_after * BLOCK_M + tl.arange(0, BLOCK_M))
             qt_next = qt_after
             qt_after = _list_entry(lst, i + 2, TQ)
-            q, do, lse, delta = _load_slot_queries(Qb, DOb, LSEb, DELTAb, P + pq, qv, sqn, sdn, qd, dd, dmask)
+            q, do, lse, delta = _load_slot_queries(Qb, DOb, LSEb, DELTAb, P + pq, qv, stride_qn, stride_don, qd, dd,
+                                                   dmask)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
             dk, dv = _dkdv_step(dk, dv, s, q, do, lse, delta, v, qk_scale, DOT_PREC)
             if RECORD:
                 tl.store(rec + qt, 2)
     out_mask = kv[:, None] & dmask[None, :]
-    g_off = b64 * sgb + h * sgh + tok_k[:, None] * sgn + (offs_d * sgd)[None, :]
+    g_off = b64 * stride_gb + h * stride_gh + tok_k[:, None] * stride_gn + (offs_d * stride_gd)[None, :]
     tl.store(DK + g_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=out_mask)
 
@@ -637,10 +651,9 @@ def _constexprs(sched: Schedule, q: torch.Tensor, record: bool, cfg: Config) -> 
     lay = sched.layout
     d = q.shape[-1]
     opts = {} if interpreting() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    return dict(HEAD_D=d, BD=max(16, triton.next_power_of_2(d)), PB=_prefix_block(sched.P), ORDER=lay.order,
-                TW=lay.tw, TH=lay.th, HAS_KEEP=sched.keep_sb > 0, QMODE=sched.qmode, RECORD=record,
-                DOT_PREC=dot_precision(q.dtype), EXT_BF16=not interpreting(), RW=sched.qout.shape[-1],
-                **opts)
+    return dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_P=_prefix_block(sched.P),
+                ORDER=lay.order, TW=lay.tw, TH=lay.th, HAS_KEEP=sched.keep_sb > 0, QMODE=sched.qmode, RECORD=record,
+                DOT_PREC=dot_precision(q.dtype), EXT_BF16=not interpreting(), RW=sched.qout.shape[-1], **opts)
 
 
 def _ext(meta: dict, bm: int, bn: int) -> dict:
@@ -653,7 +666,7 @@ def _ext(meta: dict, bm: int, bn: int) -> dict:
     rows = bn // meta["TW"] if ext else 1
     ke = max(16, triton.next_power_of_2(meta["TW"] + rows)) if ext else 16
     ka = math.gcd(meta["TW"], rows & -rows, 8)  # tile origins' alignment in the outside table
-    return dict(meta, BM=bm, BN=bn, EXT=ext, KE=ke, KA=ka)
+    return dict(meta, BLOCK_M=bm, BLOCK_N=bn, EXT=ext, KE=ke, KA=ka)
 
 
 def _masked_score(qk_scale: float) -> float:
@@ -662,10 +675,13 @@ def _masked_score(qk_scale: float) -> float:
     return -(2.0 ** round(math.log2(_MASKED_SCALED / qk_scale)))
 
 
-def _layout_args(sched: Schedule, H: int, N: int) -> tuple:
+def _schedule_args(sched: Schedule, H: int, N: int) -> dict:
+    """The schedule's tables and sizes, by the names every window kernel gives them."""
     gh, gw = sched.grid
-    return (H, N, sched.P, gh, gw, sched.layout.nbx, sched.tq, sched.tk, sched.bs, sched.qwin_sb, sched.keep_sb,
-            sched.qtab_sb, sched.qout_sb, int(sched.bs > 1))
+    return dict(QWIN=sched.qwin, KEEP=sched.keep, QTAB=sched.qtab, QOUT=sched.qout, CHOICE=sched.choice, H=H, N=N,
+                P=sched.P, GH=gh, GW=gw, NBX=sched.layout.nbx, TQ=sched.tq, TK=sched.tk, BS=sched.bs,
+                stride_qwin_b=sched.qwin_sb, stride_keep_b=sched.keep_sb, stride_qtab_b=sched.qtab_sb,
+                stride_qout_b=sched.qout_sb, stride_sched_b=int(sched.bs > 1))
 
 
 def _forward(q, k, v, windows, key_keep, grid, P, scale, cfg: Config, record: bool = False, sched=None):
@@ -680,13 +696,14 @@ def _forward(q, k, v, windows, key_keep, grid, P, scale, cfg: Config, record: bo
     out = torch.empty((B, H, N, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     rec = _record_buffer((B, H, sched.tq, sched.tk), record, q.device)
-    args = (q, k, v, out, lse, *sched.kernel_args, sched.lst, sched.cnt, rec, *q.stride(), *k.stride(), *v.stride(),
-            *out.stride(), *_layout_args(sched, H, N), scale * _LOG2E, _masked_score(scale * _LOG2E))
+    args = dict(Q=q, K=k, V=v, O=out, LSE=lse, LIST=sched.lst, CNT=sched.cnt, REC=rec, **_schedule_args(sched, H, N),
+                **strides("q", q), **strides("k", k), **strides("v", v), **strides("o", out),
+                qk_scale=scale * _LOG2E, masked_score=_masked_score(scale * _LOG2E))
     meta = _constexprs(sched, q, record, cfg)
-    _fwd_kernel[(sched.tq, H, B)](*args, PREFIX_Q=False, **_ext(meta, cfg.block_m, cfg.block_n))
+    _fwd_kernel[(sched.tq, H, B)](**args, PREFIX_Q=False, **_ext(meta, cfg.block_m, cfg.block_n))
     if P:
-        pb = meta["PB"]
-        _fwd_kernel[(triton.cdiv(P, pb), H, B)](*args, PREFIX_Q=True, **_ext(meta, pb, cfg.block_n))
+        pb = meta["BLOCK_P"]
+        _fwd_kernel[(triton.cdiv(P, pb), H, B)](**args, PREFIX_Q=True, **_ext(meta, pb, cfg.block_n))
     return out, lse, (rec if record else None)
 
 
@@ -704,61 +721,39 @@ def _backward(dout, q, k, v, out, lse, windows, key_keep, grid, P, scale, cfg: C
     dev = q.device
     delta = torch.empty((B, H, N), dtype=torch.float32, device=dev)
     br = 16 if interpreting() else 64
-    _delta_kernel[(triton.cdiv(N, br), H, B)](out, dout, delta, *out.stride(), *dout.stride(), H, N,
-                                             HEAD_D=d, BD=max(16, triton.next_power_of_2(d)), BR=br)
+    _delta_kernel[(triton.cdiv(N, br), H, B)](O=out, DO=dout, DELTA=delta, **strides("o", out),
+                                             **strides("do", dout), H=H, N=N, HEAD_DIM=d,
+                                             BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=br)
     dq = torch.empty((B, H, N, d), dtype=q.dtype, device=dev)
     dk = torch.empty((B, H, N, d), dtype=k.dtype, device=dev)
     dv = torch.empty((B, H, N, d), dtype=v.dtype, device=dev)
     rec_q = _record_buffer((B, H, sched.tq, sched.tk), record, dev)
     rec_k = _record_buffer((B, H, sched.tk, sched.tq), record, dev)
     meta = _constexprs(sched, q, record, cfg)
-    pb = meta["PB"]
-    tail = (*_layout_args(sched, H, N), scale * _LOG2E, _masked_score(scale * _LOG2E), scale)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
-    dq_args = (q, k, v, dout, lse, delta, dq, *sched.kernel_args, sched.lst, sched.cnt, rec_q, *strides, *dq.stride(),
-               *tail)
-    _bwd_dq_kernel[(sched.tq, H, B)](*dq_args, PREFIX_Q=False, **_ext(meta, cfg.block_m, cfg.block_n))
+    pb = meta["BLOCK_P"]
+    common = dict(Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, **_schedule_args(sched, H, N), **strides("q", q),
+                  **strides("k", k), **strides("v", v), **strides("do", dout), qk_scale=scale * _LOG2E,
+                  masked_score=_masked_score(scale * _LOG2E), sm_scale=scale)
+    dq_args = dict(common, DQ=dq, LIST=sched.lst, CNT=sched.cnt, REC=rec_q, **strides("g", dq))
+    _bwd_dq_kernel[(sched.tq, H, B)](**dq_args, PREFIX_Q=False, **_ext(meta, cfg.block_m, cfg.block_n))
     if P:
-        _bwd_dq_kernel[(triton.cdiv(P, pb), H, B)](*dq_args, PREFIX_Q=True, **_ext(meta, pb, cfg.block_n))
-    kv_args = (q, k, v, dout, lse, delta, dk, dv, *sched.kernel_args, lst_t, cnt_t, rec_k, *strides, *dk.stride(),
-               *tail)
-    _bwd_dkdv_kernel[(sched.tk, H, B)](*kv_args, PREFIX_K=False, **_ext(meta, cfg.block_m, cfg.block_n))
+        _bwd_dq_kernel[(triton.cdiv(P, pb), H, B)](**dq_args, PREFIX_Q=True, **_ext(meta, pb, cfg.block_n))
+    kv_args = dict(common, DK=dk, DV=dv, LIST_T=lst_t, CNT_T=cnt_t, REC=rec_k, **strides("g", dk))
+    _bwd_dkdv_kernel[(sched.tk, H, B)](**kv_args, PREFIX_K=False, **_ext(meta, cfg.block_m, cfg.block_n))
     if P:
-        _bwd_dkdv_kernel[(triton.cdiv(P, pb), H, B)](*kv_args, PREFIX_K=True, **_ext(meta, cfg.block_m, pb))
+        _bwd_dkdv_kernel[(triton.cdiv(P, pb), H, B)](**kv_args, PREFIX_K=True, **_ext(meta, cfg.block_m, pb))
     return dq, dk, dv, (rec_q if record else None), (rec_k if record else None)
 
 
-# -------------------------------------------------------------------------------- autotuning
-_TUNED: dict = {}
-
-
+# -------------------------------------------------------------------------------- configuration
 def _pick_config(kind: str, q: torch.Tensor, run) -> Config:
-    """The launch config for ``kind`` (``"fwd"``/``"bwd"``) from the policy's unit ``window_<kind>``.
-
-    In the interpreter (or under the compile gate's ``forcing``) the policy names one. On GPU,
-    when several ship for the dtype and head width, every candidate runs once on the call's own
-    inputs (schedule build included: it depends on the block sizes) under
-    ``triton.testing.do_bench``; the fastest is kept per ``(kind, N, d, dtype, device)``.
-    """
+    """The launch config for ``kind`` (``"fwd"``/``"bwd"``) from the policy's unit ``window_<kind>``
+    (:func:`vitpatch.kernels._launch.select`). When several ship, each is timed on the call's own
+    inputs with its schedule build (the schedule depends on the block sizes), once per ``N``."""
     B, H, N, d = q.shape
-    cands = [Config.of(c) for c in _launch.configs(f"window_{kind}", q.dtype, d)]
-    if len(cands) == 1:
-        return cands[0]
-    key = (kind, N, d, q.dtype, q.device.index)
-    cfg = _TUNED.get(key)
-    if cfg is None:
-        best = None
-        for cand in cands:
-            try:
-                t = triton.testing.do_bench(lambda: run(cand), warmup=3, rep=10)
-            except triton.runtime.errors.OutOfResources:
-                continue
-            if best is None or t < best[0]:
-                best = (t, cand)
-        if best is None:
-            raise RuntimeError(f"no window_attention {kind} config fits this device for d = {d}")
-        cfg = _TUNED[key] = best[1]
-    return cfg
+    chosen = _launch.select(f"window_{kind}", q.dtype, d, key=(N,), device=q.device,
+                            run=lambda c: run(Config.of(c)))
+    return Config.of(chosen)
 
 
 # -------------------------------------------------------------------------------- custom ops

@@ -59,8 +59,9 @@ back from DRAM) would save at most a quarter of pass 2a in the static model (doc
 The cost model (``python -m bench.cost``, docs/cost_model.md "WinfT") prices each kernel.
 
 Tile sizes come from the launch policy (:mod:`vitpatch.kernels._launch`, units
-``winft_threshold`` (pass 1), ``winft_gate`` (pass 2a), ``winft_fwd``, ``winft_dq``, ``winft_dkdv``): one configuration per dtype and head width,
-untuned; small pinned tiles under the interpreter. The gate passes split their keys over a third
+``winft_threshold`` (pass 1), ``winft_gate`` (pass 2a), ``winft_fwd``, ``winft_dq``, ``winft_dkdv``),
+each chosen by :func:`vitpatch.kernels._launch.select` (timed on the GPU where several ship);
+small pinned tiles under the interpreter. The gate passes split their keys over a third
 grid axis when row blocks x images would make fewer than two waves. The gate logits ``g``
 (passes 1 and 2a) always use ``dot_precision(dtype, exact=True)`` (three-pass
 TF32 for float32 inputs, about float32 accuracy), because ``W`` is decided by comparing
@@ -81,7 +82,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import _launch
-from ._launch import dot_precision, helper, interpreting, kernel
+from ._flash import online_step
+from ._launch import dot_precision, helper, interpreting, kernel, keywords, strides
 
 __all__ = ["winft_attention", "winft_attention_unsupported"]
 
@@ -99,14 +101,14 @@ _M_START = tl.constexpr(-1.0e30)
 
 
 @helper
-def _gate_tile(a_ptr, sa_h, sa_n, sa_d, offs_a, b_ptr, sb_h, sb_n, sb_d, offs_b, offs_d, N, H, D, inv_h,
+def _gate_tile(a_ptr, sa_h, sa_n, sa_d, offs_a, b_ptr, sb_h, sb_n, sb_d, offs_b, offs_d, N, H, HEAD_DIM, inv_h,
                BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr):
     """``(1/H) sum_heads a_h[offs_a] . b_h[offs_b]``: a tile of the gate logits ``g`` (eq. 8), float32.
 
-    One GEMM with reduction width ``C = H * D``, done as a loop over the heads.
+    One GEMM with reduction width ``C = H * HEAD_DIM``, done as a loop over the heads.
     """
-    a_mask = (offs_a[:, None] < N) & (offs_d[None, :] < D)
-    b_mask = (offs_b[:, None] < N) & (offs_d[None, :] < D)
+    a_mask = (offs_a[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+    b_mask = (offs_b[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
     a_off = offs_a[:, None] * sa_n + offs_d[None, :] * sa_d
     b_off = offs_b[:, None] * sb_n + offs_d[None, :] * sb_d
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
@@ -215,11 +217,11 @@ def _div(a, b, FAST: tl.constexpr):
 
 # =============================================================================== gate passes
 @kernel
-def _threshold_kernel(Q, K, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, WIN, s_wb, s_wn, s_wc, KEEP, s_keep,
-                      THR, BCE_ROWS, DG, s_gb, s_gn, B, N, H, D, P, GW, GH, inv_gw, inv_h, per_split,
-                      HAS_TARGET: tl.constexpr,
-                      HAS_KEEP: tl.constexpr, SAVE_DG: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+def _threshold_kernel(Q, K, stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                      WIN, stride_wb, stride_wn, stride_wc, KEEP, stride_keep_b,
+                      THR, BCE_ROWS, DG, stride_gb, stride_gn, B, N, H, HEAD_DIM, P, GW, GH, inv_gw, inv_h, per_split,
+                      HAS_TARGET: tl.constexpr, HAS_KEEP: tl.constexpr, SAVE_DG: tl.constexpr, FAST: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """Pass 1 over one split of the keys: ``sum_j sigmoid(g_ij)`` and, with a target, the BCE row sums
     ``sum_j softplus(g_ij) - T_ij g_ij`` (partial sums ``(splits, B, N)``, added in split order).
     ``SAVE_DG``: also the BCE's gradient through ``g`` without its factor, ``sigmoid(g) - T`` (eq. 11
@@ -231,29 +233,29 @@ def _threshold_kernel(Q, K, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, WIN,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
-    q_base = Q + b * s_qb
-    k_base = K + b * s_kb
+    q_base = Q + b * stride_qb
+    k_base = K + b * stride_kb
     lo, hi = _key_range(N, per_split)
     w_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     bce = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if HAS_TARGET:
-        xl, yt, xr, yb = _query_windows(WIN + b * s_wb, s_wn, s_wc, offs_m, N, P, GW, GH)
+        xl, yt, xr, yb = _query_windows(WIN + b * stride_wb, stride_wn, stride_wc, offs_m, N, P, GW, GH)
     for start_n in range(lo, hi, BLOCK_N):  # cost: gate_threshold
         offs_n = start_n + tl.arange(0, BLOCK_N)
         valid = row_ok[:, None] & (offs_n[None, :] < hi)
-        g = _gate_tile(q_base, s_qh, s_qn, s_qd, offs_m, k_base, s_kh, s_kn, s_kd, offs_n, offs_d,
-                       N, H, D, inv_h, BLOCK_M, BLOCK_N, PREC)
+        g = _gate_tile(q_base, stride_qh, stride_qn, stride_qd, offs_m, k_base, stride_kh, stride_kn, stride_kd, offs_n,
+                       offs_d, N, H, HEAD_DIM, inv_h, BLOCK_M, BLOCK_N, PREC)
         e = tl.exp(-tl.abs(g))  # shared by the sigmoid and the softplus
         sig = _div(tl.where(g >= 0, 1.0, e), 1.0 + e, FAST)
         w_sum += tl.sum(tl.where(valid, sig, 0.0), axis=1)
         if HAS_TARGET:
-            kx, ky, kpre = _key_coords(KEEP + b * s_keep, offs_n, N, P, GW, inv_gw, HAS_KEEP)
+            kx, ky, kpre = _key_coords(KEEP + b * stride_keep_b, offs_n, N, P, GW, inv_gw, HAS_KEEP)
             tgt = _target(xl, yt, xr, yb, kx, ky, kpre)
             # softplus(g) - T g = max(g, 0) + log(1 + e) - T g
             bce += tl.sum(tl.where(valid, tl.maximum(g, 0.0) + _log(1.0 + e, FAST) - tl.where(tgt, g, 0.0), 0.0),
                           axis=1)
             if SAVE_DG:
-                tl.store(DG + b * s_gb + offs_m[:, None] * s_gn + offs_n[None, :],
+                tl.store(DG + b * stride_gb + offs_m[:, None] * stride_gn + offs_n[None, :],
                          (sig - tgt.to(tl.float32)).to(DG.dtype.element_ty), mask=valid)
     part = (tl.program_id(2) * B + b) * N + offs_m
     tl.store(THR + part, w_sum, mask=row_ok)
@@ -262,8 +264,8 @@ def _threshold_kernel(Q, K, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, WIN,
 
 
 @kernel
-def _gate_bits_kernel(Q, K, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd,
-                      THR, BITS, COUNT, B, N, NW, H, D, inv_h, inv_n, per_split, splits,
+def _gate_bits_kernel(Q, K, stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                      THR, BITS, COUNT, B, N, NW, H, HEAD_DIM, inv_h, inv_n, per_split, splits,
                       MASK_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """Pass 2a over one split of the keys: ``W = [sigmoid(g) > t]`` (plus the diagonal in mask mode),
@@ -277,8 +279,8 @@ def _gate_bits_kernel(Q, K, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
-    q_base = Q + b * s_qb
-    k_base = K + b * s_kb
+    q_base = Q + b * stride_qb
+    k_base = K + b * stride_kb
     thr = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for z in range(splits):
         thr += tl.load(THR + (z * B + b) * N + offs_m, mask=row_ok, other=0.0)
@@ -296,8 +298,8 @@ def _gate_bits_kernel(Q, K, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd,
     for start_n in range(lo, hi, BLOCK_N):  # cost: gate_bits
         offs_n = start_n + tl.arange(0, BLOCK_N)
         valid = row_ok[:, None] & (offs_n[None, :] < hi)
-        g = _gate_tile(q_base, s_qh, s_qn, s_qd, offs_m, k_base, s_kh, s_kn, s_kd, offs_n, offs_d,
-                       N, H, D, inv_h, BLOCK_M, BLOCK_N, PREC)
+        g = _gate_tile(q_base, stride_qh, stride_qn, stride_qd, offs_m, k_base, stride_kh, stride_kn, stride_kd, offs_n,
+                       offs_d, N, H, HEAD_DIM, inv_h, BLOCK_M, BLOCK_N, PREC)
         w = (g > logit[:, None]) & valid
         if MASK_MODE:
             w = w | ((offs_m[:, None] == offs_n[None, :]) & valid)
@@ -316,7 +318,7 @@ def _gate_bits_kernel(Q, K, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd,
 
 # =============================================================================== attention
 @helper
-def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n0, lo, hi, lanes, d_ok, N, s_kn, s_vn, qk2,
+def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n0, lo, hi, lanes, d_ok, N, stride_kn, stride_vn, qk2,
               MASK_MODE: tl.constexpr, EDGE: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     """One key tile of the gated online softmax (base 2, ``qk2 = scale log2(e)`` applied to the row
     maximum and inside the ``exp2`` argument). ``EDGE``: the last, partial key tile (its keys are
@@ -326,8 +328,8 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n0, lo, hi, lanes, d_ok, N, s_kn
         kv_mask = col_ok[:, None] & d_ok[None, :]
     else:
         kv_mask = d_ok[None, :]
-    k = tl.load(k_ptrs + n0 * s_kn, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptrs + n0 * s_vn, mask=kv_mask, other=0.0)
+    k = tl.load(k_ptrs + n0 * stride_kn, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs + n0 * stride_vn, mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PREC)
     keep = _keep(lo[:, None], hi[:, None], lanes[None, :], BLOCK_N)
     if MASK_MODE:  # gated-off keys removed (their bits, and those of keys >= N, are 0)
@@ -336,21 +338,17 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n0, lo, hi, lanes, d_ok, N, s_kn
         s = tl.where(keep, s, 0.0)
         if EDGE:
             s = tl.where(col_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk2)
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s * qk2 - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    return acc, m_new, l_i
+    return online_step(acc, m_i, l_i, s, qk2, v, PREC)
 
 
 @kernel
-def _attn_fwd_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                     BITS, OUT, LSE, N, NW, H, D, qk2,
+def _attn_fwd_kernel(Q, K, V, stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                     stride_vb, stride_vh, stride_vn, stride_vd,
+                     BITS, O, LSE, N, NW, H, HEAD_DIM, qk2,
                      MASK_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """Pass 2b: ``out = softmax(s) v`` with ``s`` gated by ``W`` (eq. 9), online softmax; saves the
-    natural log-sum-exp. ``OUT`` is contiguous ``(B, H, N, D)``, ``LSE`` float32 ``(B, H, N)``.
+    natural log-sum-exp. ``O`` is contiguous ``(B, H, N, HEAD_DIM)``, ``LSE`` float32 ``(B, H, N)``.
     ``W`` comes as each row's word(s) per key tile, read one tile ahead."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -360,11 +358,11 @@ def _attn_fwd_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_
     offs_d = tl.arange(0, BLOCK_D)
     lanes = tl.arange(0, BLOCK_N)
     row_ok = offs_m < N
-    d_ok = offs_d < D
-    q = tl.load(Q + b * s_qb + hh * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd,
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + hh * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_ptrs = K + b * s_kb + hh * s_kh + lanes[:, None] * s_kn + offs_d[None, :] * s_kd
-    v_ptrs = V + b * s_vb + hh * s_vh + lanes[:, None] * s_vn + offs_d[None, :] * s_vd
+    k_ptrs = K + b * stride_kb + hh * stride_kh + lanes[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + hh * stride_vh + lanes[:, None] * stride_vn + offs_d[None, :] * stride_vd
     rows = BITS + b * N * NW + offs_m * NW
     m_i = tl.full((BLOCK_M,), _M_START, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -372,22 +370,24 @@ def _attn_fwd_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_
     n_full = N - N % BLOCK_N
     lo, hi = _words(rows, 0, row_ok, NW, BLOCK_N)
     for n0 in range(0, n_full, BLOCK_N):  # cost: main
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n0, lo, hi, lanes, d_ok, N, s_kn, s_vn, qk2,
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n0, lo, hi, lanes, d_ok, N, stride_kn, stride_vn,
+                                  qk2,
                                   MASK_MODE, False, BLOCK_N, PREC)
         lo, hi = _words(rows, n0 + BLOCK_N, row_ok, NW, BLOCK_N)
     if n_full < N:
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_full, lo, hi, lanes, d_ok, N, s_kn, s_vn,
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_full, lo, hi, lanes, d_ok, N, stride_kn,
+                                  stride_vn,
                                   qk2, MASK_MODE, True, BLOCK_N, PREC)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_ptr = OUT + pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :]
-    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    o_ptr = O + pid_bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + pid_bh * N + offs_m, (m_i + tl.log2(l_safe)) * _LN2, mask=row_ok)
 
 
 # =============================================================================== backward
 @kernel
-def _delta_kernel(OUT, DO, s_db, s_dh, s_dn, s_dd, DELTA, N, H, D,
+def _delta_kernel(O, DO, stride_dob, stride_doh, stride_don, stride_dod, DELTA, N, H, HEAD_DIM,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """``delta_i = sum_d dO_i * O_i`` (float32), the softmax backward's row term."""
     pid_m = tl.program_id(0)
@@ -396,9 +396,10 @@ def _delta_kernel(OUT, DO, s_db, s_dh, s_dn, s_dd, DELTA, N, H, D,
     hh = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-    o = tl.load(OUT + pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * s_db + hh * s_dh + offs_m[:, None] * s_dn + offs_d[None, :] * s_dd, mask=mask, other=0.0)
+    mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + pid_bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + hh * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + pid_bh * N + offs_m, delta, mask=offs_m < N)
 
@@ -419,7 +420,7 @@ def _grad_scores(s, dp, lse2, delta, keep, qk2, MASK_MODE: tl.constexpr):
 
 @helper
 def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, g_ptrs, g_rows, n0, lo, hi, lanes, d_ok, N,
-             s_kn, s_vn, qk2, fold, MASK_MODE: tl.constexpr, EDGE: tl.constexpr, FOLD: tl.constexpr,
+             stride_kn, stride_vn, qk2, fold, MASK_MODE: tl.constexpr, EDGE: tl.constexpr, FOLD: tl.constexpr,
              BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     """One key tile of ``dq``: ``dq += (dS / scale) k``; with ``FOLD`` the loss's ``sigmoid(g) - T``
     tile rides on the same product (``fold`` = its factor over ``scale``)."""
@@ -430,8 +431,8 @@ def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, g_ptrs, g_rows, n0, lo, hi,
     else:
         kv_mask = d_ok[None, :]
         g_mask = g_rows[:, None]
-    k = tl.load(k_ptrs + n0 * s_kn, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptrs + n0 * s_vn, mask=kv_mask, other=0.0)
+    k = tl.load(k_ptrs + n0 * stride_kn, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs + n0 * stride_vn, mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PREC)
     keep = _keep(lo[:, None], hi[:, None], lanes[None, :], BLOCK_N)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -442,10 +443,10 @@ def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, g_ptrs, g_rows, n0, lo, hi,
 
 
 @kernel
-def _attn_dq_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                    DO, s_db, s_dh, s_dn, s_dd, LSE, DELTA, BITS, DG, s_gb, s_gn, DLOSS, DQ,
-                    N, NW, H, D, scale, qk2,
-                    bce_coef, MASK_MODE: tl.constexpr, FOLD: tl.constexpr,
+def _attn_dq_kernel(Q, K, V, stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                    stride_vb, stride_vh, stride_vn, stride_vd,
+                    DO, stride_dob, stride_doh, stride_don, stride_dod, LSE, DELTA, BITS, DG, stride_gb, stride_gn,
+                    DLOSS, DQ, N, NW, H, HEAD_DIM, scale, qk2, bce_coef, MASK_MODE: tl.constexpr, FOLD: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """``dQ = scale dS K`` of one query block with ``W`` held constant, plus (``FOLD``) the loss's
     ``dL_out bce_coef (sigmoid(g) - T) K`` (``bce_coef = 1 / (B N^2 H)``), the tile of
@@ -458,15 +459,17 @@ def _attn_dq_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_v
     offs_d = tl.arange(0, BLOCK_D)
     lanes = tl.arange(0, BLOCK_N)
     row_ok = offs_m < N
-    d_ok = offs_d < D
+    d_ok = offs_d < HEAD_DIM
     q_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * s_qb + hh * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
-    do = tl.load(DO + b * s_db + hh * s_dh + offs_m[:, None] * s_dn + offs_d[None, :] * s_dd, mask=q_mask, other=0.0)
+    q = tl.load(Q + b * stride_qb + hh * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + hh * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                 mask=q_mask, other=0.0)
     lse2 = tl.load(LSE + pid_bh * N + offs_m, mask=row_ok, other=0.0) * _LOG2E
     delta = tl.load(DELTA + pid_bh * N + offs_m, mask=row_ok, other=0.0)
-    k_ptrs = K + b * s_kb + hh * s_kh + lanes[:, None] * s_kn + offs_d[None, :] * s_kd
-    v_ptrs = V + b * s_vb + hh * s_vh + lanes[:, None] * s_vn + offs_d[None, :] * s_vd
-    g_ptrs = DG + b * s_gb + offs_m[:, None] * s_gn + lanes[None, :]
+    k_ptrs = K + b * stride_kb + hh * stride_kh + lanes[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + hh * stride_vh + lanes[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    g_ptrs = DG + b * stride_gb + offs_m[:, None] * stride_gn + lanes[None, :]
     rows = BITS + b * N * NW + offs_m * NW
     kappa = 0.0
     if FOLD:
@@ -477,18 +480,19 @@ def _attn_dq_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_v
     lo, hi = _words(rows, 0, row_ok, NW, BLOCK_N)
     for n0 in range(0, n_full, BLOCK_N):  # cost: main
         dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, g_ptrs, row_ok, n0, lo, hi, lanes,
-                              d_ok, N, s_kn, s_vn, qk2, fold, MASK_MODE, False, FOLD, BLOCK_N, PREC)
+                              d_ok, N, stride_kn, stride_vn, qk2, fold, MASK_MODE, False, FOLD, BLOCK_N, PREC)
         lo, hi = _words(rows, n0 + BLOCK_N, row_ok, NW, BLOCK_N)
     if n_full < N:
         dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, g_ptrs, row_ok, n_full, lo, hi, lanes,
-                              d_ok, N, s_kn, s_vn, qk2, fold, MASK_MODE, True, FOLD, BLOCK_N, PREC)
+                              d_ok, N, stride_kn, stride_vn, qk2, fold, MASK_MODE, True, FOLD, BLOCK_N, PREC)
     dq = dq * scale
-    tl.store(DQ + pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(DQ + pid_bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=q_mask)
 
 
 @helper
 def _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, g_ptrs, lse_ptr, delta_ptr, m0, lo, hi, lanes, d_ok,
-               g_cols, N, s_qn, s_dn, s_gn, qk2, fold, MASK_MODE: tl.constexpr, EDGE: tl.constexpr,
+               g_cols, N, stride_qn, stride_don, stride_gn, qk2, fold, MASK_MODE: tl.constexpr, EDGE: tl.constexpr,
                FOLD: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
     """One query tile of a key block's ``dk``, ``dv`` on transposed tiles (``s^T = k q^T``):
     ``dv += P^T dO``, ``dk += (dS^T / scale) q`` with the BCE's ``(sigmoid(g) - T)^T`` folded in as
@@ -505,25 +509,26 @@ def _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, g_ptrs, lse_ptr, delta_ptr, m0, lo
         g_mask = g_cols[None, :]
         lse2 = tl.load(lse_ptr + m0 + lanes) * _LOG2E
         delta = tl.load(delta_ptr + m0 + lanes)
-    q = tl.load(q_ptrs + m0 * s_qn, mask=qd_mask, other=0.0)
-    do = tl.load(do_ptrs + m0 * s_dn, mask=qd_mask, other=0.0)
+    q = tl.load(q_ptrs + m0 * stride_qn, mask=qd_mask, other=0.0)
+    do = tl.load(do_ptrs + m0 * stride_don, mask=qd_mask, other=0.0)
     s_t = tl.dot(k, tl.trans(q), input_precision=PREC)
     keep_t = _keep(lo[:, None], hi[:, None], lanes[None, :], BLOCK_M)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
     p_t, ds_t = _grad_scores(s_t, dp_t, lse2[None, :], delta[None, :], keep_t, qk2, MASK_MODE)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
     if FOLD:  # the tile read as stored (query rows, contiguous keys), then transposed
-        ds_t += fold * tl.trans(tl.load(g_ptrs + m0 * s_gn, mask=g_mask, other=0.0)).to(tl.float32)
+        ds_t += fold * tl.trans(tl.load(g_ptrs + m0 * stride_gn, mask=g_mask, other=0.0)).to(tl.float32)
     dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
     return dk, dv
 
 
 @kernel
-def _attn_dkdv_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                      DO, s_db, s_dh, s_dn, s_dd, LSE, DELTA, BITS, DG, s_gb, s_gn, DLOSS, DK, DV,
-                      N, NW, H, D,
-                      scale, qk2, bce_coef, MASK_MODE: tl.constexpr, FOLD: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+def _attn_dkdv_kernel(Q, K, V, stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                      stride_vb, stride_vh, stride_vn, stride_vd,
+                      DO, stride_dob, stride_doh, stride_don, stride_dod, LSE, DELTA, BITS, DG, stride_gb, stride_gn,
+                      DLOSS, DK, DV, N, NW, H, HEAD_DIM, scale, qk2, bce_coef, MASK_MODE: tl.constexpr,
+                      FOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      PREC: tl.constexpr):
     """``dK, dV`` of one key block with ``W`` held constant: ``dV = P^T dO``; ``dS = P * (dP - delta)``
     (times ``W`` in multiply mode, since ``s = scale q.k W``); ``dK = scale dS^T Q`` plus
     ``dL_out bce_coef (sigmoid(g) - T)^T Q`` (``FOLD``). ``W^T`` comes as each key row's word(s) per query
@@ -537,13 +542,15 @@ def _attn_dkdv_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s
     offs_d = tl.arange(0, BLOCK_D)
     lanes = tl.arange(0, BLOCK_M)
     col_ok = offs_n < N
-    d_ok = offs_d < D
+    d_ok = offs_d < HEAD_DIM
     kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * s_kb + hh * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
-    v = tl.load(V + b * s_vb + hh * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
-    q_ptrs = Q + b * s_qb + hh * s_qh + lanes[:, None] * s_qn + offs_d[None, :] * s_qd
-    do_ptrs = DO + b * s_db + hh * s_dh + lanes[:, None] * s_dn + offs_d[None, :] * s_dd
-    g_ptrs = DG + b * s_gb + lanes[:, None] * s_gn + offs_n[None, :]
+    k = tl.load(K + b * stride_kb + hh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + hh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)
+    q_ptrs = Q + b * stride_qb + hh * stride_qh + lanes[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    do_ptrs = DO + b * stride_dob + hh * stride_doh + lanes[:, None] * stride_don + offs_d[None, :] * stride_dod
+    g_ptrs = DG + b * stride_gb + lanes[:, None] * stride_gn + offs_n[None, :]
     lse_ptr = LSE + pid_bh * N
     delta_ptr = DELTA + pid_bh * N
     rows = BITS + (tl.num_programs(1) // H + b) * N * NW + offs_n * NW
@@ -556,16 +563,16 @@ def _attn_dkdv_kernel(Q, K, V, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s
     m_full = N - N % BLOCK_M
     lo, hi = _words(rows, 0, col_ok, NW, BLOCK_M)
     for m0 in range(0, m_full, BLOCK_M):  # cost: main
-        dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, g_ptrs, lse_ptr, delta_ptr, m0, lo, hi,
-                                    lanes, d_ok, col_ok, N, s_qn, s_dn, s_gn, qk2, fold, MASK_MODE, False,
-                                    FOLD, BLOCK_M, PREC)
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, g_ptrs, lse_ptr, delta_ptr, m0, lo, hi, lanes, d_ok,
+                            col_ok, N, stride_qn, stride_don, stride_gn, qk2, fold, MASK_MODE, False, FOLD, BLOCK_M,
+                            PREC)
         lo, hi = _words(rows, m0 + BLOCK_M, col_ok, NW, BLOCK_M)
     if m_full < N:
-        dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, g_ptrs, lse_ptr, delta_ptr, m_full, lo,
-                                    hi, lanes, d_ok, col_ok, N, s_qn, s_dn, s_gn, qk2, fold, MASK_MODE, True,
-                                    FOLD, BLOCK_M, PREC)
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, g_ptrs, lse_ptr, delta_ptr, m_full, lo, hi, lanes, d_ok,
+                            col_ok, N, stride_qn, stride_don, stride_gn, qk2, fold, MASK_MODE, True, FOLD, BLOCK_M,
+                            PREC)
     dk = dk * scale
-    out_off = pid_bh * N * D + offs_n[:, None] * D + offs_d[None, :]
+    out_off = pid_bh * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -575,35 +582,18 @@ def _head_block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _config(unit: str, dtype: torch.dtype, d: int) -> _launch.LaunchConfig:
-    """The one configuration of ``unit`` the policy ships for ``dtype`` and head width ``d`` (untuned)."""
-    return _launch.configs(unit, dtype, d)[0]
-
-
-def _meta(cfg: _launch.LaunchConfig, **names) -> dict:
-    """Launch keywords: the config's tiles under the kernel's own parameter names, warps and stages."""
-    out = {names.get(k, k): v for k, v in cfg.params}
-    if not interpreting():
-        out.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out
-
-
-def _s4(t: torch.Tensor):
-    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
-
-
-def _target_args(windows: Optional[torch.Tensor], key_keep: Optional[torch.Tensor], fallback: torch.Tensor):
-    """Pointers and strides of the O(n) target description (dummies when absent)."""
+def _target_args(windows: Optional[torch.Tensor], key_keep: Optional[torch.Tensor], device: torch.device) -> dict:
+    """Pass 1's O(n) target description by its argument names (dummy float32 pointers when absent)."""
+    dummy = torch.empty(1, dtype=torch.float32, device=device)
     if windows is None:
-        return (fallback, 0, 0, 0, fallback, 0), False, False
-    s_wb = windows.stride(0) if windows.dim() == 3 else 0
-    win = (windows, s_wb, windows.stride(-2), windows.stride(-1))
+        return dict(WIN=dummy, stride_wb=0, stride_wn=0, stride_wc=0, KEEP=dummy, stride_keep_b=0)
+    win = dict(WIN=windows, stride_wb=windows.stride(0) if windows.dim() == 3 else 0, stride_wn=windows.stride(-2),
+               stride_wc=windows.stride(-1))
     if key_keep is None:
-        return win + (fallback, 0), True, False
+        return dict(win, KEEP=dummy, stride_keep_b=0)
     keep = key_keep.contiguous()
     keep = keep.view(torch.uint8) if keep.dtype == torch.bool else keep
-    s_keep = keep.stride(0) if keep.shape[0] > 1 else 0
-    return win + (keep, s_keep), True, True
+    return dict(win, KEEP=keep, stride_keep_b=keep.stride(0) if keep.shape[0] > 1 else 0)
 
 
 # programs per SM the gate passes aim for: two waves
@@ -629,19 +619,26 @@ def _gate_pass1(q, k, windows, key_keep, num_prefix: int, grid_w: int, save_dg: 
     backward's tile loads; the padding columns are never read), else an empty tensor."""
     B, H, N, D = q.shape
     dev = q.device
-    gate = _config("winft_threshold", q.dtype, D)
-    grid, per_split = _gate_grid(N, B, gate, dev)
     has_target = windows is not None
-    thr = torch.empty(grid[2], B, N, dtype=torch.float32, device=dev)
-    bce_rows = torch.empty(grid[2], B, N, dtype=torch.float32, device=dev) if has_target else thr
     save_dg = save_dg and has_target
     dg = torch.empty(B, N, triton.cdiv(N, 16) * 16 if save_dg else 0, dtype=q.dtype, device=dev)
-    tgt, _, has_keep = _target_args(windows, key_keep, thr)
+    target = _target_args(windows, key_keep, dev)
     gw = max(grid_w, 1)
-    _threshold_kernel[grid](
-        q, k, *_s4(q), *_s4(k), *tgt, thr, bce_rows, dg, dg.stride(0), dg.stride(1), B, N, H, D, num_prefix,
-        gw, max((N - num_prefix) // gw, 1), 1.0 / gw, 1.0 / H, per_split, HAS_TARGET=has_target,
-        HAS_KEEP=has_keep, SAVE_DG=save_dg, FAST=not interpreting(), BLOCK_D=_head_block(D), PREC=dot_precision(q.dtype, exact=True), **_meta(gate))
+
+    def launch(cfg):
+        grid, per_split = _gate_grid(N, B, cfg, dev)
+        thr = torch.empty(grid[2], B, N, dtype=torch.float32, device=dev)
+        bce_rows = torch.empty(grid[2], B, N, dtype=torch.float32, device=dev) if has_target else thr
+        _threshold_kernel[grid](
+            Q=q, K=k, **strides("q", q), **strides("k", k), **target, THR=thr, BCE_ROWS=bce_rows, DG=dg,
+            stride_gb=dg.stride(0), stride_gn=dg.stride(1), B=B, N=N, H=H, HEAD_DIM=D, P=num_prefix, GW=gw,
+            GH=max((N - num_prefix) // gw, 1), inv_gw=1.0 / gw, inv_h=1.0 / H, per_split=per_split,
+            HAS_TARGET=has_target, HAS_KEEP=key_keep is not None and has_target, SAVE_DG=save_dg,
+            FAST=not interpreting(), BLOCK_D=_head_block(D), PREC=dot_precision(q.dtype, exact=True), **keywords(cfg))
+        return thr, bce_rows
+
+    cfg = _launch.select("winft_threshold", q.dtype, D, key=(B, N, has_target, save_dg), device=dev, run=launch)
+    thr, bce_rows = launch(cfg)
     return thr, bce_rows, dg
 
 
@@ -653,19 +650,27 @@ def _forward(q, k, v, windows, key_keep, scale: float, mode: str, num_prefix: in
     NW = 2 * triton.cdiv(N, 64)  # words per row, even: a 64-key tile's two words are one 8-byte read
     mask_mode = mode == "mask"
     thr, bce_rows, dg = _gate_pass1(q, k, windows, key_keep, num_prefix, grid_w, save_dg)
-    gate = _config("winft_gate", q.dtype, D)
-    grid, per_split = _gate_grid(N, B, gate, dev)
-    counts = torch.empty(grid[2], B, N, dtype=torch.int32, device=dev)
     bits = torch.zeros(2, B, N, NW, dtype=torch.int32, device=dev)  # the padding words stay 0
     out = torch.empty(B, H, N, D, dtype=q.dtype, device=dev)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=dev)
-    _gate_bits_kernel[grid](
-        q, k, *_s4(q), *_s4(k), thr, bits, counts, B, N, NW, H, D, 1.0 / H, 1.0 / N, per_split, thr.shape[0],
-        MASK_MODE=mask_mode, BLOCK_D=BD, PREC=gate_prec, **_meta(gate))
-    fwd = _config("winft_fwd", q.dtype, D)
-    _attn_fwd_kernel[(triton.cdiv(N, fwd["BLOCK_M"]), B * H)](
-        q, k, v, *_s4(q), *_s4(k), *_s4(v), bits, out, lse, N, NW, H, D, scale * _LOG2E.value,
-        MASK_MODE=mask_mode, BLOCK_D=BD, PREC=prec, **_meta(fwd))
+
+    def gate(cfg):
+        grid, per_split = _gate_grid(N, B, cfg, dev)
+        counts = torch.empty(grid[2], B, N, dtype=torch.int32, device=dev)
+        _gate_bits_kernel[grid](
+            Q=q, K=k, **strides("q", q), **strides("k", k), THR=thr, BITS=bits, COUNT=counts, B=B, N=N, NW=NW, H=H,
+            HEAD_DIM=D, inv_h=1.0 / H, inv_n=1.0 / N, per_split=per_split, splits=thr.shape[0], MASK_MODE=mask_mode,
+            BLOCK_D=BD, PREC=gate_prec, **keywords(cfg))
+        return counts
+
+    def attend(cfg):
+        _attn_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
+            Q=q, K=k, V=v, **strides("q", q), **strides("k", k), **strides("v", v), BITS=bits, O=out, LSE=lse, N=N,
+            NW=NW, H=H, HEAD_DIM=D, qk2=scale * _LOG2E.value, MASK_MODE=mask_mode, BLOCK_D=BD, PREC=prec,
+            **keywords(cfg))
+
+    counts = gate(_launch.select("winft_gate", q.dtype, D, key=(B, N, mask_mode), device=dev, run=gate))
+    attend(_launch.select("winft_fwd", q.dtype, D, key=(N, mask_mode), device=dev, run=attend))
     if windows is not None:
         loss = (bce_rows.sum() / (B * N * N)).to(q.dtype)
     else:
@@ -701,19 +706,25 @@ def _backward(dout, dloss, q, k, v, out, lse, bits, dg, windows, key_keep, scale
     dk = torch.empty(B, H, N, D, dtype=k.dtype, device=dev)
     dv = torch.empty(B, H, N, D, dtype=v.dtype, device=dev)
     delta = torch.empty(B, H, N, dtype=torch.float32, device=dev)
-    dg_args = (dg, dg.stride(0), dg.stride(1), dloss.reshape(1)) if with_bce else (delta, 0, 0, delta)
-    rows = _config("winft_fwd", q.dtype, D)["BLOCK_M"]
-    _delta_kernel[(triton.cdiv(N, rows), B * H)](out, dout, *_s4(dout), delta, N, H, D, BLOCK_M=rows, BLOCK_D=BD)
-    dq_cfg = _config("winft_dq", q.dtype, D)
-    _attn_dq_kernel[(triton.cdiv(N, dq_cfg["BLOCK_M"]), B * H)](
-        q, k, v, *_s4(q), *_s4(k), *_s4(v), dout, *_s4(dout), lse, delta, bits, *dg_args, dq,
-        N, NW, H, D, scale, scale * _LOG2E.value, bce_coef, MASK_MODE=mask_mode, FOLD=fold, BLOCK_D=BD, PREC=prec,
-        **_meta(dq_cfg))
-    kv_cfg = _config("winft_dkdv", q.dtype, D)
-    _attn_dkdv_kernel[(triton.cdiv(N, kv_cfg["BLOCK_N"]), B * H)](
-        q, k, v, *_s4(q), *_s4(k), *_s4(v), dout, *_s4(dout), lse, delta, bits, *dg_args, dk, dv,
-        N, NW, H, D, scale, scale * _LOG2E.value, bce_coef, MASK_MODE=mask_mode, FOLD=fold, BLOCK_D=BD, PREC=prec,
-        **_meta(kv_cfg))
+    rows = 16 if interpreting() else 64
+    _delta_kernel[(triton.cdiv(N, rows), B * H)](O=out, DO=dout, **strides("do", dout), DELTA=delta, N=N, H=H,
+                                                HEAD_DIM=D, BLOCK_M=rows, BLOCK_D=BD)
+    loss_args = (dict(DG=dg, stride_gb=dg.stride(0), stride_gn=dg.stride(1), DLOSS=dloss.reshape(1)) if with_bce
+                 else dict(DG=delta, stride_gb=0, stride_gn=0, DLOSS=delta))
+    common = dict(Q=q, K=k, V=v, **strides("q", q), **strides("k", k), **strides("v", v), DO=dout,
+                  **strides("do", dout), LSE=lse, DELTA=delta, BITS=bits, **loss_args, N=N, NW=NW, H=H, HEAD_DIM=D,
+                  scale=scale, qk2=scale * _LOG2E.value, bce_coef=bce_coef, MASK_MODE=mask_mode, FOLD=fold,
+                  BLOCK_D=BD, PREC=prec)
+
+    def grad_q(cfg):
+        _attn_dq_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](DQ=dq, **common, **keywords(cfg))
+
+    def grad_kv(cfg):
+        _attn_dkdv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), B * H)](DK=dk, DV=dv, **common, **keywords(cfg))
+
+    key = (N, mask_mode, fold)
+    grad_q(_launch.select("winft_dq", q.dtype, D, key=key, device=dev, run=grad_q))
+    grad_kv(_launch.select("winft_dkdv", q.dtype, D, key=key, device=dev, run=grad_kv))
     if with_bce and not fold:
         dq_bce, dk_bce = _bce_products(dg, q, k, dloss, bce_coef)
         dq, dk = (dq.float() + dq_bce).to(q.dtype), (dk.float() + dk_bce).to(k.dtype)

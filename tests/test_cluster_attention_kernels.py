@@ -60,13 +60,7 @@ def test_pool_op_runs_the_combine_step(K, monkeypatch):
             launched.append(grid)
             return self.kernel[grid]
 
-    kernel = K._kernel
-
-    def spying_kernel(name, t, width=0):
-        fn, extra, interp = kernel(name, t, width)
-        return (Spy(fn) if name == "pool_combine" else fn), extra, interp
-
-    monkeypatch.setattr(K, "_kernel", spying_kernel)
+    monkeypatch.setattr(K, "_pool_combine_kernel", Spy(K._pool_combine_kernel))
     n = 50 if _interpreted(K) else 600  # the GPU policy splits only when there are >= 512 tokens
     check_against_reference(functional.cluster_pool, reference.cluster_pool, [rand(2, n, 64), rand(2, n, 32)])
     assert launched, "the pooling forward never ran its combine kernel"
@@ -285,58 +279,53 @@ def _check_pool_and_attention():
                             lambda q, k, v: reference.cluster_attention(q, k, v), list(qkv(1, 2, 300, 64, Nk=101)))
 
 
-@pytest.mark.parametrize("block_n", [16, 128])
-def test_gpu_tile_sizes(K, monkeypatch, block_n):
-    """The tiles the GPU autotuner chooses from (token/query blocks 16..128, 64 clusters and 128
-    channels per tile, 256-row splits) give the same results, checked in the interpreter."""
+@pytest.mark.parametrize("block", [16, 128])
+def test_gpu_tile_sizes(K, monkeypatch, block):
+    """The tiles the GPU chooses from (token/query blocks 16..128, 64 clusters and 128 channels per
+    tile, 256-row splits) give the same results, checked in the interpreter."""
     if not _interpreted(K):
-        pytest.skip("on a GPU the autotuned configurations run in every other test")
+        pytest.skip("on a GPU the chosen configurations run in every other test")
     from vitpatch.kernels import _launch
     for key, value in {"pool_block_m": 64, "pool_block_c": 128, "pool_split": 256, "attn_split": 256}.items():
         monkeypatch.setitem(K._INTERP, key, value)
-    tile = _launch.LaunchConfig((("BLOCK_N", block_n),))
-    units = ("paca_pool_fwd", "paca_pool_dlogits", "paca_pool_dx", "paca_attn_fwd", "paca_attn_bwd")
-    with _launch.forcing({unit: tile for unit in units}):
+    pool = _launch.LaunchConfig((("BLOCK_N", block),))  # the pooling's token tile
+    attn = _launch.LaunchConfig((("BLOCK_M", block),))  # the attention's query tile
+    pins = {"paca_pool_fwd": pool, "paca_pool_dlogits": pool, "paca_pool_dx": pool, "paca_attn_fwd": attn,
+            "paca_attn_bwd": attn}
+    with _launch.forcing(pins):
         _check_pool_and_attention()
 
 
-def test_autotune_wiring(K, monkeypatch):
-    """The GPU launch path (autotuner keys, config pruning, grids from the tuned block, split
-    policy from the SM count) run end to end in the interpreter with a stand-in benchmark."""
+def test_selection_wiring(K, monkeypatch):
+    """The GPU launch path (every unit's candidates timed through ``_launch.select`` with the
+    launcher's own run, the attention's register-tile filter, grids from the chosen block, split
+    policy from the SM count) runs end to end in the interpreter with a stand-in timer."""
     if not _interpreted(K):
-        pytest.skip("on a GPU the autotuned path runs in every other test")
-    benched = []
+        pytest.skip("on a GPU the selection runs in every other test")
+    from vitpatch.kernels import _launch
+    timed = []
 
-    def bench(kernel_call, quantiles=None, **kwargs):
-        kernel_call()
-        benched.append(1)
-        return [float(len(benched) % 5 + 1)] * 3
+    def bench(fn):
+        fn()
+        timed.append(1)
+        return float(len(timed) % 5 + 1)
 
     monkeypatch.setattr(K, "interpreting", lambda: False)  # take the GPU branch ...
     monkeypatch.setattr(K, "_require_cuda", lambda t: None)  # ... with CPU tensors (the SM count is then 132),
-    monkeypatch.setattr(K, "_gpu_form", lambda k: k.interpreted)  # ... still interpreted
-    from vitpatch.kernels import _launch
+    monkeypatch.setattr(_launch, "_bench", bench)  # ... still interpreted, timed by the stand-in
     # the GPU's candidate lists (the half-precision ones, the longest), not the interpreter's pinned tile
     monkeypatch.setattr(_launch, "configs", lambda unit, dtype, d: [
         c for c in _launch.candidates(unit) if c.ships("float16", d)])
-    K._tuned.cache_clear()
-
-    def tuner(name):
-        return K._tuned(name, tuple(_launch.configs(K._UNITS[name][0], torch.float32, 16)))
-
-    try:
-        # the kernels with several candidates go through triton.autotune (a single one launches directly)
-        names = [n for n in K._UNITS if len(_launch.configs(K._UNITS[n][0], torch.float32, 16)) > 1]
-        assert {"pool_fwd", "pool_dlogits", "pool_dx", "attn_fwd"} <= set(names)
-        for name in names:  # fresh autotuners (dropped again below), so no monkeypatch is needed
-            tuner(name).do_bench = bench
-        check_against_reference(functional.cluster_pool, reference.cluster_pool, [rand(1, 40, 5), rand(1, 40, 16)])
-        check_against_reference(lambda q, k, v: functional.cluster_attention(q, k, v),
-                                lambda q, k, v: reference.cluster_attention(q, k, v), list(qkv(1, 1, 40, 16, Nk=7)))
-        assert all(tuner(name).cache for name in names), "a kernel did not go through its autotuner"
-        assert len(benched) >= sum(len(_launch.configs(K._UNITS[n][0], torch.float32, 16)) for n in names)
-    finally:  # drop the autotuners built for the "GPU" branch
-        K._tuned.cache_clear()
+    monkeypatch.setattr(_launch, "_SELECTED", {})
+    check_against_reference(functional.cluster_pool, reference.cluster_pool, [rand(1, 40, 5), rand(1, 40, 16)])
+    check_against_reference(lambda q, k, v: functional.cluster_attention(q, k, v),
+                            lambda q, k, v: reference.cluster_attention(q, k, v), list(qkv(1, 1, 40, 16, Nk=7)))
+    units = {key[0] for key in _launch._SELECTED}
+    assert units == {"paca_pool_fwd", "paca_pool_dlogits", "paca_pool_dx", "paca_attn_fwd", "paca_attn_bwd"}
+    # every candidate of every unit timed (the attention's all fit 16 keys of width 16), once per case
+    for unit, dtype, width, *_, cands in _launch._SELECTED:
+        assert cands == tuple(_launch.configs(unit, dtype, width)), unit
+    assert len(timed) == sum(len(key[-1]) for key in _launch._SELECTED)
 
 
 def test_paca_layer_through_functional_compiles_fullgraph(K):

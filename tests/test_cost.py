@@ -104,6 +104,7 @@ def test_build_launch_cycles(monkeypatch):
     from types import SimpleNamespace
 
     from bench import cost
+    from vitpatch.kernels import _launch
     m = cost.MACHINE
     monkeypatch.setattr(cost.gate, "launch_key", lambda launch, target: launch.kernel.__name__)
     monkeypatch.setitem(cost._KERNEL_CYCLES, "_cut_kernel", (1000, 16, 500))
@@ -111,7 +112,7 @@ def test_build_launch_cycles(monkeypatch):
 
     def launch(name, grid, args=(), **kwargs):
         k = SimpleNamespace(__name__=name, jit=SimpleNamespace(arg_names=["a", "n"]))
-        return SimpleNamespace(kernel=k, grid=grid, args=args, kwargs=kwargs)
+        return _launch.Launch(k, grid, args, kwargs)
 
     cut = launch("_cut_kernel", (64,), (None, 576), LMIN=64)
     trips = 9
@@ -293,7 +294,7 @@ def test_winft_step_is_costed_kernel_by_kernel():
     assert winft_cost.launch_cycles(fwd, pins["winft_fwd"].label, by, d) == pytest.approx(
         progs * -(-N // pins["winft_fwd"]["BLOCK_N"]) * max(500, 100) / m["sms"])
     assert winft_cost.launch_cycles(calls["bwd"][0], pins["winft_fwd"].label, by, d) == 0.0  # delta: left out
-    dg = thr.args[[n for n in thr.kernel.jit.arg_names].index("DG")]
+    dg = thr.named["DG"]
     assert tuple(dg.shape) == (B, N, 208)  # kept for the backward, rows 16-element aligned
     assert winft_cost.compulsory_bytes(calls["bwd"][1]) > dg.numel() * 2
     preds = winft_cost.predict(rows, B, H, d, pins=pins, shapes=(N,))

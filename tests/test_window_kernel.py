@@ -714,3 +714,28 @@ def test_extreme_scores_stay_masked(wa, ws, magnitude):
     assert_close(out, ref_out, TOL[torch.float32], "output")
     for name, g, gr in zip("qkv", (dq, dk, dv), ref_grads):
         assert_close(g, gr, tol * 50, f"d{name}")
+
+
+@pytest.mark.parametrize("grid,bm,bn,order,unit", [((9, 11), 16, 16, 1, 16), ((9, 7), 32, 16, 1, 16),
+                                                   ((5, 13), 16, 16, 0, 64), ((11, 6), 64, 16, 1, 16)])
+@pytest.mark.parametrize("query_order", ["spatial", "sorted", "grouped", "auto", "best"])
+def test_query_tiles_fill_from_their_first_slot(ws, grid, bm, bn, order, unit, query_order):
+    """Every query order fills a tile's slots from its start, so a tile holds a query iff its first
+    slot does: the kernels skip the prefix work of empty tiles by that one slot (``_holds_query``).
+    Odd grids, both key layouts, tiles smaller and larger than a layout square, with and without
+    key_keep (per-image schedules) and with a window that touches nothing (grouped's spare queries)."""
+    if query_order == "grouped" and order == 0:
+        pytest.skip("grouped needs the tiled key layout")
+    B, P = 3, 1
+    gen = torch.Generator().manual_seed(11)
+    windows = local_windows(B, grid, gen, max_radius=3)
+    windows[1, 4] = torch.tensor([3, 2, 1, 0])  # empty window
+    keep = torch.rand(B, P + grid[0] * grid[1], generator=gen) > 0.2
+    for key_keep in (None, keep.to(DEVICE)):  # raw tensors: a WindowMask refuses the empty window
+        cfg = ws.Config(bm, bn, order, unit, query_order)
+        sched = ws.build_schedule(windows.to(torch.int32).to(DEVICE), key_keep, grid, P, B, cfg)
+        tiles = sched.qtab.reshape(sched.qtab.shape[0], sched.tq, bm).cpu()
+        holds = (tiles >= 0).any(-1)
+        assert torch.equal(tiles[..., 0] >= 0, holds)
+        if order == 1 and query_order in ("sorted", "best"):  # the cut's unused tiles are met
+            assert (~holds).any()

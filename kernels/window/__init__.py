@@ -71,7 +71,7 @@ which tiles, on the device, before the attention kernels run:
   by every block of a model that passes the same mask, forward and backward.
 
 Because the schedule depends on the block sizes, the window kernels tune their configuration
-themselves (schedule build included) instead of through ``triton.autotune``.
+with the schedule build included (``window_attention._pick_config``).
 
 Helpers for tests and benchmarks, built by the launchers' own code path and taking the raw
 mask tensors: :func:`tile_codes`, :func:`tile_schedule`, :func:`visited_fraction`,

@@ -80,19 +80,19 @@ def _query_patch(slot, PERM, n, GH, GW, NBX, use_sorted, ORDER: tl.constexpr, TW
 
 
 @helper
-def _ktile_rect(kt, r: tl.constexpr, GH, GW, NBX, BN: tl.constexpr, ORDER: tl.constexpr, TW: tl.constexpr,
+def _ktile_rect(kt, r: tl.constexpr, GH, GW, NBX, BLOCK_N: tl.constexpr, ORDER: tl.constexpr, TW: tl.constexpr,
                 TH: tl.constexpr):
     """Rectangle ``r`` of the footprint of key tiles ``kt`` on the grid: ``(x0, y0, x1, y1)``, inclusive.
 
-    A row-major run of ``BN`` patches is at most three rectangles (partial first row, full
+    A row-major run of ``BLOCK_N`` patches is at most three rectangles (partial first row, full
     middle rows, partial last row); a ``TILED`` tile is one rectangle (rows of a square) or
-    ``BN / unit`` whole squares. Empty rectangles have ``y0 > y1``.
+    ``BLOCK_N / unit`` whole squares. Empty rectangles have ``y0 > y1``.
     """
     zero = kt * 0
     if ORDER == 0:
         n = GH * GW
-        a = kt * BN
-        e = tl.minimum(a + BN, n) - 1
+        a = kt * BLOCK_N
+        e = tl.minimum(a + BLOCK_N, n) - 1
         ya = a // GW
         ye = e // GW
         if r == 0:
@@ -112,13 +112,13 @@ def _ktile_rect(kt, r: tl.constexpr, GH, GW, NBX, BN: tl.constexpr, ORDER: tl.co
             y1 = ye
         y1 = tl.where(a < n, y1, -1)
     else:
-        if BN <= TW * TH:
-            start = kt * BN
+        if BLOCK_N <= TW * TH:
+            start = kt * BLOCK_N
             blk = start // (TW * TH)
-            y_off = ((start % (TW * TH)) // BN) * (BN // TW)
-            rows = BN // TW
+            y_off = ((start % (TW * TH)) // BLOCK_N) * (BLOCK_N // TW)
+            rows = BLOCK_N // TW
         else:
-            blk = kt * (BN // (TW * TH)) + r
+            blk = kt * (BLOCK_N // (TW * TH)) + r
             y_off = zero
             rows = TH
         x0 = (blk % NBX) * TW
@@ -141,14 +141,14 @@ def _append_visits(lst, width, idx, masked, full, n_m, n_f):
 
 
 @kernel
-def _window_code_kernel(WIN, CODE, n, win_sb, BITS: tl.constexpr, BR: tl.constexpr):
+def _window_code_kernel(WIN, CODE, n, stride_win_b, BITS: tl.constexpr, BR: tl.constexpr):
     """4-D Morton code of each window ``(x_left, y_top, x_right, y_bottom)`` (bits interleaved), int64."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     b = tl.program_id(1)
     valid = rows < n
     code = tl.zeros([BR], tl.int64)
     for c in tl.static_range(4):
-        coord = tl.load(WIN + b * win_sb + rows * 4 + c, mask=valid, other=0).to(tl.int64)
+        coord = tl.load(WIN + b * stride_win_b + rows * 4 + c, mask=valid, other=0).to(tl.int64)
         for bit in tl.static_range(BITS):
             code = code | (((coord >> bit) & 1) << (4 * bit + c))
     tl.store(CODE + b * n + rows, code, mask=valid)
@@ -182,33 +182,33 @@ def _suffix_boxes(SIG, n, pos, valid):
 
 
 @kernel
-def _cut_kernel(PERM, WIN, SIG, F, LEN, OUT, n, win_sb, out_sb, KW, KH, BM: tl.constexpr, LMIN: tl.constexpr,
-                TQC: tl.constexpr, LAM: tl.constexpr):
+def _cut_kernel(PERM, WIN, SIG, F, LEN, OUT, n, stride_win_b, stride_out_b, KW, KH, BLOCK_M: tl.constexpr,
+                LMIN: tl.constexpr, TQC: tl.constexpr, LAM: tl.constexpr):
     """Image ``b``'s ``sorted`` order cut into query tiles by dynamic programming (``_cut_perm``).
 
     Over the positions of the Morton order, ``f[j]`` is the least cost of cutting positions
-    ``0 .. j-1`` into runs of ``LMIN .. BM`` queries (the last run: ``1 .. BM``), a run costing the
+    ``0 .. j-1`` into runs of ``LMIN .. BLOCK_M`` queries (the last run: ``1 .. BLOCK_M``), a run costing the
     area, in key tiles, of the bounding box of its queries' signatures (windows in key tiles) plus
     ``LAM``. A run that ends at ``j`` starts at ``i <= j - LMIN``, so the ``LMIN`` ends of one block
     ``(J, J + LMIN]`` need only ``f`` up to ``J``: each block is one vector step over the
-    ``LMIN x BM`` pairs (end, start): the boxes of ``i .. J-1`` by a reverse scan, of ``J .. j-1``
+    ``LMIN x BLOCK_M`` pairs (end, start): the boxes of ``i .. J-1`` by a reverse scan, of ``J .. j-1``
     by a forward scan. A pair's key is ``512 (f[i] + LAM + area) + a`` (``a`` the start's index in
     the block, so ties take the longer run), its row minimum gives ``f[j]`` and the run. Then the
-    runs are walked back from ``n`` and written as tiles, ``BM`` slots each (``-1`` past a run),
+    runs are walked back from ``n`` and written as tiles, ``BLOCK_M`` slots each (``-1`` past a run),
     at most ``TQC = cdiv(n, LMIN)`` of them."""
     b = tl.program_id(0)
     perm = PERM + b * n
-    win = WIN + b * win_sb
+    win = WIN + b * stride_win_b
     sig = SIG + b * 4 * n
     f_row = F + b * (n + 1)
     len_row = LEN + b * (n + 1)
-    out = OUT + b * out_sb
+    out = OUT + b * stride_out_b
     inf = 1 << 21
-    a = tl.arange(0, BM)          # candidate starts i = J + 1 - BM + a
-    c = tl.arange(0, LMIN)        # ends j = J + 1 + c: runs j - i = BM + c - a
+    a = tl.arange(0, BLOCK_M)          # candidate starts i = J + 1 - BLOCK_M + a
+    c = tl.arange(0, LMIN)        # ends j = J + 1 + c: runs j - i = BLOCK_M + c - a
     for t in range(0, TQC):
-        tl.store(out + t * BM + a, tl.full([BM], -1, tl.int64))
-    for p0 in range(0, n, BM):  # the signature of each sorted position, once
+        tl.store(out + t * BLOCK_M + a, tl.full([BLOCK_M], -1, tl.int64))
+    for p0 in range(0, n, BLOCK_M):  # the signature of each sorted position, once
         pos = p0 + a
         valid = pos < n
         p = tl.load(perm + pos, mask=valid, other=0)
@@ -217,10 +217,10 @@ def _cut_kernel(PERM, WIN, SIG, F, LEN, OUT, n, win_sb, out_sb, KW, KH, BM: tl.c
         tl.store(sig + 2 * n + pos, tl.load(win + p * 4 + 2, mask=valid, other=0).to(tl.int32) // KW + 1, mask=valid)
         tl.store(sig + 3 * n + pos, tl.load(win + p * 4 + 3, mask=valid, other=0).to(tl.int32) // KH + 1, mask=valid)
     tl.store(f_row + c, tl.where(c == 0, 0, inf), mask=c <= n)  # f[0] = 0; only the last run is shorter than LMIN
-    band = (a[None, :] >= c[:, None]) & (a[None, :] <= c[:, None] + (BM - LMIN))   # LMIN <= run <= BM
+    band = (a[None, :] >= c[:, None]) & (a[None, :] <= c[:, None] + (BLOCK_M - LMIN))   # LMIN <= run <= BLOCK_M
     for J in range(0, n, LMIN):  # cost: steps
         tl.debug_barrier()
-        i = J + 1 - BM + a
+        i = J + 1 - BLOCK_M + a
         sx0, sy0, sx1, sy1 = _suffix_boxes(sig, n, i, (i >= 0) & (i < J))
         fa = (tl.load(f_row + i, mask=i >= 0, other=inf) + LAM) * 512 + a
         px0, py0, px1, py1 = _signature(sig, n, J + c, J + c < n)
@@ -235,38 +235,40 @@ def _cut_kernel(PERM, WIN, SIG, F, LEN, OUT, n, win_sb, out_sb, KW, KH, BM: tl.c
         j = J + 1 + c
         tl.debug_barrier()
         tl.store(f_row + j, tl.minimum(best // 512, inf), mask=j <= n)
-        tl.store(len_row + j, BM + c - best % 512, mask=j <= n)
-    # the last run may be shorter than LMIN: f[n] over every start in [n - BM, n - 1]
+        tl.store(len_row + j, BLOCK_M + c - best % 512, mask=j <= n)
+    # the last run may be shorter than LMIN: f[n] over every start in [n - BLOCK_M, n - 1]
     tl.debug_barrier()
-    i = n - BM + a
+    i = n - BLOCK_M + a
     sx0, sy0, sx1, sy1 = _suffix_boxes(sig, n, i, i >= 0)
     fa = (tl.load(f_row + i, mask=i >= 0, other=inf) + LAM) * 512 + a
-    last = BM - tl.min(tl.where(i >= 0, fa + ((sx1 - sx0) * (sy1 - sy0)) * 512, 2147483647), 0) % 512
+    last = BLOCK_M - tl.min(tl.where(i >= 0, fa + ((sx1 - sx0) * (sy1 - sy0)) * 512, 2147483647), 0) % 512
     # walk the runs back from n: run t (from the end) fills tile t
     j = n
     t = 0
     while j > 0:
         ln = tl.where(j == n, last, tl.load(len_row + j))
         start = j - ln
-        tl.store(out + t * BM + a, tl.load(perm + start + a, mask=a < ln, other=-1))
+        tl.store(out + t * BLOCK_M + a, tl.load(perm + start + a, mask=a < ln, other=-1))
         j = start
         t += 1
 
 
 @kernel
-def _schedule_kernel(WIN, KEEP, PERM, CODES, LIST, CNT, win_sb, keep_sb, perm_sb, perm_vs, P, GH, GW, NBX, TQ, TK, BS,
-                     BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, R: tl.constexpr, ORDER: tl.constexpr,
-                     TW: tl.constexpr, TH: tl.constexpr, HAS_KEEP: tl.constexpr, QMODE: tl.constexpr):
+def _schedule_kernel(WIN, KEEP, PERM, CODES, LIST, CNT, stride_win_b, stride_keep_b, stride_perm_b, stride_perm_v, P,
+                     GH, GW, NBX, TQ, TK, BS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
+                     R: tl.constexpr, ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr, HAS_KEEP: tl.constexpr,
+                     QMODE: tl.constexpr):
     """Row ``qt`` of image ``b`` (query order ``v``) of the schedule: codes (0 skip, 1 masked,
-    2 full) and the visit list. ``O(BM * TK * R)`` integer tests: windows against key-tile
+    2 full) and the visit list. ``O(BLOCK_M * TK * R)`` integer tests: windows against key-tile
     rectangles, never against individual keys (apart from the tile's ``key_keep`` bits).
-    ``QMODE`` 2: order ``v = 0`` is spatial, ``v >= 1`` reads perm ``v - 1`` (stride ``perm_vs``)."""
+    ``QMODE`` 2: order ``v = 0`` is spatial, ``v >= 1`` reads perm ``v - 1`` (stride ``stride_perm_v``)."""
     qt = tl.program_id(0)
     b = tl.program_id(1)
     v = tl.program_id(2)
-    perm_v = PERM + tl.maximum(v - 1, 0) * perm_vs + b * perm_sb
-    pq, qv = _query_patch(qt * BM + tl.arange(0, BM), perm_v, TQ * BM, GH, GW, NBX, v >= 1, ORDER, TW, TH, QMODE)
-    wp = WIN + b * win_sb + pq * 4
+    perm_v = PERM + tl.maximum(v - 1, 0) * stride_perm_v + b * stride_perm_b
+    pq, qv = _query_patch(qt * BLOCK_M + tl.arange(0, BLOCK_M), perm_v, TQ * BLOCK_M, GH, GW, NBX, v >= 1, ORDER, TW,
+                          TH, QMODE)
+    wp = WIN + b * stride_win_b + pq * 4
     wx0 = tl.load(wp + 0, mask=qv, other=0)
     wy0 = tl.load(wp + 1, mask=qv, other=0)
     wx1 = tl.load(wp + 2, mask=qv, other=0)
@@ -277,18 +279,18 @@ def _schedule_kernel(WIN, KEEP, PERM, CODES, LIST, CNT, win_sb, keep_sb, perm_sb
     for c in range(0, TK, KC):
         kt = c + tl.arange(0, KC)
         kin = kt < TK
-        kp, _, _, kv = _slot_patch(kt[:, None] * BN + tl.arange(0, BN)[None, :], GH, GW, NBX, ORDER, TW, TH)
+        kp, _, _, kv = _slot_patch(kt[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], GH, GW, NBX, ORDER, TW, TH)
         kv = kv & kin[:, None]
         if HAS_KEEP:
-            kok = kv & (tl.load(KEEP + b * keep_sb + P + kp, mask=kv, other=0) != 0)
+            kok = kv & (tl.load(KEEP + b * stride_keep_b + P + kp, mask=kv, other=0) != 0)
         else:
             kok = kv
         any_kept = tl.max(kok.to(tl.int32), 1) > 0
         all_kept = tl.min(kok.to(tl.int32), 1) > 0
-        hit = tl.zeros([BM, KC], tl.int32)
-        outside = tl.zeros([BM, KC], tl.int32)
+        hit = tl.zeros([BLOCK_M, KC], tl.int32)
+        outside = tl.zeros([BLOCK_M, KC], tl.int32)
         for r in tl.static_range(R):
-            x0, y0, x1, y1 = _ktile_rect(kt, r, GH, GW, NBX, BN, ORDER, TW, TH)
+            x0, y0, x1, y1 = _ktile_rect(kt, r, GH, GW, NBX, BLOCK_N, ORDER, TW, TH)
             ne = ((x0 <= x1) & (y0 <= y1))[None, :] & qv[:, None]
             meets = (x0[None, :] <= wx1[:, None]) & (x1[None, :] >= wx0[:, None]) & \
                     (y0[None, :] <= wy1[:, None]) & (y1[None, :] >= wy0[:, None])
@@ -348,7 +350,7 @@ def _transpose_kernel(CODES, CHOICE, LIST_T, CNT_T, TQ, TK, BS, QC: tl.constexpr
 
 
 @kernel
-def _slot_tables_kernel(WIN, PERM, CHOICE, QTAB, QWIN, QOUT, win_sb, perm_sb, S, GH, GW, NBX,
+def _slot_tables_kernel(WIN, PERM, CHOICE, QTAB, QWIN, QOUT, stride_win_b, stride_perm_b, S, GH, GW, NBX,
                         ORDER: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr, QMODE: tl.constexpr,
                         GWP: tl.constexpr, GHP: tl.constexpr, RW: tl.constexpr, RWP: tl.constexpr,
                         BR: tl.constexpr):
@@ -362,11 +364,11 @@ def _slot_tables_kernel(WIN, PERM, CHOICE, QTAB, QWIN, QOUT, win_sb, perm_sb, S,
     use_sorted = False
     if QMODE == 2:
         use_sorted = tl.load(CHOICE + b) != 0
-    pq, qv = _query_patch(slot, PERM + b * perm_sb, S, GH, GW, NBX, use_sorted, ORDER, TW, TH, QMODE)
+    pq, qv = _query_patch(slot, PERM + b * stride_perm_b, S, GH, GW, NBX, use_sorted, ORDER, TW, TH, QMODE)
     qv = qv & inside
     row = b * S + slot
     tl.store(QTAB + row, tl.where(qv, pq, -1), mask=inside)
-    wp = WIN + b * win_sb + pq * 4
+    wp = WIN + b * stride_win_b + pq * 4
     x0 = tl.load(wp, mask=qv, other=1)
     y0 = tl.load(wp + 1, mask=qv, other=1)
     x1 = tl.load(wp + 2, mask=qv, other=0)
@@ -418,14 +420,12 @@ class Schedule:
     codes: torch.Tensor    # (V, Bs, TQ, TK) int8: 0 skip, 1 masked, 2 full
     lst: torch.Tensor      # (V, Bs, TQ, TK) int32: visited key tiles, masked ones first, full ones last
     cnt: torch.Tensor      # (V, Bs, TQ, 2) int32: numbers of masked and full key tiles
-    qtab: torch.Tensor     # (Bs, TQ * BM) int32: the patch in each query slot of the image's order (-1 padding)
+    # (Bs, TQ * BM) int32: the patch in each query slot of the image's order (-1 padding); every order
+    # fills a tile's slots from its start, so a tile holds a query iff its first slot does
+    qtab: torch.Tensor
     qwin: torch.Tensor     # (Bs, TQ * BM, 4) int32: that patch's window (padding: the empty (1, 1, 0, 0))
     qout: torch.Tensor     # (Bs, TQ * BM, RW) bf16 (fp32 interpreted): outside indicators (_slot_tables)
     _transposed: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-
-    @property
-    def kernel_args(self) -> tuple:
-        return (self.qwin, self.keep, self.qtab, self.qout, self.choice)
 
     def _image_stride(self, table: torch.Tensor) -> int:
         return table.stride(0) if table.shape[0] > 1 else 0
@@ -450,8 +450,8 @@ class Schedule:
         lst = torch.empty((self.bs, self.tk, self.tq), dtype=torch.int32, device=dev)
         cnt = torch.empty((self.bs, self.tk, 2), dtype=torch.int32, device=dev)
         qc = min(triton.next_power_of_2(self.tq), 128)
-        _transpose_kernel[(self.tk, self.bs)](self.codes, self.choice, lst, cnt, self.tq, self.tk, self.bs, QC=qc,
-                                              QMODE=self.qmode)
+        _transpose_kernel[(self.tk, self.bs)](CODES=self.codes, CHOICE=self.choice, LIST_T=lst, CNT_T=cnt, TQ=self.tq,
+                                              TK=self.tk, BS=self.bs, QC=qc, QMODE=self.qmode)
         self._transposed = (lst, cnt)
         return lst, cnt
 
@@ -475,8 +475,8 @@ def _sorted_perm(win: torch.Tensor, grid: Tuple[int, int], win_sb: int, cfg: Con
     bw = win.shape[0] if win.dim() == 3 else 1
     code = torch.empty((bw, n), dtype=torch.int64, device=win.device)
     br = 16 if interpreting() else 256
-    _window_code_kernel[(triton.cdiv(n, br), bw)](win, code, n, win_sb, BITS=max(1, (max(gh, gw) - 1).bit_length()),
-                                                  BR=br)
+    _window_code_kernel[(triton.cdiv(n, br), bw)](WIN=win, CODE=code, n=n, stride_win_b=win_sb,
+                                                  BITS=max(1, (max(gh, gw) - 1).bit_length()), BR=br)
     order = torch.argsort(code, dim=1, stable=True)
     return _cut_perm(order, win, win_sb, cfg) if cfg.groups_queries else order
 
@@ -509,8 +509,9 @@ def _cut_perm(order: torch.Tensor, win: torch.Tensor, win_sb: int, cfg: Config) 
     sig = torch.empty((bw, 4, n), dtype=torch.int32, device=order.device)
     f = torch.empty((bw, n + 1), dtype=torch.int32, device=order.device)
     ln = torch.empty((bw, n + 1), dtype=torch.int32, device=order.device)
-    _cut_kernel[(bw,)](order, win, sig, f, ln, out, n, win_sb, tqc * bm, kw, kh, BM=bm, LMIN=lmin, TQC=tqc,
-                       LAM=CUT_TILE_COST, num_warps=CUT_WARPS)
+    _cut_kernel[(bw,)](PERM=order, WIN=win, SIG=sig, F=f, LEN=ln, OUT=out, n=n, stride_win_b=win_sb,
+                       stride_out_b=tqc * bm, KW=kw, KH=kh, BLOCK_M=bm, LMIN=lmin, TQC=tqc, LAM=CUT_TILE_COST,
+                       num_warps=CUT_WARPS)
     return out
 
 
@@ -558,14 +559,17 @@ def build_schedule(windows: torch.Tensor, key_keep: Optional[torch.Tensor], grid
     cnt = torch.empty((nv, bs, tq, 2), dtype=torch.int32, device=dev)
     rects = 3 if lay.order == ROW_MAJOR else max(1, cfg.block_n // lay.unit)
     kc = min(triton.next_power_of_2(tk), 64)
-    _schedule_kernel[(tq, bs, nv)](win, keep, perms, codes, lst, cnt, win_sb, keep_sb, perm_sb, perm_vs, P, gh, gw,
-                                   lay.nbx, tq, tk, bs, BM=cfg.block_m, BN=cfg.block_n, KC=kc, R=rects,
-                                   ORDER=lay.order, TW=lay.tw, TH=lay.th, HAS_KEEP=key_keep is not None, QMODE=qmode)
+    _schedule_kernel[(tq, bs, nv)](WIN=win, KEEP=keep, PERM=perms, CODES=codes, LIST=lst, CNT=cnt,
+                                   stride_win_b=win_sb, stride_keep_b=keep_sb, stride_perm_b=perm_sb,
+                                   stride_perm_v=perm_vs, P=P, GH=gh, GW=gw, NBX=lay.nbx, TQ=tq, TK=tk, BS=bs,
+                                   BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, KC=kc, R=rects, ORDER=lay.order,
+                                   TW=lay.tw, TH=lay.th, HAS_KEEP=key_keep is not None, QMODE=qmode)
     choice = torch.empty(1, dtype=torch.int32, device=dev)  # unused unless auto
     perm = perms[0] if orders else perms
     if qmode == 2:
         choice = torch.empty(bs, dtype=torch.int32, device=dev)
-        _choice_kernel[(bs,)](cnt, choice, bs, tq, NV=nv, C=min(triton.next_power_of_2(2 * tq), 16 if interp else 1024))
+        _choice_kernel[(bs,)](CNT=cnt, CHOICE=choice, BS=bs, TQ=tq, NV=nv,
+                              C=min(triton.next_power_of_2(2 * tq), 16 if interp else 1024))
         if len(orders) > 1:  # the kernels read one perm per image: the chosen order's (on the device, no sync)
             img = torch.arange(bs, device=dev) if bw > 1 else torch.zeros(bs, dtype=torch.int64, device=dev)
             perm = perms[(choice.long() - 1).clamp(min=0), img]
@@ -589,8 +593,9 @@ def _slot_tables(win, win_sb, perm, perm_sb, choice, grid, lay: _Layout, S: int,
     qout = torch.empty((bs, S, rw) if lay.order == TILED else (1, 1, rw),
                        dtype=torch.float32 if interpreting() else torch.bfloat16, device=dev)
     br = 16  # slots per program: a 16 x RW indicator tile, no spills on sm_80 with 4 warps
-    _slot_tables_kernel[(triton.cdiv(S, br), bs)](win, perm, choice, qtab, qwin, qout, win_sb, perm_sb, S, gh, gw,
-                                                  lay.nbx, ORDER=lay.order, TW=lay.tw, TH=lay.th, QMODE=qmode,
+    _slot_tables_kernel[(triton.cdiv(S, br), bs)](WIN=win, PERM=perm, CHOICE=choice, QTAB=qtab, QWIN=qwin, QOUT=qout,
+                                                  stride_win_b=win_sb, stride_perm_b=perm_sb, S=S, GH=gh, GW=gw,
+                                                  NBX=lay.nbx, ORDER=lay.order, TW=lay.tw, TH=lay.th, QMODE=qmode,
                                                   GWP=gwp, GHP=ghp, RW=rw, RWP=triton.next_power_of_2(rw), BR=br)
     return qtab, qwin, qout
 
