@@ -715,11 +715,19 @@ _KERNEL_CYCLES: Dict[str, Tuple[int, int, int]] = {}
 
 
 def _steps(launch) -> int:
-    """Trip count of a build kernel's sequential ``# cost: steps`` loop: ``_cut_kernel`` walks an
-    image's ``n`` sorted positions in blocks of ``LMIN``."""
-    if launch.kernel.__name__ == "_cut_kernel":
-        named = launch.named
-        return -(-int(named["n"]) // int(named["LMIN"]))
+    """Trip count of a build kernel's sequential ``# cost: steps`` loop (0 without one), from the
+    loop's own ``range(start, stop, step)`` with the launch's arguments put in (``_cut_kernel``
+    walks an image's ``n`` sorted positions in blocks of ``LMIN``)."""
+    fn = launch.kernel.fn
+    lines, _ = inspect.getsourcelines(fn)
+    for node in ast.walk(ast.parse(textwrap.dedent("".join(lines)))):
+        if (isinstance(node, ast.For) and re.search(r"#\s*cost:\s*steps\b", lines[node.lineno - 1])
+                and isinstance(node.iter, ast.Call) and getattr(node.iter.func, "id", None) == "range"):
+            names = {**getattr(fn, "__globals__", {}), **launch.named}
+            bounds = [int(eval(compile(ast.Expression(a), "<steps>", "eval"), {"__builtins__": {}}, names))
+                      for a in node.iter.args]
+            start, stop, step = ([0] + bounds + [1])[-3:] if len(bounds) == 1 else (bounds + [1])[:3]
+            return max(0, -(-(stop - start) // step))
     return 0
 
 

@@ -27,7 +27,8 @@ def _tile(base, b, h, sb, sh, sn, rows, dd):
 
 
 @kernel
-def _dense_fwd_kernel(Q, K, V, O, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, N, qk_scale,
+def _dense_fwd_kernel(Q, K, V, O, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
+                      stride_vh, stride_vn, stride_ob, stride_oh, stride_on, N, qk_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -35,15 +36,15 @@ def _dense_fwd_kernel(Q, K, V, O, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, s
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     dd = tl.arange(0, HEAD_DIM)
-    q = tl.load(_tile(Q, b, h, sqb, sqh, sqn, rows, dd))
-    kb = _tile(K, b, h, skb, skh, skn, cols, dd)
-    vb = _tile(V, b, h, svb, svh, svn, cols, dd)
+    q = tl.load(_tile(Q, b, h, stride_qb, stride_qh, stride_qn, rows, dd))
+    kb = _tile(K, b, h, stride_kb, stride_kh, stride_kn, cols, dd)
+    vb = _tile(V, b, h, stride_vb, stride_vh, stride_vn, cols, dd)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start in range(0, N, BLOCK_N):  # cost: dense
-        k = tl.load(kb + start * skn)
-        v = tl.load(vb + start * svn)
+        k = tl.load(kb + start * stride_kn)
+        v = tl.load(vb + start * stride_vn)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
@@ -52,7 +53,7 @@ def _dense_fwd_kernel(Q, K, V, O, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, s
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(_tile(O, b, h, sob, soh, son, rows, dd), out.to(O.dtype.element_ty))
+    tl.store(_tile(O, b, h, stride_ob, stride_oh, stride_on, rows, dd), out.to(O.dtype.element_ty))
 
 
 def attention(q, k, v, scale: float, block_m: int = 64, block_n: int = 64, num_warps: int = 4,
@@ -77,7 +78,8 @@ def attention(q, k, v, scale: float, block_m: int = 64, block_n: int = 64, num_w
 
 
 @kernel
-def _dense_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, N, qk_scale,
+def _dense_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                         stride_vb, stride_vh, stride_vn, N, qk_scale,
                          sm_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``dq`` of one query tile: ``p`` from the saved base-2 ``lse``, ``ds = p (dout v^T - delta)``."""
     pid = tl.program_id(0)
@@ -86,17 +88,17 @@ def _dense_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, s
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     dd = tl.arange(0, HEAD_DIM)
-    q_off = b * sqb + h * sqh + rows[:, None] * sqn + dd[None, :]
+    q_off = b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dd[None, :]
     q = tl.load(Q + q_off)
     do = tl.load(DO + q_off)
     lse = tl.load(LSE + (b * tl.num_programs(1) + h) * N + rows)
     delta = tl.load(DELTA + (b * tl.num_programs(1) + h) * N + rows)
-    kb = _tile(K, b, h, skb, skh, skn, cols, dd)
-    vb = _tile(V, b, h, svb, svh, svn, cols, dd)
+    kb = _tile(K, b, h, stride_kb, stride_kh, stride_kn, cols, dd)
+    vb = _tile(V, b, h, stride_vb, stride_vh, stride_vn, cols, dd)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start in range(0, N, BLOCK_N):  # cost: dense
-        k = tl.load(kb + start * skn)
-        v = tl.load(vb + start * svn)
+        k = tl.load(kb + start * stride_kn)
+        v = tl.load(vb + start * stride_vn)
         p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
@@ -104,7 +106,8 @@ def _dense_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqn, skb, skh, s
 
 
 @kernel
-def _dense_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, N,
+def _dense_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                           stride_kn, stride_vb, stride_vh, stride_vn, N,
                            qk_scale, sm_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``dk``, ``dv`` of one key tile over every query tile."""
     pid = tl.program_id(0)
@@ -113,23 +116,23 @@ def _dense_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqn, skb, 
     keys = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
     dd = tl.arange(0, HEAD_DIM)
-    k = tl.load(_tile(K, b, h, skb, skh, skn, keys, dd))
-    v = tl.load(_tile(V, b, h, svb, svh, svn, keys, dd))
-    qb = _tile(Q, b, h, sqb, sqh, sqn, rows, dd)
-    dob = _tile(DO, b, h, sqb, sqh, sqn, rows, dd)
+    k = tl.load(_tile(K, b, h, stride_kb, stride_kh, stride_kn, keys, dd))
+    v = tl.load(_tile(V, b, h, stride_vb, stride_vh, stride_vn, keys, dd))
+    qb = _tile(Q, b, h, stride_qb, stride_qh, stride_qn, rows, dd)
+    dob = _tile(DO, b, h, stride_qb, stride_qh, stride_qn, rows, dd)
     stats = (b * tl.num_programs(1) + h) * N + rows
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for start in range(0, N, BLOCK_M):  # cost: dense
-        q = tl.load(qb + start * sqn)
-        do = tl.load(dob + start * sqn)
+        q = tl.load(qb + start * stride_qn)
+        do = tl.load(dob + start * stride_qn)
         lse = tl.load(LSE + stats + start)
         delta = tl.load(DELTA + stats + start)
         p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    out = b * skb + h * skh + keys[:, None] * skn + dd[None, :]  # one offset for both stores
+    out = b * stride_kb + h * stride_kh + keys[:, None] * stride_kn + dd[None, :]  # one offset for both stores
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty))
     tl.store(DV + out, dv.to(DV.dtype.element_ty))
 
@@ -152,7 +155,8 @@ def attention_backward(dout, q, k, v, scale: float, block_m: int = 64, block_n: 
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), N, scale * _LOG2E, scale)
     meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
-    _dense_bwd_dq_kernel[(N // block_m, H, B)](q, k, v, dout, lse.contiguous(), delta.contiguous(), dq, *strides, **meta)
+    _dense_bwd_dq_kernel[(N // block_m, H, B)](q, k, v, dout, lse.contiguous(), delta.contiguous(), dq, *strides,
+                                               **meta)
     _dense_bwd_dkdv_kernel[(N // block_n, H, B)](q, k, v, dout, lse.contiguous(), delta.contiguous(), dk, dv,
                                                  *strides, **meta)
     return dq, dk, dv

@@ -500,7 +500,7 @@ def time_cuda(prep: Prepared, warmup_ms: int, rep_ms: int) -> Timing:
         if record is not None:
             record.append((start, end))
 
-    one(None)  # first call: compilation and autotuning stay out of the estimate
+    one(None)  # first call: compilation and the kernels' candidate timing stay out of the estimate
     torch.cuda.synchronize()
     probe: list = []
     for _ in range(3):

@@ -144,18 +144,18 @@ def _slot_query(qtab_b, slot):
 def _holds_query(qtab_b, first_slot):
     """Whether the query tile whose slots start at ``first_slot`` holds a query: one scalar load,
     since every query order fills a tile's slots from its start (``Schedule.qtab``). The empty tiles
-    (the ``sorted`` cut's and ``grouped``'s unused ones) store nothing, so they may skip work."""
+    (the ``sorted`` cut's and ``grouped``'s unused ones) store nothing, so the dk/dv kernel's loop
+    over every query tile skips them before loading their rows."""
     return tl.load(qtab_b + first_slot) >= 0
 
 
 @helper
-def _prefix_end(P, qtab_b, first_slot, PREFIX_Q: tl.constexpr):
-    """End of a query tile's prefix-key loop: ``P``, or 0 for a patch tile that holds no query."""
-    if PREFIX_Q:
-        end = P
-    else:
-        end = tl.where(_holds_query(qtab_b, first_slot), P, 0)
-    return end
+def _prefix_end(P, qv):
+    """End of a query tile's prefix-key loop: ``P``, or 0 when the tile holds no query. Its row
+    validity ``qv`` is in registers already; testing it (a reduction across the warps) left the
+    sm_80 float32 forward at head width 128 spill-free where the first slot's load made it spill
+    (python -m bench.compile)."""
+    return tl.where(tl.max(qv.to(tl.int32), 0) > 0, P, 0)
 
 
 @helper
@@ -325,7 +325,7 @@ def _fwd_kernel(Q, K, V, O, LSE, QWIN, KEEP, QTAB, QOUT, CHOICE, LIST, CNT, REC,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # prefix keys: every query attends them (minus dropped ones); an empty query tile skips them
-    p_end = _prefix_end(P, QTAB + b * stride_qtab_b, pid * BLOCK_M, PREFIX_Q)
+    p_end = _prefix_end(P, qv)
     for p0 in range(0, p_end, BLOCK_P):  # cost: prefix
         tok_k, kv, kok = _prefix_keys(p0, keep_b, P, BLOCK_P, HAS_KEEP)
         k = _load_rows(Kb, tok_k, kv, stride_kn, kd, dmask)
@@ -445,7 +445,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QWIN, KEEP, QTAB, QOUT, CHOICE, 
     lse = tl.load(LSE + (b64 * H + h) * N + tok_q, mask=qv, other=float("inf"))
     delta = tl.load(DELTA + (b64 * H + h) * N + tok_q, mask=qv, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    p_end = _prefix_end(P, QTAB + b * stride_qtab_b, pid * BLOCK_M, PREFIX_Q)
+    p_end = _prefix_end(P, qv)
     for p0 in range(0, p_end, BLOCK_P):  # cost: prefix
         tok_k, kv, kok = _prefix_keys(p0, keep_b, P, BLOCK_P, HAS_KEEP)
         k = _load_rows(Kb, tok_k, kv, stride_kn, kd, dmask)

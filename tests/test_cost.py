@@ -101,27 +101,26 @@ def test_tagged_loops_of_the_kernels():
 def test_build_launch_cycles(monkeypatch):
     """A build kernel costs its issue cycles spread over the SMs; the sequential ``_cut_kernel`` its
     steps' latency instead, one program per SM and wave (docs/cost_model.md)."""
-    from types import SimpleNamespace
-
     from bench import cost
     from vitpatch.kernels import _launch
+    from vitpatch.kernels.window import schedule as ws
     m = cost.MACHINE
     monkeypatch.setattr(cost.gate, "launch_key", lambda launch, target: launch.kernel.__name__)
     monkeypatch.setitem(cost._KERNEL_CYCLES, "_cut_kernel", (1000, 16, 500))
     monkeypatch.setitem(cost._KERNEL_CYCLES, "_schedule_kernel", (1368, 4, 0))
 
-    def launch(name, grid, args=(), **kwargs):
-        k = SimpleNamespace(__name__=name, jit=SimpleNamespace(arg_names=["a", "n"]))
-        return _launch.Launch(k, grid, args, kwargs)
+    def launch(kernel, grid, **named):
+        return _launch.Launch(kernel, grid, (), named)
 
-    cut = launch("_cut_kernel", (64,), (None, 576), LMIN=64)
-    trips = 9
+    cut = launch(ws._cut_kernel, (64,), n=576, LMIN=64)
+    trips = 9  # the steps loop's own range(0, n, LMIN)
     step = max(m["dependent_issue_cycles"], 16 / m["issue_per_cycle"])
-    assert cost._steps(cut) == trips
+    assert cost._steps(cut) == trips and cost._steps(launch(ws._cut_kernel, (64,), n=577, LMIN=32)) == 19
     assert cost.launch_cycles(cut, "sm_90a") == (1000 + (trips - 1) * 500) * step + trips * m["l2_latency_cycles"]
-    assert cost.launch_cycles(launch("_cut_kernel", (200,), (None, 576), LMIN=64), "sm_90a") == \
+    assert cost.launch_cycles(launch(ws._cut_kernel, (200,), n=576, LMIN=64), "sm_90a") == \
         2 * cost.launch_cycles(cut, "sm_90a")  # two waves of 132 programs
-    sched = launch("_schedule_kernel", (9, 64, 2))
+    sched = launch(ws._schedule_kernel, (9, 64, 2))
+    assert cost._steps(sched) == 0  # no sequential loop
     assert cost.launch_cycles(sched, "sm_90a") == 9 * 64 * 2 * 1368 * 4 / 4 / m["sms"]
 
 
