@@ -25,8 +25,9 @@ Every kernel file and the compile gate (``python -m bench.compile``) read this m
   through :func:`select` (one candidate: it; several: timed once per case on the GPU, the
   fastest kept). :data:`INTERPRET` holds the one small pinned configuration each unit runs in the
   interpreter.
-* **Names**: every kernel names its arguments in one dialect, and every launcher passes them by
-  keyword: tensors in capitals (``Q``, ``K``, ``V``, ``O``, ``DO``, ``LSE``, ...), strides
+* **Names**: the attention kernels of the three ops name their arguments in one dialect (the
+  schedule's build kernels share its strides and tiles, plus names of their own such as ``BR``
+  for a block of windows), and every launcher passes them by keyword: tensors in capitals (``Q``, ``K``, ``V``, ``O``, ``DO``, ``LSE``, ...), strides
   ``stride_<tensor><axis>`` (:func:`strides`; axes ``b``, ``h``, ``n``, ``d``, or ``_b`` for a
   per-image table), sizes ``B``, ``H``, ``N`` (tokens), ``M`` (clusters), ``HEAD_DIM``; tiles
   ``BLOCK_M`` (a program's query rows, or output rows: the clusters of the PaCa pooling),
