@@ -131,8 +131,8 @@ def _paca_fits(unit: str, cfg, d: int, variant: str) -> Optional[str]:
     if not unit.startswith("paca_attn"):
         return None
     from vitpatch.kernels import cluster_attention as ca
-    bn, bd = max(16, 1 << (int(variant[1:]) - 1).bit_length()), max(16, 1 << (d - 1).bit_length())
-    if ca.attn_tile_fits(cfg["BLOCK_M"], bn, bd):
+    bn, bd, fits = ca._attn_tiles(int(variant[1:]), d)  # the launcher's own filter
+    if fits(cfg):
         return None
     return f"pruned at run time: BLOCK_M {cfg['BLOCK_M']} x {max(bn, bd)} exceeds the register tile bound"
 

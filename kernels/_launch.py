@@ -27,11 +27,12 @@ Every kernel file and the compile gate (``python -m bench.compile``) read this m
   interpreter.
 * **Names**: the attention kernels of the three ops name their arguments in one dialect (the
   schedule's build kernels share its strides and tiles, plus names of their own such as ``BR``
-  for a block of windows), and every launcher passes them by keyword: tensors in capitals (``Q``, ``K``, ``V``, ``O``, ``DO``, ``LSE``, ...), strides
-  ``stride_<tensor><axis>`` (:func:`strides`; axes ``b``, ``h``, ``n``, ``d``, or ``_b`` for a
-  per-image table), sizes ``B``, ``H``, ``N`` (tokens), ``M`` (clusters), ``HEAD_DIM``; tiles
-  ``BLOCK_M`` (a program's query rows, or output rows: the clusters of the PaCa pooling),
-  ``BLOCK_N`` (the key or reduction tile), ``BLOCK_D`` (the head width padded to a power of two).
+  for a block of windows), and every launcher passes them by keyword: tensors in capitals
+  (``Q``, ``K``, ``V``, ``O``, ``DO``, ``LSE``, ...), strides ``stride_<tensor><axis>``
+  (:func:`strides`; axes ``b``, ``h``, ``n``, ``d``, or ``_b`` for a per-image table), sizes
+  ``B``, ``H``, ``N`` (tokens), ``M`` (clusters), ``HEAD_DIM``; tiles ``BLOCK_M`` (a program's
+  query rows, or output rows: the clusters of the PaCa pooling), ``BLOCK_N`` (the key or
+  reduction tile), ``BLOCK_D`` (the head width padded to a power of two).
 * **The compile gate's hooks**: :func:`recording` collects the launches a launcher would make
   (on ``meta`` tensors, with nothing run) and :func:`forcing` pins a unit's configuration, so
   the gate compiles exactly what the launchers launch, with their own argument lists.
@@ -55,9 +56,9 @@ from triton.runtime.jit import JITFunction
 from vitpatch import _compat, _env
 
 __all__ = ["interpreting", "interpreter", "kernel", "helper", "combine", "Kernel", "dot_precision", "precision_label",
-           "strides", "LaunchConfig", "CANDIDATES", "INTERPRET", "configs", "select", "keywords", "candidates", "shipped", "supports",
-           "forcing", "forced", "recording", "Launch", "num_sms", "current_target", "width_bucket", "TARGETS", "WIDTH_BUCKETS",
-           "HALF", "FP32", "TF32", "ALL_DTYPES"]
+           "strides", "LaunchConfig", "CANDIDATES", "INTERPRET", "configs", "select", "keywords", "candidates",
+           "shipped", "supports", "forcing", "forced", "recording", "Launch", "num_sms", "current_target",
+           "width_bucket", "TARGETS", "WIDTH_BUCKETS", "HALF", "FP32", "TF32", "ALL_DTYPES"]
 
 # ================================================================================ interpreter
 _FORCE_INTERPRET: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("vitpatch_interpret",
@@ -290,8 +291,9 @@ CANDIDATES: Dict[str, List[LaunchConfig]] = {
                         _c(8, 3, BLOCK_M=64, BLOCK_N=64), _c(8, 2, BLOCK_M=64, BLOCK_N=32)],
     "winft_gate": [_c(8, 3, BLOCK_M=128, BLOCK_N=128), _c(8, 3, BLOCK_M=128, BLOCK_N=64),
                    _c(8, 3, BLOCK_M=64, BLOCK_N=64), _c(8, 2, BLOCK_M=64, BLOCK_N=32)],
-    "winft_fwd": [_c(4, 3, BLOCK_M=128, BLOCK_N=64), _c(8, 3, BLOCK_M=128, BLOCK_N=64), _c(4, 3, BLOCK_M=64, BLOCK_N=64),
-                  _c(8, 2, BLOCK_M=64, BLOCK_N=32), _c(4, 1, dtypes=("float32", "tf32"), BLOCK_M=32, BLOCK_N=32)],
+    "winft_fwd": [_c(4, 3, BLOCK_M=128, BLOCK_N=64), _c(8, 3, BLOCK_M=128, BLOCK_N=64),
+                  _c(4, 3, BLOCK_M=64, BLOCK_N=64), _c(8, 2, BLOCK_M=64, BLOCK_N=32),
+                  _c(4, 1, dtypes=("float32", "tf32"), BLOCK_M=32, BLOCK_N=32)],
     "winft_dq": [_c(8, 3, BLOCK_M=128, BLOCK_N=64), _c(4, 3, BLOCK_M=64, BLOCK_N=64), _c(8, 3, BLOCK_M=64, BLOCK_N=64),
                  _c(8, 2, BLOCK_M=64, BLOCK_N=32), _c(4, 2, BLOCK_M=32, BLOCK_N=32),
                  _c(4, 1, dtypes=("float32", "tf32"), BLOCK_M=16, BLOCK_N=16)],
@@ -514,10 +516,6 @@ class Launch:
         return {**dict(zip(self.kernel.jit.arg_names, self.args)), **self.kwargs}
 
 
-_RECORDER: contextvars.ContextVar[Optional[List[Launch]]] = contextvars.ContextVar("vitpatch_recorder",
-                                                                                   default=None)
-
-
 def _record(rec: List[Launch], k: Kernel, grid, *args, **kwargs) -> None:
     rec.append(Launch(k, grid, args, kwargs))
 
@@ -533,7 +531,6 @@ def recording(target: str = "sm_90a") -> Iterator[List[Launch]]:
     ``TRITON_INTERPRET`` says.
     """
     launches: List[Launch] = []
-    token = _RECORDER.set(launches)
     dispatch = _DISPATCH.set(lambda k, grid: functools.partial(_record, launches, k, grid))
     mode = _FORCE_INTERPRET.set(False)
     tgt = _TARGET.set(target)
@@ -543,11 +540,11 @@ def recording(target: str = "sm_90a") -> Iterator[List[Launch]]:
         _TARGET.reset(tgt)
         _FORCE_INTERPRET.reset(mode)
         _DISPATCH.reset(dispatch)
-        _RECORDER.reset(token)
 
 
 def is_recording() -> bool:
-    return _RECORDER.get() is not None
+    """Whether launches are recorded now (:func:`recording`): the dispatch is not the one that runs them."""
+    return _DISPATCH.get() is not _run
 
 
 # ================================================================================ device facts

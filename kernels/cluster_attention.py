@@ -392,6 +392,13 @@ def attn_tile_fits(block_m: int, block_n: int, block_d: int) -> bool:
     return block_m * max(block_n, block_d) <= 128 * 128
 
 
+def _attn_tiles(M: int, D: int):
+    """The attention's key tile (all ``M`` clusters), padded head width, and the filter that keeps
+    the query tiles whose score and operand tiles fit in registers (:func:`attn_tile_fits`)."""
+    bn, bd = _pow2(M), _pow2(D)
+    return bn, bd, lambda cfg: attn_tile_fits(cfg["BLOCK_M"], bn, bd)
+
+
 def _select(unit: str, t: torch.Tensor, width: int, key: tuple, run, fits=None) -> _launch.LaunchConfig:
     """The configuration of ``unit`` for this call (:func:`vitpatch.kernels._launch.select`, timed
     over the clean candidates on a GPU, keyed on the sizes that change the best one)."""
@@ -485,14 +492,14 @@ def _attn_forward(q, k, v, scale: float):
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     if B * H * N == 0:
         return out
-    bn, bd = _pow2(M), _pow2(D)
+    bn, bd, fits = _attn_tiles(M, D)
 
     def attend(cfg):
         _attn_fwd_kernel[(B * H * triton.cdiv(N, cfg["BLOCK_M"]),)](
             Q=q, K=k, V=v, O=out, scale=scale, H=H, N=N, M=M, HEAD_DIM=D, **strides("q", q), **strides("k", k),
             **strides("v", v), BLOCK_N=bn, BLOCK_D=bd, PREC=dot_precision(q.dtype), **keywords(cfg))
 
-    attend(_select("paca_attn_fwd", q, D, (N, M), attend, lambda c: attn_tile_fits(c["BLOCK_M"], bn, bd)))
+    attend(_select("paca_attn_fwd", q, D, (N, M), attend, fits))
     return out
 
 
@@ -514,7 +521,7 @@ def _attn_backward(do, q, k, v, scale: float, *, rows_per_split: Optional[int] =
     else:
         pdk = torch.empty((B * H, splits, M, D), dtype=torch.float32, device=q.device)
         pdv = torch.empty((B * H, splits, M, D), dtype=torch.float32, device=q.device)
-    bn, bd = _pow2(M), _pow2(D)
+    bn, bd, fits = _attn_tiles(M, D)
 
     def grad(cfg):
         _attn_bwd_kernel[(B * H * splits,)](
@@ -522,7 +529,7 @@ def _attn_backward(do, q, k, v, scale: float, *, rows_per_split: Optional[int] =
             rows_per_split=rps, num_splits=splits, **strides("q", q), **strides("k", k), **strides("v", v),
             **strides("do", do), BLOCK_N=bn, BLOCK_D=bd, PREC=dot_precision(q.dtype), **keywords(cfg))
 
-    grad(_select("paca_attn_bwd", q, D, (N, M), grad, lambda c: attn_tile_fits(c["BLOCK_M"], bn, bd)))
+    grad(_select("paca_attn_bwd", q, D, (N, M), grad, fits))
     if splits > 1:  # one launch sums the ranges' partials of dk and dv
         block = 256 if interp else 1024
         _attn_bwd_reduce_kernel[(B * H, triton.cdiv(M * D, block))](PDK=pdk, PDV=pdv, DK=dk, DV=dv,
