@@ -108,12 +108,15 @@ def _winft(unit: str, dtype: str, d: int, variant: str) -> None:
 
 def _paca(unit: str, dtype: str, d: int, variant: str) -> None:
     """The PaCa launchers: ``d`` is the channel count of the pooling and the head width of the attention;
-    the variant is the number of clusters M (49: the paper's ImageNet models, 100: the released ones)."""
+    the variant is the number of clusters M (49: the paper's ImageNet models, 100: the released ones).
+    The pooling reads logits rows padded to 16 elements, as :func:`vitpatch.nn.cluster_logits` writes
+    them on a GPU, or, in the ``-unpadded`` variant, a contiguous ``(B, n, M)`` tensor from elsewhere."""
     from vitpatch.kernels import cluster_attention as ca
-    M = int(variant[1:])
+    M = int(variant[1:].split("-")[0])
     B, n, H, N = 2, 3136, 2, 3137
     if unit.startswith("paca_pool"):
-        logits, x = _meta(B, n, M, dtype=dtype), _meta(B, n, d, dtype=dtype)
+        width = M if variant.endswith("-unpadded") else -(-M // 16) * 16
+        logits, x = _meta(B, n, width, dtype=dtype)[..., :M], _meta(B, n, d, dtype=dtype)
         if unit == "paca_pool_fwd":
             ca._pool_forward(logits, x)
         else:
@@ -139,10 +142,13 @@ def _paca_fits(unit: str, cfg, d: int, variant: str) -> Optional[str]:
 
 DRIVERS = {"window": (_window, ("plain", "keep")), "winft": (_winft, ("multiply", "mask")),
            "paca": (_paca, ("M49", "M100"))}
+# units that compile more layouts than their family's variants
+UNIT_VARIANTS = {unit: ("M49", "M100", "M49-unpadded") for unit in ("paca_pool_fwd", "paca_pool_dlogits", "paca_pool_dx")}
 
 
 def _driver(unit: str):
-    return DRIVERS[unit.split("_")[0]]
+    fn, variants = DRIVERS[unit.split("_")[0]]
+    return fn, UNIT_VARIANTS.get(unit, variants)
 
 
 def _belongs(launch, unit: str) -> bool:

@@ -303,9 +303,18 @@ CANDIDATES: Dict[str, List[LaunchConfig]] = {
     # PaCa (kernels/cluster_attention.py): BLOCK_N is the pooling's token tile (its clusters are
     # its output rows, BLOCK_M, fixed by M), BLOCK_M the attention's query tile (its keys, the M
     # clusters, are one tile). "Head width" is the channel count for the pooling units.
-    "paca_pool_fwd": [_c(4, 2, BLOCK_N=32), _c(8, 2, BLOCK_N=64), _c(4, 2, BLOCK_N=64), _c(8, 2, BLOCK_N=128)],
+    # The pooling's logits tiles are 16-byte vectors when the rows are padded (as
+    # vitpatch.nn.cluster_logits writes them): then the forward's token loop can keep the next
+    # tiles in flight (3 stages: async_wait 2). The backward's loops run over C and M, one or two
+    # iterations at the models' widths, so more stages buy them nothing.
+    "paca_pool_fwd": [_c(4, 2, BLOCK_N=32), _c(8, 2, BLOCK_N=64), _c(4, 2, BLOCK_N=64), _c(8, 2, BLOCK_N=128),
+                      _c(4, 3, BLOCK_N=32), _c(8, 3, BLOCK_N=64)],
     "paca_pool_dlogits": [_c(4, 2, BLOCK_N=32), _c(8, 2, BLOCK_N=64), _c(4, 2, BLOCK_N=16)],
-    "paca_pool_dx": [_c(4, 2, BLOCK_N=32), _c(8, 2, BLOCK_N=64), _c(4, 2, BLOCK_N=64)],
+    # float32 (three-pass TF32) dx: 32-token tiles of 4 warps spill reading padded logits rows
+    # (16 B at width 32 with triton 3.8, 8 B at 64 with 3.6), 64-token tiles spill on sm_80 at
+    # width 64; 32-token tiles of 8 warps are clean at every width, layout and target.
+    "paca_pool_dx": [_c(4, 2, dtypes=("float16", "bfloat16", "tf32"), BLOCK_N=32), _c(8, 2, BLOCK_N=64),
+                     _c(4, 2, BLOCK_N=64), _c(8, 2, dtypes=("float32",), BLOCK_N=32)],
     "paca_attn_fwd": [_c(4, 1, BLOCK_M=32), _c(4, 1, BLOCK_M=64), _c(8, 1, BLOCK_M=64)],
     # 64-row query tiles, 8 warps: every product a wgmma on sm_90a and no spills at M = 100
     # (4 warps spill 228-240 B there), 3 stages (the next tile's q and do in flight: async_wait 2);

@@ -15,6 +15,9 @@ registered autograd formula, so ``torch.compile`` keeps them in one graph:
     one range the first kernel finishes the job itself. The ``(B, n, M)`` probabilities are never
     stored: backward recomputes ``a_im = exp((logits_im - mx_m) - log l_m)`` and forms
     ``dx_i = sum_m a_im dz_m`` and ``dlogits_im = a_im (dz_m . x_i - dz_m . z_m)``.
+    Logits whose rows are padded to a multiple of 16 elements (what :func:`vitpatch.nn.cluster_logits`
+    writes) are read to the padded width (:func:`logits_width`), so each row is 16-byte vectors;
+    the padding only ever reaches rows of a tile that are not stored.
 
 ``cluster_attention(q, k, v, scale) -> out`` (attention of the queries over the cluster tokens)
     ``out_i = sum_m softmax_m(scale q_i . k_m) v_m`` with all ``M <= 256`` keys of a head in one
@@ -74,7 +77,7 @@ _INTERP = {"pool_block_m": 32, "pool_block_c": 16, "pool_split": 24, "attn_split
 
 @kernel
 def _pool_fwd_kernel(L, X, Z, STATS, PACC, PMAX, PSUM,
-                     n, M, C, tokens_per_split, num_splits, plane,
+                     n, M, M_pad, C, tokens_per_split, num_splits, plane,
                      stride_lb, stride_ln, stride_lm, stride_xb, stride_xn, stride_xc,
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                      SINGLE: tl.constexpr, PREC: tl.constexpr):
@@ -92,6 +95,7 @@ def _pool_fwd_kernel(L, X, Z, STATS, PACC, PMAX, PSUM,
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_m = offs_m < M
     mask_c = offs_c < C
+    row_m = offs_m < M_pad  # readable logits columns (M, or the padded row width)
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, n)
     l_base = L + b.to(tl.int64) * stride_lb
@@ -103,8 +107,9 @@ def _pool_fwd_kernel(L, X, Z, STATS, PACC, PMAX, PSUM,
     for t0 in range(start, end, BLOCK_N):  # cost: main
         offs_n = t0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
+        # columns M..M_pad are padding: they only reach the rows of acc that are never stored
         lg = tl.load(l_base + offs_n[:, None] * stride_ln + offs_m[None, :] * stride_lm,
-                     mask=mask_n[:, None] & mask_m[None, :], other=0.0).to(tl.float32)
+                     mask=mask_n[:, None] & row_m[None, :], other=0.0).to(tl.float32)
         lg = tl.where(mask_n[:, None], lg, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(lg, axis=0))
         # a cluster whose logits so far are all -inf keeps a zero state instead of NaN
@@ -170,7 +175,7 @@ def _pool_combine_kernel(Z, STATS, PACC, PMAX, PSUM, M, C, num_splits, plane,
 
 
 @kernel
-def _pool_bwd_dlogits_kernel(L, X, Z, DZ, STATS, DL, n, M, C, plane,
+def _pool_bwd_dlogits_kernel(L, X, Z, DZ, STATS, DL, n, M, M_pad, C, plane,
                              stride_lb, stride_ln, stride_lm, stride_xb, stride_xn, stride_xc,
                              stride_dzb, stride_dzm, stride_dzc,
                              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -190,7 +195,7 @@ def _pool_bwd_dlogits_kernel(L, X, Z, DZ, STATS, DL, n, M, C, plane,
     mx = tl.load(st, mask=mask_m, other=0.0)
     log_sum = tl.load(st + plane, mask=mask_m, other=0.0)
     lg = tl.load(L + b.to(tl.int64) * stride_lb + offs_n[:, None] * stride_ln + offs_m[None, :] * stride_lm,
-                 mask=mask_nm, other=0.0).to(tl.float32)
+                 mask=mask_n[:, None] & (offs_m < M_pad)[None, :], other=0.0).to(tl.float32)
     a = tl.where(mask_nm, tl.exp((lg - mx[None, :]) - log_sum[None, :]), 0.0)
 
     x_base = X + b.to(tl.int64) * stride_xb
@@ -214,7 +219,7 @@ def _pool_bwd_dlogits_kernel(L, X, Z, DZ, STATS, DL, n, M, C, plane,
 
 
 @kernel
-def _pool_bwd_dx_kernel(L, DZ, STATS, DX, n, M, C, plane,
+def _pool_bwd_dx_kernel(L, DZ, STATS, DX, n, M, M_pad, C, plane,
                         stride_lb, stride_ln, stride_lm, stride_dzb, stride_dzm, stride_dzc,
                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                         PREC: tl.constexpr):
@@ -237,7 +242,8 @@ def _pool_bwd_dx_kernel(L, DZ, STATS, DX, n, M, C, plane,
         st = STATS + b.to(tl.int64) * M + offs_m
         mx = tl.load(st, mask=mask_m, other=0.0)
         log_sum = tl.load(st + plane, mask=mask_m, other=0.0)
-        lg = tl.load(l_base + offs_n[:, None] * stride_ln + offs_m[None, :] * stride_lm, mask=mask_nm, other=0.0)
+        lg = tl.load(l_base + offs_n[:, None] * stride_ln + offs_m[None, :] * stride_lm,
+                     mask=mask_n[:, None] & (offs_m < M_pad)[None, :], other=0.0)
         a = tl.where(mask_nm, tl.exp((lg.to(tl.float32) - mx[None, :]) - log_sum[None, :]), 0.0)
         dzt = tl.load(dz_base + offs_m[:, None] * stride_dzm + offs_c[None, :] * stride_dzc,
                       mask=mask_m[:, None] & mask_c[None, :], other=0.0)
@@ -411,6 +417,19 @@ def _select(unit: str, t: torch.Tensor, width: int, key: tuple, run, fits=None) 
 # launchers (tensors in, tensors out)
 # ---------------------------------------------------------------------------------------------
 
+def logits_width(logits: torch.Tensor) -> int:
+    """How many columns of each ``(B, n, M)`` logits row the pooling kernels may read: ``M``, or the
+    padded width when the rows are cluster-contiguous, 16-element aligned and lie in storage that
+    holds the padding (:func:`vitpatch.nn.cluster_logits` writes them so). A width divisible by 16
+    lets the kernels load the logits as 16-byte vectors (and pipeline them); Triton specialises on it."""
+    B, n, M = logits.shape
+    width = logits.stride(1)
+    if logits.stride(2) != 1 or width <= M or width % 16 or n == 0 or B == 0:
+        return M
+    end = logits.storage_offset() + (B - 1) * logits.stride(0) + n * width  # one past the last padded row
+    return width if end * logits.element_size() <= logits.untyped_storage().nbytes() else M
+
+
 def _pool_tiles(M: int, C: int, interp: bool) -> Tuple[int, int]:
     if interp:
         return min(_INTERP["pool_block_m"], _pow2(M)), min(_INTERP["pool_block_c"], _pow2(C))
@@ -442,11 +461,14 @@ def _pool_forward(logits: torch.Tensor, x: torch.Tensor, *, tokens_per_split: Op
         pmax = torch.empty((B, splits, M), dtype=torch.float32, device=x.device)
         psum = torch.empty((B, splits, M), dtype=torch.float32, device=x.device)
 
+    width = logits_width(logits)
+
     def pool(cfg):
         _pool_fwd_kernel[(B * m_tiles, splits, c_tiles)](
-            L=logits, X=x, Z=z, STATS=stats, PACC=pacc, PMAX=pmax, PSUM=psum, n=n, M=M, C=C, tokens_per_split=tps,
-            num_splits=splits, plane=B * M, **strides("l", logits, "bnm"), **strides("x", x, "bnc"), BLOCK_M=bm,
-            BLOCK_C=bc, SINGLE=single, PREC=dot_precision(x.dtype), **keywords(cfg))
+            L=logits, X=x, Z=z, STATS=stats, PACC=pacc, PMAX=pmax, PSUM=psum, n=n, M=M, M_pad=width, C=C,
+            tokens_per_split=tps, num_splits=splits, plane=B * M, **strides("l", logits, "bnm"),
+            **strides("x", x, "bnc"), BLOCK_M=bm, BLOCK_C=bc, SINGLE=single, PREC=dot_precision(x.dtype),
+            **keywords(cfg))
 
     pool(_select("paca_pool_fwd", x, C, (n, M, C), pool))
     if not single:
@@ -470,8 +492,8 @@ def _pool_backward(dz, logits, x, z, stats):
     bm, bc = _pool_tiles(M, C, interpreting())
     prec = dot_precision(x.dtype)
     m_tiles, c_tiles = triton.cdiv(M, bm), triton.cdiv(C, bc)
-    common = dict(L=logits, DZ=dz, STATS=stats, n=n, M=M, C=C, plane=B * M, **strides("l", logits, "bnm"),
-                  **strides("dz", dz, "bmc"), BLOCK_M=bm, BLOCK_C=bc, PREC=prec)
+    common = dict(L=logits, DZ=dz, STATS=stats, n=n, M=M, M_pad=logits_width(logits), C=C, plane=B * M,
+                  **strides("l", logits, "bnm"), **strides("dz", dz, "bmc"), BLOCK_M=bm, BLOCK_C=bc, PREC=prec)
 
     def grad_logits(cfg):
         _pool_bwd_dlogits_kernel[(B * m_tiles, triton.cdiv(n, cfg["BLOCK_N"]))](

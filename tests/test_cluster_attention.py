@@ -4,7 +4,7 @@ import torch
 
 from vitpatch import functional, reference
 
-from _helpers import DEVICE, check_against_reference, dtypes_for, qkv, rand, require_kernel
+from _helpers import DEVICE, TOL, assert_close, check_against_reference, dtypes_for, qkv, rand, require_kernel
 
 
 def test_pool_reference_matches_loops():
@@ -31,6 +31,43 @@ def test_pool_matches_reference(backend, B, n, M, C, transposed):
     logits = rand(B, M, n).transpose(1, 2) if transposed else rand(B, n, M)
     x = rand(B, n, C)
     check_against_reference(functional.cluster_pool, reference.cluster_pool, [logits, x])
+
+
+def padded_logits_case(B, n, M, C, seed=0):
+    """``(buffer, logits, x)``: logits as a ``(B, n, M)`` view of rows padded to 16 elements (the
+    layout :func:`vitpatch.nn.cluster_logits` writes), NaN in the padding; ``buffer`` is the leaf."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    width = -(-M // 16) * 16
+    buffer = torch.full((B, n, width), float("nan"), dtype=torch.float64)
+    buffer[..., :M] = torch.randn(B, n, M, generator=g, dtype=torch.float64)
+    buffer = buffer.float().to(DEVICE).requires_grad_()
+    x = torch.randn(B, n, C, generator=g).to(DEVICE).requires_grad_()
+    return buffer, buffer[..., :M], x
+
+
+def check_padded_pool(B, n, M, C):
+    """cluster_pool on padded logits rows against the float64 reference on the same values:
+    z, and the gradients of logits and x; the NaN padding reaches neither."""
+    buffer, logits, x = padded_logits_case(B, n, M, C)
+    assert logits.stride(1) == buffer.shape[2]
+    z = functional.cluster_pool(logits, x)
+    logits64, x64 = logits.detach().double().requires_grad_(), x.detach().double().requires_grad_()
+    z64 = reference.cluster_pool(logits64, x64)
+    assert_close(z, z64, TOL[torch.float32], "z")
+    cot = torch.randn(z64.shape, generator=torch.Generator(device="cpu").manual_seed(1), dtype=torch.float64)
+    cot = cot.to(DEVICE)
+    d_buffer, dx = torch.autograd.grad((z.double() * cot).sum(), [buffer, x])
+    dlogits64, dx64 = torch.autograd.grad((z64 * cot).sum(), [logits64, x64])
+    assert_close(d_buffer[..., :M], dlogits64, TOL[torch.float32], "grad logits")
+    assert_close(dx, dx64, TOL[torch.float32], "grad x")
+    assert torch.count_nonzero(d_buffer[..., M:]) == 0
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's max over the padding
+@pytest.mark.parametrize("B,n,M,C", [(2, 50, 49, 24), (1, 37, 100, 16), (2, 9, 5, 40)])
+def test_pool_padded_logits_rows(backend, B, n, M, C):
+    require_kernel("cluster_pool", backend)
+    check_padded_pool(B, n, M, C)
 
 
 def test_pool_large_logits(backend):

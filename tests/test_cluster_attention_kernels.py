@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from vitpatch import functional, reference
 
 from _helpers import DEVICE, TOL, assert_close, check_against_reference, needs_interpreter, qkv, rand, require_kernel
+from test_cluster_attention import check_padded_pool
 
 pytestmark = needs_interpreter()
 
@@ -90,6 +91,19 @@ def test_pool_logits_far_from_zero(K):
     rounding (ulp(1e4) ~ 1e-3) would scale every probability by up to 5e-4."""
     logits = 1e4 + rand(2, 50, 5)
     check_against_reference(functional.cluster_pool, reference.cluster_pool, [logits, rand(2, 50, 16)])
+
+
+def test_logits_width(K):
+    """The pooling kernels read a logits row's padding only when the rows are padded to 16 elements,
+    cluster-contiguous, and the storage holds the last row's padding."""
+    assert K.logits_width(torch.empty(2, 9, 49)) == 49  # contiguous: no padding to read
+    assert K.logits_width(torch.empty(2, 9, 64)[..., :49]) == 64
+    assert K.logits_width(torch.empty(2, 9, 112)[..., :100]) == 112
+    assert K.logits_width(torch.empty(2, 9, 56)[..., :49]) == 49  # 56 elements: not a 16-element row
+    assert K.logits_width(torch.empty(2, 64, 9).transpose(1, 2)[..., :49]) == 49  # token-contiguous
+    short = torch.empty(2 * 9 * 64 - 15).as_strided((2, 9, 49), (9 * 64, 64, 1))  # the last row ends the storage
+    assert K.logits_width(short) == 49
+    assert K.logits_width(torch.empty(2 * 9 * 64).as_strided((2, 9, 49), (9 * 64, 64, 1))) == 64
 
 
 def test_pool_wide_channels_and_many_clusters(K):
@@ -248,10 +262,18 @@ def test_compile_fullgraph_matches_eager(K):
         assert_close(a, b, F32, f"compiled vs float64 reference, tensor {i}")
 
 
-def test_paca_attention_module_end_to_end(K, monkeypatch):
+@pytest.mark.parametrize("padded", [False, True], ids=["plain-logits", "padded-logits"])
+def test_paca_attention_module_end_to_end(K, monkeypatch, padded):
     """PaCaAttention (prefix token, non-contiguous q/k/v from its projections) on the kernels,
-    against the same module in float64 on the reference backend: output and every gradient."""
+    against the same module in float64 on the reference backend: output and every gradient; also
+    with the clustering's logits in padded rows (what it writes on a GPU), read by the kernels so."""
+    import vitpatch.nn as vnn
     from vitpatch.nn import PaCaAttention
+
+    if padded:
+        monkeypatch.setattr(vnn, "_PADDED_LOGITS_DEVICES", (DEVICE.type,))
+        read = []
+        monkeypatch.setattr(K, "logits_width", lambda t, f=K.logits_width: read.append(f(t)) or read[-1])
 
     attn = PaCaAttention(32, num_heads=2, qkv_bias=True, num_clusters=5, clustering="linear").eval().to(DEVICE)
     assert attn._fused(), "the module must call functional.cluster_attention"
@@ -268,6 +290,8 @@ def test_paca_attention_module_end_to_end(K, monkeypatch):
     assert_close(x32.grad, x64.grad, F32, "grad x")
     for (name, p), p64 in zip(attn.named_parameters(), attn64.parameters()):
         assert_close(p.grad, p64.grad, F32, f"grad {name}")
+    if padded:  # the forward and the backward (dlogits and dx) read 16-wide rows of the 5 clusters
+        assert read == [16, 16]
 
 
 # ------------------------------------------------- the GPU configurations, run by the interpreter
@@ -279,6 +303,7 @@ def _check_pool_and_attention():
                             lambda q, k, v: reference.cluster_attention(q, k, v), list(qkv(1, 2, 300, 64, Nk=101)))
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's max over the padding
 @pytest.mark.parametrize("block", [16, 128])
 def test_gpu_tile_sizes(K, monkeypatch, block):
     """The tiles the GPU chooses from (token/query blocks 16..128, 64 clusters and 128 channels per
@@ -294,6 +319,8 @@ def test_gpu_tile_sizes(K, monkeypatch, block):
             "paca_attn_bwd": attn}
     with _launch.forcing(pins):
         _check_pool_and_attention()
+        check_padded_pool(2, 300, 49, 160)  # one 64-cluster tile of a 64-wide row
+        check_padded_pool(1, 300, 100, 64)  # two tiles of a 112-wide row
 
 
 def test_selection_wiring(K, monkeypatch):

@@ -185,3 +185,60 @@ def test_clustering_bad_input():
         PaCaClustering(16, 0)
     with pytest.raises(ValueError, match="grid"):
         PaCaClustering(16, 4, "paper")(torch.randn(1, 9, 16), (2, 2))
+
+
+@pytest.mark.parametrize("M,bias", [(49, True), (100, False), (32, True)])
+def test_cluster_logits_layout_values_and_gradients(M, bias):
+    """cluster_logits is the projection (values and gradients in float64, gradcheck) written as a
+    view of rows padded to 16 elements; its fake implementation and autograd pass torch's opcheck."""
+    from vitpatch.nn import cluster_logits
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(2, 7, 12, generator=g, dtype=torch.float64).transpose(0, 1).contiguous().transpose(0, 1)
+    weight = torch.randn(M, 12, generator=g, dtype=torch.float64)
+    b = torch.randn(M, generator=g, dtype=torch.float64) if bias else None
+    out = cluster_logits(feats, weight, b)
+    width = -(-M // 16) * 16
+    assert out.shape == (2, 7, M) and out.stride() == (7 * width, width, 1)
+    assert torch.allclose(out, torch.nn.functional.linear(feats, weight, b), atol=1e-12)
+    args = [t.requires_grad_() for t in (feats, weight, b) if t is not None]
+    fn = (lambda f, w, bb: cluster_logits(f, w, bb)) if bias else (lambda f, w: cluster_logits(f, w))
+    assert torch.autograd.gradcheck(fn, args)
+    torch.library.opcheck(torch.ops.vitpatch.cluster_logits.default, (feats, weight, b, torch.float32))
+
+
+def test_cluster_logits_under_autocast():
+    """Under autocast the product runs in autocast's dtype (as nn.Linear's would) and is stored in the
+    requested dtype; gradients reach the float32 weight."""
+    from vitpatch.nn import cluster_logits
+    feats, weight = torch.randn(2, 5, 8), torch.randn(49, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = torch.nn.functional.linear(feats, weight)
+        out = cluster_logits(feats, weight, dtype=torch.float32)
+    assert expected.dtype == torch.bfloat16 and out.dtype == torch.float32
+    assert torch.equal(out, expected.float())
+    out.sum().backward()
+    assert weight.grad is not None and weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("variant", ["paper", "official", "linear"])
+def test_clustering_writes_padded_logits_where_enabled(monkeypatch, variant):
+    """On the devices where PaCaClustering writes its logits through cluster_logits (CUDA; here the CPU
+    is switched on for the test), its logits and every gradient equal the plain projection's in float64."""
+    import vitpatch.nn as vnn
+    torch.manual_seed(0)
+    module = PaCaClustering(16, 49, variant).double()
+    x = torch.randn(2, 36, 16, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        out = module(x, (6, 6))
+        grads = torch.autograd.grad((out * torch.arange(49.0, dtype=torch.float64)).sum(), [x, *module.parameters()])
+        return out, grads
+
+    plain, plain_grads = run()
+    assert plain.is_contiguous() or variant == "official"
+    monkeypatch.setattr(vnn, "_PADDED_LOGITS_DEVICES", ("cpu",))
+    padded, padded_grads = run()
+    assert padded.stride(1) == 64
+    assert torch.allclose(padded, plain, atol=1e-12)
+    for a, b in zip(padded_grads, plain_grads):
+        assert torch.allclose(a, b, atol=1e-12)

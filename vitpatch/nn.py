@@ -39,8 +39,8 @@ from . import _checks, functional, reference
 from .masks import WindowMask, check_grid
 
 __all__ = ["WindowAttention", "WinfTAttention", "PaCaAttention", "PaCaClustering", "CLUSTERING_VARIANTS",
-           "winft_loss", "winft_gate_sum", "record_winft_gates", "winft_layer_gates", "set_token_layout",
-           "zero_dropped_tokens"]
+           "cluster_logits", "winft_loss", "winft_gate_sum", "record_winft_gates", "winft_layer_gates",
+           "set_token_layout", "zero_dropped_tokens"]
 
 CLUSTERING_VARIANTS = ("paper", "official", "linear")
 
@@ -293,6 +293,68 @@ def winft_layer_gates(model: nn.Module) -> list:
 
 
 # ------------------------------------------------------------------------------------------ PaCa
+# Devices where PaCaClustering writes its logits through cluster_logits (the pooling kernels' layout).
+# On CPU the plain projection is kept, so CPU values do not change with the layout.
+_PADDED_LOGITS_DEVICES = ("cuda",)
+
+
+def _logits_width(num_clusters: int) -> int:
+    return -(-num_clusters // 16) * 16
+
+
+@torch.library.custom_op("vitpatch::cluster_logits", mutates_args=())
+def _cluster_logits_op(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       dtype: torch.dtype) -> torch.Tensor:
+    M = weight.shape[0]
+    pad = _logits_width(M) - M
+    with torch.autocast(features.device.type, enabled=False):  # the caller applied autocast's casts
+        out = TF.linear(features, TF.pad(weight, (0, 0, 0, pad)), None if bias is None else TF.pad(bias, (0, pad)))
+    return out.to(dtype)[..., :M]
+
+
+@_cluster_logits_op.register_fake
+def _(features, weight, bias, dtype):
+    M = weight.shape[0]
+    return features.new_empty((*features.shape[:-1], _logits_width(M)), dtype=dtype)[..., :M]
+
+
+def _cluster_logits_setup(ctx, inputs, output):
+    features, weight, bias, _dtype = inputs
+    ctx.save_for_backward(features, weight)
+    ctx.has_bias = bias is not None
+
+
+def _cluster_logits_grad(ctx, grad):
+    features, weight = ctx.saved_tensors
+    rows = grad.to(weight.dtype).reshape(-1, weight.shape[0])
+    d_features = (rows @ weight).view(features.shape)
+    d_weight = rows.t() @ features.reshape(-1, features.shape[-1])
+    return d_features, d_weight, rows.sum(0) if ctx.has_bias else None, None
+
+
+_cluster_logits_op.register_autograd(_cluster_logits_grad, setup_context=_cluster_logits_setup)
+
+
+def cluster_logits(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                   dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``features @ weight^T + bias`` (the last projection of the clustering ``f``, paper 004 eq. 6)
+    written in the layout the pooling kernels read fastest: a ``(..., M)`` view of rows padded to a
+    multiple of 16 elements (``stride(-2) = ceil(M / 16) * 16``), so the kernels load each row as
+    16-byte vectors (:func:`vitpatch.kernels.cluster_attention.logits_width`). The padding belongs to
+    the layout only: the weight stays ``(M, K)`` and the padding columns are never read as logits.
+
+    Under autocast the product runs in autocast's dtype, as ``nn.Linear`` would; the result is
+    stored in ``dtype`` (default: the dtype of ``features``). Differentiable in all three tensors.
+    """
+    dtype = features.dtype if dtype is None else dtype
+    device = features.device.type
+    if torch.is_autocast_enabled(device):
+        cast = torch.get_autocast_dtype(device)
+        features, weight = features.to(cast), weight.to(cast)
+        bias = None if bias is None else bias.to(cast)
+    return torch.ops.vitpatch.cluster_logits(features, weight, bias, dtype)
+
+
 class PaCaClustering(nn.Module):
     """Clustering logits ``f(x)`` of paper 004 eq. 6–7 (docs/math.md §7): ``(B, n, C)`` → ``(B, n, M)``.
 
@@ -325,16 +387,22 @@ class PaCaClustering(nn.Module):
             self.fc = nn.Linear(dim, num_clusters, bias=False)
 
     def forward(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        padded = x.device.type in _PADDED_LOGITS_DEVICES
         if self.variant == "linear":
-            return self.fc(x)
+            return cluster_logits(x, self.fc.weight) if padded else self.fc(x)
         B, n, C = x.shape
         if grid is None or grid[0] * grid[1] != n:
             raise ValueError(f"the {self.variant!r} clustering needs the patch grid (gh, gw) with gh * gw = {n}, "
                              f"got {grid!r}")
         img = x.transpose(1, 2).reshape(B, C, grid[0], grid[1])
         if self.variant == "paper":
-            return self.fc(self.act(self.conv(img)).flatten(2).transpose(1, 2))
-        y = self.act2(self.pwconv(self.act1(self.dwconv(img))))
+            y = self.act(self.conv(img))
+        else:
+            y = self.act2(self.pwconv(self.act1(self.dwconv(img))))
+        if padded:  # the same projection (a 1x1 convolution is one), in the pooling kernels' layout
+            return cluster_logits(y.flatten(2).transpose(1, 2), self.fc.weight.flatten(1), self.fc.bias, x.dtype)
+        if self.variant == "paper":
+            return self.fc(y.flatten(2).transpose(1, 2))
         return self.fc(y).flatten(2).transpose(1, 2)
 
 
