@@ -284,9 +284,10 @@ CANDIDATES: Dict[str, List[LaunchConfig]] = {
     # halve the K / V (and sigmoid(g) - T) bytes per score; dk/dv runs 32-query tiles of a
     # 64-key block with 4 warps (64 x 64 spills with the folded tile). The gate passes' BLOCK_M
     # and BLOCK_N are multiples of 32 (pass 2a packs W^T 32 queries a word). float32 (three-pass
-    # TF32) fits the backward only in 16 x 16 tiles, and its dk/dv only up to head width 32 (at
-    # 64 it spills 4 B with triton 3.6, the GPU machine's, as the 64 x 64 / 8-warp / 2-stage dk/dv
-    # does in bfloat16 at 128).
+    # TF32) fits the backward only in 16 x 16 tiles; its dk/dv with 4 warps only up to head width
+    # 32 (at 64 it spills 4 B with triton 3.6, the GPU machine's, as the 64 x 64 / 8-warp / 2-stage
+    # dk/dv does in bfloat16 at 128), with 8 warps up to 64 (252 registers, no spill with triton
+    # 3.6 or 3.8).
     "winft_threshold": [_c(8, 3, BLOCK_M=128, BLOCK_N=64), _c(8, 3, BLOCK_M=64, BLOCK_N=128),
                         _c(8, 3, BLOCK_M=64, BLOCK_N=64), _c(8, 2, BLOCK_M=64, BLOCK_N=32)],
     "winft_gate": [_c(8, 3, BLOCK_M=128, BLOCK_N=128), _c(8, 3, BLOCK_M=128, BLOCK_N=64),
@@ -299,7 +300,8 @@ CANDIDATES: Dict[str, List[LaunchConfig]] = {
                  _c(4, 1, dtypes=("float32", "tf32"), BLOCK_M=16, BLOCK_N=16)],
     "winft_dkdv": [_c(4, 3, BLOCK_M=32, BLOCK_N=64), _c(8, 3, BLOCK_M=64, BLOCK_N=64), _c(8, 2, BLOCK_M=64, BLOCK_N=32),
                    _c(8, 1, BLOCK_M=64, BLOCK_N=32),
-                   _c(4, 1, dtypes=("float32", "tf32"), head_dims=(1, 32), BLOCK_M=16, BLOCK_N=16)],
+                   _c(4, 1, dtypes=("float32", "tf32"), head_dims=(1, 32), BLOCK_M=16, BLOCK_N=16),
+                   _c(8, 1, dtypes=("float32",), head_dims=(1, 64), BLOCK_M=16, BLOCK_N=16)],
     # PaCa (kernels/cluster_attention.py): BLOCK_N is the pooling's token tile (its clusters are
     # its output rows, BLOCK_M, fixed by M), BLOCK_M the attention's query tile (its keys, the M
     # clusters, are one tile). "Head width" is the channel count for the pooling units.

@@ -202,6 +202,8 @@ SHIPPED = {'paca_attn_bwd': {'BLOCK_M=16,w8,s1': {'sm_80': {'bfloat16': (32,), '
                                                                                                      64)}}},
  'winft_dkdv': {'BLOCK_M=16,BLOCK_N=16,w4,s1': {'sm_80': {'float32': (32,), 'tf32': (32,)},
                                                 'sm_90a': {'float32': (32,), 'tf32': (32,)}},
+                'BLOCK_M=16,BLOCK_N=16,w8,s1': {'sm_80': {'float32': (32, 64)},
+                                                'sm_90a': {'float32': (32, 64)}},
                 'BLOCK_M=32,BLOCK_N=64,w4,s3': {'sm_80': {'bfloat16': (32, 64),
                                                           'float16': (32, 64),
                                                           'tf32': (32,)},
