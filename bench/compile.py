@@ -112,11 +112,15 @@ def _paca(unit: str, dtype: str, d: int, variant: str) -> None:
     The pooling reads logits rows padded to 16 elements, as :func:`vitpatch.nn.cluster_logits` writes
     them on a GPU, or, in the ``-unpadded`` variant, a contiguous ``(B, n, M)`` tensor from elsewhere."""
     from vitpatch.kernels import cluster_attention as ca
+    from vitpatch.nn import cluster_logits
     M = int(variant[1:].split("-")[0])
     B, n, H, N = 2, 3136, 2, 3137
     if unit.startswith("paca_pool"):
-        width = M if variant.endswith("-unpadded") else -(-M // 16) * 16
-        logits, x = _meta(B, n, width, dtype=dtype)[..., :M], _meta(B, n, d, dtype=dtype)
+        if variant.endswith("-unpadded"):
+            logits = _meta(B, n, M, dtype=dtype)
+        else:  # the layout itself, from the op that writes it (its meta kernels run nothing)
+            logits = cluster_logits(_meta(B, n, 16, dtype=dtype), _meta(M, 16, dtype=dtype))
+        x = _meta(B, n, d, dtype=dtype)
         if unit == "paca_pool_fwd":
             ca._pool_forward(logits, x)
         else:
@@ -143,7 +147,8 @@ def _paca_fits(unit: str, cfg, d: int, variant: str) -> Optional[str]:
 DRIVERS = {"window": (_window, ("plain", "keep")), "winft": (_winft, ("multiply", "mask")),
            "paca": (_paca, ("M49", "M100"))}
 # units that compile more layouts than their family's variants
-UNIT_VARIANTS = {unit: ("M49", "M100", "M49-unpadded") for unit in ("paca_pool_fwd", "paca_pool_dlogits", "paca_pool_dx")}
+UNIT_VARIANTS = {unit: ("M49", "M100", "M49-unpadded")
+                 for unit in ("paca_pool_fwd", "paca_pool_dlogits", "paca_pool_dx")}
 
 
 def _driver(unit: str):
@@ -521,7 +526,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for target, target_rows in reports.items():
             with open(os.path.join(args.out, f"compile-{target}.jsonl"), "w") as f:
                 for r in target_rows:
-                    f.write(json.dumps(r) + "\n")
+                    f.write(json.dumps(r, separators=(",", ":")) + "\n")
     return 1 if bad else 0
 
 

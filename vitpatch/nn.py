@@ -307,7 +307,9 @@ def _cluster_logits_op(features: torch.Tensor, weight: torch.Tensor, bias: Optio
                        dtype: torch.dtype) -> torch.Tensor:
     M = weight.shape[0]
     pad = _logits_width(M) - M
-    with torch.autocast(features.device.type, enabled=False):  # the caller applied autocast's casts
+    device = features.device.type
+    # the caller applied autocast's casts; a device without autocast (meta) has none to turn off
+    with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext():
         out = TF.linear(features, TF.pad(weight, (0, 0, 0, pad)), None if bias is None else TF.pad(bias, (0, pad)))
     return out.to(dtype)[..., :M]
 
@@ -348,7 +350,7 @@ def cluster_logits(features: torch.Tensor, weight: torch.Tensor, bias: Optional[
     """
     dtype = features.dtype if dtype is None else dtype
     device = features.device.type
-    if torch.is_autocast_enabled(device):
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         cast = torch.get_autocast_dtype(device)
         features, weight = features.to(cast), weight.to(cast)
         bias = None if bias is None else bias.to(cast)
